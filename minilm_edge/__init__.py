@@ -1,0 +1,22 @@
+"""minilm_edge: a torch-free runtime and activation-aware int4 quantizer for small language models.
+
+Library API (small and stable):
+    model = minilm_edge.load("path/to/model")     # a Hugging Face style folder
+    model.forward(ids) -> float32 logits [T, V]
+    model.generate(prompt, max_new_tokens=64, temperature=0.0) -> str
+    for piece in model.stream(prompt): ...         # text pieces, never half a UTF-8 character
+    model.chat([{"role": "user", "content": "Hi"}]) -> str
+    model.tokenizer, model.config
+"""
+from .errors import (CheckpointError, ContextOverflowError, MiniLMError, ModelNotFoundError,
+                     PullError, QuantFormatError, TokenizerError, UnsupportedModelError, UsageError)
+from .generation import SamplingSettings
+from .model import Model, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "Model", "SamplingSettings", "MiniLMError", "UsageError", "ModelNotFoundError",
+    "UnsupportedModelError", "CheckpointError", "TokenizerError", "ContextOverflowError",
+    "PullError", "QuantFormatError", "__version__",
+]

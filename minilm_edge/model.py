@@ -1,0 +1,165 @@
+"""The runtime model: config (blueprint), weights, and a forward pass over a preallocated KV cache.
+
+`forward` runs T new tokens through every block, appending their keys/values to the cache, and
+returns logits. Prefill is T = prompt length; decode is T = 1. Compute is float32; the linears are
+whatever format the checkpoint holds (`linear.LINEAR_FORMATS`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import kernels
+from .checkpoint import Weights, load_weights
+from .config import LlamaConfig, load_config, read_json
+from .errors import ContextOverflowError, UsageError
+from .tokenizer import Tokenizer
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i/Dh) for i < Dh/2, with Llama-3 scaling when configured.  -> [Dh/2]"""
+    Dh = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    # Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * np.pi / inv
+    lo_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    hi_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    scaled = np.where(wavelen > lo_wl, inv / rs.factor, inv)
+    blended = (1 - smooth) * inv / rs.factor + smooth * inv
+    return np.where((wavelen <= lo_wl) & (wavelen >= hi_wl), blended, scaled)
+
+
+class KVCache:
+    """Keys and values of every block for up to `max_len` positions, allocated once.
+
+    k, v: [L, Hkv, S, Dh] float32 (np.zeros: pages become resident only as positions are written).
+    `tokens` are the ids whose keys/values are held, so a chat can reuse the common prefix.
+    """
+
+    def __init__(self, cfg: LlamaConfig, max_len: int):
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
+        self.scratch = np.zeros((cfg.num_attention_heads, max_len), np.float32)   # [H, S] scores
+        self.max_len = max_len
+        self.tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        """Forget positions n and after (their stale values are overwritten before being read)."""
+        del self.tokens[n:]
+
+
+class Model:
+    """A loaded model. Construct with `minilm_edge.load(path)`."""
+
+    def __init__(self, config: LlamaConfig, weights: Weights, tokenizer: Tokenizer | None,
+                 generation_config: dict | None = None, path: Path | None = None):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or {}
+        self.path = path
+        self._inv_freq = rope_inv_freq(config)
+
+    # ---- forward
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        n = self.config.max_position_embeddings if max_len is None else int(max_len)
+        if not 0 < n <= self.config.max_position_embeddings:
+            raise UsageError(f"context length must be 1..{self.config.max_position_embeddings}, got {n}")
+        return KVCache(self.config, n)
+
+    def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits of the given tokens, appended after what `cache` holds.      [T] -> [T, V] float32
+
+        Without a cache the tokens are the whole sequence. With `last_only`, only the last position's
+        logits are computed ([1, V]): what generation needs, and 1/T of the lm_head cost.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise UsageError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise UsageError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if cache is None:
+            cache = KVCache(self.config, len(ids))
+        if cache.length + len(ids) > cache.max_len:
+            raise ContextOverflowError(
+                f"{cache.length} tokens in context + {len(ids)} new exceed the context size {cache.max_len}")
+        x = self._blocks(ids, cache)
+        if last_only:
+            x = x[-1:]
+        kernels.rms_norm(x, self.weights.norm, self.config.rms_norm_eps, x)
+        return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
+
+    def _blocks(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        c, T, p0 = self.config, len(ids), cache.length
+        H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        angle = np.arange(p0, p0 + T, dtype=np.float64)[:, None] * self._inv_freq[None, :]
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [T, Dh/2]
+        x = self.weights.embed[ids].astype(np.float32)                     # [T, D]
+        h = np.empty_like(x)                                               # [T, D] normed input
+        att = np.empty((T, H, Dh), np.float32)                             # [T, H, Dh]
+        act = np.empty((T, c.intermediate_size), np.float32)               # [T, F]
+        for layer, b in enumerate(self.weights.blocks):
+            kernels.rms_norm(x, b.attn_norm, c.rms_norm_eps, h)
+            q = b.q(h).reshape(T, H, Dh)
+            k = b.k(h).reshape(T, Hkv, Dh)
+            kernels.rope_inplace(q, cos, sin)
+            kernels.rope_inplace(k, cos, sin)
+            cache.k[layer, :, p0:p0 + T] = k.transpose(1, 0, 2)           # [T, Hkv, Dh] -> [Hkv, T, Dh]
+            cache.v[layer, :, p0:p0 + T] = b.v(h).reshape(T, Hkv, Dh).transpose(1, 0, 2)
+            kernels.attention(q, cache.k[layer], cache.v[layer], p0, cache.scratch, att)
+            x += b.o(att.reshape(T, H * Dh))
+            kernels.rms_norm(x, b.mlp_norm, c.rms_norm_eps, h)
+            kernels.silu_mul(b.gate(h), b.up(h), act)
+            x += b.down(act)
+        cache.tokens.extend(int(i) for i in ids)
+        return x
+
+    # ---- text in, text out (see generation.py)
+    def generate(self, prompt: str, **kw) -> str:
+        from .generation import stream_prompt
+        return "".join(stream_prompt(self, prompt, **kw))
+
+    def stream(self, prompt: str, **kw):
+        from .generation import stream_prompt
+        return stream_prompt(self, prompt, **kw)
+
+    def chat(self, messages: list[dict], **kw) -> str:
+        from .generation import stream_messages
+        return "".join(stream_messages(self, messages, **kw))
+
+    def chat_session(self, system: str | None = None, **kw):
+        from .generation import ChatSession
+        return ChatSession(self, system=system, **kw)
+
+    def eos_ids(self) -> set[int]:
+        """Every id that ends generation: config, generation_config and tokenizer, united."""
+        ids = set(self.config.eos_token_ids)
+        g = self.generation_config.get("eos_token_id")
+        ids.update(g if isinstance(g, list) else [g] if isinstance(g, int) else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token:
+            t = self.tokenizer.token_to_id(self.tokenizer.eos_token)
+            if t is not None:
+                ids.add(t)
+        return ids
+
+
+def load(path, tokenizer: bool = True) -> Model:
+    """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`."""
+    path = Path(path)
+    cfg = load_config(path)
+    weights = load_weights(path, cfg)
+    tok = Tokenizer(path) if tokenizer else None
+    gen_path = path / "generation_config.json"
+    gen = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
+    return Model(cfg, weights, tok, gen, path)
