@@ -48,6 +48,16 @@ def _settings(model, args):
         seed=args.seed, stop=args.stop)
 
 
+def _check_sampling_flags(args):
+    """Fail on bad generation flags before spending time on loading a model."""
+    from .generation import SamplingSettings
+    given = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()))
+    SamplingSettings(**{k: v for k, v in given.items() if v is not None})
+    if args.ctx is not None and args.ctx < 2:
+        raise UsageError(f"--ctx must be at least 2, got {args.ctx}")
+
+
 def _load(model_arg):
     from .model import load
     from .store import resolve_model
@@ -77,6 +87,7 @@ examples:
 
 
 def cmd_chat(args):
+    _check_sampling_flags(args)
     model = _load(args.model_dir)
     session = model.chat_session(system=args.system, settings=_settings(model, args), max_context=args.ctx)
     interactive = sys.stdin.isatty()
@@ -134,6 +145,7 @@ examples:
 def cmd_generate(args):
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
+    _check_sampling_flags(args)
     model = _load(args.model_dir)
     gen = model.stream(args.prompt, chat=args.chat, settings=_settings(model, args), max_context=args.ctx)
     _stream_out(gen)

@@ -125,11 +125,11 @@ class Generation:
             if nxt in eos:
                 self.finish_reason = "eos"
                 return
-            yield nxt
-            history.append(nxt)
-            if cache.length >= cache.max_len:
+            if cache.length >= cache.max_len:     # no room to hold this token: the context is full
                 self.finish_reason = "context"
                 return
+            yield nxt
+            history.append(nxt)
             logits = m.forward([nxt], cache, last_only=True)[0]
         self.finish_reason = "length"
 

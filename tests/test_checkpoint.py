@@ -1,0 +1,161 @@
+"""Untrusted model folders: broken, truncated or crafted safetensors, wrong shapes, sharded files."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import minilm_edge
+from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
+from minilm_edge.safetensors_io import SafetensorsFile
+from tinymodel import make_model_dir, write_safetensors
+
+
+def raw_file(tmp_path, header: bytes, data: bytes = b"", n=None):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", len(header) if n is None else n) + header + data)
+    return f
+
+
+def hdr(obj):
+    return json.dumps(obj).encode()
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+
+BROKEN = {
+    "empty file": (b"", b"", 0, "truncated"),
+    "header length past the end": (hdr(GOOD), b"\0" * 8, 10_000, "header length"),
+    "absurd header length": (hdr(GOOD), b"", 2**62, "header length"),
+    "not json": (b"{not json", b"", None, "not valid JSON"),
+    "json list": (b"[1, 2]", b"", None, "not a JSON object"),
+    "duplicate names": (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                        b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}', b"\0" * 8, None, "duplicate"),
+    "unknown dtype": (hdr({"a": {"dtype": "F8X", "shape": [2], "data_offsets": [0, 8]}}), b"\0" * 8, None, "dtype"),
+    "negative dim": (hdr({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}), b"\0" * 8, None, "malformed"),
+    "size mismatch": (hdr({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}), b"\0" * 8, None, "needs 12"),
+    "overflowing shape": (hdr({"a": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 8]}}),
+                          b"\0" * 8, None, "needs"),
+    "overlap": (hdr({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}), b"\0" * 12, None, "overlaps"),
+    "hole": (hdr({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}), b"\0" * 8, None, "hole"),
+    "truncated data": (hdr(GOOD), b"\0" * 5, None, "truncated"),
+    "trailing bytes": (hdr(GOOD), b"\0" * 12, None, "unexplained"),
+    "extra key": (hdr({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}}), b"\0" * 8, None, "malformed"),
+    "bad metadata": (hdr({"__metadata__": {"k": 1}, **GOOD}), b"\0" * 8, None, "__metadata__"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_safetensors_are_refused(tmp_path, case):
+    header, data, n, msg = BROKEN[case]
+    f = tmp_path / "x.safetensors"
+    if case == "empty file":
+        f.write_bytes(b"")
+    else:
+        f = raw_file(tmp_path, header, data, n)
+    with pytest.raises(CheckpointError, match=msg):
+        SafetensorsFile(f)
+
+
+def test_good_file_reads_as_readonly_view(tmp_path):
+    f = tmp_path / "ok.safetensors"
+    write_safetensors(f, {"a": ("F32", np.arange(6, dtype=np.float32).reshape(2, 3)),
+                          "b": ("U8", np.arange(3, dtype=np.uint8))})
+    st = SafetensorsFile(f)
+    a = st.tensor("a")
+    assert a.shape == (2, 3) and a[1, 2] == 5 and not a.flags.writeable
+    assert list(st.tensor("b")) == [0, 1, 2]
+
+
+def test_truncated_model_file(tmp_path):
+    path, _, _ = make_model_dir(tmp_path / "m")
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        minilm_edge.load(path)
+
+
+def test_wrong_shape_names_tensor_and_shapes(tmp_path):
+    path, cfg, w = make_model_dir(tmp_path / "m")
+    w = dict(w)
+    w["model.layers.1.mlp.up_proj.weight"] = w["model.layers.1.mlp.up_proj.weight"][:, :-1].copy()
+    write_safetensors(path / "model.safetensors", {k: ("F32", v) for k, v in w.items()})
+    with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.weight.*\[48, 31\].*\[48, 32\]"):
+        minilm_edge.load(path)
+
+
+def test_missing_tensor(tmp_path):
+    path, cfg, w = make_model_dir(tmp_path / "m")
+    w = {k: v for k, v in w.items() if "layers.0.self_attn.k_proj" not in k}
+    write_safetensors(path / "model.safetensors", {k: ("F32", v) for k, v in w.items()})
+    with pytest.raises(CheckpointError, match="k_proj"):
+        minilm_edge.load(path)
+
+
+def test_untied_without_lm_head(tmp_path):
+    path, cfg, w = make_model_dir(tmp_path / "m")
+    cfg["tie_word_embeddings"] = False
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="lm_head"):
+        minilm_edge.load(path)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    path, cfg, w = make_model_dir(tmp_path / "m", tie_word_embeddings=False)
+    whole = minilm_edge.load(path).forward([3, 4, 5])
+    (path / "model.safetensors").unlink()
+    names = sorted(w)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        write_safetensors(path / fname, {k: ("F32", w[k]) for k in keys})
+        weight_map.update({k: fname for k in keys})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    np.testing.assert_array_equal(minilm_edge.load(path).forward([3, 4, 5]), whole)
+
+
+def test_index_cannot_escape_the_folder(tmp_path):
+    path, _, w = make_model_dir(tmp_path / "m")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../evil.safetensors"}}))
+    with pytest.raises(CheckpointError, match="outside the folder"):
+        minilm_edge.load(path)
+
+
+def test_pickle_weights_are_never_loaded(tmp_path):
+    path, _, _ = make_model_dir(tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04 pickle")
+    with pytest.raises(ModelNotFoundError, match="pickle files are never loaded"):
+        minilm_edge.load(path)
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="model folder not found"):
+        minilm_edge.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="config.json not found"):
+        minilm_edge.load(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"model_type": "mistral", "sliding_window": 16}, "sliding_window"),
+    ({"num_key_value_heads": 3}, "not a multiple"),
+    ({"hidden_size": "wide"}, "wrong type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+])
+def test_unsupported_configs(tmp_path, change, msg):
+    path, cfg, _ = make_model_dir(tmp_path / "m")
+    cfg.update(change)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match=msg):
+        minilm_edge.load(path)
+
+
+def test_config_missing_field(tmp_path):
+    path, cfg, _ = make_model_dir(tmp_path / "m")
+    del cfg["hidden_size"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="hidden_size"):
+        minilm_edge.load(path)

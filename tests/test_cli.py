@@ -1,0 +1,113 @@
+"""The CLI in-process, with scripted stdin; every error is one line on stderr and an exit code."""
+import io
+import json
+
+import pytest
+
+from minilm_edge.cli import main
+from tinymodel import make_model_dir
+
+
+def run(argv, capsys, monkeypatch, stdin=""):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_everywhere_has_examples(capsys, monkeypatch):
+    for cmd in ["chat", "generate", "pull", "import-gguf"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "example" in capsys.readouterr().out
+
+
+def test_scripted_chat_transcript(tiny_model_dir, capsys, monkeypatch):
+    code, out, err = run(["chat", str(tiny_model_dir), "--max-new-tokens", "4", "--system", "be brief"],
+                         capsys, monkeypatch, stdin="hello\n\n/reset\nthe capital\n")
+    assert code == 0, err
+    lines = out.split("\n")
+    assert len(lines) == 3 and lines[-1] == ""          # two answers, each ended by a newline
+    assert "(new conversation)" in err
+
+
+def test_chat_answers_match_library(tiny_model_dir, capsys, monkeypatch):
+    import minilm_edge
+    model = minilm_edge.load(tiny_model_dir)
+    expected = model.chat([{"role": "user", "content": "hello"}], max_new_tokens=5)
+    code, out, _ = run(["chat", str(tiny_model_dir), "--max-new-tokens", "5"], capsys, monkeypatch, "hello\n")
+    assert code == 0 and out == expected + "\n"
+
+
+def test_generate(tiny_model_dir, capsys, monkeypatch):
+    import minilm_edge
+    expected = minilm_edge.load(tiny_model_dir).generate("hello", max_new_tokens=5)
+    code, out, err = run(["generate", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "5",
+                          "--temperature", "0"], capsys, monkeypatch)
+    assert code == 0 and out == expected + "\n"
+    code, out, _ = run(["generate", str(tiny_model_dir), "--prompt", "hello", "--chat", "--max-new-tokens",
+                        "3", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "3"],
+                       capsys, monkeypatch)
+    assert code == 0
+
+
+def one_line_error(code, err, expected_code, pattern):
+    assert code == expected_code
+    lines = err.strip("\n").split("\n")
+    assert lines[-1].startswith("minilm-edge: error:") and err.count("minilm-edge: error") == 1, err
+    assert pattern in lines[-1], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, code, pattern", [
+    (["generate", "{model}", "--prompt", ""], 2, "prompt is empty"),
+    (["generate", "{model}", "--prompt", "hi", "--top-p", "2"], 2, "top_p"),
+    (["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "x"], 2, "invalid int value"),
+    (["generate", "{model}"], 2, "--prompt"),
+    (["chat", "{model}", "--bogus"], 2, "unrecognized arguments"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["generate", "{missing}", "--prompt", "hi"], 1, "not an existing folder"),
+    (["generate", "{model}", "--prompt", "hello " * 200, "--ctx", "16"], 1, "tokens but the context holds 16"),
+    (["pull", "no-such-model"], 1, "smollm2-135m-instruct"),
+    (["import-gguf", "{missing}", "{tmp}/out"], 1, "not found"),
+])
+def test_errors_are_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch, argv, code, pattern):
+    monkeypatch.setenv("MINILM_EDGE_HOME", str(tmp_path / "home"))
+    argv = [a.format(model=tiny_model_dir, missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
+    got, out, err = run(argv, capsys, monkeypatch)
+    one_line_error(got, err, code, pattern)
+
+
+def test_corrupt_weights_and_unknown_architecture(tmp_path, capsys, monkeypatch):
+    path, cfg, _ = make_model_dir(tmp_path / "m")
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    one_line_error(*run(["generate", str(path), "--prompt", "hi"], capsys, monkeypatch)[::2], 1, "truncated")
+    path, cfg, _ = make_model_dir(tmp_path / "n")
+    (path / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    one_line_error(*run(["chat", str(path)], capsys, monkeypatch, "hi\n")[::2], 1, "bert")
+
+
+def test_chat_empty_input_exits_cleanly(tiny_model_dir, capsys, monkeypatch):
+    code, out, err = run(["chat", str(tiny_model_dir)], capsys, monkeypatch, stdin="\n  \n")
+    assert code == 0 and out == ""
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(tiny_model_dir, capsys, monkeypatch):
+    """A KeyboardInterrupt during an answer ends that answer; the next line is still answered."""
+    import minilm_edge.generation as gen
+    real_ids = gen.Generation._ids
+    calls = {"n": 0}
+
+    def interrupt_first(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            yield from []
+            raise KeyboardInterrupt
+        yield from real_ids(self)
+
+    monkeypatch.setattr(gen.Generation, "_ids", interrupt_first)
+    code, out, err = run(["chat", str(tiny_model_dir), "--max-new-tokens", "3"], capsys, monkeypatch,
+                         stdin="hello\nthe\n")
+    assert code == 0 and "(stopped)" in err and calls["n"] == 2

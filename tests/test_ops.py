@@ -1,0 +1,72 @@
+"""Each Numba leaf kernel against its NumPy twin in reference/llama.py, on ragged shapes."""
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from minilm_edge import kernels
+from reference import llama as ref
+
+TOL = dict(rtol=1e-5, atol=1e-5)   # float32 kernels vs float64-ish reference, O(1) values
+dims = st.integers(1, 9)
+
+
+def rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=dims, D=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_rms_norm(T, D, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, T, D) * 3, rand(rng, D)
+    out = np.empty_like(x)
+    kernels.rms_norm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, ref.rms_norm(x, w, 1e-5), **TOL)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=dims, nh=st.integers(1, 5), half=st.integers(1, 12), p0=st.integers(0, 5000), seed=st.integers(0, 2**16))
+def test_rope(T, nh, half, p0, seed):
+    rng = np.random.default_rng(seed)
+    Dh = 2 * half
+    x = rand(rng, T, nh, Dh)
+    pos = np.arange(p0, p0 + T)
+    inv = ref.rope_inv_freq(Dh, 10000.0)
+    ang = pos[:, None] * inv[None]
+    got = x.copy()
+    kernels.rope_inplace(got, np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32))
+    np.testing.assert_allclose(got, ref.rope(x, pos, inv), rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 7), past=st.integers(0, 9), Hkv=st.integers(1, 3), rep=st.integers(1, 3),
+       Dh=st.integers(1, 17), seed=st.integers(0, 2**16))
+def test_attention_over_cache(T, past, Hkv, rep, Dh, seed):
+    """New queries at positions past..past+T-1 attend causally over a cache of past+T keys."""
+    rng = np.random.default_rng(seed)
+    H, S = Hkv * rep, past + T
+    q, k, v = rand(rng, T, H, Dh), rand(rng, S, Hkv, Dh), rand(rng, S, Hkv, Dh)
+    cap = S + 3                                          # cache larger than used: tail must be ignored
+    kc = np.full((Hkv, cap, Dh), np.nan, np.float32)
+    vc = np.full((Hkv, cap, Dh), np.nan, np.float32)
+    kc[:, :S], vc[:, :S] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+    out = np.empty((T, H, Dh), np.float32)
+    kernels.attention(q, kc, vc, past, np.zeros((H, cap), np.float32), out)
+    np.testing.assert_allclose(out, ref.attention(q, k, v), **TOL)
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=dims, F=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_silu_mul(T, F, seed):
+    rng = np.random.default_rng(seed)
+    g, u = rand(rng, T, F) * 4, rand(rng, T, F)
+    out = np.empty_like(g)
+    kernels.silu_mul(g, u, out)
+    np.testing.assert_allclose(out, ref.silu(g) * u, **TOL)
+
+
+def test_silu_extremes_stay_finite():
+    g = np.array([[-100.0, -30.0, 0.0, 30.0, 100.0]], np.float32)
+    out = np.empty_like(g)
+    kernels.silu_mul(g, np.ones_like(g), out)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref.silu(g.astype(np.float64)), atol=1e-5)
