@@ -188,6 +188,37 @@ def cmd_import_gguf(args):
     return 0
 
 
+# ---- bench
+BENCH_HELP = """\
+Measure a model on this machine: load time, time to first token, prefill tokens/s (a 512-token
+prompt), decode tokens/s (128 new tokens), peak memory, weight bytes read per token, the machine's
+memory bandwidth, and decode speed as a fraction of the bandwidth floor (bytes per token ÷
+bandwidth). Medians of --runs runs.
+
+examples:
+  python -m minilm_edge bench ./smollm2
+  python -m minilm_edge bench ./smollm2 --threads 1 --json
+"""
+
+
+def cmd_bench(args):
+    import json
+    from .bench import run
+    from .store import resolve_model
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.runs < 1 or args.prompt_tokens < 1 or args.new_tokens < 1:
+        raise UsageError("--runs, --prompt-tokens and --new-tokens must be at least 1")
+    res = run(resolve_model(args.model_dir), n_threads=args.threads, prompt_tokens=args.prompt_tokens,
+              new_tokens=args.new_tokens, repeats=args.runs, progress=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for k, v in res.items():
+            print(f"{k:30s} {v}")
+    return 0
+
+
 def build_parser():
     p = _Parser(prog=PROG, description="Run and quantize small language models on plain CPUs, without torch.",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -222,6 +253,14 @@ def build_parser():
     ig.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                     help="weight dtype in model.safetensors (default float16)")
     ig.set_defaults(func=cmd_import_gguf)
+    b = sub.add_parser("bench", help="measure speed and memory", description=BENCH_HELP, formatter_class=raw)
+    b.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or known name")
+    b.add_argument("--threads", type=int, metavar="N", help="threads to use (default: all cores)")
+    b.add_argument("--runs", type=int, default=3, metavar="N", help="repetitions, median reported (default 3)")
+    b.add_argument("--prompt-tokens", type=int, default=512, metavar="N", help="prefill length (default 512)")
+    b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decode length (default 128)")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
