@@ -222,7 +222,8 @@ def _as_weight(w, group_size):
 
 def _fp16_scale(x, what):
     """Round scales to fp16 as stored; refuse values fp16 cannot hold."""
-    s = x.astype(np.float16)
+    with np.errstate(over="ignore"):
+        s = x.astype(np.float16)
     if not np.all(np.isfinite(s)):
         raise QuantFormatError(f"{what}: a group's range exceeds what an fp16 scale can hold")
     return s

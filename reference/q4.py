@@ -1,0 +1,150 @@
+"""Reference (plain NumPy) for the int4 format minilm-q4 v1 and the int8 head format.
+
+The oracle for minilm_edge.q4 and minilm_edge.kernels_q4. It takes raw arrays, never the library's
+dataclasses, and never imports minilm_edge. Written for reading, not speed: one group at a time.
+
+W [N, K] out x in; g group size; G = K // g; q the integer codes.
+
+int4 (asymmetric, per row and group):
+    W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]
+    byte j of qweight row n = q[n, 2j] | q[n, 2j+1] << 4
+    salient columns: W[:, salient_idx[i]] = salient_w[:, i]
+int8 (symmetric, per row and group):
+    W[n, k] = q[n, k] * scales[n, k // g],  q in -127..127
+"""
+import numpy as np
+
+
+def rtn_quantize(w, bits, group_size):
+    """Round-to-nearest quantization of each group of `group_size` consecutive weights in a row.
+
+        scale = max(max - min, 1e-5) / (2^bits - 1), rounded to fp16 (as stored)
+        zero  = clamp(-round(min / scale), 0, 2^bits - 1)
+        q     = clamp(round(w / scale) + zero, 0, 2^bits - 1)     (round half to even)
+
+    w float32 [N, K] -> q uint8 [N, K], scales float16 [N, G], zeros uint8 [N, G]
+    """
+    qmax = 2 ** bits - 1
+    n, k = w.shape
+    q = np.zeros((n, k), np.uint8)
+    scales = np.zeros((n, k // group_size), np.float16)
+    zeros = np.zeros((n, k // group_size), np.uint8)
+    for gi in range(k // group_size):
+        cols = slice(gi * group_size, (gi + 1) * group_size)
+        wg = w[:, cols].astype(np.float32)                                  # [N, g]
+        rng = wg.max(axis=1) - wg.min(axis=1)                               # [N]
+        scale = (np.maximum(rng, np.float32(1e-5)) / np.float32(qmax)).astype(np.float16)
+        s = scale.astype(np.float32)
+        zero = np.clip(-np.round(wg.min(axis=1) / s), 0, qmax)              # [N]
+        q[:, cols] = np.clip(np.round(wg / s[:, None]) + zero[:, None], 0, qmax)
+        scales[:, gi] = scale
+        zeros[:, gi] = zero
+    return q, scales, zeros
+
+
+def dequantize_codes(q, scales, zeros, group_size):
+    """W[n, k] = (q[n, k] - zeros[n, k // g]) * scales[n, k // g]: [N, K] codes -> float32 [N, K]."""
+    g_of_k = np.arange(q.shape[1]) // group_size                            # [K] group of each input
+    s = scales.astype(np.float32)[:, g_of_k]                                # [N, K]
+    z = zeros.astype(np.float32)[:, g_of_k]                                 # [N, K]
+    return (q.astype(np.float32) - z) * s
+
+
+def pseudo_quantize(w, bits, group_size):
+    """Quantize then dequantize: float32 [N, K] -> float32 [N, K]."""
+    q, scales, zeros = rtn_quantize(w, bits, group_size)
+    return dequantize_codes(q, scales, zeros, group_size)
+
+
+def pack_nibbles(q):
+    """uint8 codes [N, K] -> uint8 [N, K/2]; byte j = q[:, 2j] (low nibble) | q[:, 2j+1] << 4."""
+    n, k = q.shape
+    packed = np.zeros((n, k // 2), np.uint8)
+    for j in range(k // 2):
+        packed[:, j] = q[:, 2 * j] + 16 * q[:, 2 * j + 1]
+    return packed
+
+
+def unpack_nibbles(packed):
+    """uint8 [N, K/2] -> uint8 codes [N, K]."""
+    n, half = packed.shape
+    q = np.zeros((n, 2 * half), np.uint8)
+    q[:, 0::2] = packed % 16
+    q[:, 1::2] = packed // 16
+    return q
+
+
+def quantize_q4(w, group_size, salient_idx=None):
+    """int4 with optional fp16 salient columns.
+
+    Salient columns are zeroed before RTN (so their groups' ranges contain 0) and their codes set to
+    the zero point, so that they contribute nothing in the int4 part.
+    w float32 [N, K] -> (qweight uint8 [N, K/2], scales f16 [N, G], zeros u8 [N, G],
+                         salient_idx int32 [m] or None, salient_w f16 [N, m] or None)
+    """
+    salient_w = None
+    w = np.array(w, np.float32)
+    if salient_idx is not None:
+        salient_idx = np.asarray(salient_idx, np.int32)
+        salient_w = w[:, salient_idx].astype(np.float16)                    # [N, m]
+        w[:, salient_idx] = 0.0
+    q, scales, zeros = rtn_quantize(w, 4, group_size)
+    if salient_idx is not None:
+        for i in salient_idx:
+            q[:, i] = zeros[:, i // group_size]
+    return pack_nibbles(q), scales, zeros, salient_idx, salient_w
+
+
+def dequantize_q4(qweight, scales, zeros, group_size, salient_idx=None, salient_w=None):
+    """Packed int4 (+ salient columns) -> W float32 [N, K]."""
+    w = dequantize_codes(unpack_nibbles(qweight), scales, zeros, group_size)
+    if salient_idx is not None:
+        w[:, salient_idx] = salient_w.astype(np.float32)
+    return w
+
+
+def matvec_q4(qweight, scales, zeros, group_size, salient_idx, salient_w, x):
+    """y [N] = W x, W dequantized first: x float32 [K] -> float32 [N]."""
+    w = dequantize_q4(qweight, scales, zeros, group_size, salient_idx, salient_w)  # [N, K]
+    return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+
+
+def matmul_q4(qweight, scales, zeros, group_size, salient_idx, salient_w, X):
+    """Y [T, N] = X W^T, W dequantized first: X float32 [T, K] -> float32 [T, N]."""
+    w = dequantize_q4(qweight, scales, zeros, group_size, salient_idx, salient_w)  # [N, K]
+    return (X.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+
+
+def quantize_q8(w, group_size):
+    """Symmetric int8 per (row, group): scale = max(max|w|, 1e-5)/127 (fp16), q = clamp(round(w/scale), ±127).
+
+    w float32 [N, K] -> (q int8 [N, K], scales float16 [N, G])
+    """
+    n, k = w.shape
+    q = np.zeros((n, k), np.int8)
+    scales = np.zeros((n, k // group_size), np.float16)
+    for gi in range(k // group_size):
+        cols = slice(gi * group_size, (gi + 1) * group_size)
+        wg = w[:, cols].astype(np.float32)
+        scale = (np.maximum(np.abs(wg).max(axis=1), np.float32(1e-5)) / np.float32(127)).astype(np.float16)
+        q[:, cols] = np.clip(np.round(wg / scale.astype(np.float32)[:, None]), -127, 127)
+        scales[:, gi] = scale
+    return q, scales
+
+
+def dequantize_q8(q, scales, group_size):
+    """W[n, k] = q[n, k] * scales[n, k // g] -> float32 [N, K]."""
+    g_of_k = np.arange(q.shape[1]) // group_size
+    return q.astype(np.float32) * scales.astype(np.float32)[:, g_of_k]
+
+
+def matvec_q8(q, scales, group_size, x):
+    """y [N] = W x for the int8 format."""
+    w = dequantize_q8(q, scales, group_size)
+    return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+
+
+def matmul_q8(q, scales, group_size, X):
+    """Y [T, N] = X W^T for the int8 format."""
+    w = dequantize_q8(q, scales, group_size)
+    return (X.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
