@@ -44,9 +44,7 @@ def rope_inplace(x, cos, sin):
                 x[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
 
 
-# fastmath on the q·k and p·v reductions (vectorisation); exp and max stay exact.
-@parallel_kernel(fastmath=FASTMATH_REDUCE)
-def attention(q, kc, vc, pos0, scratch, out):
+def _attention(q, kc, vc, pos0, scratch, out):
     """Causal grouped-query attention of T new queries over the cache.
 
     q: [T, H, Dh] (positions pos0 .. pos0+T-1); kc, vc: [Hkv, S, Dh] holding positions 0 .. pos0+T-1;
@@ -81,6 +79,22 @@ def attention(q, kc, vc, pos0, scratch, out):
                 p = s[j] * inv
                 for d in range(Dh):
                     out[t, h, d] += p * vc[hk, j, d]
+
+
+# Two builds of one loop nest. A parallel region costs a thread hand-off (microseconds, far more on
+# a busy machine): worth it for prefill, not for one decode token over a short cache.
+# fastmath on the q·k and p·v reductions (vectorisation); exp and max stay exact.
+attention_serial = kernel(fastmath=FASTMATH_REDUCE)(_attention)
+attention_parallel = parallel_kernel(fastmath=FASTMATH_REDUCE)(_attention)
+PARALLEL_ATTENTION_MIN_WORK = 1 << 17     # q·k multiply-adds below which one thread is faster
+
+
+def attention(q, kc, vc, pos0, scratch, out):
+    """Causal grouped-query attention of T new queries over the cache (see `_attention`)."""
+    T, H, Dh = q.shape
+    work = T * (pos0 + T) * H * Dh
+    (attention_parallel if work >= PARALLEL_ATTENTION_MIN_WORK else attention_serial)(
+        q, kc, vc, pos0, scratch, out)
 
 
 @kernel()

@@ -49,9 +49,11 @@ def test_attention_over_cache(T, past, Hkv, rep, Dh, seed):
     kc = np.full((Hkv, cap, Dh), np.nan, np.float32)
     vc = np.full((Hkv, cap, Dh), np.nan, np.float32)
     kc[:, :S], vc[:, :S] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
-    out = np.empty((T, H, Dh), np.float32)
-    kernels.attention(q, kc, vc, past, np.zeros((H, cap), np.float32), out)
-    np.testing.assert_allclose(out, ref.attention(q, k, v), **TOL)
+    expected = ref.attention(q, k, v)
+    for build in (kernels.attention_serial, kernels.attention_parallel):
+        out = np.empty((T, H, Dh), np.float32)
+        build(q, kc, vc, past, np.zeros((H, cap), np.float32), out)
+        np.testing.assert_allclose(out, expected, **TOL)
 
 
 @settings(max_examples=30, deadline=None)
