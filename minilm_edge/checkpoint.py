@@ -57,7 +57,7 @@ class BlockWeights:
 
 @dataclasses.dataclass
 class Weights:
-    embed: np.ndarray       # [V, D] float32 (rows looked up per token)
+    embed: np.ndarray       # [V, D] float32 or float16 as stored (rows widened per lookup)
     blocks: list            # L × BlockWeights
     norm: np.ndarray        # [D] float32
     lm_head: Linear         # [V, D]; the embedding itself when tied
@@ -128,9 +128,19 @@ def load_linear(src: TensorSource, prefix: str, shape: tuple, bias: bool, cfg: L
     return lin
 
 
+def load_embedding(src: TensorSource, cfg: LlamaConfig) -> np.ndarray:
+    """The embedding table as stored when NumPy can index it (f32/f16: rows are widened per lookup,
+    the table is not copied); bf16 is widened once."""
+    name, shape = GLOBAL_TENSORS["embed"]
+    arr, dt = src.raw(name)
+    check_shape(name, arr.shape, shape(cfg))
+    return arr if dt in ("F32", "F16") else to_float32(arr, dt)
+
+
 def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
     src = TensorSource(model_dir)
-    g = {k: src.float32(name, shape(cfg)) for k, (name, shape) in GLOBAL_TENSORS.items()}
+    embed = load_embedding(src, cfg)
+    norm_name, norm_shape = GLOBAL_TENSORS["norm"]
     blocks = []
     for i in range(cfg.num_hidden_layers):
         norms = {k: src.float32(name.format(i=i), shape(cfg)) for k, (name, shape) in BLOCK_NORMS.items()}
@@ -138,10 +148,11 @@ def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
                 for k, (name, shape) in BLOCK_LINEARS.items()}
         blocks.append(BlockWeights(**norms, **lins))
     head_name, head_shape = HEAD
-    if cfg.tie_word_embeddings or not any(n.startswith(head_name + ".") for n in src.where):
-        if not cfg.tie_word_embeddings:
-            raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
-        lm_head = LINEAR_FORMATS["f32"].from_array(g["embed"])
-    else:
+    if any(n.startswith(head_name + ".") for n in src.where):
+        # A stored head wins, also when the embeddings are tied (a quantized copy of the embedding).
         lm_head = load_linear(src, head_name, head_shape(cfg), False, cfg)
-    return Weights(embed=g["embed"], blocks=blocks, norm=g["norm"], lm_head=lm_head)
+    elif cfg.tie_word_embeddings:
+        lm_head = LINEAR_FORMATS["f32"].from_array(embed)
+    else:
+        raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
+    return Weights(embed=embed, blocks=blocks, norm=src.float32(norm_name, norm_shape(cfg)), lm_head=lm_head)

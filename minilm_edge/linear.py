@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import QuantFormatError
+
 
 class Linear:
     """Interface: `__call__(x [T, K] float32) -> [T, N] float32`; `shape` is (N, K)."""
@@ -54,5 +56,115 @@ class DenseF32(Linear):
         return self.w.nbytes
 
 
-# format name -> class. Quantized formats register here.
-LINEAR_FORMATS = {"f32": DenseF32}
+    @staticmethod
+    def fuse(parts):
+        return None      # dense weights stay memory-mapped views; concatenating would copy them
+
+
+def _optional(src, name):
+    return src.raw(name)[0] if name in src else None
+
+
+class Q4(Linear):
+    """minilm-q4 v1 int4 weights (q4.py); decode runs the fused int4 matvec, prefill dequantized
+    tiles × BLAS (kernels_q4.py)."""
+    kind = "q4"
+
+    def __init__(self, q4):
+        from .kernels_q4 import prepare_q4
+        self.q4 = q4
+        self.p = prepare_q4(q4)
+        self.shape = q4.shape
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".qweight" in src and prefix + ".zeros" in src
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from .q4 import Q4Linear
+        qweight = src.raw(prefix + ".qweight")[0]
+        scales = src.raw(prefix + ".scales")[0]
+        n, k = shape
+        if qweight.shape != (n, k // 2) or scales.ndim != 2 or scales.shape[1] == 0:
+            raise QuantFormatError(f"{prefix}.qweight has shape {list(qweight.shape)}, expected [{n}, {k // 2}]")
+        try:
+            q4 = Q4Linear(qweight, scales, src.raw(prefix + ".zeros")[0], k // scales.shape[1],
+                          _optional(src, prefix + ".salient_idx"), _optional(src, prefix + ".salient_w"))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+        return cls(q4)
+
+    def __call__(self, x):
+        from .kernels_q4 import matmul_q4_f32, matvec_q4_f32
+        y = matvec_q4_f32(self.p, x[0])[None] if x.shape[0] == 1 else matmul_q4_f32(self.p, x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    @property
+    def nbytes(self):
+        return self.p.nbytes
+
+    @staticmethod
+    def fuse(parts):
+        """One Q4 whose rows are the parts' rows stacked (q|k|v, gate|up): one call instead of
+        several per token. Needs the same K, group size and salient channels."""
+        from .q4 import Q4Linear
+        first = parts[0].q4
+        same_idx = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+        if any(p.kind != "q4" or p.bias is not None or p.shape[1] != first.shape[1]
+               or p.q4.group_size != first.group_size or not same_idx(p.q4.salient_idx, first.salient_idx)
+               for p in parts):
+            return None
+        cat = lambda name: np.concatenate([getattr(p.q4, name) for p in parts])
+        sal_w = cat("salient_w") if first.salient_idx is not None else None
+        return Q4(Q4Linear(cat("qweight"), cat("scales"), cat("zeros"), first.group_size,
+                           first.salient_idx, sal_w))
+
+
+class Q8(Linear):
+    """Symmetric int8 weights with per-(row, group) scales (q4.Q8Linear): the optional lm_head format."""
+    kind = "q8"
+
+    def __init__(self, q8):
+        from .kernels_q4 import prepare_q8
+        self.q8 = q8
+        self.p = prepare_q8(q8)
+        self.shape = q8.shape
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".qweight" in src and prefix + ".zeros" not in src and src.raw(prefix + ".qweight")[1] == "I8"
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from .q4 import Q8Linear
+        qweight, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
+        if qweight.shape != tuple(shape) or scales.ndim != 2 or scales.shape[1] == 0:
+            raise QuantFormatError(f"{prefix}.qweight has shape {list(qweight.shape)}, expected {list(shape)}")
+        try:
+            return cls(Q8Linear(qweight, scales, shape[1] // scales.shape[1]))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+
+    def __call__(self, x):
+        from .kernels_q4 import matmul_q8_f32, matvec_q8_f32
+        return matvec_q8_f32(self.p, x[0])[None] if x.shape[0] == 1 else matmul_q8_f32(self.p, x)
+
+    @property
+    def nbytes(self):
+        return self.p.nbytes
+
+    @staticmethod
+    def fuse(parts):
+        return None
+
+
+# format name -> class; checkpoint loading asks each, in order, whether its tensors are present.
+LINEAR_FORMATS = {"f32": DenseF32, "q4": Q4, "q8": Q8}
+
+
+def fuse_rows(parts):
+    """A single linear computing all parts' outputs side by side, or None if their format can't."""
+    return type(parts[0]).fuse(parts) if len({type(p) for p in parts}) == 1 else None

@@ -14,6 +14,7 @@ from . import kernels
 from .checkpoint import Weights, load_weights
 from .config import LlamaConfig, load_config, read_json
 from .errors import ContextOverflowError, UsageError
+from .linear import fuse_rows
 from .tokenizer import Tokenizer
 
 
@@ -70,6 +71,9 @@ class Model:
         self.generation_config = generation_config or {}
         self.path = path
         self._inv_freq = rope_inv_freq(config)
+        # Per block: q|k|v and gate|up fused into one linear where the format allows (fewer calls
+        # per token), else None and the parts are called one by one.
+        self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
 
     # ---- forward
     def new_cache(self, max_len: int | None = None) -> KVCache:
@@ -109,18 +113,29 @@ class Model:
         h = np.empty_like(x)                                               # [T, D] normed input
         att = np.empty((T, H, Dh), np.float32)                             # [T, H, Dh]
         act = np.empty((T, c.intermediate_size), np.float32)               # [T, F]
+        nq, nkv, F = H * Dh, Hkv * Dh, c.intermediate_size
         for layer, b in enumerate(self.weights.blocks):
+            qkv, gate_up = self._fused[layer]
             kernels.rms_norm(x, b.attn_norm, c.rms_norm_eps, h)
-            q = b.q(h).reshape(T, H, Dh)
-            k = b.k(h).reshape(T, Hkv, Dh)
+            if qkv is not None:
+                y = qkv(h)                                                 # [T, (H + 2 Hkv) Dh]
+                q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
+            else:
+                q, k, v = b.q(h), b.k(h), b.v(h)
+            q = np.ascontiguousarray(q).reshape(T, H, Dh)
+            k = np.ascontiguousarray(k).reshape(T, Hkv, Dh)
             kernels.rope_inplace(q, cos, sin)
             kernels.rope_inplace(k, cos, sin)
             cache.k[layer, :, p0:p0 + T] = k.transpose(1, 0, 2)           # [T, Hkv, Dh] -> [Hkv, T, Dh]
-            cache.v[layer, :, p0:p0 + T] = b.v(h).reshape(T, Hkv, Dh).transpose(1, 0, 2)
+            cache.v[layer, :, p0:p0 + T] = v.reshape(T, Hkv, Dh).transpose(1, 0, 2)
             kernels.attention(q, cache.k[layer], cache.v[layer], p0, cache.scratch, att)
-            x += b.o(att.reshape(T, H * Dh))
+            x += b.o(att.reshape(T, nq))
             kernels.rms_norm(x, b.mlp_norm, c.rms_norm_eps, h)
-            kernels.silu_mul(b.gate(h), b.up(h), act)
+            if gate_up is not None:
+                y = gate_up(h)                                             # [T, 2F]
+                kernels.silu_mul(y[:, :F], y[:, F:], act)
+            else:
+                kernels.silu_mul(b.gate(h), b.up(h), act)
             x += b.down(act)
         cache.tokens.extend(int(i) for i in ids)
         return x

@@ -256,8 +256,11 @@ def pseudo_quantize(w: np.ndarray, bits: int, group_size: int) -> np.ndarray:
     return w_hat.reshape(n, k)
 
 
-def quantize_q4(w: np.ndarray, group_size: int, salient_idx=None) -> Q4Linear:
+def quantize_q4(w: np.ndarray, group_size: int, salient_idx=None, bits: int = BITS) -> Q4Linear:
     """RTN int4: w float32 [N, K] -> Q4Linear; salient columns (if any) kept in fp16.
+
+    bits=3 stores 3-bit codes (0..7) in the same 4-bit containers: the dequant formula is unchanged,
+    so W3 quality can be run and measured with the int4 kernels (the file is not smaller).
 
     Salient columns are set to 0 before the group ranges are taken, so each of their groups' ranges
     contains 0 and their codes come out equal to the zero point (then set to it explicitly).
@@ -274,7 +277,9 @@ def quantize_q4(w: np.ndarray, group_size: int, salient_idx=None) -> Q4Linear:
         sal_w = w[:, salient_idx].astype(np.float16)                         # [N, m]
         w = w.copy()
         w[:, salient_idx] = 0.0
-    q, scales, zeros = rtn_codes(w, BITS, group_size)
+    if bits not in (3, BITS):
+        raise UsageError(f"bits must be 3 or 4 for the packed format, got {bits}")
+    q, scales, zeros = rtn_codes(w, bits, group_size)
     if salient_idx is not None and len(salient_idx):
         q[:, salient_idx] = zeros[:, salient_idx // group_size]
     return Q4Linear(pack_nibbles(q), scales, zeros, group_size, salient_idx, sal_w)
