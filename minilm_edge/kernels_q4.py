@@ -275,15 +275,17 @@ def _matvec_q4_f32(qweight, scales, zeros, group_size, sal_idx, sal_w, x, out):
         out[n] = v_hsum(acc) - zero_term
 
 
-@parallel_kernel(fastmath=FASTMATH_REDUCE)
+@kernel(fastmath=FASTMATH_REDUCE)
 def _dequant_q4_split(qweight, scales, zeros, group_size, row0, tile):
     """tile[r] = W[row0 + r] as float32 in split order: [even channels (K/2) | odd channels (K/2)].
 
     Salient columns come out as 0 (their codes equal the zero point); the caller adds them.
+    Serial on purpose: BLAS multiplies each tile with its own threads right after, and two thread
+    pools taking turns on 2 cores cost more than dequantizing (1/T of the multiply's work) saves.
     """
     half = qweight.shape[1]
     h = group_size // 2
-    for r in prange(tile.shape[0]):
+    for r in range(tile.shape[0]):
         n = row0 + r
         row = qweight[n]
         dst = tile[r]
@@ -314,10 +316,10 @@ def _matvec_q8_f32(qweight, scales, group_size, x, out):
         out[n] = v_hsum(acc)
 
 
-@parallel_kernel(fastmath=FASTMATH_REDUCE)
+@kernel(fastmath=FASTMATH_REDUCE)
 def _dequant_q8(qweight, scales, group_size, row0, tile):
-    """tile[r] = W[row0 + r] as float32 (natural channel order)."""
-    for r in prange(tile.shape[0]):
+    """tile[r] = W[row0 + r] as float32 (natural channel order); serial, as _dequant_q4_split."""
+    for r in range(tile.shape[0]):
         n = row0 + r
         row = qweight[n]
         dst = tile[r]
@@ -375,7 +377,7 @@ def matmul_q4_f32(p: Q4Prepared, X: np.ndarray, out: np.ndarray | None = None) -
     for r0 in range(0, n, TILE_ROWS):
         w = tile[: min(TILE_ROWS, n - r0)]
         _dequant_q4_split(p.qweight, p.scales, p.zeros, p.group_size, r0, w)
-        np.matmul(w, xp_t, out=y_t[r0: r0 + len(w)])                                # [R, K] @ [K, T]
+        np.dot(w, xp_t, out=y_t[r0: r0 + len(w)])                                   # [R, K] @ [K, T]
     out[:] = y_t.T
     if p.n_salient:
         m = p.n_salient
@@ -404,6 +406,6 @@ def matmul_q8_f32(p: Q8Prepared, X: np.ndarray, out: np.ndarray | None = None) -
     for r0 in range(0, n, TILE_ROWS):
         w = tile[: min(TILE_ROWS, n - r0)]
         _dequant_q8(p.qweight, p.scales, p.group_size, r0, w)
-        np.matmul(w, x_t, out=y_t[r0: r0 + len(w)])
+        np.dot(w, x_t, out=y_t[r0: r0 + len(w)])
     out[:] = y_t.T
     return out
