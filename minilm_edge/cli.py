@@ -188,6 +188,34 @@ def cmd_import_gguf(args):
     return 0
 
 
+# ---- quantize
+QUANTIZE_HELP = """\
+Quantize a full-precision model folder to int4 (minilm-q4 format) and write a new, complete model
+folder (tokenizer and chat template copied). The output appears only when it is complete.
+
+Methods: rtn rounds each group of weights to the nearest of 2^bits levels (min/max, zero point).
+Group size 128 by default; a layer whose input size it does not divide uses 64 or 32 (recorded in
+config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
+--quantize-head int8|int4 also quantizes lm_head (by default it stays fp16).
+
+examples:
+  python -m minilm_edge quantize ./smollm2 ./smollm2-rtn --method rtn
+  python -m minilm_edge quantize ./smollm2 ./smollm2-rtn-g64 --method rtn --group-size 64 --quantize-head int8
+"""
+
+
+def cmd_quantize(args):
+    from .quantize import quantize
+    from .store import resolve_model
+    src = resolve_model(args.src_dir)
+    t0 = time.perf_counter()
+    out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
+                   quantize_head=args.quantize_head)
+    print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(out)
+    return 0
+
+
 # ---- bench
 BENCH_HELP = """\
 Measure a model on this machine: load time, time to first token, prefill tokens/s (a 512-token
@@ -253,6 +281,15 @@ def build_parser():
     ig.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                     help="weight dtype in model.safetensors (default float16)")
     ig.set_defaults(func=cmd_import_gguf)
+    q = sub.add_parser("quantize", help="quantize a model to int4", description=QUANTIZE_HELP, formatter_class=raw)
+    q.add_argument("src_dir", metavar="SRC_DIR", help="full-precision model folder or known name")
+    q.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the quantized model (must not exist or be empty)")
+    q.add_argument("--method", choices=["rtn"], default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, metavar="G", help="32, 64 or 128 (default 128)")
+    q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
+    q.set_defaults(func=cmd_quantize)
+
     b = sub.add_parser("bench", help="measure speed and memory", description=BENCH_HELP, formatter_class=raw)
     b.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or known name")
     b.add_argument("--threads", type=int, metavar="N", help="threads to use (default: all cores)")
