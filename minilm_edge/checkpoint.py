@@ -152,7 +152,9 @@ def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
         # A stored head wins, also when the embeddings are tied (a quantized copy of the embedding).
         lm_head = load_linear(src, head_name, head_shape(cfg), False, cfg)
     elif cfg.tie_word_embeddings:
-        lm_head = LINEAR_FORMATS["f32"].from_array(embed)
+        # The head is the embedding itself: fp16 stays fp16 (no float32 copy) where the kernel can.
+        f16 = embed.dtype == np.float16 and embed.shape[1] % 16 == 0
+        lm_head = LINEAR_FORMATS["f16"](embed) if f16 else LINEAR_FORMATS["f32"].from_array(embed)
     else:
         raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
     return Weights(embed=embed, blocks=blocks, norm=src.float32(norm_name, norm_shape(cfg)), lm_head=lm_head)

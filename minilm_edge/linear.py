@@ -61,6 +61,44 @@ class DenseF32(Linear):
         return None      # dense weights stay memory-mapped views; concatenating would copy them
 
 
+class DenseF16(Linear):
+    """W float16 [N, K], kept fp16 in RAM (often a memory-mapped view): decode widens 16 weights at a
+    time inside the matvec (kernels_f16.py), prefill widens row tiles for BLAS."""
+    kind = "f16"
+
+    def __init__(self, w: np.ndarray):
+        self.w = w                              # [N, K] float16, C-contiguous
+        self.bits = w.view(np.uint16)           # the same bytes, as Numba can take them
+        self.shape = w.shape
+
+    @staticmethod
+    def present(src, prefix):
+        name = prefix + ".weight"
+        return name in src and src.raw(name)[1] == "F16" and src.raw(name)[0].shape[-1] % 16 == 0
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from .checkpoint import check_shape
+        w = src.raw(prefix + ".weight")[0]
+        check_shape(prefix + ".weight", w.shape, shape)
+        return cls(np.ascontiguousarray(w))
+
+    def __call__(self, x):
+        from .kernels_f16 import matmul_f16_f32, matvec_f16_f32
+        y = matvec_f16_f32(self.bits, x[0])[None] if x.shape[0] == 1 else matmul_f16_f32(self.w, x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    @property
+    def nbytes(self):
+        return self.w.nbytes
+
+    @staticmethod
+    def fuse(parts):
+        return None
+
+
 def _optional(src, name):
     return src.raw(name)[0] if name in src else None
 
@@ -162,7 +200,7 @@ class Q8(Linear):
 
 
 # format name -> class; checkpoint loading asks each, in order, whether its tensors are present.
-LINEAR_FORMATS = {"f32": DenseF32, "q4": Q4, "q8": Q8}
+LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "q4": Q4, "q8": Q8}
 
 
 def fuse_rows(parts):

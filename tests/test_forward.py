@@ -102,3 +102,12 @@ def test_fp32_weights_are_memory_mapped(tmp_path):
     w = model.weights.blocks[0].gate.w
     assert not w.flags.owndata and not w.flags.writeable
     assert json.loads((path / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_fp16_weights_stay_fp16(tmp_path):
+    """fp16 checkpoints are not widened to a float32 copy: the kernels read the mapped fp16 bytes."""
+    path, _, _ = make_model_dir(tmp_path / "m", dtype="float16")
+    model = minilm_edge.load(path)
+    lin = model.weights.blocks[0].gate
+    assert lin.kind == "f16" and lin.w.dtype == np.float16 and not lin.w.flags.owndata
+    assert model.weights.lm_head.kind == "f16"          # the tied head reads the fp16 embedding
