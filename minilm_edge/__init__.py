@@ -7,16 +7,18 @@ Library API (small and stable):
     for piece in model.stream(prompt): ...         # text pieces, never half a UTF-8 character
     model.chat([{"role": "user", "content": "Hi"}]) -> str
     model.tokenizer, model.config
+    minilm_edge.perplexity(model, text, ctx=2048) -> {"ppl", "nll", "tokens_scored", ...}
 """
 from .errors import (CheckpointError, ContextOverflowError, MiniLMError, ModelNotFoundError,
                      PullError, QuantFormatError, TokenizerError, UnsupportedModelError, UsageError)
+from .evaluate import perplexity
 from .generation import SamplingSettings
 from .model import Model, load
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "SamplingSettings", "MiniLMError", "UsageError", "ModelNotFoundError",
+    "load", "Model", "SamplingSettings", "perplexity", "MiniLMError", "UsageError", "ModelNotFoundError",
     "UnsupportedModelError", "CheckpointError", "TokenizerError", "ContextOverflowError",
     "PullError", "QuantFormatError", "__version__",
 ]

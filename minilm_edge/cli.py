@@ -247,6 +247,143 @@ def cmd_bench(args):
     return 0
 
 
+# ---- eval
+EVAL_HELP = """\
+Perplexity of a model on a text file (DESIGN §7): the file is read as is, tokenized once, cut into
+non-overlapping windows of --ctx tokens (each from an empty context; a final shorter window is
+scored too), and exp(mean negative log-likelihood) over every predicted token is reported with the
+number of tokens scored. With --baseline, both models are scored on the same tokens and the
+difference and the mean KL(baseline || model) per token are reported as well.
+
+examples:
+  python -m minilm_edge eval ./smollm2-rtn --data wikitext2-test.txt --ctx 512 --max-tokens 16384
+  python -m minilm_edge eval ./smollm2-rtn --data wikitext2-test.txt --baseline ./smollm2 --json
+  python -m minilm_edge eval smollm2-135m-instruct --data my_docs.txt     # ctx 2048, paper parity
+"""
+
+
+def cmd_eval(args):
+    import hashlib
+    import json
+    from .config import load_config
+    from .evaluate import compare, perplexity, read_text
+    from .store import resolve_model
+    if args.ctx < 2:
+        raise UsageError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    text = read_text(args.data)
+    paths = [resolve_model(args.model_dir)] + ([resolve_model(args.baseline)] if args.baseline else [])
+    for path in paths:                     # cheap checks before any weights are loaded
+        limit = load_config(path).max_position_embeddings
+        if args.ctx > limit:
+            raise UsageError(f"--ctx {args.ctx} exceeds the maximum context of {path} ({limit} tokens)")
+    models = [_load(path) for path in paths]
+    kw = dict(ctx=args.ctx, max_tokens=args.max_tokens, progress=True)
+    res = compare(models[0], models[1], text, **kw) if args.baseline else perplexity(models[0], text, **kw)
+    res = {"model": str(paths[0]), **({"baseline": str(paths[1])} if args.baseline else {}),
+           "data": str(args.data), "data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), **res}
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"perplexity  {res['ppl']:.4f}   (nll {res['nll']:.5f} nats/token)")
+    if args.baseline:
+        print(f"baseline    {res['baseline_ppl']:.4f}   (nll {res['baseline_nll']:.5f} nats/token)")
+        print(f"difference  {res['ppl_diff']:+.4f}  (x{res['ppl_ratio']:.4f}); "
+              f"KL(baseline||model) {res['kl_mean']:.5f} nats/token; top-1 agreement {res['top1_agreement']:.2%}")
+    print(f"tokens      {res['tokens_scored']} scored in {res['windows']} windows of ctx {res['ctx']} "
+          f"({res['tokens']} tokens, last window {res['last_window']})")
+    print(f"time        {res['seconds']:.1f} s")
+    return 0
+
+
+def _add_eval_parser(sub):
+    e = sub.add_parser("eval", help="perplexity on a text file", description=EVAL_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or known name")
+    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, scored as is")
+    e.add_argument("--ctx", type=int, default=2048, metavar="N", help="window length in tokens (default 2048)")
+    e.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
+    e.add_argument("--baseline", metavar="OTHER_DIR",
+                   help="also score this model on the same tokens; report the difference and KL")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
+
+
+# ---- export-awq
+EXPORT_AWQ_HELP = """\
+Write a minilm-q4 model (made by `quantize`) as an AutoAWQ "GEMM" folder that AutoAWQ, transformers
+and vLLM load: int32 qweight/qzeros and fp16 scales per linear, every other tensor fp16, config.json
+with quantization_config {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": true,
+"version": "gemm"}, tokenizer files copied. OUT_DIR appears only when complete.
+
+AutoAWQ has one group size per model: layers quantized with a larger group (SmolLM2 at
+--group-size 128: down_proj 128, the others 64) are re-grouped exactly to the smallest group size
+(a group's scale and zero point are repeated; the weights are unchanged). --no-regroup refuses
+instead. fp16 salient channels and a quantized lm_head have no AutoAWQ form and are refused.
+AutoAWQ folders load here directly (`generate`, `eval`, `bench` on OUT_DIR).
+
+examples:
+  python -m minilm_edge export-awq ./smollm2-awq ./smollm2-awq-autoawq
+  python -m minilm_edge export-awq ./smollm2-rtn-g64 ./out --no-regroup
+"""
+
+
+def cmd_export_awq(args):
+    from .awq_format import export_awq
+    from .store import resolve_model
+    out, regrouped = export_awq(resolve_model(args.model_dir), args.out_dir, regroup_layers=not args.no_regroup)
+    if regrouped:
+        sizes = sorted(set(regrouped.values()))
+        print(f"re-grouped {len(regrouped)} layers from group size {sizes} exactly (weights unchanged)",
+              file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _add_export_awq_parser(sub):
+    x = sub.add_parser("export-awq", help="write an AutoAWQ (GEMM) copy of a quantized model",
+                       description=EXPORT_AWQ_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("model_dir", metavar="MODEL_DIR", help="a minilm-q4 model folder")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="new folder (must not exist or be empty)")
+    x.add_argument("--no-regroup", action="store_true",
+                   help="refuse models with per-layer group sizes instead of re-grouping them")
+    x.set_defaults(func=cmd_export_awq)
+
+
+# ---- inspect
+INSPECT_HELP = """\
+Describe a model folder without loading its weights: architecture, parameter count, file size,
+dtypes, bits per weight, and the quantization config with its provenance (method, bits, group
+size, calibration source and sha256, source weights sha256, tool version). --layers adds one row
+per linear (format, shape, bits, group size, salient channels, bits per weight, AWQ alpha when the
+quantizer's report.json records it).
+
+examples:
+  python -m minilm_edge inspect smollm2-135m-instruct
+  python -m minilm_edge inspect ./smollm2-awq --layers
+  python -m minilm_edge inspect ./smollm2-awq --layers --json
+"""
+
+
+def cmd_inspect(args):
+    import json
+    from .inspect import describe, format_text
+    from .store import resolve_model
+    info = describe(resolve_model(args.model_dir), layers=args.layers)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def _add_inspect_parser(sub):
+    i = sub.add_parser("inspect", help="describe a model folder", description=INSPECT_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or known name")
+    i.add_argument("--layers", action="store_true", help="one row per linear layer")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+
+
 def build_parser():
     p = _Parser(prog=PROG, description="Run and quantize small language models on plain CPUs, without torch.",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -298,6 +435,9 @@ def build_parser():
     b.add_argument("--new-tokens", type=int, default=128, metavar="N", help="decode length (default 128)")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=cmd_bench)
+    _add_eval_parser(sub)
+    _add_export_awq_parser(sub)
+    _add_inspect_parser(sub)
     return p
 
 

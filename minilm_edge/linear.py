@@ -199,8 +199,30 @@ class Q8(Linear):
         return None
 
 
+class AWQGemm(Q4):
+    """AutoAWQ "GEMM" int4 tensors (awq_format.py: qweight int32 [K, N/8], qzeros int32 [K/g, N/8],
+    scales fp16 [K/g, N]), converted once at load into the native Q4Linear; from then on it is a Q4
+    (same kernels, same fusion, kind "q4"). Conversion is exact: codes, zeros and scales are moved."""
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".qweight" in src and prefix + ".qzeros" in src
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from .awq_format import awq_to_q4
+        try:
+            q4 = awq_to_q4(*(src.raw(prefix + s)[0] for s in (".qweight", ".qzeros", ".scales")))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+        if q4.shape != tuple(shape):
+            raise QuantFormatError(f"{prefix}: AutoAWQ tensors hold a [{q4.shape[0]}, {q4.shape[1]}] weight "
+                                   f"(qweight [K, N/8]), expected {list(shape)}")
+        return cls(q4)
+
+
 # format name -> class; checkpoint loading asks each, in order, whether its tensors are present.
-LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "q4": Q4, "q8": Q8}
+LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "q4": Q4, "q8": Q8, "awq_gemm": AWQGemm}
 
 
 def fuse_rows(parts):

@@ -1,0 +1,96 @@
+"""`inspect`: architecture, size, storage and quantization provenance of a model folder, per-layer
+rows with --layers, JSON with --json; report.json read when present, tolerated when absent or broken."""
+import json
+
+import numpy as np
+import pytest
+
+from minilm_edge.awq_format import export_awq
+from minilm_edge.cli import main
+from minilm_edge.inspect import describe, format_text
+from minilm_edge.quantize import quantize
+from tinymodel import make_model_dir
+
+QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("inspect")
+    src, cfg, w = make_model_dir(base / "src", **QUANTIZABLE)
+    q = quantize(src, base / "q", group_size=64, progress=False)
+    return base, src, w, q
+
+
+def test_fp_model(folders):
+    _, src, w, _ = folders
+    info = describe(src)
+    assert info["parameters"] == sum(a.size for a in w.values())       # tied: no lm_head tensor
+    assert info["quantization"] is None and info["linear_bpw"] == 32.0 and info["dtype"] == "float32"
+    assert info["weights_bytes"] == (src / "model.safetensors").stat().st_size
+    assert info["architecture"]["layers"] == 2 and info["lm_head"] == "tied to embeddings"
+    assert "quantization   none" in format_text(info)
+
+
+def test_quantized_model_layers_and_provenance(folders):
+    _, src, _, q = folders
+    info = describe(q, layers=True)
+    qc = info["quantization"]
+    assert qc["method"] == "rtn" and qc["bits"] == 4 and qc["group_size"] == 64
+    assert len(qc["source"]["weights_sha256"]) == 64 and qc["tool"].startswith("minilm_edge")
+    rows = info["layers"]
+    assert [(r["layer"], r["name"]) for r in rows] == [(i, k) for i in range(2) for k in LINEARS]
+    for r in rows:
+        g = 32 if r["name"] == "down" else 64                               # K = 96 falls back to 32
+        assert (r["format"], r["bits"], r["group_size"], r["salient"], r["alpha"]) == ("q4", 4, g, 0, None)
+        assert r["bpw"] == 4 + 24 / g                                        # measured from the bytes stored
+    text = format_text(info)
+    assert "weights_sha256" in text and text.count("\n    1 ") == 7
+
+
+def test_report_json_alpha_and_salient(folders, tmp_path):
+    _, src, _, _ = folders
+    q = quantize(src, tmp_path / "sal", group_size=64, progress=False,
+                 linear_hook=lambda i, key, w: (w, np.array([3, 7, 9], np.int32) if key == "up" else None))
+    (q / "report.json").write_text(json.dumps({"method": "awq", "layers": [
+        {"layer": 0, "groups": {"qkv": {"alpha": 0.35}, "o": {"alpha": None}, "gate_up": {"alpha": 0.5},
+                                "down": {"alpha": 0.2}}, "notes": ["o: not scaled"]},
+        {"layer": 1, "groups": {"qkv": {"alpha": 0.1}}}]}))
+    info = describe(q, layers=True)
+    assert info["report"] == ["layers", "method"]
+    assert info["report_layers"][0]["alpha"] == {"qkv": 0.35, "o": None, "gate_up": 0.5, "down": 0.2}
+    up = [r for r in info["layers"] if r["name"] == "up"]
+    assert [r["salient"] for r in up] == [3, 3] and up[0]["bpw"] > 4.375
+    from minilm_edge.inspect import _group_of
+    if _group_of("llama"):                          # the AWQ module's table maps linears to groups
+        alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}
+        assert alpha[(0, "q")] == 0.35 and alpha[(0, "up")] == 0.5 and alpha[(1, "q")] == 0.1
+    assert "report block 0: qkv=0.35 o=- gate_up=0.50 down=0.20; o: not scaled" in format_text(info)
+    (q / "report.json").write_text("{not json")
+    assert "error" in describe(q, layers=True)["report"]                    # broken: shown, not fatal
+
+
+def test_autoawq_folder(folders, tmp_path):
+    _, _, _, q = folders
+    out, _ = export_awq(q, tmp_path / "awq")
+    info = describe(out, layers=True)
+    assert info["quantization"]["quant_method"] == "awq" and info["quantization"]["version"] == "gemm"
+    assert {r["format"] for r in info["layers"]} == {"awq_gemm"} and {r["group_size"] for r in info["layers"]} == {32}
+    assert info["export"]["exported_from"]["method"] == "rtn"
+
+
+def test_cli_inspect(folders, capsys):
+    _, src, _, q = folders
+    assert main(["inspect", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "minilm-q4" in out
+    assert main(["inspect", str(q), "--layers", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert len(info["layers"]) == 14
+    assert main(["inspect", str(src / "missing")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minilm-edge: error:")
+    with pytest.raises(SystemExit):
+        main(["inspect", "--help"])
+    assert "examples:" in capsys.readouterr().out
