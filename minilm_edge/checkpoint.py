@@ -61,6 +61,7 @@ class Weights:
     blocks: list            # L × BlockWeights
     norm: np.ndarray        # [D] float32
     lm_head: Linear         # [V, D]; the embedding itself when tied
+    source: "TensorSource | None" = None   # the mapped files the arrays may view
 
 
 class TensorSource:
@@ -97,6 +98,10 @@ class TensorSource:
 
     def __contains__(self, name):
         return name in self.where
+
+    def release_pages(self) -> None:
+        for st in self.files.values():
+            st.release_pages()
 
     def raw(self, name: str):
         """(array view, safetensors dtype) of a tensor; a clear error if it is missing."""
@@ -157,4 +162,5 @@ def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
         lm_head = LINEAR_FORMATS["f16"](embed) if f16 else LINEAR_FORMATS["f32"].from_array(embed)
     else:
         raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
-    return Weights(embed=embed, blocks=blocks, norm=src.float32(norm_name, norm_shape(cfg)), lm_head=lm_head)
+    return Weights(embed=embed, blocks=blocks, norm=src.float32(norm_name, norm_shape(cfg)), lm_head=lm_head,
+                   source=src)

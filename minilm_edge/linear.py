@@ -110,9 +110,15 @@ class Q4(Linear):
 
     def __init__(self, q4):
         from .kernels_q4 import prepare_q4
-        self.q4 = q4
-        self.p = prepare_q4(q4)
+        self.q4 = q4                 # the on-disk form (None when built from a prepared view)
+        self.p = prepare_q4(q4)      # the form the kernels read
         self.shape = q4.shape
+
+    @classmethod
+    def from_prepared(cls, p):
+        lin = cls.__new__(cls)
+        lin.q4, lin.p, lin.shape = None, p, p.shape
+        return lin
 
     @staticmethod
     def present(src, prefix):
@@ -151,7 +157,7 @@ class Q4(Linear):
         from .q4 import Q4Linear
         first = parts[0].q4
         same_idx = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-        if any(p.kind != "q4" or p.bias is not None or p.shape[1] != first.shape[1]
+        if first is None or any(p.kind != "q4" or p.q4 is None or p.bias is not None or p.shape[1] != first.shape[1]
                or p.q4.group_size != first.group_size or not same_idx(p.q4.salient_idx, first.salient_idx)
                for p in parts):
             return None

@@ -14,6 +14,7 @@ from . import kernels
 from .checkpoint import Weights, load_weights
 from .config import LlamaConfig, load_config, read_json
 from .errors import ContextOverflowError, UsageError
+from .decode import build_plan
 from .linear import fuse_rows
 from .tokenizer import Tokenizer
 
@@ -71,9 +72,25 @@ class Model:
         self.generation_config = generation_config or {}
         self.path = path
         self._inv_freq = rope_inv_freq(config)
-        # Per block: q|k|v and gate|up fused into one linear where the format allows (fewer calls
-        # per token), else None and the parts are called one by one.
-        self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
+        # All-int4 blocks: one compiled call per decoded token (decode.py); the blocks' linears
+        # become views into its stacked weights. Otherwise, per block, q|k|v and gate|up are fused
+        # into one linear where the format allows (fewer calls per token), else None.
+        self._plan = build_plan(config, weights.blocks)
+        if self._plan is not None:
+            self._fused = self._use_plan_views()
+            if weights.source is not None:
+                weights.source.release_pages()      # the stacks are copies; the mapped pages are not needed
+        else:
+            self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
+
+    def _use_plan_views(self):
+        c, p = self.config, self._plan
+        nq, nkv, F = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+        for l, b in enumerate(self.weights.blocks):
+            b.q, b.k, b.v = p.qkv.layer(l, 0, nq), p.qkv.layer(l, nq, nq + nkv), p.qkv.layer(l, nq + nkv)
+            b.o, b.down = p.o.layer(l), p.down.layer(l)
+            b.gate, b.up = p.gate_up.layer(l, 0, F), p.gate_up.layer(l, F)
+        return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
 
     # ---- forward
     def new_cache(self, max_len: int | None = None) -> KVCache:
@@ -110,6 +127,10 @@ class Model:
         angle = np.arange(p0, p0 + T, dtype=np.float64)[:, None] * self._inv_freq[None, :]
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [T, Dh/2]
         x = self.weights.embed[ids].astype(np.float32)                     # [T, D]
+        if T == 1 and self._plan is not None:
+            self._plan.run(x[0], cache, p0, cos[0], sin[0])
+            cache.tokens.append(int(ids[0]))
+            return x
         h = np.empty_like(x)                                               # [T, D] normed input
         att = np.empty((T, H, Dh), np.float32)                             # [T, H, Dh]
         act = np.empty((T, c.intermediate_size), np.float32)               # [T, F]

@@ -73,6 +73,12 @@ class SafetensorsFile:
     def dtype(self, name: str) -> str:
         return self.entries[name][0]
 
+    def release_pages(self) -> None:
+        """Drop this process's mapping of pages already read (they stay in the OS page cache and
+        fault back in if touched): after load-time copies, the RSS no longer counts them twice."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
 
 def _no_duplicates(pairs):
     d = {}

@@ -43,7 +43,7 @@ def dequantized_weights(folder):
 @pytest.mark.parametrize("variant", [{}, dict(tie_word_embeddings=False), dict(model_type="qwen2")])
 def test_quantized_forward_matches_reference(tmp_path, head, variant):
     src, cfg, w = make_model_dir(tmp_path / "src", **QUANTIZABLE, **variant)
-    out = quantize(src, tmp_path / "q", group_size=64, quantize_head=head, progress=False)
+    out = quantize(src, tmp_path / "q", method="rtn", group_size=64, quantize_head=head, progress=False)
     model = minilm_edge.load(out)
     assert model.weights.blocks[0].q.kind == "q4"
     qcfg = json.loads((out / "config.json").read_text())
@@ -63,7 +63,7 @@ def test_quantized_forward_matches_reference(tmp_path, head, variant):
 
 def test_w3_codes_stay_below_8(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    out = quantize(src, tmp_path / "q", bits=3, progress=False)
+    out = quantize(src, tmp_path / "q", method="rtn", bits=3, progress=False)
     raw = load_file(str(out / "model.safetensors"))
     codes = ref_q4.unpack_nibbles(raw["model.layers.0.mlp.up_proj.qweight"])
     assert codes.max() <= 7 and raw["model.layers.0.mlp.up_proj.zeros"].max() <= 7
@@ -71,7 +71,7 @@ def test_w3_codes_stay_below_8(tmp_path):
 
 def test_output_folder_is_complete(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    out = quantize(src, tmp_path / "q", progress=False)
+    out = quantize(src, tmp_path / "q", method="rtn", progress=False)
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).is_file()
     assert minilm_edge.load(out).chat([{"role": "user", "content": "hi"}], max_new_tokens=3) is not None
@@ -103,15 +103,15 @@ def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr("safetensors.numpy.save_file", boom)
     with pytest.raises(KeyboardInterrupt):
-        qmod.quantize(src, tmp_path / "out", progress=False)
+        qmod.quantize(src, tmp_path / "out", method="rtn", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_already_quantized_source_is_refused(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    out = quantize(src, tmp_path / "q", progress=False)
+    out = quantize(src, tmp_path / "q", method="rtn", progress=False)
     with pytest.raises(minilm_edge.UsageError, match="already quantized"):
-        quantize(out, tmp_path / "qq", progress=False)
+        quantize(out, tmp_path / "qq", method="rtn", progress=False)
 
 
 @pytest.mark.parametrize("tamper, msg", [
@@ -126,7 +126,7 @@ def test_already_quantized_source_is_refused(tmp_path):
 def test_corrupt_quantized_tensors_are_refused(tmp_path, tamper, msg):
     from safetensors.numpy import save_file
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    out = quantize(src, tmp_path / "q", progress=False)
+    out = quantize(src, tmp_path / "q", method="rtn", progress=False)
     raw = dict(load_file(str(out / "model.safetensors")))
     tamper(raw)
     save_file(raw, str(out / "model.safetensors"))

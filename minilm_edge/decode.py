@@ -1,0 +1,255 @@
+"""Decode one token through every block in ONE compiled call.
+
+A decode step of a small model is ~10 short kernels per block: called one by one from Python, their
+dispatch (argument checks, allocation, unboxing) costs about as much as the int4 math of a 135M
+model. When every block linear is int4 (minilm-q4), the weights of all L blocks are stacked at load
+into [L, ...] arrays of one kind each (q|k|v fused by rows, o, gate|up fused, down), and
+`_decode_blocks` runs the whole stack in a single Numba call: no Python between kernels, no
+allocation (every buffer is preallocated in `DecodePlan`).
+
+Per block l (x: [D] the residual stream, float32):
+    h   = rms_norm(x) ⊙ attn_norm[l]
+    qkv = Wqkv[l] h (+ bias)                        [(H + 2 Hkv) Dh]
+    rotate q and k heads by RoPE at position pos; append k, v to the cache at pos
+    x  += Wo[l] attention(q, cache[:pos+1])
+    h   = rms_norm(x) ⊙ mlp_norm[l]
+    gu  = Wgu[l] h                                   [2F] = gate | up
+    x  += Wdown[l] (silu(gate) ⊙ up)
+The per-kernel twins (and their tests) are those of kernels.py / kernels_q4.py; the whole step is
+tested against the Python path (prefill of the same tokens) in tests/test_decode.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numpy as np
+from numba import prange
+
+from .kernels_q4 import LANES, Q4Prepared, v_fma, v_hsum, v_load, v_splat, v_unpack_q4, v_zeros
+from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
+
+
+@dataclasses.dataclass
+class StackedQ4:
+    """One kind of int4 linear across all L blocks, rows of fused parts stacked (see Q4Prepared)."""
+    qweight: np.ndarray     # uint8   [L, N, K/2]
+    scales: np.ndarray      # float32 [L, N, G]
+    zeros: np.ndarray       # uint8   [L, N, G]
+    group_size: int
+    sal_idx: np.ndarray     # int64   [L, m16]   (padded with channel 0 / weight 0)
+    sal_w: np.ndarray       # float32 [L, N, m16]
+    n_salient: list         # L × m
+    bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
+
+    def args(self):
+        return self.qweight, self.scales, self.zeros, self.group_size, self.sal_idx, self.sal_w
+
+    def layer(self, l: int, r0: int = 0, r1: int | None = None):
+        """A Q4 linear over rows r0:r1 of block l: views into the stack, no copy."""
+        from .linear import Q4
+        r = slice(r0, r1)
+        p = Q4Prepared(self.qweight[l, r], self.scales[l, r], self.zeros[l, r], self.group_size,
+                       self.sal_idx[l], self.sal_w[l, r], self.n_salient[l])
+        lin = Q4.from_prepared(p)
+        if np.any(self.bias[l, r]):
+            lin.bias = self.bias[l, r]
+        return lin
+
+
+def stack_q4(layers: list) -> StackedQ4 | None:
+    """layers: L lists of Q4 linears to fuse by rows; None if they cannot share one stack."""
+    first = layers[0][0].p
+    K, g = first.shape[1], first.group_size
+    for parts in layers:
+        for lin in parts:
+            if lin.kind != "q4" or lin.p.shape[1] != K or lin.p.group_size != g:
+                return None
+            if not np.array_equal(lin.p.sal_idx, parts[0].p.sal_idx) or lin.p.n_salient != parts[0].p.n_salient:
+                return None
+    L, N = len(layers), sum(lin.p.shape[0] for lin in layers[0])
+    if any(sum(lin.p.shape[0] for lin in parts) != N for parts in layers):
+        return None
+    m16 = max(parts[0].p.sal_idx.shape[0] for parts in layers)
+    st = StackedQ4(np.empty((L, N, K // 2), np.uint8), np.empty((L, N, K // g), np.float32),
+                   np.empty((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
+                   np.zeros((L, N, m16), np.float32), [parts[0].p.n_salient for parts in layers],
+                   np.zeros((L, N), np.float32))
+    for l, parts in enumerate(layers):
+        r = 0
+        for lin in parts:
+            p, n = lin.p, lin.p.shape[0]
+            st.qweight[l, r:r + n], st.scales[l, r:r + n], st.zeros[l, r:r + n] = p.qweight, p.scales, p.zeros
+            st.sal_w[l, r:r + n, :p.sal_w.shape[1]] = p.sal_w
+            if lin.bias is not None:
+                st.bias[l, r:r + n] = lin.bias
+            r += n
+        st.sal_idx[l, :parts[0].p.sal_idx.shape[0]] = parts[0].p.sal_idx
+    return st
+
+
+class DecodePlan:
+    """Stacked int4 weights of every block plus the buffers of one decode step."""
+
+    def __init__(self, cfg, blocks, qkv: StackedQ4, o: StackedQ4, gate_up: StackedQ4, down: StackedQ4):
+        self.cfg = cfg
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+        self.attn_norm = np.stack([b.attn_norm for b in blocks]).astype(np.float32)   # [L, D]
+        self.mlp_norm = np.stack([b.mlp_norm for b in blocks]).astype(np.float32)     # [L, D]
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.h = np.empty(D, np.float32)                          # [D] normed input
+        self.qkv_out = np.empty((H + 2 * Hkv) * Dh, np.float32)   # [(H + 2 Hkv) Dh]
+        self.att = np.empty(H * Dh, np.float32)                   # [H Dh]
+        self.gu = np.empty(2 * F, np.float32)                     # [2F] gate | up
+        self.act = np.empty(F, np.float32)                        # [F]
+        self.tmp = np.empty(D, np.float32)                        # [D] a linear's output
+        K = max(D, F, H * Dh)
+        m16 = max(st.sal_idx.shape[1] for st in (qkv, o, gate_up, down))
+        self.xe = np.empty(K // 2, np.float32)                    # matvec scratch: x's even entries
+        self.xo = np.empty(K // 2, np.float32)                    #                 x's odd entries
+        self.xs = np.empty(K // 32, np.float32)                   #                 per-group sums
+        self.xsal = np.empty(m16, np.float32)                     #                 salient entries
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.qweight.nbytes + s.scales.nbytes + s.zeros.nbytes + s.sal_w.nbytes
+                   for s in (self.qkv, self.o, self.gate_up, self.down))
+
+    def run(self, x, cache, pos, cos, sin):
+        """x [D] float32 (modified in place) through every block; writes the cache at `pos`."""
+        c = self.cfg
+        _decode_blocks(x, pos, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads,
+                       c.num_key_value_heads, c.head_dim, self.attn_norm, self.mlp_norm,
+                       *self.qkv.args(), self.qkv.bias, *self.o.args(), *self.gate_up.args(),
+                       *self.down.args(), cache.k, cache.v, cache.scratch,
+                       self.h, self.qkv_out, self.att, self.gu, self.act, self.tmp,
+                       self.xe, self.xo, self.xs, self.xsal)
+
+
+def build_plan(cfg, blocks):
+    """A DecodePlan when every block linear is int4 and the stacks line up, else None."""
+    if not all(getattr(b, n).kind == "q4" for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
+        return None
+    if any(getattr(b, n).bias is not None for b in blocks for n in ("o", "gate", "up", "down")):
+        return None
+    stacks = [stack_q4([[b.q, b.k, b.v] for b in blocks]), stack_q4([[b.o] for b in blocks]),
+              stack_q4([[b.gate, b.up] for b in blocks]), stack_q4([[b.down] for b in blocks])]
+    if any(s is None for s in stacks):
+        return None
+    return DecodePlan(cfg, blocks, *stacks)
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rms_norm_vec(x, w, eps, out):
+    ss = np.float32(0.0)
+    for d in range(x.shape[0]):
+        ss += x[d] * x[d]
+    r = np.float32(1.0) / np.sqrt(ss / x.shape[0] + eps)
+    for d in range(x.shape[0]):
+        out[d] = x[d] * r * w[d]
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
+    """Per-call prologue of the int4 matvec (see kernels_q4): x's even/odd halves, per-group sums
+    for the zero points, the salient entries. Writes into the given scratch (no allocation)."""
+    half = x.shape[0] // 2
+    for j in range(half):
+        x_even[j] = x[2 * j]
+        x_odd[j] = x[2 * j + 1]
+    for g in range(x.shape[0] // group_size):
+        s = np.float32(0.0)
+        for k in range(g * group_size, g * group_size + group_size):
+            s += x[k]
+        x_sum[g] = s
+    for i in range(sal_idx.shape[0]):
+        x_sal[i] = x[sal_idx[i]]
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _q4_row(row, scales, zeros, group_size, sal_w, x_even, x_odd, x_sum, x_sal):
+    """One output of the int4 matvec: the row loop body of kernels_q4._matvec_q4_f32."""
+    h = group_size // 2
+    acc = v_zeros()
+    zero_term = np.float32(0.0)
+    for g in range(scales.shape[0]):
+        d = v_zeros()
+        for o in range(g * h, g * h + h, LANES):
+            lo, hi = v_unpack_q4(row, o)
+            d = v_fma(lo, v_load(x_even, o), d)
+            d = v_fma(hi, v_load(x_odd, o), d)
+        acc = v_fma(v_splat(scales[g]), d, acc)
+        zero_term += scales[g] * np.float32(zeros[g]) * x_sum[g]
+    for i in range(0, sal_w.shape[0], LANES):
+        acc = v_fma(v_load(sal_w, i), v_load(x_sal, i), acc)
+    return v_hsum(acc) - zero_term
+
+
+# One parallel function with its prange loops inline. (Calling the parallel matvec kernel from a
+# cached @njit caller crashed when the cache was loaded, in Numba 0.68: so the loops live here.)
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
+def _decode_blocks(x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+                   a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
+                   o_qw, o_sc, o_z, o_g, o_si, o_sw,
+                   u_qw, u_sc, u_z, u_g, u_si, u_sw,
+                   d_qw, d_sc, d_z, d_g, d_si, d_sw,
+                   kc, vc, scratch, h, qkv, att, gu, act, tmp, xe, xo, xs, xsal):
+    """One token through all L blocks (see the module docstring). cos, sin: [Dh/2] at `pos`;
+    xe, xo, xs, xsal: matvec scratch (≥ max K/2, ≥ max K/g, ≥ max m16)."""
+    nq, nkv, half, F, D = H * Dh, Hkv * Dh, Dh // 2, act.shape[0], x.shape[0]
+    rep = H // Hkv
+    n = pos + 1
+    scale = np.float32(1.0 / np.sqrt(Dh))
+    for l in range(attn_norm.shape[0]):
+        # attention: h = norm(x); qkv = W h + b; RoPE; cache; softmax(q·k) v
+        _rms_norm_vec(x, attn_norm[l], eps, h)
+        _split_x(h, a_g, a_si[l], xe, xo, xs, xsal)
+        for r in prange(qkv.shape[0]):
+            qkv[r] = _q4_row(a_qw[l, r], a_sc[l, r], a_z[l, r], a_g, a_sw[l, r], xe, xo, xs, xsal) + a_b[l, r]
+        for head in range(H + Hkv):
+            b = head * Dh
+            for i in range(half):
+                x1, x2 = qkv[b + i], qkv[b + i + half]
+                qkv[b + i] = x1 * cos[i] - x2 * sin[i]
+                qkv[b + i + half] = x2 * cos[i] + x1 * sin[i]
+        for hk in range(Hkv):
+            for d in range(Dh):
+                kc[l, hk, pos, d] = qkv[nq + hk * Dh + d]
+                vc[l, hk, pos, d] = qkv[nq + nkv + hk * Dh + d]
+        for hq in prange(H):
+            hk = hq // rep
+            s = scratch[hq]
+            m = np.float32(-np.inf)
+            for j in range(n):
+                acc = np.float32(0.0)
+                for d in range(Dh):
+                    acc += qkv[hq * Dh + d] * kc[l, hk, j, d]
+                s[j] = acc * scale
+                m = max(m, s[j])
+            total = np.float32(0.0)
+            for j in range(n):
+                s[j] = np.exp(s[j] - m)
+                total += s[j]
+            for d in range(Dh):
+                att[hq * Dh + d] = 0.0
+            for j in range(n):
+                p = s[j] / total
+                for d in range(Dh):
+                    att[hq * Dh + d] += p * vc[l, hk, j, d]
+        _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
+        for r in prange(D):
+            tmp[r] = _q4_row(o_qw[l, r], o_sc[l, r], o_z[l, r], o_g, o_sw[l, r], xe, xo, xs, xsal)
+        for d in range(D):
+            x[d] += tmp[d]
+        # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
+        _rms_norm_vec(x, mlp_norm[l], eps, h)
+        _split_x(h, u_g, u_si[l], xe, xo, xs, xsal)
+        for r in prange(2 * F):
+            gu[r] = _q4_row(u_qw[l, r], u_sc[l, r], u_z[l, r], u_g, u_sw[l, r], xe, xo, xs, xsal)
+        for f in range(F):
+            g = gu[f]
+            act[f] = g / (np.float32(1.0) + np.exp(-g)) * gu[F + f]
+        _split_x(act, d_g, d_si[l], xe, xo, xs, xsal)
+        for r in prange(D):
+            tmp[r] = _q4_row(d_qw[l, r], d_sc[l, r], d_z[l, r], d_g, d_sw[l, r], xe, xo, xs, xsal)
+        for d in range(D):
+            x[d] += tmp[d]
