@@ -68,12 +68,17 @@ def run(model_dir, n_threads: int | None = None, prompt_tokens: int = 512, new_t
         tok = model.tokenizer
         ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
         t0 = time.perf_counter()
-        cache = model.new_cache(prompt_tokens + new_tokens + len(ids) + 1)
+        cache = model.new_cache(max(prompt_tokens, 68) + new_tokens + len(ids) + 1)
         nxt = int(np.argmax(model.forward(ids, cache, last_only=True)[0]))
         ttft = load_s + time.perf_counter() - t0
 
         rng = np.random.default_rng(0)
         prompt = rng.integers(100, model.config.vocab_size - 100, prompt_tokens)
+        say("warming up")              # compile or load every code path the timed runs take
+        cache.truncate(0)
+        model.forward(prompt[:64], cache, last_only=True)
+        for t in prompt[64:68]:
+            model.forward([t], cache, last_only=True)
         prefill, decode = [], []
         for r in range(repeats):
             say(f"run {r + 1}/{repeats}")

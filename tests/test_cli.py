@@ -111,3 +111,14 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_model_dir, capsys, monkeypatc
     code, out, err = run(["chat", str(tiny_model_dir), "--max-new-tokens", "3"], capsys, monkeypatch,
                          stdin="hello\nthe\n")
     assert code == 0 and "(stopped)" in err and calls["n"] == 2
+
+
+def test_bench_json(tmp_path, capsys, monkeypatch):
+    path, _, _ = make_model_dir(tmp_path / "m", max_position_embeddings=256)
+    code, out, err = run(["bench", str(path), "--runs", "1", "--prompt-tokens", "16", "--new-tokens", "4",
+                          "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("load_s", "time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb",
+                "weight_bytes_per_token", "memory_bandwidth_gb_s", "fraction_of_floor"):
+        assert res[key] > 0, key
