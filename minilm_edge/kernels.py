@@ -89,9 +89,41 @@ attention_parallel = parallel_kernel(fastmath=FASTMATH_REDUCE)(_attention)
 PARALLEL_ATTENTION_MIN_WORK = 1 << 17     # q·k multiply-adds below which one thread is faster
 
 
+BLAS_ATTENTION_MIN_TOKENS = 32   # prefill of at least this many tokens: matrix products win
+
+
+def attention_blas(q, kc, vc, pos0, out, block=256):
+    """The same causal GQA as `_attention`, as BLAS matrix products per key/value head, for
+    prefill: S = Q Kᵀ/sqrt(Dh) (masked), P = softmax(S), O = P V, over query blocks of `block`
+    tokens so the score matrix stays ≤ block·rep × S floats.
+
+    q: [T, H, Dh]; kc, vc: [Hkv, S, Dh] (positions 0 .. pos0+T-1 valid); out: [T, H, Dh].
+    """
+    T, H, Dh = q.shape
+    Hkv = kc.shape[0]
+    rep = H // Hkv
+    scale = np.float32(1.0 / math.sqrt(Dh))
+    for t0 in range(0, T, block):
+        t1 = min(T, t0 + block)
+        b, n = t1 - t0, pos0 + t1                                        # queries, visible keys
+        future = np.arange(n)[None, :] > (pos0 + np.arange(t0, t1))[:, None]   # [b, n] masked
+        for hk in range(Hkv):
+            Q = q[t0:t1, hk * rep:(hk + 1) * rep].reshape(b * rep, Dh)  # [b rep, Dh]
+            S = (Q @ kc[hk, :n].T).reshape(b, rep, n)                    # [b, rep, n]
+            S *= scale
+            S[np.broadcast_to(future[:, None, :], S.shape)] = -np.inf
+            S -= S.max(axis=-1, keepdims=True)
+            np.exp(S, out=S)
+            S /= S.sum(axis=-1, keepdims=True)
+            out[t0:t1, hk * rep:(hk + 1) * rep] = (S.reshape(b * rep, n) @ vc[hk, :n]).reshape(b, rep, Dh)
+
+
 def attention(q, kc, vc, pos0, scratch, out):
     """Causal grouped-query attention of T new queries over the cache (see `_attention`)."""
     T, H, Dh = q.shape
+    if T >= BLAS_ATTENTION_MIN_TOKENS:
+        attention_blas(q, kc, vc, pos0, out)
+        return
     work = T * (pos0 + T) * H * Dh
     (attention_parallel if work >= PARALLEL_ATTENTION_MIN_WORK else attention_serial)(
         q, kc, vc, pos0, scratch, out)

@@ -50,7 +50,8 @@ def test_attention_over_cache(T, past, Hkv, rep, Dh, seed):
     vc = np.full((Hkv, cap, Dh), np.nan, np.float32)
     kc[:, :S], vc[:, :S] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
     expected = ref.attention(q, k, v)
-    for build in (kernels.attention_serial, kernels.attention_parallel):
+    blas = lambda q, kc, vc, past, scratch, out: kernels.attention_blas(q, kc, vc, past, out, block=3)
+    for build in (kernels.attention_serial, kernels.attention_parallel, blas):
         out = np.empty((T, H, Dh), np.float32)
         build(q, kc, vc, past, np.zeros((H, cap), np.float32), out)
         np.testing.assert_allclose(out, expected, **TOL)
