@@ -8,17 +8,19 @@ Library API (small and stable):
     model.chat([{"role": "user", "content": "Hi"}]) -> str
     model.tokenizer, model.config
     minilm_edge.perplexity(model, text, ctx=2048) -> {"ppl", "nll", "tokens_scored", ...}
+    minilm_edge.quantize(src_dir, out_dir, method="awq", calib=["docs.txt"], bits=4) -> out_dir
 """
 from .errors import (CheckpointError, ContextOverflowError, MiniLMError, ModelNotFoundError,
                      PullError, QuantFormatError, TokenizerError, UnsupportedModelError, UsageError)
 from .evaluate import perplexity
 from .generation import SamplingSettings
 from .model import Model, load
+from . import quantize      # the module, callable as the function: see the end of quantize.py
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Model", "SamplingSettings", "perplexity", "MiniLMError", "UsageError", "ModelNotFoundError",
+    "load", "Model", "SamplingSettings", "perplexity", "quantize", "MiniLMError", "UsageError", "ModelNotFoundError",
     "UnsupportedModelError", "CheckpointError", "TokenizerError", "ContextOverflowError",
     "PullError", "QuantFormatError", "__version__",
 ]

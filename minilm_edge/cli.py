@@ -193,12 +193,27 @@ QUANTIZE_HELP = """\
 Quantize a full-precision model folder to int4 (minilm-q4 format) and write a new, complete model
 folder (tokenizer and chat template copied). The output appears only when it is complete.
 
-Methods: rtn rounds each group of weights to the nearest of 2^bits levels (min/max, zero point).
+Methods: awq (the default) is activation-aware: on calibration text it measures which input
+channels carry large activations, searches per-channel scales that protect them (folded into the
+norms and previous linears, so the full-precision function is unchanged), clips weight ranges, and
+then rounds. rtn rounds each group of weights to the nearest of 2^bits levels (min/max, zero point).
+
+Calibration (awq): --calib FILE ... reads text files (documents separated by blank lines) and draws
+--samples × --seq-len tokens with --seed; without --calib the model generates its own calibration
+text (no data needed; --samples defaults to 64 then). --keep-salient PCT keeps that percent of
+input channels (largest activations) in fp16. --duo uses the scale form x^α / w^(1−α).
+--report writes report.html and report.json into the output folder; --eval FILE adds the
+perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, windows of 512).
+
 Group size 128 by default; a layer whose input size it does not divide uses 64 or 32 (recorded in
 config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
 --quantize-head int8|int4 also quantizes lm_head (by default it stays fp16).
 
 examples:
+  python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
+  python -m minilm_edge quantize ./smollm2 ./smollm2-awq --calib my_docs.txt --report
+  python -m minilm_edge quantize ./smollm2 ./smollm2-awq3 --bits 3 --calib a.txt b.txt --keep-salient 1
+  python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --report --eval wikitext2-valid.txt
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn --method rtn
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn-g64 --method rtn --group-size 64 --quantize-head int8
 """
@@ -209,8 +224,10 @@ def cmd_quantize(args):
     from .store import resolve_model
     src = resolve_model(args.src_dir)
     t0 = time.perf_counter()
+    awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
+               duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
-                   quantize_head=args.quantize_head)
+                   quantize_head=args.quantize_head, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(out)
     return 0
@@ -421,10 +438,20 @@ def build_parser():
     q = sub.add_parser("quantize", help="quantize a model to int4", description=QUANTIZE_HELP, formatter_class=raw)
     q.add_argument("src_dir", metavar="SRC_DIR", help="full-precision model folder or known name")
     q.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the quantized model (must not exist or be empty)")
-    q.add_argument("--method", choices=["rtn"], default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="quantization method (default awq)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="32, 64 or 128 (default 128)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
+    qa = q.add_argument_group("awq")
+    qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
+    qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")
+    qa.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per sample (default 512)")
+    qa.add_argument("--keep-salient", type=float, default=0.0, metavar="PCT",
+                    help="percent of input channels kept in fp16, 0 <= PCT < 100 (default 0)")
+    qa.add_argument("--duo", action="store_true", help="scale form x_mean^a / w_mean^(1-a) instead of x_mean^a")
+    qa.add_argument("--seed", type=int, default=0, metavar="S", help="seed for sampling calibration text (default 0)")
+    qa.add_argument("--report", action="store_true", help="write report.html and report.json into OUT_DIR")
+    qa.add_argument("--eval", metavar="FILE", help="with --report: perplexity of source, RTN and AWQ on FILE")
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("bench", help="measure speed and memory", description=BENCH_HELP, formatter_class=raw)

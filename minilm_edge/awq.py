@@ -1,0 +1,551 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2024, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration", MLSys), as DESIGN §5 specifies it.
+
+The idea: a few input channels of each linear carry much larger activations than the rest, and the
+rounding error of the weights that meet them dominates the output error. Multiplying those weight
+columns by s > 1 before rounding (and dividing the activations by s, folded into the op before)
+shrinks their relative rounding error by about 1/s while the group's quantization step barely moves.
+The scale per channel is searched, per group of linears sharing one input, to minimise
+
+    L(s) = || Q(W·diag(s)) · (diag(s)⁻¹ · X) − W · X ||²          (mean over outputs and tokens)
+
+    W        the group's weights [N, K] (q|k|v or gate|up stacked, or o, or down)
+    X        the group's full-precision input on calibration tokens [K, tokens]
+    s        one positive scale per input channel [K]:  s = x_mean^α (paper), or the "duo" form
+             x_mean^α / (w_mean^(1−α) + 1e-4);  then s = max(s, 1e-4), s /= sqrt(max(s)·min(s))
+    x_mean   mean_t |X[t, j]| over all calibration tokens  (the activation statistic)
+    w_mean   mean over rows of |W| / max|W| of its (row, group)   (duo form only)
+    α        on the grid 0, 0.05, …, 0.95 (α = 0 gives s = 1: plain RTN is always a candidate)
+    Q        the int4 (or int3) per-group min/max round-to-nearest quantizer of q4.py (DESIGN §4)
+
+The "·X … W·X" part is measured through the module the group feeds, not the linear alone: the whole
+attention (RoPE, causal mask, GQA, then o) for q/k/v, the whole SwiGLU MLP for gate/up, the single
+linear for o and down. Then the scales are folded into the previous op (RMSNorm weight ÷ s, or the
+output rows of the previous linear ÷ s) and the group's weight columns × s: the full-precision
+function is unchanged. Last, a clip search shrinks each (row, group)'s range: the clamp
+[−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55 that least changes the group's partial dot
+products on ~512 calibration tokens (skipped for q and k, whose errors pass through the softmax).
+
+Blocks are calibrated one after the other; block l+1 sees the full-precision output of block l
+(computed before any change), so errors do not compound during calibration. Calibration tokens run in
+chunks of samples, so memory is bounded by a few [chunk, T, F] activations plus [n, T, D] hidden
+states; the scale loss is measured on the first `search_samples` samples (whole sequences: the
+attention needs them), the statistic over all tokens.
+
+Which norm or linear feeds which linears is per-architecture knowledge, kept in one table
+(`SCALE_GROUPS`). Everything here is pure functions on NumPy arrays; `run_awq` orchestrates.
+
+Shapes as in config.py: B samples in a chunk, T tokens per sample, D, H, Hkv, Dh, F; K = a linear's
+input size, N its output size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from .errors import UsageError
+
+# ----------------------------------------------------------------------------------------------
+# Per-architecture knowledge: which op's output is divided by s, and which linears' columns are × s.
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleGroup:
+    name: str                # for reports and progress
+    prev: str                # op whose output feeds the group: a norm weight [K] or a linear [K, ·]
+    linears: tuple           # linears reading that output (their columns are multiplied by s)
+    module: str              # what the loss runs: "attention" | "mlp" | "linear" (see MODULES)
+    inp: str                 # which cached activation is the group's input (see block_forward)
+
+
+LLAMA_GROUPS = (
+    ScaleGroup("qkv", prev="attn_norm", linears=("q", "k", "v"), module="attention", inp="attn_in"),
+    # v -> o folds only when v's output size equals o's input size (not for GQA: there each v row
+    # feeds rep = H/Hkv different o columns, which would need rep different scales).
+    ScaleGroup("o", prev="v", linears=("o",), module="linear", inp="o_in"),
+    ScaleGroup("gate_up", prev="mlp_norm", linears=("gate", "up"), module="mlp", inp="mlp_in"),
+    ScaleGroup("down", prev="up", linears=("down",), module="linear", inp="down_in"),
+)
+SCALE_GROUPS = {"llama": LLAMA_GROUPS, "mistral": LLAMA_GROUPS, "qwen2": LLAMA_GROUPS}
+NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax: clipping hurts (paper)
+
+N_GRID = 20                                        # α = 0, 0.05, …, 0.95
+CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))   # 1.00, 0.95, …, 0.55
+SCALE_FLOOR = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class AWQSettings:
+    bits: int = 4                 # 3 or 4
+    group_size: int = 128         # preferred; q4.choose_group_size falls back per layer
+    duo: bool = False             # the "duo" scale form (x_mean and w_mean) instead of x_mean^α
+    keep_salient: float = 0.0     # percent of input channels (top x_mean) kept in fp16
+    clip: bool = True             # clip search on every linear except q, k
+    clip_tokens: int = 512        # calibration tokens the clip search measures on
+    search_samples: int = 4       # samples (whole sequences) the scale loss is measured on
+    chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.bits not in (3, 4):
+            raise UsageError(f"bits must be 3 or 4, got {self.bits}")
+        if not (0.0 <= self.keep_salient < 100.0 and math.isfinite(self.keep_salient)):
+            raise UsageError(f"keep-salient must be a percent in [0, 100), got {self.keep_salient}")
+        for name in ("clip_tokens", "search_samples", "chunk_samples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The formulas (each has a readable twin in reference/awq.py)
+
+
+def channel_abs_sum(x: np.ndarray) -> np.ndarray:
+    """sum_t |X[t, j]| in float64, for accumulating x_mean over chunks.     [..., K] -> [K]"""
+    return np.abs(x.reshape(-1, x.shape[-1])).sum(axis=0, dtype=np.float64)
+
+
+def activation_mean(x: np.ndarray) -> np.ndarray:
+    """x_mean[j] = mean_t |X[t, j]|.                                        [..., K] -> [K] float32"""
+    x2 = x.reshape(-1, x.shape[-1])
+    return (channel_abs_sum(x2) / x2.shape[0]).astype(np.float32)
+
+
+def weight_mean(ws, group_size: int) -> np.ndarray:
+    """w_mean[j]: mean over the rows of the group's stacked linears of |W| / max|W| of its
+    (row, group).                                          list of [N_i, K] -> [K] float32"""
+    w = np.abs(np.concatenate(ws, axis=0))                                    # [ΣN, K]
+    n, k = w.shape
+    wg = w.reshape(n, k // group_size, group_size)                            # [ΣN, G, g]
+    rel = wg / (wg.max(axis=2, keepdims=True) + 1e-6)
+    return rel.reshape(n, k).mean(axis=0).astype(np.float32)
+
+
+def awq_scales(x_mean: np.ndarray, alpha: float, w_mean: np.ndarray | None = None) -> np.ndarray:
+    """s = x_mean^α (or x_mean^α / (w_mean^(1−α) + 1e-4)), s = max(s, 1e-4), s /= sqrt(max·min).
+
+    [K] -> [K] float32. α = 0 gives s = 1 exactly in the paper form.
+    """
+    xm = x_mean.astype(np.float64)
+    s = xm ** alpha
+    if w_mean is not None:
+        s = s / (w_mean.astype(np.float64) ** (1.0 - alpha) + 1e-4)
+    s = np.maximum(s, SCALE_FLOOR)
+    s = s / np.sqrt(s.max() * s.min())
+    return s.astype(np.float32)
+
+
+def salient_channels(x_mean: np.ndarray, percent: float) -> np.ndarray | None:
+    """The round(percent/100·K) input channels of largest x_mean, sorted; None when none."""
+    m = int(round(percent / 100.0 * x_mean.size))
+    if m == 0:
+        return None
+    top = np.argsort(-x_mean, kind="stable")[:m]
+    return np.sort(top).astype(np.int32)
+
+
+def fake_quantize(w: np.ndarray, bits: int, group_size: int, salient_idx=None) -> np.ndarray:
+    """Q then dequant as stored (q4.rtn_codes, fp16 scales); salient columns stay (fp16) and take
+    no part in their groups' ranges, as in q4.quantize_q4.            [N, K] -> [N, K] float32"""
+    from .q4 import rtn_codes
+    w = np.asarray(w, np.float32)
+    if salient_idx is not None:
+        w = w.copy()
+        w[:, salient_idx] = 0.0
+    q, scales, zeros = rtn_codes(w, bits, group_size)
+    n, k = w.shape
+    qg = q.reshape(n, k // group_size, group_size).astype(np.float32)
+    w_hat = ((qg - zeros[..., None]) * scales[..., None].astype(np.float32)).reshape(n, k)
+    if salient_idx is not None:
+        w_hat[:, salient_idx] = 0.0         # codes equal the zero point there (q4.quantize_q4)
+    return w_hat
+
+
+def scaled_fake_quantize(w, s, bits, group_size, salient_idx=None):
+    """Q(W·diag(s))·diag(s)⁻¹: the weight the group's linear effectively has after scaling and
+    rounding, in the original basis (salient columns exact up to fp16).    [N, K] -> [N, K]"""
+    ws = w * s[None, :]
+    w_hat = fake_quantize(ws, bits, group_size, salient_idx)
+    if salient_idx is not None:
+        w_hat[:, salient_idx] = ws[:, salient_idx].astype(np.float16).astype(np.float32)
+    return w_hat / s[None, :]
+
+
+def clip_search(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, salient_idx=None):
+    """Per (row, group) shrink factor r of max|w| minimising the error of the group's partial dot
+    products  e(r) = mean_t ( Σ_{k∈group} (Q(clamp(w, ±r·max|w|))[n, k] − w[n, k]) · x[t, k] )².
+
+    w [N, K] (already scaled), x [n_tok, K] (already ÷ s) -> (clipped w [N, K], r [N, G]).
+    Salient columns are left out (they are stored exactly) and left unchanged.
+    """
+    n, k = w.shape
+    G = k // group_size
+    wz = np.array(w, np.float32)
+    if salient_idx is not None:
+        wz[:, salient_idx] = 0.0
+    xg = np.ascontiguousarray(x.reshape(-1, G, group_size).transpose(1, 2, 0))   # [G, g, n_tok]
+    wg = wz.reshape(n, G, group_size)                                            # [N, G, g]
+    amax = np.abs(wg).max(axis=2, keepdims=True)                                 # [N, G, 1]
+    best_err = np.full((n, G), np.inf)
+    best_r = np.ones((n, G), np.float32)
+    for r in CLIP_SHRINKS:
+        lim = amax * np.float32(r)
+        wc = np.clip(wg, -lim, lim)
+        dq = fake_quantize(wc.reshape(n, k), bits, group_size).reshape(n, G, group_size) - wg
+        err = np.matmul(dq.transpose(1, 0, 2), xg)                               # [G, N, n_tok]
+        err = np.mean(err * err, axis=2).T                                       # [N, G]
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_r = np.where(better, np.float32(r), best_r)
+    lim = amax * best_r[..., None]
+    out = np.clip(np.asarray(w, np.float32).reshape(n, G, group_size), -lim, lim).reshape(n, k)
+    if salient_idx is not None:
+        out[:, salient_idx] = w[:, salient_idx]
+    return out, best_r
+
+
+def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray) -> dict:
+    """Divide the previous op's output by s and multiply the group's columns by s; a new dict.
+
+    A norm weight [K] ÷ s; a previous linear's rows (and bias) ÷ s. The fp function is unchanged.
+    """
+    w = dict(w)
+    prev = w[group.prev]
+    if prev.ndim == 1:
+        w[group.prev] = prev / s
+    else:
+        w[group.prev] = prev / s[:, None]
+        if w.get(group.prev + "_bias") is not None:
+            w[group.prev + "_bias"] = w[group.prev + "_bias"] / s
+    for name in group.linears:
+        w[name] = w[name] * s[None, :]
+    return w
+
+
+def can_fold(w: dict, group: ScaleGroup) -> bool:
+    """The previous op's output size equals the group's input size (false for v -> o under GQA)."""
+    return w[group.prev].shape[0] == w[group.linears[0]].shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# One block in NumPy (batched over samples), the modules the loss runs
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockShape:
+    H: int
+    Hkv: int
+    Dh: int
+    eps: float
+
+    @classmethod
+    def of(cls, cfg):
+        return cls(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+
+
+def rope_tables(cfg, T: int):
+    """cos, sin [T, Dh/2] float32 for positions 0..T-1 (each calibration sample starts at 0)."""
+    from .model import rope_inv_freq
+    angle = np.arange(T, dtype=np.float64)[:, None] * rope_inv_freq(cfg)[None, :]
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def rms_norm(x, w, eps):
+    """x / sqrt(mean(x²) + eps) · w per token.                            [..., D] -> [..., D]"""
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
+    return (x * r) * w
+
+
+def rope(x, cos, sin):
+    """Rotate-half RoPE.                              x [B, T, nh, Dh]; cos, sin [T, Dh/2]"""
+    half = x.shape[-1] // 2
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _linear(x, w, b=None):
+    y = x @ w.T                                                 # [..., K] -> [..., N]
+    return y if b is None else y + b
+
+
+def attention_core(w, bs: BlockShape, h, cos, sin):
+    """Causal GQA attention of h through q, k, v (no o).          h [B, T, D] -> [B, T, H·Dh]"""
+    B, T, _ = h.shape
+    H, Hkv, Dh = bs.H, bs.Hkv, bs.Dh
+    rep = H // Hkv
+    q = rope(_linear(h, w["q"], w.get("q_bias")).reshape(B, T, H, Dh), cos, sin)
+    k = rope(_linear(h, w["k"], w.get("k_bias")).reshape(B, T, Hkv, Dh), cos, sin)
+    v = _linear(h, w["v"], w.get("v_bias")).reshape(B, T, Hkv, Dh)
+    # query head h = kv·rep + r reads kv head kv: group the rep query heads of one kv head as rows
+    qg = q.reshape(B, T, Hkv, rep, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rep * T, Dh)
+    scores = qg @ k.transpose(0, 2, 3, 1)                       # [B, Hkv, rep·T, T]
+    scores *= np.float32(1.0 / math.sqrt(Dh))
+    t_q = np.tile(np.arange(T), rep)                            # query position of each row
+    scores[:, :, np.arange(T)[None, :] > t_q[:, None]] = -np.inf  # the only masked: key j > query t
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = scores @ v.transpose(0, 2, 1, 3)                      # [B, Hkv, rep·T, Dh]
+    return out.reshape(B, Hkv, rep, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def mlp_core(w, h):
+    """silu(h·gateᵀ) ⊙ (h·upᵀ): the input of down.               h [B, T, D] -> [B, T, F]"""
+    return silu(h @ w["gate"].T) * (h @ w["up"].T)
+
+
+def block_forward(w, bs: BlockShape, x, cos, sin) -> dict:
+    """Full-precision block, keeping every scale group's input.      x [B, T, D] -> dict
+
+    attn_in [B,T,D] (q,k,v input), o_in [B,T,H·Dh], mlp_in [B,T,D] (gate,up input), down_in
+    [B,T,F], out [B,T,D] (the next block's input).
+    """
+    h1 = rms_norm(x, w["attn_norm"], bs.eps)
+    a = attention_core(w, bs, h1, cos, sin)
+    x2 = x + a @ w["o"].T
+    h2 = rms_norm(x2, w["mlp_norm"], bs.eps)
+    act = mlp_core(w, h2)
+    return {"attn_in": h1, "o_in": a, "mlp_in": h2, "down_in": act, "out": x2 + act @ w["down"].T}
+
+
+# What each group's loss runs, from the group's input and the (possibly fake-quantized) weights.
+MODULES = {
+    "attention": lambda w, bs, x, cos, sin, lin: attention_core(w, bs, x, cos, sin) @ w["o"].T,
+    "mlp": lambda w, bs, x, cos, sin, lin: mlp_core(w, x) @ w["down"].T,
+    "linear": lambda w, bs, x, cos, sin, lin: x @ w[lin[0]].T,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale search for one group
+
+
+@dataclasses.dataclass
+class GroupResult:
+    name: str
+    scales: np.ndarray            # [K] the chosen s (ones if skipped or nothing finite)
+    alpha: float | None           # None when the group was not searched
+    losses: list                  # loss per α on the grid (nan for non-finite)
+    note: str = ""
+
+    @property
+    def loss_identity(self):
+        return self.losses[0] if self.losses else None
+
+    @property
+    def loss_best(self):
+        fin = [l for l in self.losses if np.isfinite(l)]
+        return min(fin) if fin else None
+
+
+def search_scale(w, bs, group: ScaleGroup, x, x_mean, cos, sin, bits, group_sizes, salient_idx=None,
+                 duo=False, n_grid=N_GRID) -> GroupResult:
+    """argmin over the α grid of L(s) = mean (Y_fp − Y_q)² through the group's module.
+
+    w: the block's fp weights; x: the group's input on the search samples [B, T, K]; x_mean [K];
+    group_sizes: {linear: g}. Returns the chosen scales and every α's loss.
+    """
+    module = MODULES[group.module]
+    y_fp = module(w, bs, x, cos, sin, group.linears)
+    w_mean = None
+    if duo:
+        g = min(group_sizes[n] for n in group.linears)
+        w_mean = weight_mean([w[n] for n in group.linears], g)
+    losses, best, best_loss = [], None, np.inf
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = awq_scales(x_mean, alpha, w_mean)
+        wq = dict(w)
+        for n in group.linears:
+            wq[n] = scaled_fake_quantize(w[n], s, bits, group_sizes[n], salient_idx)
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = module(wq, bs, x, cos, sin, group.linears) - y_fp
+            loss = float(np.mean(np.square(d, dtype=np.float64)))
+        losses.append(loss if np.isfinite(loss) else float("nan"))
+        if np.isfinite(loss) and loss < best_loss:
+            best, best_loss = (alpha, s), loss
+    if best is None:
+        return GroupResult(group.name, np.ones_like(x_mean), None, losses,
+                           "every loss was non-finite: scales left at 1")
+    return GroupResult(group.name, best[1], best[0], losses)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration: block by block over the calibration set
+
+
+@dataclasses.dataclass
+class AWQResult:
+    tensors: dict        # HF name -> float32 array: every block norm and linear (and bias) after AWQ
+    salient: dict        # linear prefix (HF name without .weight) -> int32 salient channels
+    layers: list         # per block: a JSON-able dict for the report
+    notes: list          # things the user should know (one line each)
+
+
+def _block_keys(cfg):
+    from .checkpoint import BIASED, BLOCK_LINEARS, BLOCK_NORMS
+    return BLOCK_NORMS, BLOCK_LINEARS, (BIASED if cfg.attention_bias else ())
+
+
+def load_block(src, cfg, i) -> dict:
+    """Block i's fp weights by our short names: attn_norm, mlp_norm, q, k, v, o, gate, up, down,
+    and q_bias/k_bias/v_bias when the architecture has them."""
+    norms, lins, biased = _block_keys(cfg)
+    w = {k: src.float32(n.format(i=i), s(cfg)) for k, (n, s) in norms.items()}
+    for k, (n, s) in lins.items():
+        w[k] = np.array(src.float32(n.format(i=i) + ".weight", s(cfg)), np.float32)
+        if k in biased:
+            w[k + "_bias"] = src.float32(n.format(i=i) + ".bias", (s(cfg)[0],))
+    return w
+
+
+def _group_of_linear(groups):
+    return {lin: g for g in groups for lin in g.linears}
+
+
+def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
+              progress_bar=None):
+    """AWQ on one block. x_all [n, T, D] fp block inputs.
+
+    Returns (new weights dict, {linear: salient idx}, report dict, next block input [n, T, D]).
+    """
+    n, T, D = x_all.shape
+    cs = settings.chunk_samples
+    sums = {g.inp: 0.0 for g in groups}
+    clip_rows = {g.inp: [] for g in groups}
+    x_next = np.empty_like(x_all)
+    for a in range(0, n, cs):
+        b = min(n, a + cs)
+        inter = block_forward(w, bs, x_all[a:b], cos, sin)
+        x_next[a:b] = inter["out"]
+        sel = clip_rows_idx[(clip_rows_idx >= a * T) & (clip_rows_idx < b * T)] - a * T
+        for key in sums:
+            sums[key] = sums[key] + channel_abs_sum(inter[key])
+            clip_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
+        del inter
+    x_mean = {k: (v / (n * T)).astype(np.float32) for k, v in sums.items()}
+    clip_x = {k: np.concatenate(v) for k, v in clip_rows.items()}
+
+    ns = min(settings.search_samples, n)
+    search = block_forward(w, bs, x_all[:ns], cos, sin)
+    results, salient = {}, {}
+    for g in groups:
+        sal = salient_channels(x_mean[g.inp], settings.keep_salient)
+        for lin in g.linears:
+            salient[lin] = sal
+        if not can_fold(w, g):
+            results[g.name] = GroupResult(g.name, np.ones(w[g.linears[0]].shape[1], np.float32), None, [],
+                                          f"not scaled: {g.prev} output {w[g.prev].shape[0]} ≠ "
+                                          f"{g.linears[0]} input {w[g.linears[0]].shape[1]}")
+            continue
+        results[g.name] = search_scale(w, bs, g, search[g.inp], x_mean[g.inp], cos, sin, settings.bits,
+                                       group_sizes, sal, settings.duo)
+    del search
+
+    w_new = w
+    for g in groups:
+        if results[g.name].alpha is not None:
+            w_new = fold_scales(w_new, g, results[g.name].scales)
+
+    of = _group_of_linear(groups)
+    clip_report = {}
+    err_report = {}
+    for lin, g in of.items():
+        s = results[g.name].scales
+        xc = clip_x[g.inp] / s[None, :]
+        if settings.clip and lin not in NO_CLIP:
+            w_new[lin], r = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin])
+            clip_report[lin] = {"mean": float(r.mean()), "min": float(r.min()),
+                                "frac_clipped": float(np.mean(r < 1.0))}
+        err_report[lin] = _output_errors(w[lin], w_new[lin], s, clip_x[g.inp], settings.bits,
+                                         group_sizes[lin], salient[lin])
+
+    report = {
+        "groups": {name: {"alpha": r.alpha, "loss_identity": r.loss_identity, "loss_best": r.loss_best,
+                          "losses": r.losses, "note": r.note} for name, r in results.items()},
+        "top_channels": {g.inp: _top(x_mean[g.inp]) for g in groups},
+        "salient": {lin: (None if v is None else v.tolist()) for lin, v in salient.items()},
+        "clip": clip_report,
+        "output_error": err_report,
+        "x_mean": {g.inp: x_mean[g.inp] for g in groups},
+        "notes": [f"{r.name}: {r.note}" for r in results.values() if r.note],
+    }
+    return w_new, salient, report, x_next
+
+
+def _top(x_mean, k=8):
+    idx = np.argsort(-x_mean, kind="stable")[:k]
+    return [[int(i), float(x_mean[i])] for i in idx]
+
+
+def _output_errors(w_fp, w_awq, s, x, bits, g, sal):
+    """Relative output error ||X(Ŵ−W)ᵀ|| / ||XWᵀ|| on the clip tokens: RTN vs AWQ (scaled, clipped,
+    salient), and the relative weight error of each."""
+    ref = x @ w_fp.T
+    norm = float(np.linalg.norm(ref)) or 1.0
+    w_rtn = fake_quantize(w_fp, bits, g)
+    w_hat = scaled_fake_quantize(w_awq / s[None, :], s, bits, g, sal)
+    return {"rtn": float(np.linalg.norm(x @ w_rtn.T - ref)) / norm,
+            "awq": float(np.linalg.norm(x @ w_hat.T - ref)) / norm,
+            "rtn_weight": float(np.linalg.norm(w_rtn - w_fp) / np.linalg.norm(w_fp)),
+            "awq_weight": float(np.linalg.norm(w_hat - w_fp) / np.linalg.norm(w_fp))}
+
+
+def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = True) -> AWQResult:
+    """AWQ over every block of the model in `src` (a checkpoint.TensorSource) on calibration token
+    ids [n, T]. Deterministic for a seed. The result holds fp tensors ready for the int4 writer."""
+    from tqdm import tqdm
+
+    from .checkpoint import GLOBAL_TENSORS
+    from .q4 import choose_group_size
+
+    groups = SCALE_GROUPS.get(cfg.model_type)
+    if groups is None:
+        raise UsageError(f"AWQ has no scale-group table for model_type {cfg.model_type!r}")
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.size == 0:
+        raise UsageError("calibration ids must be a non-empty [samples, tokens] array")
+    n, T = ids.shape
+    bs = BlockShape.of(cfg)
+    cos, sin = rope_tables(cfg, T)
+    emb_name, emb_shape = GLOBAL_TENSORS["embed"]
+    x_all = src.float32(emb_name, emb_shape(cfg))[ids].astype(np.float32)       # [n, T, D]
+    rng = np.random.default_rng(settings.seed)
+    n_clip = min(settings.clip_tokens, n * T)
+    clip_idx = np.sort(rng.choice(n * T, size=n_clip, replace=False))
+
+    norms, lins, biased = _block_keys(cfg)
+    tensors, salient, layers, notes = {}, {}, [], []
+    bar = tqdm(total=cfg.num_hidden_layers, desc=f"AWQ W{settings.bits}", unit="block", disable=not progress)
+    for i in range(cfg.num_hidden_layers):
+        w = load_block(src, cfg, i)
+        gs = {k: choose_group_size(w[k].shape[1], settings.group_size) for k in lins}
+        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx)
+        for k, (name, _) in norms.items():
+            tensors[name.format(i=i)] = w_new[k].astype(np.float32)
+        for k, (name, _) in lins.items():
+            prefix = name.format(i=i)
+            tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
+            if k in biased:
+                tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
+            if sal.get(k) is not None:
+                salient[prefix] = sal[k]
+        rep["layer"] = i
+        rep["group_size"] = gs
+        notes += [f"block {i}: {m}" for m in rep["notes"] if "non-finite" in m]
+        layers.append(rep)
+        bar.set_postfix_str(" ".join(f"{k}={_fmt_alpha(v['alpha'])}" for k, v in rep["groups"].items()))
+        bar.update(1)
+    bar.close()
+    return AWQResult(tensors, salient, layers, notes)
+
+
+def _fmt_alpha(a):
+    return "—" if a is None else f"{a:.2f}"

@@ -1,0 +1,146 @@
+"""Reference (plain NumPy, written to be read) for the AWQ formulas of minilm_edge.awq.
+
+Never imports minilm_edge. W [N, K] out x in, X [T, K] activations, g group size, s [K] scales.
+
+Why scaling helps — the paper's argument (Lin et al. 2024, §3.2), on numbers. Take 2,000 groups of
+128 random weights and look at one input channel j. Round-to-nearest int4 with a per-group min/max
+step Δ = (max − min)/15 leaves each weight off by at most Δ/2:
+
+>>> import numpy as np
+>>> rng = np.random.default_rng(0)
+>>> W = rng.standard_normal((2000, 128)).astype(np.float32)     # 2,000 groups, one row each
+>>> j = 0
+>>> err_1 = np.abs(pseudo_quantize(W, 4, 128)[:, j] - W[:, j]).mean()
+>>> round(float(err_1), 4)
+0.0863
+
+Scale channel j by s = 2 before rounding and divide its activation by 2 (so the product w·x is
+unchanged in full precision). The channel's weight is now on a finer grid relative to itself:
+
+>>> s = 2.0
+>>> Ws = W.copy(); Ws[:, j] *= s
+>>> err_2 = np.abs(pseudo_quantize(Ws, 4, 128)[:, j] / s - W[:, j]).mean()
+>>> round(float(err_2 / err_1), 2)                              # about 1/s
+0.53
+
+while the step of the group, set by the group's extremes, barely moves (it grows only in the few
+groups where s·w_j becomes the new max or min):
+
+>>> step = lambda m: (m.max(axis=1) - m.min(axis=1)) / 15
+>>> round(float(np.mean(step(Ws) / step(W))), 3)
+1.036
+
+So the error of w_j·x_j shrinks by ~1/s while the other channels of the group are hurt by only
+~4% on average. For channels with large |x_j| (salient), that trade is worth it. With a larger s the scaled
+weight sets the group's range more often and the other channels pay more:
+
+>>> Ws4 = W.copy(); Ws4[:, j] *= 4.0
+>>> round(float(np.mean(step(Ws4) / step(W))), 3)
+1.234
+
+which is why s is searched (s = x_mean^α for α on a grid) rather than made large.
+"""
+import numpy as np
+
+
+def pseudo_quantize(w, bits, group_size):
+    """Round-to-nearest per (row, group), asymmetric min/max, then dequantize (DESIGN §4).
+
+        scale = max(max − min, 1e-5) / (2^bits − 1)   (rounded to fp16, as stored)
+        zero  = clamp(−round(min / scale), 0, 2^bits − 1)
+        w_hat = (clamp(round(w / scale) + zero, 0, 2^bits − 1) − zero) · scale
+
+    w [N, K] -> [N, K] float32
+    """
+    qmax = 2 ** bits - 1
+    w = np.asarray(w, np.float32)
+    out = np.zeros_like(w)
+    for c in range(0, w.shape[1], group_size):
+        wg = w[:, c:c + group_size]
+        lo, hi = wg.min(axis=1, keepdims=True), wg.max(axis=1, keepdims=True)
+        scale = (np.maximum(hi - lo, np.float32(1e-5)) / np.float32(qmax)).astype(np.float16).astype(np.float32)
+        zero = np.clip(-np.round(lo / scale), 0, qmax)
+        q = np.clip(np.round(wg / scale) + zero, 0, qmax)
+        out[:, c:c + group_size] = (q - zero) * scale
+    return out
+
+
+def activation_mean(x):
+    """x_mean[j] = mean over tokens t of |X[t, j]|.           X [T, K] -> [K]"""
+    return np.mean(np.abs(np.asarray(x, np.float64)), axis=0)
+
+
+def weight_mean(w, group_size):
+    """w_mean[j] = mean over rows n of |W[n, j]| / max_{k in j's group} |W[n, k]|   (duo form)."""
+    a = np.abs(np.asarray(w, np.float64))
+    rel = np.zeros_like(a)
+    for c in range(0, a.shape[1], group_size):
+        rel[:, c:c + group_size] = a[:, c:c + group_size] / (a[:, c:c + group_size].max(axis=1, keepdims=True) + 1e-6)
+    return rel.mean(axis=0)
+
+
+def awq_scales(x_mean, alpha, w_mean=None):
+    """s = x_mean^α  (duo: x_mean^α / (w_mean^(1−α) + 1e-4));  s = max(s, 1e-4);  s /= sqrt(max(s)·min(s)).
+
+    The last step centres s geometrically (max·min = 1), so s does not drift the weights' overall size.
+    """
+    s = np.asarray(x_mean, np.float64) ** alpha
+    if w_mean is not None:
+        s = s / (np.asarray(w_mean, np.float64) ** (1 - alpha) + 1e-4)
+    s = np.maximum(s, 1e-4)
+    return s / np.sqrt(s.max() * s.min())
+
+
+def scaled_pseudo_quantize(w, s, bits, group_size):
+    """Q(W·diag(s))·diag(s)⁻¹: the effective weight after scaling, rounding and unscaling."""
+    return pseudo_quantize(np.asarray(w, np.float32) * s[None, :], bits, group_size) / s[None, :]
+
+
+def linear_loss(w, x, s, bits, group_size):
+    """L(s) = mean over tokens and outputs of ( Q(W·diag(s)) (diag(s)⁻¹ x) − W x )²  for one linear.
+
+    w [N, K], x [T, K] (tokens as rows), s [K].
+    """
+    x = np.asarray(x, np.float64)
+    y_fp = x @ np.asarray(w, np.float64).T
+    y_q = (x / s[None, :]) @ pseudo_quantize(np.asarray(w, np.float32) * s[None, :], bits, group_size).astype(np.float64).T
+    return float(np.mean((y_q - y_fp) ** 2))
+
+
+def fold_into_norm(norm_w, linears, s):
+    """RMSNorm weight ÷ s, each following linear's columns × s: (new norm [K], [new W [N_i, K]])."""
+    return norm_w / s, [w * s[None, :] for w in linears]
+
+
+def fold_into_linear(prev_w, prev_b, w, s):
+    """Previous linear's output rows (and bias) ÷ s, the next linear's columns × s."""
+    return prev_w / s[:, None], (None if prev_b is None else prev_b / s), w * s[None, :]
+
+
+def clip_search(w, x, bits, group_size, shrinks=tuple(1.0 - i / 20 for i in range(10))):
+    """Per (row n, group c): the shrink r of max|w| whose symmetric clamp, then rounding, least changes
+    the group's partial dot products with the tokens:
+
+        err(r) = mean_t ( Σ_{k in c} (Q(clamp(w, −r·m, r·m))[n, k] − w[n, k]) · x[t, k] )²,  m = max_{k in c} |w[n, k]|
+
+    One (row, group) at a time. w [N, K], x [T, K] -> (clipped w [N, K], r [N, K/g])
+    """
+    w = np.asarray(w, np.float32)
+    n_rows, k = w.shape
+    out = w.copy()
+    best_r = np.ones((n_rows, k // group_size), np.float32)
+    for n in range(n_rows):
+        for gi, c in enumerate(range(0, k, group_size)):
+            wg = w[n:n + 1, c:c + group_size]
+            xg = np.asarray(x, np.float64)[:, c:c + group_size]
+            m = np.abs(wg).max()
+            best = np.inf
+            for r in shrinks:
+                lim = np.float32(m * np.float32(r))
+                d = pseudo_quantize(np.clip(wg, -lim, lim), bits, group_size) - wg
+                err = np.mean((xg @ d[0].astype(np.float64)) ** 2)
+                if err < best:
+                    best, best_r[n, gi] = err, r
+            lim = np.float32(m * best_r[n, gi])
+            out[n, c:c + group_size] = np.clip(wg[0], -lim, lim)
+    return out, best_r

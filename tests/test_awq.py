@@ -1,0 +1,257 @@
+"""AWQ (minilm_edge.awq, calibration, quantize --method awq): properties on tiny random models, the
+library functions against their readable twins in reference/awq.py, determinism, calibration
+sources, the report, and the CLI's handling of bad input."""
+import doctest
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minilm_edge
+from minilm_edge import awq
+from minilm_edge.calibration import from_files, self_generated, split_documents
+from minilm_edge.checkpoint import TensorSource
+from minilm_edge.cli import main
+from minilm_edge.config import LlamaConfig
+from minilm_edge.quantize import quantize
+from minilm_edge.tokenizer import Tokenizer
+from reference import awq as ref
+from reference import llama as ref_llama
+from tinymodel import make_model_dir, random_weights, tiny_config
+
+QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+FOLD_RTOL = 2e-4          # float32 reassociation after multiplying and dividing by s (s within 1e±2)
+FAST = dict(samples=4, seq_len=32, progress=False)
+
+
+def block_weights(cfg, seed, i=0):
+    """Block i of random weights by awq's short names."""
+    w = random_weights(cfg, seed)
+    p = f"model.layers.{i}."
+    names = {"attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
+             "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
+             "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
+             "down": "mlp.down_proj.weight"}
+    out = {k: w[p + n] for k, n in names.items()}
+    for k in ("q", "k", "v"):
+        if p + f"self_attn.{k}_proj.bias" in w:
+            out[k + "_bias"] = w[p + f"self_attn.{k}_proj.bias"]
+    return out, w
+
+
+def tiny_cfg(**over):
+    d = tiny_config(vocab_size=300, **over)
+    return d, LlamaConfig.from_dict(d)
+
+
+# ---- folding leaves the full-precision function unchanged (GQA and MHA, so v -> o is exercised)
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), kv=st.sampled_from([1, 2, 4]), qwen=st.booleans(),
+       log_span=st.floats(0.0, 2.0))
+def test_folding_keeps_the_fp_function(seed, kv, qwen, log_span):
+    d, cfg = tiny_cfg(num_key_value_heads=kv, model_type="qwen2" if qwen else "llama")
+    w, full = block_weights(d, seed)
+    bs = awq.BlockShape.of(cfg)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 7, cfg.hidden_size)).astype(np.float32)
+    cos, sin = awq.rope_tables(cfg, 7)
+    before = awq.block_forward(w, bs, x, cos, sin)["out"]
+    folded = w
+    for g in awq.LLAMA_GROUPS:
+        if awq.can_fold(folded, g):
+            k = folded[g.linears[0]].shape[1]
+            s = np.exp(rng.uniform(-log_span, log_span, k)).astype(np.float32)
+            folded = awq.fold_scales(folded, g, s)
+    assert awq.can_fold(w, awq.LLAMA_GROUPS[1]) == (kv == cfg.num_attention_heads)   # v -> o only for MHA
+    after = awq.block_forward(folded, bs, x, cos, sin)["out"]
+    np.testing.assert_allclose(after, before, rtol=FOLD_RTOL, atol=FOLD_RTOL * np.abs(before).max())
+    # and awq's NumPy block is the reference block
+    expected = np.stack([ref_llama.block(xi, full, 0, d, np.arange(7), ref_llama.rope_settings(d)) for xi in x])
+    np.testing.assert_allclose(before, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- the search and the clip never make things worse than plain rounding
+
+@pytest.mark.parametrize("duo", [False, True])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_chosen_scale_loss_is_never_above_identity(duo, bits):
+    d, cfg = tiny_cfg(**QUANTIZABLE)
+    w, _ = block_weights(d, 3)
+    bs = awq.BlockShape.of(cfg)
+    x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
+    x[..., 5] *= 20                                               # one salient channel
+    cos, sin = awq.rope_tables(cfg, 16)
+    inter = awq.block_forward(w, bs, x, cos, sin)
+    gs = {k: (64 if w[k].shape[1] % 64 == 0 else 32) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+    for g in awq.LLAMA_GROUPS:
+        r = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, bits, gs, duo=duo)
+        assert len(r.losses) == 20 and r.loss_best <= r.loss_identity
+        if r.alpha == 0.0 and not duo:
+            assert np.all(r.scales == 1.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]))
+def test_clipping_never_increases_the_group_loss(seed, bits):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    w[rng.integers(0, 6), rng.integers(0, 64)] *= 8                # an outlier worth clipping
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    clipped, r = awq.clip_search(w, x, bits, 32)
+
+    def group_err(wc):
+        d = awq.fake_quantize(wc, bits, 32) - w                      # [N, K]
+        return np.stack([np.mean((x[:, c:c + 32] @ d[:, c:c + 32].T) ** 2, axis=0) for c in (0, 32)], 1)
+    assert np.all(group_err(clipped) <= group_err(w) * (1 + 1e-6) + 1e-12)
+    assert np.all((r >= 0.55 - 1e-6) & (r <= 1.0))
+
+
+# ---- library functions vs reference/awq.py
+
+def test_formulas_match_reference():
+    rng = np.random.default_rng(7)
+    x = np.abs(rng.standard_normal((50, 64))).astype(np.float32) ** 3
+    w = rng.standard_normal((10, 64)).astype(np.float32)
+    xm = awq.activation_mean(x)
+    np.testing.assert_allclose(xm, ref.activation_mean(x), rtol=1e-6)
+    wm = awq.weight_mean([w[:4], w[4:]], 32)
+    np.testing.assert_allclose(wm, ref.weight_mean(w, 32), rtol=1e-5)
+    for alpha in (0.0, 0.35, 0.95):
+        np.testing.assert_allclose(awq.awq_scales(xm, alpha), ref.awq_scales(xm, alpha), rtol=1e-5)
+        np.testing.assert_allclose(awq.awq_scales(xm, alpha, wm), ref.awq_scales(xm, alpha, wm), rtol=1e-5)
+    s = awq.awq_scales(xm, 0.5)
+    for bits in (3, 4):
+        np.testing.assert_array_equal(awq.fake_quantize(w, bits, 32), ref.pseudo_quantize(w, bits, 32))
+        np.testing.assert_allclose(awq.scaled_fake_quantize(w, s, bits, 32),
+                                   ref.scaled_pseudo_quantize(w, s, bits, 32), rtol=1e-6, atol=1e-7)
+        got = awq.MODULES["linear"]({"o": awq.scaled_fake_quantize(w, s, bits, 32)}, None, x, None, None, ("o",))
+        loss = float(np.mean((got - x @ w.T) ** 2, dtype=np.float64))
+        assert loss == pytest.approx(ref.linear_loss(w, x, s.astype(np.float64), bits, 32), rel=1e-3)
+        c1, r1 = awq.clip_search(w, x[:20], bits, 32)
+        c2, r2 = ref.clip_search(w, x[:20], bits, 32)
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_array_equal(c1, c2)
+    d, cfg = tiny_cfg()
+    bw, _ = block_weights(d, 0)
+    s = np.exp(rng.uniform(-1, 1, 32)).astype(np.float32)
+    folded = awq.fold_scales(bw, awq.LLAMA_GROUPS[0], s)
+    norm, (q, k, v) = ref.fold_into_norm(bw["attn_norm"], [bw["q"], bw["k"], bw["v"]], s)
+    for a, b in ((folded["attn_norm"], norm), (folded["q"], q), (folded["k"], k), (folded["v"], v)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    f = np.exp(rng.uniform(-1, 1, 48)).astype(np.float32)
+    folded = awq.fold_scales(bw, awq.LLAMA_GROUPS[3], f)
+    up, _, down = ref.fold_into_linear(bw["up"], None, bw["down"], f)
+    np.testing.assert_allclose(folded["up"], up, rtol=1e-6)
+    np.testing.assert_allclose(folded["down"], down, rtol=1e-6)
+
+
+def test_salient_channels_are_kept_and_excluded_from_ranges():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    xm = np.ones(64, np.float32)
+    xm[[3, 40]] = 50
+    idx = awq.salient_channels(xm, 100 * 2 / 64)
+    assert idx.tolist() == [3, 40]
+    s = np.ones(64, np.float32)
+    w_hat = awq.scaled_fake_quantize(w, s, 4, 32, idx)
+    np.testing.assert_array_equal(w_hat[:, idx], w[:, idx].astype(np.float16).astype(np.float32))
+    assert awq.salient_channels(xm, 0.0) is None
+
+
+def test_reference_doctests_pass():
+    import reference.awq
+    res = doctest.testmod(reference.awq)
+    assert res.attempted > 5 and res.failed == 0
+
+
+# ---- end to end on tiny models
+
+def test_awq_model_runs_and_records_its_calibration(tmp_path):
+    src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    text = "\n\n".join(f"Document {i}: the capital of France is Paris, and hello again." * 3 for i in range(10))
+    (tmp_path / "c.txt").write_text(text)
+    out = quantize(src, tmp_path / "q", method="awq", calib=tmp_path / "c.txt", keep_salient=5, report=True,
+                   **FAST)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["method"] == "awq" and q["awq"]["calibration"]["source"] == ["c.txt"]
+    assert len(q["awq"]["calibration"]["tokens_sha256"]) == 64 and len(q["awq"]["alpha"]) == 2
+    assert q["awq"]["alpha"][0]["o"] is None                        # GQA 4/2: v -> o not scaled
+    from safetensors.numpy import load_file
+    raw = load_file(str(out / "model.safetensors"))
+    assert raw["model.layers.0.self_attn.q_proj.salient_idx"].shape == (3,)     # round(5% of 64)
+    model = minilm_edge.load(out)
+    ids = np.arange(3, 20)
+    assert np.all(np.isfinite(model.forward(ids)))
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["layers"]) == 2 and "<svg" in (out / "report.html").read_text()
+    assert "http" not in (out / "report.html").read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_awq_is_deterministic_for_a_seed(tmp_path):
+    src, _, _ = make_model_dir(tmp_path / "src", **{**QUANTIZABLE, "num_key_value_heads": 4})   # MHA: v -> o too
+    a = quantize(src, tmp_path / "a", method="awq", seed=3, **FAST)
+    b = quantize(src, tmp_path / "b", method="awq", seed=3, **FAST)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    qa = json.loads((a / "config.json").read_text())["quantization_config"]
+    assert qa["awq"]["calibration"]["source"] == ["self-generated"]
+    assert qa["awq"]["alpha"][0]["o"] is not None                   # MHA: o was searched
+
+
+def test_calibration_from_a_file_with_fewer_docs_than_samples(tmp_path):
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    (tmp_path / "few.txt").write_text("hello the capital\n\n  \n\nand Paris France and hello\n")
+    assert split_documents((tmp_path / "few.txt").read_text()) == ["hello the capital", "and Paris France and hello"]
+    tok = Tokenizer(src)
+    cal = from_files([tmp_path / "few.txt"], tok, n_samples=8, seq_len=4, seed=0)
+    assert cal.ids.shape[1] == 4 and 1 <= cal.ids.shape[0] < 8 and cal.notes
+    cal = from_files([tmp_path / "few.txt"], tok, n_samples=8, seq_len=512, seed=0)
+    assert cal.ids.shape[0] == 1 and cal.ids.shape[1] < 512 and "only" in cal.notes[0]
+    out = quantize(src, tmp_path / "q", method="awq", calib=tmp_path / "few.txt", samples=8, seq_len=64,
+                   progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["awq"]["notes"]
+
+
+def test_self_generated_calibration_is_reproducible(tmp_path):
+    src, d, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    cfg, tok, ts = LlamaConfig.from_dict(d), Tokenizer(src), TensorSource(src)
+    a = self_generated(ts, cfg, tok, n_samples=3, seq_len=24, seed=5, batch=2, progress=False)
+    b = self_generated(ts, cfg, tok, n_samples=3, seq_len=24, seed=5, batch=2, progress=False)
+    c = self_generated(ts, cfg, tok, n_samples=3, seq_len=24, seed=6, batch=2, progress=False)
+    assert a.ids.shape == (3, 24) and a.ids.max() < cfg.vocab_size
+    assert a.sha256 == b.sha256 and a.sha256 != c.sha256 and a.source == ["self-generated"]
+
+
+# ---- the CLI: bad input gives one line and leaves nothing behind
+
+def test_cli_bad_awq_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    base = ["quantize", str(src), "--seq-len", "32"]
+    cases = [
+        (base + [str(tmp_path / "o1"), "--calib", str(tmp_path / "empty.txt")], 2, "holds no text"),
+        (base + [str(tmp_path / "o2"), "--calib", str(tmp_path / "missing.txt")], 2, "not found"),
+        (base + [str(tmp_path / "o3"), "--group-size", "48"], 2, "--group-size"),
+        (base + [str(tmp_path / "o4"), "--bits", "8"], 2, "--bits"),
+        (base + [str(tmp_path / "o5"), "--keep-salient", "100"], 2, "keep-salient"),
+        (base + [str(tmp_path / "o6"), "--keep-salient", "-1"], 2, "keep-salient"),
+        (base + [str(tmp_path / "o7"), "--method", "rtn", "--calib", str(tmp_path / "empty.txt")], 2, "awq only"),
+        (base + [str(tmp_path / "o8"), "--samples", "0"], 2, "--samples"),
+    ]
+    for argv, code, msg in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert msg in err[-1], (argv, err)
+    leftovers = sorted(p.name for p in tmp_path.iterdir())
+    assert leftovers == ["empty.txt", "src"]
+
+
+def test_cli_quantize_awq_default(tmp_path, capsys):
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--samples", "2", "--seq-len", "16"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["method"] == "awq"
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    assert "--calib" in capsys.readouterr().out
