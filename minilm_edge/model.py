@@ -6,6 +6,7 @@ whatever format the checkpoint holds (`linear.LINEAR_FORMATS`).
 """
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +38,32 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where((wavelen <= lo_wl) & (wavelen >= hi_wl), blended, scaled)
 
 
+def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """A zero-filled array whose pages become resident only when written.
+
+    np.zeros is lazy too, but with transparent huge pages a first write commits 2 MB at once: a KV
+    cache sized for 8192 positions then costs ~400 MB after one short chat turn. An anonymous map
+    advised not to use huge pages commits 4 KB pages as positions are written.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype)
+    mm = mmap.mmap(-1, nbytes)
+    mm.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mm, dtype=dtype).reshape(shape)
+
+
 class KVCache:
     """Keys and values of every block for up to `max_len` positions, allocated once.
 
-    k, v: [L, Hkv, S, Dh] float32 (np.zeros: pages become resident only as positions are written).
+    k, v: [L, Hkv, S, Dh] float32 (`lazy_zeros`: pages become resident only as positions are written).
     `tokens` are the ids whose keys/values are held, so a chat can reuse the common prefix.
     """
 
     def __init__(self, cfg: LlamaConfig, max_len: int):
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = lazy_zeros(shape)
+        self.v = lazy_zeros(shape)
         self.scratch = np.zeros((cfg.num_attention_heads, max_len), np.float32)   # [H, S] scores
         self.max_len = max_len
         self.tokens: list[int] = []
