@@ -27,8 +27,8 @@ Model-level limits of the AutoAWQ format (what `export_awq` refuses or converts,
   per-layer group sizes (SmolLM2 at --group-size 128: 576 is not divisible by 128, so q/k/v/o/
   gate/up use 64 and down 128) is re-grouped to the smallest group size. That is lossless: a group
   of 128 split into two groups of 64 that both carry its scale and zero point dequantizes to the
-  same weights. It costs a little size (bits per weight of those layers go from 4.19 to 4.38 in
-  this format's accounting). `regroup=False` refuses instead.
+  same weights. It costs a little size (bits per weight of those layers go from 4.16 to 4.31 in
+  this format's accounting). `regroup_layers=False` (CLI --no-regroup) refuses instead.
 - No fp16 salient channels (no tensor for them): refused.
 - lm_head stays fp16 in AutoAWQ: a model quantized with --quantize-head is refused.
 - 4-bit containers only: a native W3 model (3-bit codes in 4-bit containers) is exported as bits=4,
