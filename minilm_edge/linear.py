@@ -46,7 +46,11 @@ class DenseF32(Linear):
         return cls(np.ascontiguousarray(src.float32(prefix + ".weight", shape)))
 
     def __call__(self, x):
-        y = x @ self.w.T           # [T, K] @ [K, N] -> [T, N]
+        if x.shape[0] == 1 and self.shape[1] % 16 == 0:       # decode: a Numba matvec, not BLAS
+            from .kernels_dense import matvec_f32_f32
+            y = matvec_f32_f32(self.w, x[0])[None]
+        else:
+            y = x @ self.w.T       # [T, K] @ [K, N] -> [T, N]
         if self.bias is not None:
             y += self.bias
         return y
@@ -63,7 +67,7 @@ class DenseF32(Linear):
 
 class DenseF16(Linear):
     """W float16 [N, K], kept fp16 in RAM (often a memory-mapped view): decode widens 16 weights at a
-    time inside the matvec (kernels_f16.py), prefill widens row tiles for BLAS."""
+    time inside the matvec (kernels_dense.py), prefill widens row tiles for BLAS."""
     kind = "f16"
 
     def __init__(self, w: np.ndarray):
@@ -84,7 +88,7 @@ class DenseF16(Linear):
         return cls(np.ascontiguousarray(w))
 
     def __call__(self, x):
-        from .kernels_f16 import matmul_f16_f32, matvec_f16_f32
+        from .kernels_dense import matmul_f16_f32, matvec_f16_f32
         y = matvec_f16_f32(self.bits, x[0])[None] if x.shape[0] == 1 else matmul_f16_f32(self.w, x)
         if self.bias is not None:
             y += self.bias

@@ -9,6 +9,7 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from . import kernels
@@ -17,7 +18,11 @@ from .config import LlamaConfig, load_config, read_json
 from .errors import ContextOverflowError, UsageError
 from .decode import build_plan
 from .linear import fuse_rows
+from .numba_policy import blas_threads
 from .tokenizer import Tokenizer
+
+
+BLAS_PARALLEL_MIN_TOKENS = 64   # tokens per forward call from which BLAS gets more than one thread
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -131,6 +136,9 @@ class Model:
         if cache.length + len(ids) > cache.max_len:
             raise ContextOverflowError(
                 f"{cache.length} tokens in context + {len(ids)} new exceed the context size {cache.max_len}")
+        # Big products (prefill) get every BLAS thread; small ones one, so that BLAS's pool and
+        # Numba's do not take turns on the same cores (numba_policy.blas_threads).
+        blas_threads(numba.get_num_threads() if len(ids) >= BLAS_PARALLEL_MIN_TOKENS else 1)
         x = self._blocks(ids, cache)
         if last_only:
             x = x[-1:]

@@ -79,17 +79,19 @@ def test_silu_extremes_stay_finite():
 @given(N=st.integers(1, 40), K16=st.integers(1, 6), T=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_f16_matvec_and_matmul(N, K16, T, seed):
     """fp16 weights × float32 activations vs the float32 product of the widened weights."""
-    from minilm_edge.kernels_f16 import matmul_f16_f32, matvec_f16_f32
+    from minilm_edge.kernels_dense import matmul_f16_f32, matvec_f16_f32, matvec_f32_f32
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((N, 16 * K16)) * 3).astype(np.float16)
     X = rand(rng, T, 16 * K16)
     expected = X.astype(np.float64) @ w.astype(np.float64).T
     np.testing.assert_allclose(matmul_f16_f32(w, X), expected, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(matvec_f16_f32(w.view(np.uint16), X[0]), expected[0], rtol=1e-4, atol=1e-3)
+    w32 = w.astype(np.float32)
+    np.testing.assert_allclose(matvec_f32_f32(w32, X[0]), expected[0], rtol=1e-4, atol=1e-3)
 
 
 def test_f16_special_values_propagate():
-    from minilm_edge.kernels_f16 import matvec_f16_f32
+    from minilm_edge.kernels_dense import matvec_f16_f32
     w = np.ones((3, 16), np.float16)
     w[1, 3], w[2, 5] = np.inf, np.nan
     y = matvec_f16_f32(w.view(np.uint16), np.ones(16, np.float32))

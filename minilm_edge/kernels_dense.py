@@ -1,4 +1,9 @@
-"""Numba kernels for float16 weights with float32 activations (fp16 checkpoints, the fp16 lm_head).
+"""Numba kernels for dense weights (float16 or float32) with float32 activations.
+
+Decode matvecs are Numba kernels (rows split across threads) rather than BLAS gemv, so that one
+thread pool does the parallel work of a decode step (see numba_policy.blas_threads).
+
+float16 (fp16 checkpoints, the fp16 lm_head):
 
 Numba's CPU target has no float16 type, so fp16 weights are passed as their raw uint16 bits and
 widened 16 at a time: an LLVM `fpext <16 x half> to <16 x float>` (one `vcvtph2ps` with F16C).
@@ -43,6 +48,27 @@ def _matvec_f16_f32(w_bits, x, out):
         for o in range(0, w_bits.shape[1], LANES):
             acc = v_fma(v_load_f16(row, o), v_load(x, o), acc)
         out[n] = v_hsum(acc)
+
+
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
+def _matvec_f32_f32(w, x, out):
+    """out[n] = sum_k W[n, k] x[k]; W: float32 [N, K], K % 16 == 0."""
+    for n in prange(w.shape[0]):
+        row = w[n]
+        acc = v_zeros()
+        for o in range(0, w.shape[1], LANES):
+            acc = v_fma(v_load(row, o), v_load(x, o), acc)
+        out[n] = v_hsum(acc)
+
+
+def matvec_f32_f32(w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode: y [N] = W x for float32 W [N, K] (C-contiguous, K % 16 == 0) and x [K]."""
+    n, k = w.shape
+    assert w.dtype == np.float32 and w.flags.c_contiguous and k % LANES == 0 and x.shape == (k,)
+    if out is None:
+        out = np.empty(n, np.float32)
+    _matvec_f32_f32(w, np.ascontiguousarray(x, dtype=np.float32), out)
+    return out
 
 
 def matvec_f16_f32(w_bits: np.ndarray, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
