@@ -65,6 +65,22 @@ KNOWN_MODELS = {
     ),
 }
 
+@dataclass(frozen=True)
+class PreparedModel:
+    """A model the store makes itself from a known one (its AWQ int4 version, say), on first use."""
+    base: str        # a KNOWN_MODELS name
+    quantize: dict   # keyword arguments of minilm_edge.quantize.quantize
+
+
+PREPARED_MODELS = {
+    # The default model of `chat`: AWQ W4 on self-generated calibration (no data needed), lm_head
+    # int8 (measured: same perplexity as fp16, half the bytes read per token; see BENCHMARKS.md).
+    "smollm2-135m-instruct-awq": PreparedModel(
+        base="smollm2-135m-instruct",
+        quantize={"method": "awq", "bits": 4, "group_size": 128, "quantize_head": "int8", "seed": 0},
+    ),
+}
+
 # Files taken from a Hub repo. "*" in these patterns also matches "/", so "*/*" keeps subfolders
 # (onnx/, runs/, original/) out; pickled weights are excluded explicitly as well.
 HUB_ALLOW = ["*.json", "*.safetensors", "*.jinja", "tokenizer.*", "merges.txt", "vocab.txt"]
@@ -87,6 +103,8 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
     `fetch_hub(repo_id, dest)` downloads a Hub repo into the new folder `dest` and raises PullError
     when it cannot; the default is `fetch_from_hub`. Tests inject a local copy.
     """
+    if name_or_repo in PREPARED_MODELS:
+        return _prepare(name_or_repo, home, progress, fetch_hub)
     name, repo, known = _identify(name_or_repo)
     models = _models_dir(home)
     target = models / name
@@ -114,20 +132,46 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
     return target
 
 
+def _prepare(name: str, home, progress: bool, fetch_hub) -> Path:
+    """Make a PREPARED_MODELS entry from its base model (quantize writes atomically)."""
+    from .errors import UsageError
+    from .quantize import quantize
+
+    target = _models_dir(home) / name
+    if target.exists():
+        return _stored(target)
+    spec = PREPARED_MODELS[name]
+    base = pull(spec.base, home=home, progress=progress, fetch_hub=fetch_hub)
+    _say(progress, f"prepare {name}: quantizing {spec.base} ({spec.quantize['method']}, "
+                   f"W{spec.quantize['bits']}); this happens once")
+    try:
+        quantize(base, target, progress=progress, **spec.quantize)
+    except UsageError:
+        if target.exists():          # another process prepared it meanwhile
+            return _stored(target)
+        raise
+    _say(progress, f"prepare {name}: ready in {target}")
+    return target
+
+
+def _all_names() -> str:
+    return ", ".join([*KNOWN_MODELS, *PREPARED_MODELS])
+
+
 def resolve_model(name_or_dir, *, home=None, progress: bool = True) -> Path:
     """An existing path as is; a known model name from the store, pulled on first use."""
     path = Path(name_or_dir).expanduser()
     if path.exists():
         return path
     text = str(name_or_dir)
-    if _known(text) is not None:
+    if _known(text) is not None or text in PREPARED_MODELS:
         return pull(text, home=home, progress=progress)
     if _REPO_ID.fullmatch(text):
         stored = _models_dir(home) / _store_name(text)
         if stored.exists():
             return _stored(stored)
     raise ModelNotFoundError(
-        f"{text} is not an existing folder nor a known model ({', '.join(KNOWN_MODELS)}); "
+        f"{text} is not an existing folder nor a known model ({_all_names()}); "
         f"to use a Hugging Face repo, fetch it first: python -m minilm_edge pull owner/name")
 
 
@@ -152,7 +196,7 @@ def _identify(name_or_repo: str) -> tuple[str, str, KnownModel | None]:
         return hit[0], hit[1].repo, hit[1]
     if _REPO_ID.fullmatch(name_or_repo) and ".." not in name_or_repo:
         return _store_name(name_or_repo), name_or_repo, None
-    raise PullError(f"unknown model {name_or_repo!r}; known names: {', '.join(KNOWN_MODELS)}, "
+    raise PullError(f"unknown model {name_or_repo!r}; known names: {_all_names()}, "
                     f"or give a Hugging Face repo as owner/name")
 
 

@@ -211,3 +211,23 @@ def test_offline_mode_skips_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PullError, match="HF_HUB_OFFLINE"):
         store.fetch_from_hub("someone/tiny-llama", tmp_path / "dest", progress=False)
+
+
+def test_prepared_model_is_quantized_once_from_its_base(tmp_path, monkeypatch):
+    """A PREPARED_MODELS name pulls its base, quantizes it into the store, then reuses it."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinymodel import make_model_dir
+    src, _, _ = make_model_dir(tmp_path / "tiny", hidden_size=64, intermediate_size=96)
+    hub = FakeHub(src)
+    monkeypatch.setitem(store.KNOWN_MODELS, "tiny-base", KnownModel(repo="test/tiny-base"))
+    monkeypatch.setitem(store.PREPARED_MODELS, "tiny-base-rtn", store.PreparedModel(
+        base="tiny-base", quantize={"method": "rtn", "bits": 4, "group_size": 64, "quantize_head": "int8"}))
+    home = tmp_path / "home"
+    path = pull("tiny-base-rtn", home=home, progress=False, fetch_hub=hub)
+    assert path == home / "models" / "tiny-base-rtn" and hub.calls == ["test/tiny-base"]
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "rtn" and qc["lm_head"] == "int8"
+    assert pull("tiny-base-rtn", home=home, progress=False, fetch_hub=hub) == path and hub.calls == ["test/tiny-base"]
+    assert resolve_model("tiny-base-rtn", home=home) == path
+    assert leftovers(home) == []
