@@ -125,6 +125,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     if eval_data is not None:
         from .evaluate import read_text
         eval_text = read_text(eval_data)
+        eval_ctx = min(eval_ctx, cfg.max_position_embeddings)     # recorded in the report
     src = TensorSource(src_dir)
     fp, salient, awq_res, calib_set = None, None, None, None
     if method == "awq":
