@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 from numba import prange
 
-from .kernels_q4 import LANES, Q4Prepared, v_fma, v_hsum, v_load, v_splat, v_unpack_q4, v_zeros
+from .kernels_q4 import LANES, Q4Prepared, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4, v_zeros
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 
 
@@ -129,6 +129,8 @@ def build_plan(cfg, blocks):
     """A DecodePlan when every block linear is int4 and the stacks line up, else None."""
     if not all(getattr(b, n).kind == "q4" for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
         return None
+    if cfg.head_dim % LANES:              # the attention below works in whole 16-lane vectors
+        return None
     if any(getattr(b, n).bias is not None for b in blocks for n in ("o", "gate", "up", "down")):
         return None
     stacks = [stack_q4([[b.q, b.k, b.v] for b in blocks]), stack_q4([[b.o] for b in blocks]),
@@ -184,6 +186,36 @@ def _q4_row(row, scales, zeros, group_size, sal_w, x_even, x_odd, x_sum, x_sal):
     return v_hsum(acc) - zero_term
 
 
+@kernel(fastmath=FASTMATH_REDUCE)
+def _attend_head(q, k, v, n, scale, s, out):
+    """One query head over the first n cached positions, in 16-lane vectors (Dh % 16 == 0).
+
+    q, out: [Dh]; k, v: [S, Dh] (the head's cache); s: [S] scratch for the scores.
+    out = softmax(q·kⱼ · scale, j < n) · v
+    """
+    Dh = q.shape[0]
+    m = np.float32(-np.inf)
+    for j in range(n):
+        acc = v_zeros()
+        row = k[j]
+        for o in range(0, Dh, LANES):
+            acc = v_fma(v_load(q, o), v_load(row, o), acc)
+        sj = v_hsum(acc) * scale
+        s[j] = sj
+        m = max(m, sj)
+    total = np.float32(0.0)
+    for j in range(n):
+        e = np.exp(s[j] - m)
+        s[j] = e
+        total += e
+    inv = v_splat(np.float32(1.0) / total)
+    for o in range(0, Dh, LANES):
+        acc = v_zeros()
+        for j in range(n):
+            acc = v_fma(v_splat(s[j]), v_load(v[j], o), acc)
+        v_store(out, o, v_fma(acc, inv, v_zeros()))
+
+
 # One parallel function with its prange loops inline. (Calling the parallel matvec kernel from a
 # cached @njit caller crashed when the cache was loaded, in Numba 0.68: so the loops live here.)
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
@@ -216,25 +248,8 @@ def _decode_blocks(x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
                 kc[l, hk, pos, d] = qkv[nq + hk * Dh + d]
                 vc[l, hk, pos, d] = qkv[nq + nkv + hk * Dh + d]
         for hq in prange(H):
-            hk = hq // rep
-            s = scratch[hq]
-            m = np.float32(-np.inf)
-            for j in range(n):
-                acc = np.float32(0.0)
-                for d in range(Dh):
-                    acc += qkv[hq * Dh + d] * kc[l, hk, j, d]
-                s[j] = acc * scale
-                m = max(m, s[j])
-            total = np.float32(0.0)
-            for j in range(n):
-                s[j] = np.exp(s[j] - m)
-                total += s[j]
-            for d in range(Dh):
-                att[hq * Dh + d] = 0.0
-            for j in range(n):
-                p = s[j] / total
-                for d in range(Dh):
-                    att[hq * Dh + d] += p * vc[l, hk, j, d]
+            _attend_head(qkv[hq * Dh:(hq + 1) * Dh], kc[l, hq // rep], vc[l, hq // rep], n, scale,
+                         scratch[hq], att[hq * Dh:(hq + 1) * Dh])
         _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
         for r in prange(D):
             tmp[r] = _q4_row(o_qw[l, r], o_sc[l, r], o_z[l, r], o_g, o_sw[l, r], xe, xo, xs, xsal)
