@@ -251,20 +251,15 @@ def _decode_blocks(x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
             _attend_head(qkv[hq * Dh:(hq + 1) * Dh], kc[l, hq // rep], vc[l, hq // rep], n, scale,
                          scratch[hq], att[hq * Dh:(hq + 1) * Dh])
         _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
-        for r in prange(D):
-            tmp[r] = _q4_row(o_qw[l, r], o_sc[l, r], o_z[l, r], o_g, o_sw[l, r], xe, xo, xs, xsal)
-        for d in range(D):
-            x[d] += tmp[d]
+        for r in prange(D):                      # x += Wo att (the residual add fused in)
+            x[r] += _q4_row(o_qw[l, r], o_sc[l, r], o_z[l, r], o_g, o_sw[l, r], xe, xo, xs, xsal)
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, mlp_norm[l], eps, h)
         _split_x(h, u_g, u_si[l], xe, xo, xs, xsal)
-        for r in prange(2 * F):
-            gu[r] = _q4_row(u_qw[l, r], u_sc[l, r], u_z[l, r], u_g, u_sw[l, r], xe, xo, xs, xsal)
-        for f in range(F):
-            g = gu[f]
-            act[f] = g / (np.float32(1.0) + np.exp(-g)) * gu[F + f]
+        for f in prange(F):                      # gate row f and up row F+f together, SiLU fused in
+            g = _q4_row(u_qw[l, f], u_sc[l, f], u_z[l, f], u_g, u_sw[l, f], xe, xo, xs, xsal)
+            u = _q4_row(u_qw[l, F + f], u_sc[l, F + f], u_z[l, F + f], u_g, u_sw[l, F + f], xe, xo, xs, xsal)
+            act[f] = g / (np.float32(1.0) + np.exp(-g)) * u
         _split_x(act, d_g, d_si[l], xe, xo, xs, xsal)
-        for r in prange(D):
-            tmp[r] = _q4_row(d_qw[l, r], d_sc[l, r], d_z[l, r], d_g, d_sw[l, r], xe, xo, xs, xsal)
-        for d in range(D):
-            x[d] += tmp[d]
+        for r in prange(D):                      # x += Wdown act
+            x[r] += _q4_row(d_qw[l, r], d_sc[l, r], d_z[l, r], d_g, d_sw[l, r], xe, xo, xs, xsal)
