@@ -11,12 +11,25 @@ from .errors import QuantFormatError
 
 
 class Linear:
-    """Interface: `__call__(x [T, K] float32) -> [T, N] float32`; `shape` is (N, K)."""
+    """Interface: `__call__(x [T, K] float32) -> [T, N] float32`; `shape` is (N, K).
+
+    A format implements `matvec(x [K]) -> [N]` (decode: the memory-bound hot spot, a Numba kernel)
+    and `matmul(X [T, K]) -> [T, N]` (prefill: compute-bound, BLAS); the bias is added here.
+    """
     kind = "?"
     bias = None
     shape = (0, 0)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.matvec(x[0])[None] if x.shape[0] == 1 else self.matmul(x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     @property
@@ -24,9 +37,14 @@ class Linear:
         """Bytes of weights read per call (for bandwidth accounting)."""
         raise NotImplementedError
 
+    @staticmethod
+    def fuse(parts):
+        """One linear computing all parts side by side, or None (the default: not fusable)."""
+        return None
+
 
 class DenseF32(Linear):
-    """W float32 [N, K]; BLAS does the work (prefill: gemm, decode: gemv)."""
+    """W float32 [N, K] (often a memory-mapped view): decode a Numba matvec, prefill BLAS gemm."""
     kind = "f32"
 
     def __init__(self, w: np.ndarray):
@@ -45,24 +63,19 @@ class DenseF32(Linear):
     def load(cls, src, prefix, shape, cfg):
         return cls(np.ascontiguousarray(src.float32(prefix + ".weight", shape)))
 
-    def __call__(self, x):
-        if x.shape[0] == 1 and self.shape[1] % 16 == 0:       # decode: a Numba matvec, not BLAS
-            from .kernels_dense import matvec_f32_f32
-            y = matvec_f32_f32(self.w, x[0])[None]
-        else:
-            y = x @ self.w.T       # [T, K] @ [K, N] -> [T, N]
-        if self.bias is not None:
-            y += self.bias
-        return y
+    def matvec(self, x):
+        if self.shape[1] % 16:                  # the Numba kernel reads whole 16-lane vectors
+            return self.w @ x
+        from .kernels_dense import matvec_f32_f32
+        return matvec_f32_f32(self.w, x)        # decode: a Numba matvec, not BLAS gemv
+
+    def matmul(self, X):
+        return X @ self.w.T        # [T, K] @ [K, N] -> [T, N]
 
     @property
     def nbytes(self):
         return self.w.nbytes
-
-
-    @staticmethod
-    def fuse(parts):
-        return None      # dense weights stay memory-mapped views; concatenating would copy them
+    # fuse: the default (no). Dense weights stay memory-mapped views; concatenating would copy them.
 
 
 class DenseF16(Linear):
@@ -87,20 +100,17 @@ class DenseF16(Linear):
         check_shape(prefix + ".weight", w.shape, shape)
         return cls(np.ascontiguousarray(w))
 
-    def __call__(self, x):
-        from .kernels_dense import matmul_f16_f32, matvec_f16_f32
-        y = matvec_f16_f32(self.bits, x[0])[None] if x.shape[0] == 1 else matmul_f16_f32(self.w, x)
-        if self.bias is not None:
-            y += self.bias
-        return y
+    def matvec(self, x):
+        from .kernels_dense import matvec_f16_f32
+        return matvec_f16_f32(self.bits, x)
+
+    def matmul(self, X):
+        from .kernels_dense import matmul_f16_f32
+        return matmul_f16_f32(self.w, X)
 
     @property
     def nbytes(self):
         return self.w.nbytes
-
-    @staticmethod
-    def fuse(parts):
-        return None
 
 
 def _optional(src, name):
@@ -143,12 +153,13 @@ class Q4(Linear):
             raise QuantFormatError(f"{prefix}: {e}") from None
         return cls(q4)
 
-    def __call__(self, x):
-        from .kernels_q4 import matmul_q4_f32, matvec_q4_f32
-        y = matvec_q4_f32(self.p, x[0])[None] if x.shape[0] == 1 else matmul_q4_f32(self.p, x)
-        if self.bias is not None:
-            y += self.bias
-        return y
+    def matvec(self, x):
+        from .kernels_q4 import matvec_q4_f32
+        return matvec_q4_f32(self.p, x)
+
+    def matmul(self, X):
+        from .kernels_q4 import matmul_q4_f32
+        return matmul_q4_f32(self.p, X)
 
     @property
     def nbytes(self):
@@ -196,17 +207,17 @@ class Q8(Linear):
         except QuantFormatError as e:
             raise QuantFormatError(f"{prefix}: {e}") from None
 
-    def __call__(self, x):
-        from .kernels_q4 import matmul_q8_f32, matvec_q8_f32
-        return matvec_q8_f32(self.p, x[0])[None] if x.shape[0] == 1 else matmul_q8_f32(self.p, x)
+    def matvec(self, x):
+        from .kernels_q4 import matvec_q8_f32
+        return matvec_q8_f32(self.p, x)
+
+    def matmul(self, X):
+        from .kernels_q4 import matmul_q8_f32
+        return matmul_q8_f32(self.p, X)
 
     @property
     def nbytes(self):
         return self.p.nbytes
-
-    @staticmethod
-    def fuse(parts):
-        return None
 
 
 class AWQGemm(Q4):
