@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import kernels
 from .errors import UsageError
 
 TOKEN_CHUNK = 128        # tokens per lm_head call: [128, 49152] float64 = 50 MB per array
@@ -92,14 +91,10 @@ def check_ctx(model, ctx: int) -> None:
 def final_hidden(model, ids: np.ndarray) -> np.ndarray:
     """Normed last hidden state of each token of one window, from an empty context.  [T] -> [T, D]
 
-    This is `Model.forward` without the lm_head (the same blocks, cache and final norm), so that the
-    head can be applied a few tokens at a time. The test checks it against `model.forward`.
+    `Model.hidden_states` is `Model.forward` without the lm_head, so that the head can be applied a
+    few tokens at a time. The test checks it against `model.forward`.
     """
-    from .model import KVCache
-    cache = KVCache(model.config, len(ids))
-    x = model._blocks(ids, cache)                                   # [T, D]
-    kernels.rms_norm(x, model.weights.norm, model.config.rms_norm_eps, x)
-    return x
+    return model.hidden_states(ids)
 
 
 def log_softmax64(logits: np.ndarray) -> np.ndarray:

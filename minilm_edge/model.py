@@ -126,6 +126,14 @@ class Model:
         Without a cache the tokens are the whole sequence. With `last_only`, only the last position's
         logits are computed ([1, V]): what generation needs, and 1/T of the lm_head cost.
         """
+        x = self.hidden_states(ids, cache, last_only)
+        return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
+
+    def hidden_states(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """`forward` without the lm_head: the final-normed hidden state of each token.  [T] -> [T, D]
+
+        For callers that apply the head themselves, a few positions at a time (perplexity).
+        """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise UsageError("forward needs at least one token")
@@ -143,7 +151,7 @@ class Model:
         if last_only:
             x = x[-1:]
         kernels.rms_norm(x, self.weights.norm, self.config.rms_norm_eps, x)
-        return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
+        return x
 
     def _blocks(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         c, T, p0 = self.config, len(ids), cache.length
