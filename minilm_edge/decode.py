@@ -129,7 +129,7 @@ def build_plan(cfg, blocks):
     """A DecodePlan when every block linear is int4 and the stacks line up, else None."""
     if not all(getattr(b, n).kind == "q4" for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
         return None
-    if cfg.head_dim % LANES:              # the attention below works in whole 16-lane vectors
+    if cfg.head_dim % LANES or cfg.hidden_size % 2:   # whole 16-lane vectors; output rows in pairs
         return None
     if any(getattr(b, n).bias is not None for b in blocks for n in ("o", "gate", "up", "down")):
         return None
@@ -168,25 +168,6 @@ def _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _q4_row(row, scales, zeros, group_size, sal_w, x_even, x_odd, x_sum, x_sal):
-    """One output of the int4 matvec: the row loop body of kernels_q4._matvec_q4_f32."""
-    h = group_size // 2
-    acc = v_zeros()
-    zero_term = np.float32(0.0)
-    for g in range(scales.shape[0]):
-        d = v_zeros()
-        for o in range(g * h, g * h + h, LANES):
-            lo, hi = v_unpack_q4(row, o)
-            d = v_fma(lo, v_load(x_even, o), d)
-            d = v_fma(hi, v_load(x_odd, o), d)
-        acc = v_fma(v_splat(scales[g]), d, acc)
-        zero_term += scales[g] * np.float32(zeros[g]) * x_sum[g]
-    for i in range(0, sal_w.shape[0], LANES):
-        acc = v_fma(v_load(sal_w, i), v_load(x_sal, i), acc)
-    return v_hsum(acc) - zero_term
-
-
-@kernel(fastmath=FASTMATH_REDUCE)
 def _attend_head(q, k, v, n, scale, s, out):
     """One query head over the first n cached positions, in 16-lane vectors (Dh % 16 == 0).
 
@@ -216,6 +197,43 @@ def _attend_head(q, k, v, n, scale, s, out):
         v_store(out, o, v_fma(acc, inv, v_zeros()))
 
 
+@kernel(fastmath=FASTMATH_REDUCE)
+def _q4_row2(ra, rb, sa, sb, za, zb, group_size, swa, swb, x_even, x_odd, x_sum, x_sal):
+    """Two outputs of the int4 matvec at once: the row loop body of kernels_q4._matvec_q4_f32 for
+    rows ra and rb (per group: scale · (codes · x_g) − scale · zero · Σx_g; plus the salient dot).
+
+    One row's loop is a chain of dependent FMAs (latency-bound at ~5 GB/s per core); two rows with
+    separate low/high accumulators give 8 independent chains and share every x load.
+    """
+    h = group_size // 2
+    acc_a, acc_a2, acc_b, acc_b2 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+    zt_a = np.float32(0.0)
+    zt_b = np.float32(0.0)
+    for g in range(sa.shape[0]):
+        da, ea, db, eb = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        for o in range(g * h, g * h + h, LANES):
+            xe = v_load(x_even, o)
+            xo = v_load(x_odd, o)
+            lo, hi = v_unpack_q4(ra, o)
+            da = v_fma(lo, xe, da)
+            ea = v_fma(hi, xo, ea)
+            lo, hi = v_unpack_q4(rb, o)
+            db = v_fma(lo, xe, db)
+            eb = v_fma(hi, xo, eb)
+        va, vb = v_splat(sa[g]), v_splat(sb[g])
+        acc_a = v_fma(va, da, acc_a)
+        acc_a2 = v_fma(va, ea, acc_a2)
+        acc_b = v_fma(vb, db, acc_b)
+        acc_b2 = v_fma(vb, eb, acc_b2)
+        zt_a += sa[g] * np.float32(za[g]) * x_sum[g]
+        zt_b += sb[g] * np.float32(zb[g]) * x_sum[g]
+    for i in range(0, swa.shape[0], LANES):
+        xs = v_load(x_sal, i)
+        acc_a = v_fma(v_load(swa, i), xs, acc_a)
+        acc_b = v_fma(v_load(swb, i), xs, acc_b)
+    return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
+
+
 # One parallel function with its prange loops inline. (Calling the parallel matvec kernel from a
 # cached @njit caller crashed when the cache was loaded, in Numba 0.68: so the loops live here.)
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
@@ -235,8 +253,12 @@ def _decode_blocks(x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
         # attention: h = norm(x); qkv = W h + b; RoPE; cache; softmax(q·k) v
         _rms_norm_vec(x, attn_norm[l], eps, h)
         _split_x(h, a_g, a_si[l], xe, xo, xs, xsal)
-        for r in prange(qkv.shape[0]):
-            qkv[r] = _q4_row(a_qw[l, r], a_sc[l, r], a_z[l, r], a_g, a_sw[l, r], xe, xo, xs, xsal) + a_b[l, r]
+        for i in prange(qkv.shape[0] // 2):      # rows in pairs (N is even: heads × even Dh)
+            r = 2 * i
+            ya, yb = _q4_row2(a_qw[l, r], a_qw[l, r + 1], a_sc[l, r], a_sc[l, r + 1], a_z[l, r], a_z[l, r + 1],
+                              a_g, a_sw[l, r], a_sw[l, r + 1], xe, xo, xs, xsal)
+            qkv[r] = ya + a_b[l, r]
+            qkv[r + 1] = yb + a_b[l, r + 1]
         for head in range(H + Hkv):
             b = head * Dh
             for i in range(half):
@@ -251,15 +273,23 @@ def _decode_blocks(x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
             _attend_head(qkv[hq * Dh:(hq + 1) * Dh], kc[l, hq // rep], vc[l, hq // rep], n, scale,
                          scratch[hq], att[hq * Dh:(hq + 1) * Dh])
         _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
-        for r in prange(D):                      # x += Wo att (the residual add fused in)
-            x[r] += _q4_row(o_qw[l, r], o_sc[l, r], o_z[l, r], o_g, o_sw[l, r], xe, xo, xs, xsal)
+        for i in prange(D // 2):                 # x += Wo att (the residual add fused in)
+            r = 2 * i
+            ya, yb = _q4_row2(o_qw[l, r], o_qw[l, r + 1], o_sc[l, r], o_sc[l, r + 1], o_z[l, r], o_z[l, r + 1],
+                              o_g, o_sw[l, r], o_sw[l, r + 1], xe, xo, xs, xsal)
+            x[r] += ya
+            x[r + 1] += yb
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, mlp_norm[l], eps, h)
         _split_x(h, u_g, u_si[l], xe, xo, xs, xsal)
         for f in prange(F):                      # gate row f and up row F+f together, SiLU fused in
-            g = _q4_row(u_qw[l, f], u_sc[l, f], u_z[l, f], u_g, u_sw[l, f], xe, xo, xs, xsal)
-            u = _q4_row(u_qw[l, F + f], u_sc[l, F + f], u_z[l, F + f], u_g, u_sw[l, F + f], xe, xo, xs, xsal)
+            g, u = _q4_row2(u_qw[l, f], u_qw[l, F + f], u_sc[l, f], u_sc[l, F + f], u_z[l, f], u_z[l, F + f],
+                            u_g, u_sw[l, f], u_sw[l, F + f], xe, xo, xs, xsal)
             act[f] = g / (np.float32(1.0) + np.exp(-g)) * u
         _split_x(act, d_g, d_si[l], xe, xo, xs, xsal)
-        for r in prange(D):                      # x += Wdown act
-            x[r] += _q4_row(d_qw[l, r], d_sc[l, r], d_z[l, r], d_g, d_sw[l, r], xe, xo, xs, xsal)
+        for i in prange(D // 2):                 # x += Wdown act
+            r = 2 * i
+            ya, yb = _q4_row2(d_qw[l, r], d_qw[l, r + 1], d_sc[l, r], d_sc[l, r + 1], d_z[l, r], d_z[l, r + 1],
+                              d_g, d_sw[l, r], d_sw[l, r + 1], xe, xo, xs, xsal)
+            x[r] += ya
+            x[r + 1] += yb
