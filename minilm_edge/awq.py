@@ -24,7 +24,8 @@ linear for o and down. Then the scales are folded into the previous op (RMSNorm 
 output rows of the previous linear ÷ s) and the group's weight columns × s: the full-precision
 function is unchanged. Last, a clip search shrinks each (row, group)'s range: the clamp
 [−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55 that least changes the group's partial dot
-products on ~512 calibration tokens (skipped for q and k, whose errors pass through the softmax).
+products on ~512 calibration tokens plus the first token of every sample, the attention sink
+(`clip_token_index`; skipped for q and k, whose errors pass through the softmax).
 
 Blocks are calibrated one after the other; block l+1 sees the full-precision output of block l
 (computed before any change), so errors do not compound during calibration. Calibration tokens run in
@@ -498,6 +499,23 @@ def _output_errors(w_fp, w_awq, s, x, bits, g, sal):
             "awq_weight": float(np.linalg.norm(w_hat - w_fp) / np.linalg.norm(w_fp))}
 
 
+def clip_token_index(n: int, T: int, clip_tokens: int, seed: int) -> np.ndarray:
+    """Flat indices (sample·T + position) of the tokens the clip search measures on: `clip_tokens`
+    drawn at random, plus the first token of every sample, sorted and unique.
+
+    Why the first tokens: a sequence's first position is the attention sink of Llama-family models;
+    its activations are tens to hundreds of times the others in a few channels (down_proj inputs of
+    early and late blocks), and every later token attends to it. A random draw of 512 of n·T tokens
+    holds about one of them, so the clip search, blind to them, clamps exactly the large weights that
+    meet those channels. Measured on SmolLM2-135M W4 (WikiText-2 valid, 4,096 tokens, ctx 512, 16×512
+    C4 calibration tokens): clip search alone 28.53 without them vs 26.84 with them (RTN 28.23).
+    """
+    rng = np.random.default_rng(seed)
+    n_clip = min(clip_tokens, n * T)
+    drawn = rng.choice(n * T, size=n_clip, replace=False)
+    return np.union1d(drawn, np.arange(n, dtype=drawn.dtype) * T)
+
+
 def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = True) -> AWQResult:
     """AWQ over every block of the model in `src` (a checkpoint.TensorSource) on calibration token
     ids [n, T]. Deterministic for a seed. The result holds fp tensors ready for the int4 writer."""
@@ -517,9 +535,7 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     cos, sin = rope_tables(cfg, T)
     emb_name, emb_shape = GLOBAL_TENSORS["embed"]
     x_all = src.float32(emb_name, emb_shape(cfg))[ids].astype(np.float32)       # [n, T, D]
-    rng = np.random.default_rng(settings.seed)
-    n_clip = min(settings.clip_tokens, n * T)
-    clip_idx = np.sort(rng.choice(n * T, size=n_clip, replace=False))
+    clip_idx = clip_token_index(n, T, settings.clip_tokens, settings.seed)
 
     norms, lins, biased = _block_keys(cfg)
     tensors, salient, layers, notes = {}, {}, [], []

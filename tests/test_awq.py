@@ -109,6 +109,36 @@ def test_clipping_never_increases_the_group_loss(seed, bits):
     assert np.all((r >= 0.55 - 1e-6) & (r <= 1.0))
 
 
+def test_clip_tokens_hold_every_samples_first_token():
+    # The first position is the attention sink: massive activations that a random draw of ~512 of
+    # n·T tokens almost always misses, so the clip search clamped the weights meeting them
+    # (SmolLM2-135M W4: clip alone raised WikiText-2 perplexity above RTN's).
+    n, T = 16, 512
+    idx = awq.clip_token_index(n, T, 512, seed=0)
+    assert set((np.arange(n) * T).tolist()) <= set(idx.tolist())
+    assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n * T
+    assert 512 <= len(idx) <= 512 + n
+    assert np.array_equal(idx, awq.clip_token_index(n, T, 512, seed=0))
+    assert len(awq.clip_token_index(2, 8, 512, seed=0)) == 16           # fewer tokens than asked
+
+
+def test_clip_search_keeps_the_weights_that_meet_a_sink_token():
+    # One channel carries a massive value on one token (the sink) and little elsewhere; its weights
+    # are the groups' largest. Measured with the sink token, clipping must not clamp them away.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    w[:, 5] = 4.0 * np.sign(w[:, 5]) + w[:, 5]
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    x[:, 5] *= 0.01
+    sink = np.zeros((1, 64), np.float32)
+    sink[0, 5] = 300.0
+    without, _ = awq.clip_search(w, x, 4, 64)
+    with_sink, _ = awq.clip_search(w, np.concatenate([sink, x]), 4, 64)
+    err = lambda wc: float(np.abs((awq.fake_quantize(wc, 4, 64) - w) @ sink[0]).max())
+    assert err(with_sink) < err(without)
+    assert err(with_sink) <= err(w) * (1 + 1e-6)
+
+
 # ---- library functions vs reference/awq.py
 
 def test_formulas_match_reference():
