@@ -84,7 +84,7 @@ class AWQSettings:
     duo: bool = False             # the "duo" scale form (x_mean and w_mean) instead of x_mean^α
     keep_salient: float = 0.0     # percent of input channels (top x_mean) kept in fp16
     clip: bool = True             # clip search on every linear except q, k
-    clip_tokens: int = 512        # calibration tokens the clip search measures on
+    clip_tokens: int = 512        # random calibration tokens the clip search measures on (+ first tokens)
     search_samples: int = 4       # samples (whole sequences) the scale loss is measured on
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
