@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 from numba import prange
 
-from .kernels_q4 import LANES, Q4Prepared, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4, v_zeros
+from .kernels_q4 import LANES, Q4Prepared, _split_x, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4, v_zeros
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 
 
@@ -148,23 +148,6 @@ def _rms_norm_vec(x, w, eps, out):
     r = np.float32(1.0) / np.sqrt(ss / x.shape[0] + eps)
     for d in range(x.shape[0]):
         out[d] = x[d] * r * w[d]
-
-
-@kernel(fastmath=FASTMATH_REDUCE)
-def _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
-    """Per-call prologue of the int4 matvec (see kernels_q4): x's even/odd halves, per-group sums
-    for the zero points, the salient entries. Writes into the given scratch (no allocation)."""
-    half = x.shape[0] // 2
-    for j in range(half):
-        x_even[j] = x[2 * j]
-        x_odd[j] = x[2 * j + 1]
-    for g in range(x.shape[0] // group_size):
-        s = np.float32(0.0)
-        for k in range(g * group_size, g * group_size + group_size):
-            s += x[k]
-        x_sum[g] = s
-    for i in range(sal_idx.shape[0]):
-        x_sal[i] = x[sal_idx[i]]
 
 
 @kernel(fastmath=FASTMATH_REDUCE)

@@ -239,6 +239,24 @@ def prepare_q8(q8: Q8Linear) -> Q8Prepared:
 # then a tree), and the scalar zero-point sums gain from it; NaN/inf still propagate.
 
 
+@kernel(fastmath=FASTMATH_REDUCE)
+def _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
+    """Per-call prologue of the int4 matvec: x's even/odd halves, per-group sums
+    for the zero points, the salient entries. Writes into the given scratch (no allocation)."""
+    half = x.shape[0] // 2
+    for j in range(half):
+        x_even[j] = x[2 * j]
+        x_odd[j] = x[2 * j + 1]
+    for g in range(x.shape[0] // group_size):
+        s = np.float32(0.0)
+        for k in range(g * group_size, g * group_size + group_size):
+            s += x[k]
+        x_sum[g] = s
+    for i in range(sal_idx.shape[0]):
+        x_sal[i] = x[sal_idx[i]]
+
+
+
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
 def _matvec_q4_f32(qweight, scales, zeros, group_size, sal_idx, sal_w, x, out):
     """out[n] = sum_k W[n, k] x[k] for W in minilm-q4 form; rows split across threads."""
@@ -247,16 +265,9 @@ def _matvec_q4_f32(qweight, scales, zeros, group_size, sal_idx, sal_w, x, out):
     h = group_size // 2                     # packed bytes per group (a multiple of 16)
     x_even = np.empty(half, np.float32)     # [K/2] x[0::2] meets the low nibbles
     x_odd = np.empty(half, np.float32)      # [K/2] x[1::2] meets the high nibbles
-    for j in range(half):
-        x_even[j] = x[2 * j]
-        x_odd[j] = x[2 * j + 1]
-    x_sum = np.zeros(n_groups, np.float32)  # [G] per-group sums of x for the zero points
-    for g in range(n_groups):
-        for k in range(g * group_size, g * group_size + group_size):
-            x_sum[g] += x[k]
+    x_sum = np.empty(n_groups, np.float32)  # [G] per-group sums of x for the zero points
     x_sal = np.empty(sal_idx.shape[0], np.float32)  # [m16]
-    for i in range(sal_idx.shape[0]):
-        x_sal[i] = x[sal_idx[i]]
+    _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal)
     for n in prange(n_rows):
         row = qweight[n]
         acc = v_zeros()
