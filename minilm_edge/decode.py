@@ -5,7 +5,9 @@ dispatch (argument checks, allocation, unboxing) costs about as much as the int4
 model. When every block linear is int4 (minilm-q4), the weights of all L blocks are stacked at load
 into [L, ...] arrays of one kind each (q|k|v fused by rows, o, gate|up fused, down), and
 `_decode_blocks` runs the whole stack in a single Numba call: no Python between kernels, no
-allocation (every buffer is preallocated in `DecodePlan`).
+allocation (every buffer is preallocated in `DecodePlan`), and one parallel region: each of the T
+threads runs every phase's share of rows or heads and meets the others at a spin barrier
+(sync.py) after each phase, instead of a fork/join of the thread team per matrix product.
 
 Per block l (x: [D] the residual stream, float32):
     h   = rms_norm(x) ⊙ attn_norm[l]
@@ -21,11 +23,14 @@ tested against the Python path (prefill of the same tokens) in tests/test_decode
 from __future__ import annotations
 
 import dataclasses
+
+import numba
 import numpy as np
 from numba import prange
 
 from .kernels_q4 import LANES, Q4Prepared, _split_x, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4, v_zeros
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .sync import barrier, barrier_safe
 
 
 @dataclasses.dataclass
@@ -96,18 +101,20 @@ class DecodePlan:
         self.mlp_norm = np.stack([b.mlp_norm for b in blocks]).astype(np.float32)     # [L, D]
         D, F = cfg.hidden_size, cfg.intermediate_size
         H, Hkv, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.h = np.empty(D, np.float32)                          # [D] normed input
-        self.qkv_out = np.empty((H + 2 * Hkv) * Dh, np.float32)   # [(H + 2 Hkv) Dh]
-        self.att = np.empty(H * Dh, np.float32)                   # [H Dh]
-        self.gu = np.empty(2 * F, np.float32)                     # [2F] gate | up
-        self.act = np.empty(F, np.float32)                        # [F]
-        self.tmp = np.empty(D, np.float32)                        # [D] a linear's output
+        P = numba.config.NUMBA_NUM_THREADS                        # most threads a call can use
         K = max(D, F, H * Dh)
         m16 = max(st.sal_idx.shape[1] for st in (qkv, o, gate_up, down))
-        self.xe = np.empty(K // 2, np.float32)                    # matvec scratch: x's even entries
-        self.xo = np.empty(K // 2, np.float32)                    #                 x's odd entries
-        self.xs = np.empty(K // 32, np.float32)                   #                 per-group sums
-        self.xsal = np.empty(m16, np.float32)                     #                 salient entries
+        self.qkv_out = np.empty((H + 2 * Hkv) * Dh, np.float32)   # [(H + 2 Hkv) Dh]
+        self.att = np.empty(H * Dh, np.float32)                   # [H Dh]
+        self.act = np.empty(F, np.float32)                        # [F]
+        self.bar = np.zeros(8, np.int64)                          # barrier counter (one cache line)
+        # per thread: the normed input and the matvec prologue of the input at hand
+        self.h = np.empty((P, D), np.float32)                     # [P, D]
+        self.xe = np.empty((P, K // 2), np.float32)               # [P, K/2] x's even entries
+        self.xo = np.empty((P, K // 2), np.float32)               # [P, K/2] x's odd entries
+        self.xs = np.empty((P, K // 32), np.float32)              # [P, K/32] per-group sums
+        self.xsal = np.empty((P, m16), np.float32)                # [P, m16] salient entries
+        self._concurrent = None                                   # sync.barrier_safe(), once known
 
     @property
     def nbytes(self) -> int:
@@ -117,12 +124,15 @@ class DecodePlan:
     def run(self, x, cache, pos, cos, sin):
         """x [D] float32 (modified in place) through every block; writes the cache at `pos`."""
         c = self.cfg
-        _decode_blocks(x, pos, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads,
+        if self._concurrent is None:
+            self._concurrent = barrier_safe()
+        T = numba.get_num_threads() if self._concurrent else 1   # None (layer not chosen yet): 1
+        self.bar[0] = 0
+        _decode_blocks(T, self.bar, x, pos, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads,
                        c.num_key_value_heads, c.head_dim, self.attn_norm, self.mlp_norm,
                        *self.qkv.args(), self.qkv.bias, *self.o.args(), *self.gate_up.args(),
                        *self.down.args(), cache.k, cache.v, cache.scratch,
-                       self.h, self.qkv_out, self.att, self.gu, self.act, self.tmp,
-                       self.xe, self.xo, self.xs, self.xsal)
+                       self.h, self.qkv_out, self.att, self.act, self.xe, self.xo, self.xs, self.xsal)
 
 
 def build_plan(cfg, blocks):
@@ -217,62 +227,104 @@ def _q4_row2(ra, rb, sa, sb, za, zb, group_size, swa, swb, x_even, x_odd, x_sum,
     return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
 
 
-# One parallel function with its prange loops inline. (Calling the parallel matvec kernel from a
-# cached @njit caller crashed when the cache was loaded, in Numba 0.68: so the loops live here.)
-@parallel_kernel(fastmath=FASTMATH_REDUCE)
-def _decode_blocks(x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+@kernel()
+def _share(n, t, T):
+    """Thread t's part [a, b) of range(n) split evenly over T threads."""
+    return n * t // T, n * (t + 1) // T
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
                    a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
                    o_qw, o_sc, o_z, o_g, o_si, o_sw,
                    u_qw, u_sc, u_z, u_g, u_si, u_sw,
                    d_qw, d_sc, d_z, d_g, d_si, d_sw,
-                   kc, vc, scratch, h, qkv, att, gu, act, tmp, xe, xo, xs, xsal):
-    """One token through all L blocks (see the module docstring). cos, sin: [Dh/2] at `pos`;
-    xe, xo, xs, xsal: matvec scratch (≥ max K/2, ≥ max K/g, ≥ max m16)."""
+                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal):
+    """Thread t of T: its share of every phase of every block, with a barrier after each phase.
+
+    Shared (written by parts, read whole after a barrier): x, qkv, att, act, the cache.
+    Private to the thread (row t of the [T, ...] scratch): h and the matvec prologue (xe, xo, xs,
+    xsal). Each thread normalises and splits the whole input itself: cheaper than a barrier.
+    """
     nq, nkv, half, F, D = H * Dh, Hkv * Dh, Dh // 2, act.shape[0], x.shape[0]
     rep = H // Hkv
     n = pos + 1
     scale = np.float32(1.0 / np.sqrt(Dh))
+    h, xe, xo, xs, xsal = h[t], xe[t], xo[t], xs[t], xsal[t]
+    k = 0                                         # barriers passed
     for l in range(attn_norm.shape[0]):
-        # attention: h = norm(x); qkv = W h + b; RoPE; cache; softmax(q·k) v
+        # attention: h = norm(x); qkv = W h + b
         _rms_norm_vec(x, attn_norm[l], eps, h)
         _split_x(h, a_g, a_si[l], xe, xo, xs, xsal)
-        for i in prange(qkv.shape[0] // 2):      # rows in pairs (N is even: heads × even Dh)
+        a, b = _share(qkv.shape[0] // 2, t, T)   # rows in pairs (N is even: heads × even Dh)
+        for i in range(a, b):
             r = 2 * i
             ya, yb = _q4_row2(a_qw[l, r], a_qw[l, r + 1], a_sc[l, r], a_sc[l, r + 1], a_z[l, r], a_z[l, r + 1],
                               a_g, a_sw[l, r], a_sw[l, r + 1], xe, xo, xs, xsal)
             qkv[r] = ya + a_b[l, r]
             qkv[r + 1] = yb + a_b[l, r + 1]
-        for head in range(H + Hkv):
-            b = head * Dh
+        k = barrier(bar, k, T)
+        # RoPE on q and k heads (every T-th head); k and v of this position into the cache
+        for head in range(t, H + Hkv, T):
+            o = head * Dh
             for i in range(half):
-                x1, x2 = qkv[b + i], qkv[b + i + half]
-                qkv[b + i] = x1 * cos[i] - x2 * sin[i]
-                qkv[b + i + half] = x2 * cos[i] + x1 * sin[i]
-        for hk in range(Hkv):
-            for d in range(Dh):
-                kc[l, hk, pos, d] = qkv[nq + hk * Dh + d]
-                vc[l, hk, pos, d] = qkv[nq + nkv + hk * Dh + d]
-        for hq in prange(H):
+                x1, x2 = qkv[o + i], qkv[o + i + half]
+                qkv[o + i] = x1 * cos[i] - x2 * sin[i]
+                qkv[o + i + half] = x2 * cos[i] + x1 * sin[i]
+            if head >= H:
+                hk = head - H
+                for d in range(Dh):
+                    kc[l, hk, pos, d] = qkv[nq + hk * Dh + d]
+                    vc[l, hk, pos, d] = qkv[nq + nkv + hk * Dh + d]
+        k = barrier(bar, k, T)
+        # softmax(q·k) v per query head (every T-th head)
+        for hq in range(t, H, T):
             _attend_head(qkv[hq * Dh:(hq + 1) * Dh], kc[l, hq // rep], vc[l, hq // rep], n, scale,
                          scratch[hq], att[hq * Dh:(hq + 1) * Dh])
+        k = barrier(bar, k, T)
         _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
-        for i in prange(D // 2):                 # x += Wo att (the residual add fused in)
+        a, b = _share(D // 2, t, T)
+        for i in range(a, b):                    # x += Wo att (the residual add fused in)
             r = 2 * i
             ya, yb = _q4_row2(o_qw[l, r], o_qw[l, r + 1], o_sc[l, r], o_sc[l, r + 1], o_z[l, r], o_z[l, r + 1],
                               o_g, o_sw[l, r], o_sw[l, r + 1], xe, xo, xs, xsal)
             x[r] += ya
             x[r + 1] += yb
+        k = barrier(bar, k, T)
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, mlp_norm[l], eps, h)
         _split_x(h, u_g, u_si[l], xe, xo, xs, xsal)
-        for f in prange(F):                      # gate row f and up row F+f together, SiLU fused in
+        a, b = _share(F, t, T)
+        for f in range(a, b):                    # gate row f and up row F+f together, SiLU fused in
             g, u = _q4_row2(u_qw[l, f], u_qw[l, F + f], u_sc[l, f], u_sc[l, F + f], u_z[l, f], u_z[l, F + f],
                             u_g, u_sw[l, f], u_sw[l, F + f], xe, xo, xs, xsal)
             act[f] = g / (np.float32(1.0) + np.exp(-g)) * u
+        k = barrier(bar, k, T)
         _split_x(act, d_g, d_si[l], xe, xo, xs, xsal)
-        for i in prange(D // 2):                 # x += Wdown act
+        a, b = _share(D // 2, t, T)
+        for i in range(a, b):                    # x += Wdown act
             r = 2 * i
             ya, yb = _q4_row2(d_qw[l, r], d_qw[l, r + 1], d_sc[l, r], d_sc[l, r + 1], d_z[l, r], d_z[l, r + 1],
                               d_g, d_sw[l, r], d_sw[l, r + 1], xe, xo, xs, xsal)
             x[r] += ya
             x[r + 1] += yb
+        k = barrier(bar, k, T)
+
+
+# ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
+@parallel_kernel()
+def _decode_blocks(T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+                   a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
+                   o_qw, o_sc, o_z, o_g, o_si, o_sw,
+                   u_qw, u_sc, u_z, u_g, u_si, u_sw,
+                   d_qw, d_sc, d_z, d_g, d_si, d_sw,
+                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal):
+    """One token through all L blocks (see the module docstring). cos, sin: [Dh/2] at `pos`;
+    bar: int64 [≥ 1] zeroed; h, xe, xo, xs, xsal: per-thread scratch [≥ T, ...]."""
+    for t in prange(T):
+        _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+                       a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
+                       o_qw, o_sc, o_z, o_g, o_si, o_sw,
+                       u_qw, u_sc, u_z, u_g, u_si, u_sw,
+                       d_qw, d_sc, d_z, d_g, d_si, d_sw,
+                       kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal)

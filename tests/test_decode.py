@@ -1,9 +1,12 @@
 """The one-call decode step (decode.py) against the Python path, on int4 tiny models."""
 import numpy as np
 import pytest
+from numba import prange
 
 import minilm_edge
+from minilm_edge.numba_policy import kernel, parallel_kernel, threads
 from minilm_edge.quantize import quantize
+from minilm_edge.sync import atomic_add, atomic_load, barrier
 from tinymodel import make_model_dir
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -19,7 +22,8 @@ def salient_hook(layer, name, w):
 
 @pytest.mark.parametrize("variant", [{}, dict(model_type="qwen2"), dict(num_key_value_heads=4)])
 @pytest.mark.parametrize("hook", [None, salient_hook])
-def test_one_call_decode_matches_prefill(tmp_path, variant, hook):
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_one_call_decode_matches_prefill(tmp_path, variant, hook, n_threads):
     src, cfg, _ = make_model_dir(tmp_path / "src", **{**QUANTIZABLE, **variant})
     model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False, linear_hook=hook,
                                       quantize_head="int8"))
@@ -27,10 +31,51 @@ def test_one_call_decode_matches_prefill(tmp_path, variant, hook):
     ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], 30)
     full = model.forward(ids)                               # prefill path: per-layer Python calls
     cache = model.new_cache(40)
-    steps = [model.forward(ids[:1], cache)] + [model.forward([t], cache) for t in ids[1:]]
+    with threads(n_threads):
+        steps = [model.forward(ids[:1], cache)] + [model.forward([t], cache) for t in ids[1:]]
     np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4)
 
 
 def test_plan_only_for_all_int4_models(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     assert minilm_edge.load(src)._plan is None
+
+
+@parallel_kernel()
+def _barrier_rounds(T, rounds, bar, seen):
+    """Each round every thread writes its slot, passes a barrier, then reads all the slots: after
+    the barrier it must see every thread's write of that round (seen[t, r] = sum of the slots)."""
+    slots = np.zeros(T * 8, np.int64)
+    for t in prange(T):
+        k = 0
+        for r in range(rounds):
+            slots[8 * t] = r + 1
+            k = barrier(bar, k, T)
+            s = 0
+            for u in range(T):
+                s += slots[8 * u]
+            seen[t, r] = s
+            k = barrier(bar, k, T)       # nobody writes round r+1 before everyone has read round r
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_barrier_makes_every_write_visible(n_threads):
+    rounds = 2000
+    bar, seen = np.zeros(8, np.int64), np.zeros((n_threads, rounds), np.int64)
+    with threads(n_threads):
+        _barrier_rounds(n_threads, rounds, bar, seen)
+    expected = n_threads * (np.arange(rounds) + 1)
+    assert (seen == expected).all()
+    assert bar[0] == 2 * rounds * n_threads
+
+
+@kernel()
+def _add_then_load(a):
+    old = atomic_add(a, 1, 5)
+    return old, atomic_load(a, 1)
+
+
+def test_atomic_add_returns_old_value():
+    a = np.array([0, 7, 0], np.int64)
+    assert _add_then_load(a) == (7, 12)
+    assert a.tolist() == [0, 12, 0]
