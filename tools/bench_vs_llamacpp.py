@@ -13,8 +13,10 @@ for every --threads value. One run = one process doing --reps-per-call repetitio
 warms up first; minilm_edge's bench has no warm-up, so its first repetition is cold and the median of
 3 drops it). Reported: medians over --runs rounds (at least 5 for a real result), as a markdown table with the ratio of each row to llama.cpp Q4_0 at the same thread count.
 
-Note on decode: llama-bench's tg128 decodes from an empty context, minilm_edge's bench decodes its
-128 tokens after the 512-token prefill (a ~512..640-token KV cache), which is slightly harder.
+Decode at the same depth: minilm_edge's bench decodes its 128 tokens after the 512-token prefill
+(a 512..640-token KV cache), so llama-bench runs with `-d 0,512`: its prefill is pp512 at depth 0
+and its decode tg128 at depth 512, the same work. (Its tg128 from an empty context is kept in the
+JSON as `decode_depth0`: plain `llama-bench -n 128` reports that one, and it is faster.)
 
 examples:
   bash tools/setup_llamacpp.sh                     # once: builds llama-bench, makes the GGUFs
@@ -103,8 +105,8 @@ def _json_in(text: str, opener: str):
 def llama_bench_once(bench: Path, gguf: Path, threads: int, pp: int, tg: int, reps: int, nice: int,
                      timeout: float):
     """One llama-bench call (its own warm-up, then `reps` repetitions): median tokens/s of pp and tg."""
-    cmd = [str(bench), "-m", str(gguf), "-t", str(threads), "-p", str(pp), "-n", str(tg), "-r", str(reps),
-           "-o", "json"]
+    cmd = [str(bench), "-m", str(gguf), "-t", str(threads), "-p", str(pp), "-n", str(tg), "-d", f"0,{pp}",
+           "-r", str(reps), "-o", "json"]
     out = _run(cmd, nice, timeout)
     try:
         rows = _json_in(out, "[")
@@ -113,10 +115,11 @@ def llama_bench_once(bench: Path, gguf: Path, threads: int, pp: int, tg: int, re
     got = {}
     for r in rows:
         ts = statistics.median(r["samples_ts"]) if r.get("samples_ts") else float(r["avg_ts"])
-        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0:
+        depth = r.get("n_depth", 0)
+        if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and depth == 0:
             got["prefill"] = ts
         elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
-            got["decode"] = ts
+            got["decode" if depth == pp else "decode_depth0"] = ts
         got.setdefault("info", {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "model_type",
                                                        "model_size", "model_n_params", "n_batch", "n_ubatch")})
     if "prefill" not in got or "decode" not in got:
@@ -188,6 +191,8 @@ def run_sitting(args) -> dict:
                                              args.nice, args.timeout)
             samples[(label, t)]["prefill"].append(got["prefill"])
             samples[(label, t)]["decode"].append(got["decode"])
+            if "decode_depth0" in got:
+                samples[(label, t)].setdefault("decode_depth0", []).append(got["decode_depth0"])
             info.setdefault(label, got["info"])
             commands.setdefault(f"{label}, {t} thread(s)", shlex.join(cmd))
             say(args, f"    prefill {got['prefill']:.1f} tok/s, decode {got['decode']:.1f} tok/s")
@@ -209,6 +214,8 @@ def run_sitting(args) -> dict:
                 "decode_vs_llamacpp_q4_0": round(dc / base_dc, 3) if base_dc else None,
                 "samples": s,
             })
+            if "decode_depth0" in s:
+                rows[-1]["decode_depth0_tokens_per_s"] = round(statistics.median(s["decode_depth0"]), 1)
     machine["loadavg_end"] = list(os.getloadavg())
     return {
         "machine": machine,
@@ -237,7 +244,7 @@ def markdown(res: dict) -> str:
               f"{res['reps_per_call']} repetitions in one process); {m['cpu']}, {m['cores']} cores; "
               f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end"
               + (f"; run under nice {res['nice']}" if res["nice"] else "") + ".",
-              "llama.cpp tg decodes from an empty context; minilm_edge decodes after its prefill."]
+              f"Decode at the same depth: both decode after a {pp}-token context (llama-bench -d {pp})."]
     lc = res["engine_info"].get("llama.cpp Q4_0")
     if lc:
         lines.append(f"llama.cpp: llama-bench build {lc.get('build_number')} (commit {lc.get('build_commit')}), "
