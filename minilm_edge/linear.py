@@ -118,8 +118,13 @@ def _optional(src, name):
 
 
 class Q4(Linear):
-    """minilm-q4 v1 int4 weights (q4.py); decode runs the fused int4 matvec, prefill dequantized
-    tiles × BLAS (kernels_q4.py)."""
+    """minilm-q4 v1 int4 weights (q4.py); decode runs the fused int4 matvec (kernels_q4.py), prefill
+    int4 x int8 activations on VNNI (kernels_vnni.py) where `use_int8_activations` says so, else
+    dequantized tiles × BLAS (kernels_q4.py).
+
+    `int8_activations = False` forces the float32 prefill (the accuracy reference); see
+    Model.set_int8_activations.
+    """
     kind = "q4"
 
     def __init__(self, q4):
@@ -127,11 +132,12 @@ class Q4(Linear):
         self.q4 = q4                 # the on-disk form (None when built from a prepared view)
         self.p = prepare_q4(q4)      # the form the kernels read
         self.shape = q4.shape
+        self.int8_activations = True
 
     @classmethod
     def from_prepared(cls, p):
         lin = cls.__new__(cls)
-        lin.q4, lin.p, lin.shape = None, p, p.shape
+        lin.q4, lin.p, lin.shape, lin.int8_activations = None, p, p.shape, True
         return lin
 
     @staticmethod
@@ -158,6 +164,9 @@ class Q4(Linear):
         return matvec_q4_f32(self.p, x)
 
     def matmul(self, X):
+        from .kernels_vnni import matmul_q4_i8, use_int8_activations
+        if self.int8_activations and use_int8_activations(X.shape[0]):
+            return matmul_q4_i8(self.p, X)
         from .kernels_q4 import matmul_q4_f32
         return matmul_q4_f32(self.p, X)
 

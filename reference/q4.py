@@ -11,6 +11,8 @@ int4 (asymmetric, per row and group):
     salient columns: W[:, salient_idx[i]] = salient_w[:, i]
 int8 (symmetric, per row and group):
     W[n, k] = q[n, k] * scales[n, k // g],  q in -127..127
+int4 weights x int8 activations (the prefill kernel minilm_edge.kernels_vnni): X quantized per token
+and block of B channels, integer dots, scales applied per block (see matmul_q4_i8).
 """
 import numpy as np
 
@@ -113,6 +115,52 @@ def matmul_q4(qweight, scales, zeros, group_size, salient_idx, salient_w, X):
     """Y [T, N] = X W^T, W dequantized first: X float32 [T, K] -> float32 [T, N]."""
     w = dequantize_q4(qweight, scales, zeros, group_size, salient_idx, salient_w)  # [N, K]
     return (X.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+
+
+def quantize_activations_i8(X, block):
+    """Symmetric int8 per token and block of `block` consecutive channels (llama.cpp's Q8_0):
+
+        sx[t, b] = max_{k in b} |X[t, k]| / 127                 float32, in this order of operations
+        qx[t, k] = round_half_even(X[t, k] * (1 / sx[t, b]))    0 where sx = 0;  |qx| <= 127
+
+    X float32 [T, K] -> qx int8 [T, K], sx float32 [T, K/B]. Each entry's error |X - sx qx| is at most
+    sx/2 (plus float rounding of the scale, ~1e-7 relative).
+    """
+    t, k = X.shape
+    xb = np.asarray(X, np.float32).reshape(t, k // block, block)            # [T, nb, B]
+    sx = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)       # [T, nb]
+    inv = np.zeros_like(sx)
+    inv[sx > 0] = np.float32(1) / sx[sx > 0]
+    qx = np.rint(xb * inv[:, :, None]).astype(np.int8).reshape(t, k)
+    return qx, sx
+
+
+def matmul_q4_i8(qweight, scales, zeros, group_size, salient_idx, salient_w, X, block):
+    """Y [T, N] = X W^T with int4 W and X quantized to int8 (quantize_activations_i8):
+
+        Y[t, n] = sum_b sw[n, g] sx[t, b] ( sum_{k in b} q[n, k] qx[t, k]  -  zw[n, g] sum_{k in b} qx[t, k] )
+                + salient_w[n] . X[t, salient_idx]                   g = g(b) the group holding block b
+
+    sw/zw = scales/zeros. Salient channels are set to 0 before X is quantized (their codes equal the
+    zero point, so they add nothing to the integer part) and enter in float. The integer dots are
+    exact (int64); the rest is float64, rounded to float32 at the end.
+    X float32 [T, K] -> float32 [T, N]
+    """
+    X = np.array(X, np.float32)
+    t, k = X.shape
+    y = np.zeros((t, qweight.shape[0]), np.float64)                         # [T, N]
+    if salient_idx is not None:
+        y += X[:, salient_idx].astype(np.float64) @ salient_w.astype(np.float64).T
+        X[:, salient_idx] = 0.0
+    qx, sx = quantize_activations_i8(X, block)
+    q = unpack_nibbles(qweight).astype(np.int64)                            # [N, K]
+    for b in range(k // block):
+        cols = slice(b * block, (b + 1) * block)
+        gi = b * block // group_size
+        qxb = qx[:, cols].astype(np.int64)                                  # [T, B]
+        dot = qxb @ q[:, cols].T - np.outer(qxb.sum(axis=1), zeros[:, gi])  # [T, N] exact integers
+        y += sx[:, b:b + 1].astype(np.float64) * scales[:, gi].astype(np.float64) * dot
+    return y.astype(np.float32)
 
 
 def quantize_q8(w, group_size):
