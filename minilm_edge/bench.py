@@ -56,14 +56,16 @@ def peak_rss_mb() -> float:
 
 
 def run(model_dir, n_threads: int | None = None, prompt_tokens: int = 512, new_tokens: int = 128,
-        repeats: int = 3, progress=None) -> dict:
-    """Measure one model; `repeats` runs of prefill and decode, medians reported."""
+        repeats: int = 3, progress=None, int8_activations: bool = True) -> dict:
+    """Measure one model; `repeats` runs of prefill and decode, medians reported.
+    int8_activations=False: prefill in float32 (model.load)."""
+    from .kernels_vnni import VNNI
     from .model import load
 
     say = progress or (lambda msg: None)
     with threads(n_threads):
         t0 = time.perf_counter()
-        model = load(model_dir)
+        model = load(model_dir, int8_activations=int8_activations)
         load_s = time.perf_counter() - t0
         tok = model.tokenizer
         ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
@@ -104,6 +106,7 @@ def run(model_dir, n_threads: int | None = None, prompt_tokens: int = 512, new_t
         "time_to_first_token_s": round(ttft, 3),
         "prefill_tokens_per_s": round(statistics.median(prefill), 1),
         "prefill_tokens": prompt_tokens,
+        "prefill_int8_activations": int8_activations and VNNI,
         "decode_tokens_per_s": round(dec, 1),
         "decode_tokens": new_tokens,
         "peak_rss_mb": round(rss, 1),

@@ -113,6 +113,17 @@ class Model:
             b.gate, b.up = p.gate_up.layer(l, 0, F), p.gate_up.layer(l, F)
         return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
 
+    def set_int8_activations(self, on: bool) -> None:
+        """Prefill int4 linears with int8 activations on AVX512-VNNI (on: the default; used where the
+        CPU has it, kernels_vnni.use_int8_activations) or in float32 (off: the accuracy reference)."""
+        from .linear import Q4
+        blocks = self.weights.blocks
+        linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
+        linears += [lin for pair in self._fused for lin in pair] + [self.weights.lm_head]
+        for lin in linears:
+            if isinstance(lin, Q4):
+                lin.int8_activations = on
+
     # ---- forward
     def new_cache(self, max_len: int | None = None) -> KVCache:
         n = self.config.max_position_embeddings if max_len is None else int(max_len)
@@ -222,12 +233,17 @@ class Model:
         return ids
 
 
-def load(path, tokenizer: bool = True) -> Model:
-    """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`."""
+def load(path, tokenizer: bool = True, int8_activations: bool = True) -> Model:
+    """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`.
+
+    int8_activations=False: prefill in float32 even where int8 x VNNI is available (Model.set_int8_activations).
+    """
     path = Path(path)
     cfg = load_config(path)
     weights = load_weights(path, cfg)
     tok = Tokenizer(path) if tokenizer else None
     gen_path = path / "generation_config.json"
     gen = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
-    return Model(cfg, weights, tok, gen, path)
+    model = Model(cfg, weights, tok, gen, path)
+    model.set_int8_activations(int8_activations)
+    return model
