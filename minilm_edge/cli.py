@@ -58,7 +58,7 @@ def _check_sampling_flags(args):
         raise UsageError(f"--ctx must be at least 2, got {args.ctx}")
 
 
-F32_ACTIVATIONS_HELP = ("prefill int4 linears with float32 activations (slower; the accuracy reference). "
+F32_ACTIVATIONS_HELP = ("prefill int4/int8 linears with float32 activations (slower; the accuracy reference). "
                         "Default: int8 activations where the CPU has AVX512-VNNI")
 
 

@@ -1,5 +1,6 @@
 """Prefill int4 x int8 matmul on AVX-512 VNNI: `matmul_q4_i8`, the compute-bound twin of
-kernels_q4.matmul_q4_f32 (same weights, `Q4Prepared`), in the manner of llama.cpp's Q4 x Q8_0.
+kernels_q4.matmul_q4_f32 (same weights, `Q4Prepared`), in the manner of llama.cpp's Q4 x Q8_0; and
+`matmul_q8_i8`, the same for the int8 lm_head (`Q8Prepared`, codes offset by 128, zero point 128).
 
 Shapes: W [N, K] (out, in), X [T, K], g = group size, G = K // g, B = activation block (divides g),
 nb = K // B, R = TILE_ROWS, TT = TILE_TOKENS.
@@ -44,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from .errors import UsageError
-from .kernels_q4 import LANES, Q4Prepared, _check_mat, _check_out, _elem_ptr, f32x16, v_zeros
+from .kernels_q4 import LANES, Q4Prepared, Q8Prepared, _check_mat, _check_out, _elem_ptr, f32x16, v_zeros
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 
 
@@ -267,6 +268,25 @@ def v_store_nibbles(typingctx, w, wq, off_lo, off_hi):
     return types.none(w, wq, off_lo, off_hi), codegen
 
 
+@intrinsic
+def v_store_octets_i8(typingctx, w0, w1, wq, off_even, off_odd):
+    """int8 codes of one channel octet for 16 rows (w0: channels 8j..8j+3, w1: 8j+4..8j+7, one
+    row per lane) -> unsigned codes q + 128 in VNNI octet order: wq[off_even : +16] = channels
+    (8j, 8j+2, 8j+4, 8j+6) and wq[off_odd : +16] = (8j+1, 8j+3, 8j+5, 8j+7) of each row."""
+    def codegen(context, builder, sig, args):
+        w0_t, w1_t, wq_t, even_t, odd_t = sig.args
+        vb = ir.VectorType(ir.IntType(8), 4 * LANES)
+        b0, b1 = builder.bitcast(args[0], vb), builder.bitcast(args[1], vb)
+        flip = ir.Constant(vb, [0x80] * (4 * LANES))                     # q + 128 = q xor 0x80
+        for parity, off, off_t in ((0, args[3], even_t), (1, args[4], odd_t)):
+            mask = [src + 4 * lane + parity + i for lane in range(LANES) for src, i in
+                    ((0, 0), (0, 2), (4 * LANES, 0), (4 * LANES, 2))]
+            v = builder.xor(builder.shuffle_vector(b0, b1, ir.Constant(ir.VectorType(_I32, 4 * LANES), mask)), flip)
+            builder.store(builder.bitcast(v, _VI32), _elem_ptr(context, builder, wq_t, args[2], off_t, off, _VI32), align=4)
+        return context.get_dummy_value()
+    return types.none(w0, w1, wq, off_even, off_odd), codegen
+
+
 # ----------------------------------------------------------------------------------------------
 # Activation quantization, 16 channels at a time
 
@@ -356,9 +376,9 @@ def _quantize_x_i8(X, block, group_size, qx, sx, zt):
 
 
 @kernel()
-def _unpack_tile(qw32, scales, zeros, n0, wq, sw, c):
-    """Rows n0..n0+R-1 of the weight into the scratch the register tile reads (rows past N: codes of
-    the last row, scales 0):
+def _unpack_tile_q4(qw32, scales, zeros, n0, wq, sw, c):
+    """Rows n0..n0+R-1 of an int4 weight into the scratch the register tile reads (rows past N:
+    codes of the last row, scales 0):
 
         wq [K/4 * R] int32:  wq[s * R + r] = 4 codes of row n0+r for channel quad s (VNNI order)
         sw [G * R] float32:  sw[g * R + r] = scales[n0+r, g]
@@ -377,42 +397,78 @@ def _unpack_tile(qw32, scales, zeros, n0, wq, sw, c):
             c[g * TILE_ROWS + r] = -scales[n0 + r, g] * np.float32(zeros[n0 + r, g]) if live else np.float32(0.0)
 
 
-@parallel_kernel(fastmath=FASTMATH_REDUCE)
-def _matmul_q4_i8(qw32, scales, zeros, group_size, qx32, sx, zt, block, out):
-    """out [T, N] = the int4 x int8 product of the module docstring (without the salient part).
+@kernel()
+def _unpack_tile_q8(qw32, scales, n0, wq, sw, c):
+    """As `_unpack_tile_q4` for an int8 weight (Q8Prepared): codes become q + 128 (vpdpbusd wants
+    them unsigned), so the zero point is 128: c = -128 * scales. qw32: the int8 codes as uint32 [N, K/4]."""
+    n_rows = qw32.shape[0]
+    for j in range(qw32.shape[1] // 2):
+        for v in range(ROW_VECS):
+            w0 = v_gather_rows(qw32, n0 + v * LANES, 2 * j, n_rows)
+            w1 = v_gather_rows(qw32, n0 + v * LANES, 2 * j + 1, n_rows)
+            v_store_octets_i8(w0, w1, wq, 2 * j * TILE_ROWS + v * LANES, (2 * j + 1) * TILE_ROWS + v * LANES)
+    for r in range(TILE_ROWS):
+        for g in range(scales.shape[1]):
+            live = n0 + r < n_rows
+            sw[g * TILE_ROWS + r] = scales[n0 + r, g] if live else np.float32(0.0)
+            c[g * TILE_ROWS + r] = np.float32(-128.0) * scales[n0 + r, g] if live else np.float32(0.0)
 
-    qw32 uint32 [N, K/8]; qx32 int32 [Tp * K/4] (4 qx bytes per element, Tp = T rounded up to TT);
-    sx float32 [Tp * nb]; zt float32 [Tp * G]; out float32 [T * N]. Row tiles split across threads;
-    each thread unpacks its tile into its own scratch. fastmath: the float epilogue is contracted
-    and the per-block sums reassociate anyway; NaN/inf still propagate (FASTMATH_REDUCE).
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, n0, n_rows, out):
+    """out[t, n0 : n0+R] for every token t, from one unpacked weight tile (see `_unpack_tile_q4`):
+    the module docstring's sum, block by block in the register tile.
+
+    qx32 int32 [Tp * K/4] (4 qx bytes per element, Tp = T rounded up to TT); sx float32 [Tp * nb];
+    zt float32 [Tp * G]; out float32 [T * N]. fastmath: the float epilogue is contracted and the
+    per-block sums reassociate anyway; NaN/inf still propagate (FASTMATH_REDUCE).
     """
-    n_rows, n_tokens = qw32.shape[0], out.shape[0] // qw32.shape[0]
-    quads = 2 * qw32.shape[1]                   # K/4
-    n_groups = scales.shape[1]
+    n_tokens = out.shape[0] // n_rows
+    quads = wq.shape[0] // TILE_ROWS                            # K/4
+    n_groups = sw.shape[0] // TILE_ROWS
     nb = quads * 4 // block
+    edge = np.empty(TILE_TOKENS * TILE_ROWS, np.float32)        # [TT, R] a tile that overhangs out
+    for t0 in range(0, n_tokens, TILE_TOKENS):
+        acc = tile_zeros_f32()
+        for b in range(nb):
+            acc_i = tile_zeros_i32()
+            for s in range(b * block // 4, (b + 1) * block // 4):
+                acc_i = tile_dpbusd(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
+            acc = tile_fma_i32(acc, acc_i, sw, (b * block // group_size) * TILE_ROWS, sx, t0 * nb + b, nb)
+        for g in range(n_groups):
+            acc = tile_axpy(acc, c, g * TILE_ROWS, zt, t0 * n_groups + g, n_groups)
+        if t0 + TILE_TOKENS <= n_tokens and n0 + TILE_ROWS <= n_rows:
+            tile_store(acc, out, t0 * n_rows + n0, n_rows)
+        else:
+            tile_store(acc, edge, 0, TILE_ROWS)
+            for t in range(min(TILE_TOKENS, n_tokens - t0)):
+                for r in range(min(TILE_ROWS, n_rows - n0)):
+                    out[(t0 + t) * n_rows + n0 + r] = edge[t * TILE_ROWS + r]
+
+
+@parallel_kernel()
+def _matmul_q4_i8(qw32, scales, zeros, group_size, qx32, sx, zt, block, out):
+    """out [T * N] = the int4 x int8 product (module docstring, without the salient part); qw32 uint32
+    [N, K/8]. Row tiles split across threads; each thread unpacks its tile into its own scratch."""
+    n_rows, quads, n_groups = qw32.shape[0], 2 * qw32.shape[1], scales.shape[1]
     for tile in prange((n_rows + TILE_ROWS - 1) // TILE_ROWS):
-        n0 = tile * TILE_ROWS
         wq = np.empty(quads * TILE_ROWS, np.int32)              # [K/4, R]
         sw = np.empty(n_groups * TILE_ROWS, np.float32)         # [G, R]
         c = np.empty(n_groups * TILE_ROWS, np.float32)          # [G, R]
-        edge = np.empty(TILE_TOKENS * TILE_ROWS, np.float32)    # [TT, R] a tile that overhangs out
-        _unpack_tile(qw32, scales, zeros, n0, wq, sw, c)
-        for t0 in range(0, n_tokens, TILE_TOKENS):
-            acc = tile_zeros_f32()
-            for b in range(nb):
-                acc_i = tile_zeros_i32()
-                for s in range(b * block // 4, (b + 1) * block // 4):
-                    acc_i = tile_dpbusd(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
-                acc = tile_fma_i32(acc, acc_i, sw, (b * block // group_size) * TILE_ROWS, sx, t0 * nb + b, nb)
-            for g in range(n_groups):
-                acc = tile_axpy(acc, c, g * TILE_ROWS, zt, t0 * n_groups + g, n_groups)
-            if t0 + TILE_TOKENS <= n_tokens and n0 + TILE_ROWS <= n_rows:
-                tile_store(acc, out, t0 * n_rows + n0, n_rows)
-            else:
-                tile_store(acc, edge, 0, TILE_ROWS)
-                for t in range(min(TILE_TOKENS, n_tokens - t0)):
-                    for r in range(min(TILE_ROWS, n_rows - n0)):
-                        out[(t0 + t) * n_rows + n0 + r] = edge[t * TILE_ROWS + r]
+        _unpack_tile_q4(qw32, scales, zeros, tile * TILE_ROWS, wq, sw, c)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
+
+
+@parallel_kernel()
+def _matmul_q8_i8(qw32, scales, group_size, qx32, sx, zt, block, out):
+    """out [T * N] = the int8 x int8 product (`matmul_q8_i8`); qw32 uint32 [N, K/4]. As `_matmul_q4_i8`."""
+    n_rows, quads, n_groups = qw32.shape[0], qw32.shape[1], scales.shape[1]
+    for tile in prange((n_rows + TILE_ROWS - 1) // TILE_ROWS):
+        wq = np.empty(quads * TILE_ROWS, np.int32)              # [K/4, R]
+        sw = np.empty(n_groups * TILE_ROWS, np.float32)         # [G, R]
+        c = np.empty(n_groups * TILE_ROWS, np.float32)          # [G, R]
+        _unpack_tile_q8(qw32, scales, tile * TILE_ROWS, wq, sw, c)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,6 +487,11 @@ def quantize_activations(X: np.ndarray, group_size: int, block: int = ACT_BLOCK)
     return qx, sx, zt
 
 
+def _check_block(group_size, block):
+    if group_size % block or block % 8:
+        raise UsageError(f"activation block {block} must be a multiple of 8 dividing the group size {group_size}")
+
+
 def matmul_q4_i8(p: Q4Prepared, X: np.ndarray, out: np.ndarray | None = None,
                  block: int = ACT_BLOCK) -> np.ndarray:
     """Prefill: Y [T, N] = X W^T for X float32 [T, K], activations quantized to int8 per token and
@@ -441,8 +502,7 @@ def matmul_q4_i8(p: Q4Prepared, X: np.ndarray, out: np.ndarray | None = None,
     _check_mat(X, k)
     t = X.shape[0]
     out = _check_out(out, (t, n))
-    if p.group_size % block or block % 8:
-        raise UsageError(f"activation block {block} must be a multiple of 8 dividing the group size {p.group_size}")
+    _check_block(p.group_size, block)
     m = p.n_salient
     Xq = X
     if m or not X.flags.c_contiguous:
@@ -454,4 +514,22 @@ def matmul_q4_i8(p: Q4Prepared, X: np.ndarray, out: np.ndarray | None = None,
                   sx.reshape(-1), zt.reshape(-1), block, out.reshape(-1))
     if m:
         out += X[:, p.sal_idx[:m]] @ p.sal_w[:, :m].T                               # [T, m] @ [m, N]
+    return out
+
+
+def matmul_q8_i8(p: Q8Prepared, X: np.ndarray, out: np.ndarray | None = None,
+                 block: int = ACT_BLOCK) -> np.ndarray:
+    """Prefill with an int8 weight (the optional lm_head): Y [T, N] = X W^T with X quantized as in
+    `matmul_q4_i8`:  Y[t, n] = sum_b sw[n, g(b)] sx[t, b] sum_{k in b} q[n, k] qx[t, k].
+    vpdpbusd multiplies unsigned by signed bytes, so the weight enters as q + 128 and the zero-point
+    term subtracts 128 sum qx (|lane sums| <= 255 * 127 * B: exact in float for B <= 128)."""
+    assert VNNI, "matmul_q8_i8 needs AVX512-VNNI; dispatch with use_int8_activations"
+    n, k = p.shape
+    _check_mat(X, k)
+    t = X.shape[0]
+    out = _check_out(out, (t, n))
+    _check_block(p.group_size, block)
+    qx, sx, zt = quantize_activations(np.ascontiguousarray(X), p.group_size, block)
+    _matmul_q8_i8(p.qweight.view(np.uint32), p.scales, p.group_size, qx.view(np.int32).reshape(-1),
+                  sx.reshape(-1), zt.reshape(-1), block, out.reshape(-1))
     return out

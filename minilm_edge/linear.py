@@ -192,7 +192,9 @@ class Q4(Linear):
 
 
 class Q8(Linear):
-    """Symmetric int8 weights with per-(row, group) scales (q4.Q8Linear): the optional lm_head format."""
+    """Symmetric int8 weights with per-(row, group) scales (q4.Q8Linear): the optional lm_head format.
+    Prefill (and perplexity's head) multiply with int8 activations where `use_int8_activations` says
+    so (kernels_vnni.py), else dequantized tiles × BLAS; `int8_activations` as in Q4."""
     kind = "q8"
 
     def __init__(self, q8):
@@ -200,6 +202,7 @@ class Q8(Linear):
         self.q8 = q8
         self.p = prepare_q8(q8)
         self.shape = q8.shape
+        self.int8_activations = True
 
     @staticmethod
     def present(src, prefix):
@@ -221,6 +224,9 @@ class Q8(Linear):
         return matvec_q8_f32(self.p, x)
 
     def matmul(self, X):
+        from .kernels_vnni import matmul_q8_i8, use_int8_activations
+        if self.int8_activations and use_int8_activations(X.shape[0]):
+            return matmul_q8_i8(self.p, X)
         from .kernels_q4 import matmul_q8_f32
         return matmul_q8_f32(self.p, X)
 

@@ -114,14 +114,15 @@ class Model:
         return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
 
     def set_int8_activations(self, on: bool) -> None:
-        """Prefill int4 linears with int8 activations on AVX512-VNNI (on: the default; used where the
-        CPU has it, kernels_vnni.use_int8_activations) or in float32 (off: the accuracy reference)."""
-        from .linear import Q4
+        """Prefill int4 and int8 linears with int8 activations on AVX512-VNNI (on: the default; used
+        where the CPU has it, kernels_vnni.use_int8_activations) or in float32 (off: the accuracy
+        reference)."""
+        from .linear import Q4, Q8
         blocks = self.weights.blocks
         linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
         linears += [lin for pair in self._fused for lin in pair] + [self.weights.lm_head]
         for lin in linears:
-            if isinstance(lin, Q4):
+            if isinstance(lin, (Q4, Q8)):
                 lin.int8_activations = on
 
     # ---- forward

@@ -163,6 +163,23 @@ def matmul_q4_i8(qweight, scales, zeros, group_size, salient_idx, salient_w, X, 
     return y.astype(np.float32)
 
 
+def matmul_q8_i8(q, scales, group_size, X, block):
+    """Y [T, N] = X W^T with int8 W (quantize_q8) and X quantized to int8 (quantize_activations_i8):
+
+        Y[t, n] = sum_b sw[n, g] sx[t, b] sum_{k in b} q[n, k] qx[t, k]      g = g(b), sw = scales
+
+    Integer dots exact (int64), the rest float64, rounded to float32 at the end.  X float32 [T, K] -> [T, N]
+    """
+    t, k = X.shape
+    qx, sx = quantize_activations_i8(X, block)
+    y = np.zeros((t, q.shape[0]), np.float64)
+    for b in range(k // block):
+        cols = slice(b * block, (b + 1) * block)
+        dot = qx[:, cols].astype(np.int64) @ q[:, cols].astype(np.int64).T     # [T, N] exact integers
+        y += sx[:, b:b + 1].astype(np.float64) * scales[:, b * block // group_size].astype(np.float64) * dot
+    return y.astype(np.float32)
+
+
 def quantize_q8(w, group_size):
     """Symmetric int8 per (row, group): scale = max(max|w|, 1e-5)/127 (fp16), q = clamp(round(w/scale), ±127).
 

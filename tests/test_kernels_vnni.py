@@ -1,12 +1,12 @@
-"""int4 x int8 VNNI prefill kernel (kernels_vnni) against its NumPy twin (reference/q4.py), and the
-twin against the exact float product, over ragged shapes."""
+"""int4 x int8 and int8 x int8 VNNI prefill kernels (kernels_vnni) against their NumPy twins
+(reference/q4.py), and the int4 twin against the exact float product, over ragged shapes."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, q4
 from minilm_edge.errors import UsageError
-from minilm_edge.linear import Q4
+from minilm_edge.linear import Q4, Q8
 from minilm_edge.numba_policy import threads
 from reference import q4 as ref
 
@@ -135,6 +135,27 @@ def test_reference_i8_is_within_int8_rounding_of_the_float_product(params, t, xk
     assert np.all(np.abs(Y_i8 - Y) <= bound)
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n=st.sampled_from(AWKWARD_N), g=st.sampled_from(q4.GROUP_SIZES),
+       groups=st.integers(1, 4), t=st.sampled_from(AWKWARD_T), xkind=st.sampled_from(["normal", "outliers", "blocks"]))
+def test_matmul_q8_i8_matches_reference(seed, n, g, groups, t, xkind):
+    """Codes -127..127 become q + 128 in the kernel; the bound's magnitude counts that offset."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, g * groups)).astype(np.float32)
+    w[:, :g] *= 1e-3                                                       # a group of tiny weights
+    lin = q4.quantize_q8(w, g)
+    X = _activations(rng, t, g * groups, xkind)
+    Y = kv.matmul_q8_i8(kq.prepare_q8(lin), X)
+    Y_ref = ref.matmul_q8_i8(lin.qweight, lin.scales, g, X, kv.ACT_BLOCK)
+    qx, sx = ref.quantize_activations_i8(X, kv.ACT_BLOCK)
+    mag = np.zeros((t, n))
+    for b in range(X.shape[1] // kv.ACT_BLOCK):
+        cols = slice(b * kv.ACT_BLOCK, (b + 1) * kv.ACT_BLOCK)
+        u = np.abs(lin.qweight[:, cols].astype(np.float64)) + 128
+        mag += sx[:, b:b + 1] * lin.scales[:, b * kv.ACT_BLOCK // g].astype(np.float64) * (np.abs(qx[:, cols]) @ u.T)
+    assert np.all(np.abs(Y.astype(np.float64) - Y_ref) <= EPILOGUE_RTOL * mag + 1e-30)
+
+
 def test_int8_error_is_small_on_typical_activations():
     """Not just within the worst case: on Gaussian activations the rounding errors (uniform in
     +-sx/2, sx ~ 2.2 sigma / 127 for 32 channels) average out to ~0.5% of the product (measured 0.53%)."""
@@ -181,6 +202,15 @@ def test_wrapper_checks_arguments_and_writes_into_out():
     X = np.asfortranarray(np.ones((3, 64), np.float32))          # any layout: the wrapper copies
     assert kv.matmul_q4_i8(p, X, out=out) is out
     assert np.array_equal(out, kv.matmul_q4_i8(p, np.ascontiguousarray(X)))
+
+
+def test_q8_linear_dispatches_by_token_count_and_switch():
+    lin = q4.quantize_q8(np.random.default_rng(0).standard_normal((40, 128)).astype(np.float32), 64)
+    layer = Q8(lin)
+    X = _activations(np.random.default_rng(1), kv.INT8_MIN_TOKENS, 128, "normal")
+    assert np.array_equal(layer.matmul(X), kv.matmul_q8_i8(layer.p, X))
+    layer.int8_activations = False
+    assert np.array_equal(layer.matmul(X), kq.matmul_q8_f32(layer.p, X))
 
 
 def test_q4_linear_dispatches_by_token_count_and_switch():
