@@ -28,7 +28,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from .kernels_q4 import LANES, Q4Prepared, _split_x, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4, v_zeros
+from .kernels_q4 import (LANES, Q4Prepared, _split_x, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4,
+                         v_zeros)
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .sync import barrier, barrier_safe
 
@@ -166,27 +167,47 @@ def _attend_head(q, k, v, n, scale, s, out):
 
     q, out: [Dh]; k, v: [S, Dh] (the head's cache); s: [S] scratch for the scores.
     out = softmax(q·kⱼ · scale, j < n) · v
+    Shaped for throughput, not latency: the exponentials 16 at a time (v_exp), and the weighted
+    sum of v rows four positions at a time (four independent FMA chains per 16 output lanes).
     """
     Dh = q.shape[0]
     m = np.float32(-np.inf)
+    ones = v_splat(np.float32(1.0))
     for j in range(n):
-        acc = v_zeros()
         row = k[j]
-        for o in range(0, Dh, LANES):
+        acc, acc2 = v_zeros(), v_zeros()           # two chains: even and odd 16-lane chunks
+        for o in range(0, Dh - LANES, 2 * LANES):
             acc = v_fma(v_load(q, o), v_load(row, o), acc)
-        sj = v_hsum(acc) * scale
+            acc2 = v_fma(v_load(q, o + LANES), v_load(row, o + LANES), acc2)
+        if Dh % (2 * LANES):
+            acc = v_fma(v_load(q, Dh - LANES), v_load(row, Dh - LANES), acc)
+        sj = v_hsum(v_fma(acc, ones, acc2)) * scale
         s[j] = sj
         m = max(m, sj)
-    total = np.float32(0.0)
-    for j in range(n):
+    n16 = n - n % LANES
+    neg_m = v_splat(-m)
+    tot = v_zeros()
+    for j in range(0, n16, LANES):
+        e = v_exp(v_fma(v_load(s, j), ones, neg_m))
+        v_store(s, j, e)
+        tot = v_fma(e, ones, tot)
+    total = v_hsum(tot)
+    for j in range(n16, n):
         e = np.exp(s[j] - m)
         s[j] = e
         total += e
     inv = v_splat(np.float32(1.0) / total)
+    n4 = n - n % 4
     for o in range(0, Dh, LANES):
-        acc = v_zeros()
-        for j in range(n):
-            acc = v_fma(v_splat(s[j]), v_load(v[j], o), acc)
+        a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        for j in range(0, n4, 4):
+            a0 = v_fma(v_splat(s[j]), v_load(v[j], o), a0)
+            a1 = v_fma(v_splat(s[j + 1]), v_load(v[j + 1], o), a1)
+            a2 = v_fma(v_splat(s[j + 2]), v_load(v[j + 2], o), a2)
+            a3 = v_fma(v_splat(s[j + 3]), v_load(v[j + 3], o), a3)
+        for j in range(n4, n):
+            a0 = v_fma(v_splat(s[j]), v_load(v[j], o), a0)
+        acc = v_fma(v_fma(a0, ones, a1), ones, v_fma(a2, ones, a3))
         v_store(out, o, v_fma(acc, inv, v_zeros()))
 
 

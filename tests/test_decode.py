@@ -1,9 +1,11 @@
 """The one-call decode step (decode.py) against the Python path, on int4 tiny models."""
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from numba import prange
 
 import minilm_edge
+from minilm_edge.decode import _attend_head
 from minilm_edge.numba_policy import kernel, parallel_kernel, threads
 from minilm_edge.quantize import quantize
 from minilm_edge.sync import atomic_add, atomic_load, barrier
@@ -26,7 +28,7 @@ def salient_hook(layer, name, w):
 def test_one_call_decode_matches_prefill(tmp_path, variant, hook, n_threads):
     src, cfg, _ = make_model_dir(tmp_path / "src", **{**QUANTIZABLE, **variant})
     model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False, linear_hook=hook,
-                                      quantize_head="int8"))
+                                      quantize_head="int8"), int8_activations=False)   # the exact prefill
     assert model._plan is not None
     ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], 30)
     full = model.forward(ids)                               # prefill path: per-layer Python calls
@@ -79,3 +81,19 @@ def test_atomic_add_returns_old_value():
     a = np.array([0, 7, 0], np.int64)
     assert _add_then_load(a) == (7, 12)
     assert a.tolist() == [0, 12, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 300), dh=st.sampled_from([16, 32, 48, 64, 128]), seed=st.integers(0, 2**16),
+       spread=st.sampled_from([0.1, 3.0, 30.0]))
+def test_attend_head_is_softmax_attention(n, dh, seed, spread):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(dh).astype(np.float32)
+    k = (rng.standard_normal((n + 5, dh)) * spread).astype(np.float32)
+    v = rng.standard_normal((n + 5, dh)).astype(np.float32)
+    out, s = np.empty(dh, np.float32), np.empty(n + 5, np.float32)
+    scale = np.float32(1 / np.sqrt(dh))
+    _attend_head(q, k, v, n, scale, s, out)
+    z = (k[:n].astype(np.float64) @ q) * scale
+    p = np.exp(z - z.max())
+    np.testing.assert_allclose(out, (p / p.sum()) @ v[:n], rtol=1e-4, atol=1e-5)

@@ -133,3 +133,22 @@ def test_wrappers_check_arguments():
         kq.matmul_q4_f32(p, np.zeros((2, 32), np.float32))
     out = np.empty(4, np.float32)
     assert kq.matvec_q4_f32(p, np.zeros(64, np.float32), out=out) is out
+
+
+@kq.kernel()
+def _exp16(x, out):
+    for i in range(0, x.shape[0], kq.LANES):
+        kq.v_store(out, i, kq.v_exp(kq.v_load(x, i)))
+
+
+def test_vector_exp_matches_numpy():
+    x = np.concatenate([np.linspace(-87.3, 88.3, 4000), np.random.default_rng(0).normal(0, 10, 4000).clip(-87, 88),
+                        [0.0, -0.0, 1.0, -1.0, 1e-8, -1e-8] * 16]).astype(np.float32)
+    x = x[: len(x) // 16 * 16]
+    out = np.empty_like(x)
+    _exp16(x, out)
+    ref_ = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - ref_) / ref_) < 3e-7
+    low = np.array([-88.0, -100.0, -1e30, -np.inf] * 4, np.float32)   # clamped: tiny, not 0 or NaN
+    _exp16(low, out[:16])
+    assert np.all((out[:16] > 0) & (out[:16] < 1.2e-38))
