@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import shlex
@@ -43,6 +44,9 @@ def main(argv=None):
     p.add_argument("--baseline", metavar="LABEL", help="the row the others are compared with (default: the first)")
     p.add_argument("--kl", action="store_true", help="also the mean KL(baseline || model) per token")
     p.add_argument("--json-out", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--f32-activations", action="store_true",
+                   help="int4/int8 linears multiply float32 activations (no int8 activation rounding): "
+                        "the weights' own error, comparable with float32 references")
     args = p.parse_args(argv)
 
     import minilm_edge
@@ -59,10 +63,11 @@ def main(argv=None):
     texts = {d: read_text(d) for d in args.data}
     info = {label: describe(path) for label, path in models.items()}
 
-    base_model = minilm_edge.load(models[baseline]) if args.kl else None
+    load = functools.partial(minilm_edge.load, int8_activations=not args.f32_activations)
+    base_model = load(models[baseline]) if args.kl else None
     rows = []
     for label, path in models.items():
-        model = base_model if (label == baseline and base_model is not None) else minilm_edge.load(path)
+        model = base_model if (label == baseline and base_model is not None) else load(path)
         for d, text in texts.items():
             for ctx in ctxs:
                 print(f"{label} on {Path(d).name}, ctx {ctx}", file=sys.stderr)
@@ -96,7 +101,9 @@ def render(rows, baseline, args, command, version) -> str:
     out += ["", f"Protocol (DESIGN §7): each file read as is and tokenized once ({scope}), cut into "
             "non-overlapping windows of ctx tokens, each from an empty context; every predicted token "
             "scored (ctx − 1 per window; a final shorter window scored the same way); ppl = exp(mean NLL). "
-            f"Data: {data}. minilm_edge {version}, {datetime.date.today().isoformat()}.",
+            f"Data: {data}. minilm_edge {version}, {datetime.date.today().isoformat()}."
+            + (" Activations float32 (--f32-activations)." if args.f32_activations
+               else " Prefill activations of int4/int8 linears rounded to int8 where the CPU has VNNI."),
             "", "Command:", "", "    " + command]
     return "\n".join(out)
 
