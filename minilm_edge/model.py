@@ -17,6 +17,7 @@ from .checkpoint import Weights, load_weights
 from .config import LlamaConfig, load_config, read_json
 from .errors import ContextOverflowError, UsageError
 from .decode import build_plan
+from .kernels_vnni import use_int8_activations
 from .linear import fuse_rows
 from .numba_policy import blas_threads
 from .tokenizer import Tokenizer
@@ -86,7 +87,7 @@ class Model:
     """A loaded model. Construct with `minilm_edge.load(path)`."""
 
     def __init__(self, config: LlamaConfig, weights: Weights, tokenizer: Tokenizer | None,
-                 generation_config: dict | None = None, path: Path | None = None):
+                 generation_config: dict | None = None, path: Path | None = None, int8_activations: bool = True):
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -103,6 +104,7 @@ class Model:
                 weights.source.release_pages()      # the stacks are copies; the mapped pages are not needed
         else:
             self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
+        self.set_int8_activations(int8_activations)
 
     def _use_plan_views(self):
         c, p = self.config, self._plan
@@ -120,6 +122,9 @@ class Model:
         from .linear import Q4, Q8
         blocks = self.weights.blocks
         linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
+        # Every block linear int4: with int8 activations Numba kernels do all of a block's products
+        # and BLAS only attention (see hidden_states).
+        self._int8_blocks = on and all(isinstance(lin, Q4) for lin in linears)
         linears += [lin for pair in self._fused for lin in pair] + [self.weights.lm_head]
         for lin in linears:
             if isinstance(lin, (Q4, Q8)):
@@ -156,9 +161,13 @@ class Model:
         if cache.length + len(ids) > cache.max_len:
             raise ContextOverflowError(
                 f"{cache.length} tokens in context + {len(ids)} new exceed the context size {cache.max_len}")
-        # Big products (prefill) get every BLAS thread; small ones one, so that BLAS's pool and
-        # Numba's do not take turns on the same cores (numba_policy.blas_threads).
-        blas_threads(numba.get_num_threads() if len(ids) >= BLAS_PARALLEL_MIN_TOKENS else 1)
+        # Big products (prefill) get every BLAS thread when BLAS does them; otherwise BLAS gets one,
+        # so that its pool and Numba's do not take turns on the same cores (numba_policy.blas_threads):
+        # small calls, and int8 prefill, where BLAS does only attention (2 threads, 512 tokens,
+        # SmolLM2 int4: 717 tokens/s with one BLAS thread, 327 with two).
+        blas_big = len(ids) >= BLAS_PARALLEL_MIN_TOKENS and not (
+            self._int8_blocks and use_int8_activations(len(ids)))
+        blas_threads(numba.get_num_threads() if blas_big else 1)
         x = self._blocks(ids, cache)
         if last_only:
             x = x[-1:]
@@ -245,6 +254,4 @@ def load(path, tokenizer: bool = True, int8_activations: bool = True) -> Model:
     tok = Tokenizer(path) if tokenizer else None
     gen_path = path / "generation_config.json"
     gen = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
-    model = Model(cfg, weights, tok, gen, path)
-    model.set_int8_activations(int8_activations)
-    return model
+    return Model(cfg, weights, tok, gen, path, int8_activations)
