@@ -1,4 +1,5 @@
-"""Measure the int4/int8 kernels on SmolLM2-135M shapes: GB/s of weight bytes read, calls/s.
+"""Measure the int4/int8 kernels on SmolLM2-135M shapes: GB/s of weight bytes read, calls/s, and
+for the prefill matmuls GFLOP/s (= 2 x GMAC/s).
 
     python tools/bench_kernels.py            # table
     python tools/bench_kernels.py --json     # machine-readable
@@ -7,6 +8,9 @@
 GB/s = bytes the kernel reads per call (packed codes + float32 scales + uint8 zeros [+ salient]) /
 time per call. "hot": the same matrix every call (it stays in L2/L3 - an upper bound set by compute);
 "cold": calls cycle through copies totalling > 2x L3, as in a real decode pass over all layers.
+Prefill rows: matmul_q4_f32 (dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x
+VNNI, only where the CPU has it) and a float32 BLAS product, at T = 16, 128, 512 tokens; BLAS gets
+as many threads as Numba (numba_policy.blas_threads), as in model.forward.
 The reference point is a float32 matvec (same Numba vector code, float32 weights) on a cold matrix
 set: the machine's memory bandwidth as a Numba kernel sees it.
 
@@ -26,8 +30,8 @@ import numpy as np
 from numba import prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without install
-from minilm_edge import kernels_q4 as kq, q4
-from minilm_edge.numba_policy import FASTMATH_REDUCE, parallel_kernel, threads
+from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, q4
+from minilm_edge.numba_policy import FASTMATH_REDUCE, blas_threads, parallel_kernel, threads
 
 # name, N, K, group size (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152)
 SHAPES = [
@@ -103,12 +107,14 @@ def variants(quick):
             nbf = n * k * 4
             objsf = _copies(lambda i: np.random.default_rng(i).standard_normal((n, k)).astype(np.float32), nbf, cold)
             out.append(("matvec_f32 (ref)", name, temp, lambda w, x=x, y=y: _matvec_f32(w, x, y), objsf, nbf, 2 * n * k))
-        if name in ("qkv", "gate_up", "down"):
-            for t in (16, 128):
+        if name in ("q/o", "qkv", "gate_up", "down"):
+            for t in (16, 128, 512):
                 X = np.random.default_rng(1).standard_normal((t, k)).astype(np.float32)
                 Y = np.empty((t, n), np.float32)
                 p = _q4_layer(0, n, k, g)
                 out.append((f"matmul_q4_f32 T={t}", name, "hot", lambda p, X=X, Y=Y: kq.matmul_q4_f32(p, X, Y), [p], p.nbytes, 2 * n * k * t))
+                if kv.VNNI:
+                    out.append((f"matmul_q4_i8 T={t}", name, "hot", lambda p, X=X, Y=Y: kv.matmul_q4_i8(p, X, Y), [p], p.nbytes, 2 * n * k * t))
                 W = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
                 out.append((f"matmul_f32 BLAS T={t}", name, "hot", lambda w, X=X: X @ w.T, [W], W.nbytes, 2 * n * k * t))
     return out
@@ -119,6 +125,7 @@ def run(thread_counts, rounds, min_time, quick):
     times = {}
     for th in thread_counts:
         with threads(th):
+            blas_threads(th)
             for kernel, shape, temp, fn, objs, nb, fl in vs:     # warm up (JIT, page faults)
                 fn(objs[0])
             for _ in range(rounds):                             # interleave variants round by round
