@@ -142,7 +142,7 @@ def tile_dpbusd(typingctx, acc, wq, w_off, qx, x_off, x_stride):
     upgrade it to their <64 x i8> form when parsing, so one declaration serves both.
     """
     def codegen(context, builder, sig, args):
-        acc_t, wq_t, woff_t, qx_t, xoff_t, xs_t = sig.args
+        _, wq_t, woff_t, qx_t, xoff_t, xs_t = sig.args
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_VI32, [_VI32] * 3), "llvm.x86.avx512.vpdpbusd.512")
         accs = cgutils.unpack_tuple(builder, args[0], _NACC)
@@ -163,7 +163,7 @@ def tile_dpbusd(typingctx, acc, wq, w_off, qx, x_off, x_stride):
 def tile_fma_i32(typingctx, acc, acc_i, sw, sw_off, sx, sx_off, sx_stride):
     """acc[v, t] += float(acc_i[v, t]) * sw[sw_off + 16v : +16] * sx[sx_off + t * sx_stride]."""
     def codegen(context, builder, sig, args):
-        acc_t, acci_t, sw_t, swoff_t, sx_t, sxoff_t, sxs_t = sig.args
+        _, _, sw_t, swoff_t, sx_t, sxoff_t, sxs_t = sig.args
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF] * 3), "llvm.fma.v16f32")
         accs = cgutils.unpack_tuple(builder, args[0], _NACC)
         ints = cgutils.unpack_tuple(builder, args[1], _NACC)
@@ -188,7 +188,7 @@ def tile_fma_i32(typingctx, acc, acc_i, sw, sw_off, sx, sx_off, sx_stride):
 def tile_axpy(typingctx, acc, c, c_off, e, e_off, e_stride):
     """acc[v, t] += c[c_off + 16v : +16] * e[e_off + t * e_stride]   (float32 arrays)."""
     def codegen(context, builder, sig, args):
-        acc_t, c_t, coff_t, e_t, eoff_t, es_t = sig.args
+        _, c_t, coff_t, e_t, eoff_t, es_t = sig.args
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF] * 3), "llvm.fma.v16f32")
         accs = cgutils.unpack_tuple(builder, args[0], _NACC)
         c_off = context.cast(builder, args[2], coff_t, types.intp)
@@ -208,7 +208,7 @@ def tile_axpy(typingctx, acc, c, c_off, e, e_off, e_stride):
 def tile_store(typingctx, acc, out, off, stride):
     """out[off + t * stride + 16v : +16] = acc[v, t]   (1-D float32 out)."""
     def codegen(context, builder, sig, args):
-        acc_t, out_t, off_t, stride_t = sig.args
+        _, out_t, off_t, stride_t = sig.args
         accs = cgutils.unpack_tuple(builder, args[0], _NACC)
         off = context.cast(builder, args[2], off_t, types.intp)
         stride = context.cast(builder, args[3], stride_t, types.intp)
@@ -258,7 +258,7 @@ def v_store_nibbles(typingctx, w, wq, off_lo, off_hi):
     """Split 16 words of packed codes: wq[off_lo : +16] = w & 0x0F0F0F0F (low nibbles),
     wq[off_hi : +16] = (w >> 4) & 0x0F0F0F0F (high nibbles); wq a 1-D int32 array."""
     def codegen(context, builder, sig, args):
-        w_t, wq_t, lo_t, hi_t = sig.args
+        _, wq_t, lo_t, hi_t = sig.args
         mask = ir.Constant(_VI32, [0x0F0F0F0F] * LANES)
         lo = builder.and_(args[0], mask)
         hi = builder.and_(builder.lshr(args[0], ir.Constant(_VI32, [4] * LANES)), mask)
@@ -274,7 +274,7 @@ def v_store_octets_i8(typingctx, w0, w1, wq, off_even, off_odd):
     row per lane) -> unsigned codes q + 128 in VNNI octet order: wq[off_even : +16] = channels
     (8j, 8j+2, 8j+4, 8j+6) and wq[off_odd : +16] = (8j+1, 8j+3, 8j+5, 8j+7) of each row."""
     def codegen(context, builder, sig, args):
-        w0_t, w1_t, wq_t, even_t, odd_t = sig.args
+        _, _, wq_t, even_t, odd_t = sig.args
         vb = ir.VectorType(ir.IntType(8), 4 * LANES)
         b0, b1 = builder.bitcast(args[0], vb), builder.bitcast(args[1], vb)
         flip = ir.Constant(vb, [0x80] * (4 * LANES))                     # q + 128 = q xor 0x80
