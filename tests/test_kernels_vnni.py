@@ -213,12 +213,15 @@ def test_q8_linear_dispatches_by_token_count_and_switch():
     assert np.array_equal(layer.matmul(X), kq.matmul_q8_f32(layer.p, X))
 
 
-def test_q4_linear_dispatches_by_token_count_and_switch():
+def test_q4_linear_dispatches_by_token_count_switch_and_cpu(monkeypatch):
     lin = _layer(4, 48, 64, 3, 5, "normal")
     layer = Q4(lin)
     X = _activations(np.random.default_rng(1), kv.INT8_MIN_TOKENS, lin.shape[1], "normal")
     assert np.array_equal(layer.matmul(X), kv.matmul_q4_i8(layer.p, X))
     few = X[: kv.INT8_MIN_TOKENS - 1]
     assert np.array_equal(layer.matmul(few), kq.matmul_q4_f32(layer.p, few))
+    with monkeypatch.context() as m:
+        m.setattr(kv, "VNNI", False)                                        # a CPU without VNNI
+        assert np.array_equal(layer.matmul(X), kq.matmul_q4_f32(layer.p, X))
     layer.int8_activations = False
     assert np.array_equal(layer.matmul(X), kq.matmul_q4_f32(layer.p, X))
