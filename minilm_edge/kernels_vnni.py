@@ -472,7 +472,7 @@ def _matmul_q8_i8(qw32, scales, group_size, qx32, sx, zt, block, out):
 
 
 # ----------------------------------------------------------------------------------------------
-# Public wrapper: check, allocate, call the kernels.
+# Public wrappers: check, allocate, call the kernels.
 
 
 def quantize_activations(X: np.ndarray, group_size: int, block: int = ACT_BLOCK):
@@ -488,8 +488,8 @@ def quantize_activations(X: np.ndarray, group_size: int, block: int = ACT_BLOCK)
 
 
 def _check_block(group_size, block):
-    if group_size % block or block % 8:
-        raise UsageError(f"activation block {block} must be a multiple of 8 dividing the group size {group_size}")
+    if group_size % block or block % LANES:        # activations are quantized 16 channels at a time
+        raise UsageError(f"activation block {block} must be a multiple of {LANES} dividing the group size {group_size}")
 
 
 def matmul_q4_i8(p: Q4Prepared, X: np.ndarray, out: np.ndarray | None = None,

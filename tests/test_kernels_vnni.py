@@ -196,6 +196,8 @@ def test_wrapper_checks_arguments_and_writes_into_out():
         kv.matmul_q4_i8(p, np.zeros((2, 32), np.float32))
     with pytest.raises(UsageError, match="activation block 64 must"):
         kv.matmul_q4_i8(p, np.zeros((2, 64), np.float32), block=64)
+    with pytest.raises(UsageError, match="activation block 8 must be a multiple of 16"):
+        kv.matmul_q4_i8(p, np.zeros((2, 64), np.float32), block=8)
     with pytest.raises(UsageError, match="out: expected"):
         kv.matmul_q4_i8(p, np.zeros((2, 64), np.float32), out=np.zeros((2, 5), np.float32))
     out = np.empty((3, 4), np.float32)
