@@ -113,6 +113,6 @@ def run(model_dir, n_threads: int | None = None, prompt_tokens: int = 512, new_t
         "weight_bytes_per_token": bpt,
         "memory_bandwidth_gb_s": round(bw, 1),
         "bandwidth_floor_tokens_per_s": round(bw * 1e9 / bpt, 1),
-        "fraction_of_floor": round(dec / (bw * 1e9 / bpt), 3),
+        "fraction_of_floor": float(f"{dec / (bw * 1e9 / bpt):.3g}"),   # 3 significant digits: tiny for tiny models
         "runs": repeats,
     }
