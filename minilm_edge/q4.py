@@ -274,7 +274,7 @@ def quantize_q4(w: np.ndarray, group_size: int, salient_idx=None, bits: int = BI
         if salient_idx.ndim != 1 or not np.issubdtype(salient_idx.dtype, np.integer):
             raise UsageError("salient_idx: expected a 1-D integer array")
         salient_idx = salient_idx.astype(np.int32)
-        sal_w = w[:, salient_idx].astype(np.float16)                         # [N, m]
+        sal_w = np.ascontiguousarray(w[:, salient_idx], dtype=np.float16)     # [N, m] (w[:, idx] is F-ordered)
         w = w.copy()
         w[:, salient_idx] = 0.0
     if bits not in (3, BITS):

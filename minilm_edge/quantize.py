@@ -57,6 +57,9 @@ def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        # safetensors.numpy writes an array's memory as is: a Fortran-ordered one (e.g. w[:, idx])
+        # would be read back transposed. Every tensor goes out in C order.
+        tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name in COPIED_FILES:

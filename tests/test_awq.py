@@ -215,6 +215,15 @@ def test_awq_model_runs_and_records_its_calibration(tmp_path):
     model = minilm_edge.load(out)
     ids = np.arange(3, 20)
     assert np.all(np.isfinite(model.forward(ids)))
+    # The stored fp16 columns are those of the scaled weight, in the folded basis: times the folded
+    # norm they equal the source's columns times its norm (they once came out transposed: a
+    # Fortran-ordered array written as is).
+    fp = load_file(str(src / "model.safetensors"))
+    p, norm = "model.layers.0.self_attn.q_proj", "model.layers.0.input_layernorm.weight"
+    sal = raw[p + ".salient_idx"]
+    got = raw[p + ".salient_w"].astype(np.float32) * raw[norm].astype(np.float32)[sal]
+    want = fp[p + ".weight"].astype(np.float32)[:, sal] * fp[norm].astype(np.float32)[sal]
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3 * np.abs(want).max())
     rep = json.loads((out / "report.json").read_text())
     assert len(rep["layers"]) == 2 and "<svg" in (out / "report.html").read_text()
     assert "http" not in (out / "report.html").read_text().replace('xmlns="http://www.w3.org/2000/svg"', "")

@@ -138,3 +138,13 @@ def test_corrupt_quantized_tensors_are_refused(tmp_path, tamper, msg):
     save_file(raw, str(out / "model.safetensors"))
     with pytest.raises(minilm_edge.QuantFormatError, match=msg):
         minilm_edge.load(out)
+
+
+def test_model_folder_writes_fortran_ordered_tensors_in_c_order(tmp_path):
+    from safetensors.numpy import load_file
+    from minilm_edge.quantize import write_model_folder
+    (tmp_path / "src").mkdir()
+    a = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": a, "b": a[:, [3, 0]]}, {})
+    back = load_file(str(out / "model.safetensors"))
+    assert np.array_equal(back["a"], a) and np.array_equal(back["b"], a[:, [3, 0]])
