@@ -83,7 +83,7 @@ the program exits at end of input, so it can be scripted.
 
 Without MODEL_DIR the default model is used: SmolLM2-135M-Instruct quantized with AWQ to int4
 (int8 lm_head) on text it generates itself (smollm2-135m-instruct-awq). The first use pulls the
-model and quantizes it, with progress shown (about 10 minutes on 2 cores); later starts load it
+model and quantizes it, with progress shown (10–15 minutes on 2 cores); later starts load it
 from the store in about a second.
 
 examples:
