@@ -255,6 +255,17 @@ def _share(n, t, T):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
+def _add_rows(x, a, b, qw, sc, z, g, sw, xe, xo, xs, xsal):
+    """x[r] += (W h)[r] for the row pairs r = 2a .. 2b−1 of one int4 linear (the residual add fused
+    in); h given by its matvec prologue xe, xo, xs, xsal (_split_x)."""
+    for i in range(a, b):
+        r = 2 * i
+        ya, yb = _q4_row2(qw[r], qw[r + 1], sc[r], sc[r + 1], z[r], z[r + 1], g, sw[r], sw[r + 1], xe, xo, xs, xsal)
+        x[r] += ya
+        x[r + 1] += yb
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
 def _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
                    a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
                    o_qw, o_sc, o_z, o_g, o_si, o_sw,
@@ -305,12 +316,7 @@ def _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_
         k = barrier(bar, k, T)
         _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
         a, b = _share(D // 2, t, T)
-        for i in range(a, b):                    # x += Wo att (the residual add fused in)
-            r = 2 * i
-            ya, yb = _q4_row2(o_qw[l, r], o_qw[l, r + 1], o_sc[l, r], o_sc[l, r + 1], o_z[l, r], o_z[l, r + 1],
-                              o_g, o_sw[l, r], o_sw[l, r + 1], xe, xo, xs, xsal)
-            x[r] += ya
-            x[r + 1] += yb
+        _add_rows(x, a, b, o_qw[l], o_sc[l], o_z[l], o_g, o_sw[l], xe, xo, xs, xsal)    # x += Wo att
         k = barrier(bar, k, T)
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, mlp_norm[l], eps, h)
@@ -323,12 +329,7 @@ def _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_
         k = barrier(bar, k, T)
         _split_x(act, d_g, d_si[l], xe, xo, xs, xsal)
         a, b = _share(D // 2, t, T)
-        for i in range(a, b):                    # x += Wdown act
-            r = 2 * i
-            ya, yb = _q4_row2(d_qw[l, r], d_qw[l, r + 1], d_sc[l, r], d_sc[l, r + 1], d_z[l, r], d_z[l, r + 1],
-                              d_g, d_sw[l, r], d_sw[l, r + 1], xe, xo, xs, xsal)
-            x[r] += ya
-            x[r + 1] += yb
+        _add_rows(x, a, b, d_qw[l], d_sc[l], d_z[l], d_g, d_sw[l], xe, xo, xs, xsal)    # x += Wdown act
         k = barrier(bar, k, T)
 
 
