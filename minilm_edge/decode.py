@@ -17,8 +17,14 @@ Per block l (x: [D] the residual stream, float32):
     h   = rms_norm(x) ⊙ mlp_norm[l]
     gu  = Wgu[l] h                                   [2F] = gate | up
     x  += Wdown[l] (silu(gate) ⊙ up)
-The per-kernel twins (and their tests) are those of kernels.py / kernels_q4.py; the whole step is
-tested against the Python path (prefill of the same tokens) in tests/test_decode.py.
+The matvecs run with int8 activations on AVX512-VNNI (kernels_vnni_matvec.py: the same quantizer
+as the int8 prefill, so a decoded token meets the activations it would meet in a prompt), else in
+float32 (kernels_q4.py; also with Model.set_int8_activations(False)). Each phase calls one row-range
+kernel (`_rows`), the row loop inside: per-row calls measured slower than the rows' arithmetic
+(every call updates the reference count of every array argument).
+The per-kernel twins (and their tests) are those of kernels.py / kernels_q4.py /
+kernels_vnni_matvec.py; the whole step is tested against the Python path (prefill of the same
+tokens) in tests/test_decode.py, in float32 and with int8 activations.
 """
 from __future__ import annotations
 
@@ -30,8 +36,13 @@ from numba import prange
 
 from .kernels_q4 import (LANES, Q4Prepared, _split_x, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4,
                          v_zeros)
+from .kernels_vnni import ACT_BLOCK, VNNI
+from .kernels_vnni_matvec import CHUNK, _quantize_vec, group_index, padded, supports_i8
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .sync import barrier, barrier_safe
+
+if VNNI:
+    from .kernels_vnni_matvec import _q4_i8_row2
 
 
 @dataclasses.dataclass
@@ -46,8 +57,17 @@ class StackedQ4:
     n_salient: list         # L × m
     bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
 
+    @property
+    def shape(self):
+        return self.qweight.shape[1], 2 * self.qweight.shape[2]
+
     def args(self):
-        return self.qweight, self.scales, self.zeros, self.group_size, self.sal_idx, self.sal_w
+        """The stack as `_decode_blocks` takes it: the arrays with (L, N) merged into rows, then the int8 matvec's tables (gidx,
+        g0s: kernels_vnni_matvec.group_index) and the salient counts per block."""
+        gpc, gidx, g0s = group_index(self.group_size, 8, self.shape[1])
+        rows = lambda a: a.reshape(a.shape[0] * a.shape[1], a.shape[2])   # [L, N, ·] -> [L·N, ·], a view
+        return (rows(self.qweight), rows(self.scales), rows(self.zeros), self.group_size, self.sal_idx,
+                rows(self.sal_w), gpc, gidx, g0s, np.array(self.n_salient, np.int64))
 
     def layer(self, l: int, r0: int = 0, r1: int | None = None):
         """A Q4 linear over rows r0:r1 of block l: views into the stack, no copy."""
@@ -115,7 +135,17 @@ class DecodePlan:
         self.xo = np.empty((P, K // 2), np.float32)               # [P, K/2] x's odd entries
         self.xs = np.empty((P, K // 32), np.float32)              # [P, K/32] per-group sums
         self.xsal = np.empty((P, m16), np.float32)                # [P, m16] salient entries
+        # per thread, the int8 activations of the input at hand (kernels_vnni_matvec._quantize_vec)
+        self.xz = np.empty((P, K), np.float32)                    # [P, K] x with salient channels 0
+        self.qe = np.zeros((P, padded(K // 2, CHUNK)), np.int8)   # [P, K/2 ↑ 64] even channels
+        self.qo = np.zeros((P, padded(K // 2, CHUNK)), np.int8)   # [P, K/2 ↑ 64] odd channels
+        self.sxl = np.zeros((P, padded(K // 8, LANES)), np.float32)          # [P, K/8 ↑ 16] lane scales
+        self.nzt = np.zeros((P, padded(K // ACT_BLOCK, LANES)), np.float32)  # [P, G ↑ 16] −zt
+        # int8 activations in the block matvecs (VNNI; Model.set_int8_activations turns them off)
+        self.int8_ok = VNNI and all(supports_i8(st.group_size, st.shape[1]) for st in (qkv, o, gate_up, down))
+        self.int8 = self.int8_ok
         self._concurrent = None                                   # sync.barrier_safe(), once known
+        self._args = None
 
     @property
     def nbytes(self) -> int:
@@ -129,11 +159,13 @@ class DecodePlan:
             self._concurrent = barrier_safe()
         T = numba.get_num_threads() if self._concurrent else 1   # None (layer not chosen yet): 1
         self.bar[0] = 0
-        _decode_blocks(T, self.bar, x, pos, cos, sin, np.float32(c.rms_norm_eps), c.num_attention_heads,
-                       c.num_key_value_heads, c.head_dim, self.attn_norm, self.mlp_norm,
-                       *self.qkv.args(), self.qkv.bias, *self.o.args(), *self.gate_up.args(),
-                       *self.down.args(), cache.k, cache.v, cache.scratch,
-                       self.h, self.qkv_out, self.att, self.act, self.xe, self.xo, self.xs, self.xsal)
+        if self._args is None:
+            self._args = (*self.qkv.args(), self.qkv.bias.reshape(-1), *self.o.args(), *self.gate_up.args(),
+                          *self.down.args())
+        _decode_blocks(T, self.bar, self.int8 and self.int8_ok, x, pos, cos, sin, np.float32(c.rms_norm_eps),
+                       c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.attn_norm, self.mlp_norm,
+                       *self._args, cache.k, cache.v, cache.scratch, self.h, self.qkv_out, self.att, self.act,
+                       self.xe, self.xo, self.xs, self.xsal, self.xz, self.qe, self.qo, self.sxl, self.nzt)
 
 
 def build_plan(cfg, blocks):
@@ -211,41 +243,111 @@ def _attend_head(q, k, v, n, scale, s, out):
         v_store(out, o, v_fma(acc, inv, v_zeros()))
 
 
-@kernel(fastmath=FASTMATH_REDUCE)
-def _q4_row2(ra, rb, sa, sb, za, zb, group_size, swa, swb, x_even, x_odd, x_sum, x_sal):
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _q4_row2(qw, sc, z, sw, ra, rb, group_size, x_even, x_odd, x_sum, x_sal):
     """Two outputs of the int4 matvec at once: the row loop body of kernels_q4._matvec_q4_f32 for
     rows ra and rb (per group: scale · (codes · x_g) − scale · zero · Σx_g; plus the salient dot).
 
+    qw [L·N, K/2], sc, z [L·N, G], sw [L·N, m16]: a stack with its (L, N) axes merged (row l·N + n). Rows are addressed by flat offset, never sliced: a slice per row costs a
+    reference-count update per array (an atomic add and a call), which measured as slow as the
+    row's arithmetic (decode blocks at 6 GB/s instead of 12 on one core).
     One row's loop is a chain of dependent FMAs (latency-bound at ~5 GB/s per core); two rows with
     separate low/high accumulators give 8 independent chains and share every x load.
     """
+    half, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
     h = group_size // 2
+    wa, wb = ra * half, rb * half
     acc_a, acc_a2, acc_b, acc_b2 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
     zt_a = np.float32(0.0)
     zt_b = np.float32(0.0)
-    for g in range(sa.shape[0]):
+    for g in range(G):
         da, ea, db, eb = v_zeros(), v_zeros(), v_zeros(), v_zeros()
         for o in range(g * h, g * h + h, LANES):
             xe = v_load(x_even, o)
             xo = v_load(x_odd, o)
-            lo, hi = v_unpack_q4(ra, o)
+            lo, hi = v_unpack_q4(qw, wa + o)
             da = v_fma(lo, xe, da)
             ea = v_fma(hi, xo, ea)
-            lo, hi = v_unpack_q4(rb, o)
+            lo, hi = v_unpack_q4(qw, wb + o)
             db = v_fma(lo, xe, db)
             eb = v_fma(hi, xo, eb)
-        va, vb = v_splat(sa[g]), v_splat(sb[g])
+        s_a, s_b = sc[ra, g], sc[rb, g]
+        va, vb = v_splat(s_a), v_splat(s_b)
         acc_a = v_fma(va, da, acc_a)
         acc_a2 = v_fma(va, ea, acc_a2)
         acc_b = v_fma(vb, db, acc_b)
         acc_b2 = v_fma(vb, eb, acc_b2)
-        zt_a += sa[g] * np.float32(za[g]) * x_sum[g]
-        zt_b += sb[g] * np.float32(zb[g]) * x_sum[g]
-    for i in range(0, swa.shape[0], LANES):
+        zt_a += s_a * np.float32(z[ra, g]) * x_sum[g]
+        zt_b += s_b * np.float32(z[rb, g]) * x_sum[g]
+    for i in range(0, m16, LANES):
         xs = v_load(x_sal, i)
-        acc_a = v_fma(v_load(swa, i), xs, acc_a)
-        acc_b = v_fma(v_load(swb, i), xs, acc_b)
+        acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)
+        acc_b = v_fma(v_load(sw, rb * m16 + i), xs, acc_b)
     return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _prologue(i8, x, g, sal_idx, n_sal, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
+    """The matvec prologue of input x for this thread: float32 (split into even/odd entries, group
+    sums) or int8 (quantized as in kernels_vnni_matvec); the salient entries either way."""
+    if i8:
+        _quantize_vec(x, sal_idx, n_sal, g, ACT_BLOCK, 8, xz, qe, qo, sxl, nzt, np.float32(1.0))
+        for i in range(sal_idx.shape[0]):
+            xsal[i] = x[sal_idx[i]]
+    else:
+        _split_x(x, g, sal_idx, xe, xo, xs, xsal)
+
+
+# What a row kernel does with its pair of outputs (ya, yb) of pair i:
+STORE, ADD, SWIGLU = 0, 1, 2    # out[2i], out[2i+1] = ya + bias, yb + bias | out[2i] += ya, ... | out[i] = silu(ya)·yb
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _put(mode, out, i, ra, rb, ya, yb, bias):
+    if mode == SWIGLU:
+        out[i] = ya / (np.float32(1.0) + np.exp(-ya)) * yb
+    elif mode == ADD:
+        out[2 * i] += ya
+        out[2 * i + 1] += yb
+    else:
+        out[2 * i] = ya + bias[ra]
+        out[2 * i + 1] = yb + bias[rb]
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows_f32(mode, qw, sc, z, sw, base, up, i0, i1, g, xe, xo, xs, xsal, bias, out):
+    """Row pairs i0 .. i1−1 of one stacked int4 linear in float32 (prologue `_split_x`): pair i is
+    stack rows (base + 2i, base + 2i + 1), or (base + i, base + up + i) for SWIGLU (gate row i and
+    up row i); the outputs go to `out` as `mode` says. One call per phase, the row loop inside:
+    a call per row would pay reference-count updates for every array argument."""
+    for i in range(i0, i1):
+        ra = base + i if mode == SWIGLU else base + 2 * i
+        rb = ra + up if mode == SWIGLU else ra + 1
+        ya, yb = _q4_row2(qw, sc, z, sw, ra, rb, g, xe, xo, xs, xsal)
+        _put(mode, out, i, ra, rb, ya, yb, bias)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_i8(mode, qw, sc, z, sw, base, up, i0, i1, gpc, gidx, g0s, qe, qo, sxl, nzt, xsal, bias, out):
+        """`_rows_f32` with int8 activations (prologue `_quantize_vec`; kernels_vnni_matvec)."""
+        for i in range(i0, i1):
+            ra = base + i if mode == SWIGLU else base + 2 * i
+            rb = ra + up if mode == SWIGLU else ra + 1
+            ya, yb = _q4_i8_row2(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, xsal)
+            _put(mode, out, i, ra, rb, ya, yb, bias)
+else:
+    _rows_i8 = None         # never called: DecodePlan.int8_ok is False without VNNI
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows(i8, mode, qw, sc, z, sw, base, up, i0, i1, g, gpc, gidx, g0s, xe, xo, xs, xsal, qe, qo, sxl, nzt,
+          bias, out):
+    """Row pairs i0 .. i1−1 of one stacked int4 linear, float32 or int8 activations."""
+    if i8:
+        _rows_i8(mode, qw, sc, z, sw, base, up, i0, i1, gpc, gidx, g0s, qe, qo, sxl, nzt, xsal, bias, out)
+    else:
+        _rows_f32(mode, qw, sc, z, sw, base, up, i0, i1, g, xe, xo, xs, xsal, bias, out)
 
 
 @kernel()
@@ -255,46 +357,34 @@ def _share(n, t, T):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _add_rows(x, a, b, qw, sc, z, g, sw, xe, xo, xs, xsal):
-    """x[r] += (W h)[r] for the row pairs r = 2a .. 2b−1 of one int4 linear (the residual add fused
-    in); h given by its matvec prologue xe, xo, xs, xsal (_split_x)."""
-    for i in range(a, b):
-        r = 2 * i
-        ya, yb = _q4_row2(qw[r], qw[r + 1], sc[r], sc[r + 1], z[r], z[r + 1], g, sw[r], sw[r + 1], xe, xo, xs, xsal)
-        x[r] += ya
-        x[r + 1] += yb
-
-
-@kernel(fastmath=FASTMATH_REDUCE)
-def _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
-                   a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
-                   o_qw, o_sc, o_z, o_g, o_si, o_sw,
-                   u_qw, u_sc, u_z, u_g, u_si, u_sw,
-                   d_qw, d_sc, d_z, d_g, d_si, d_sw,
-                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal):
+def _decode_thread(t, T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+                   a_qw, a_sc, a_z, a_g, a_si, a_sw, a_gp, a_gi, a_g0, a_ns, a_b,
+                   o_qw, o_sc, o_z, o_g, o_si, o_sw, o_gp, o_gi, o_g0, o_ns,
+                   u_qw, u_sc, u_z, u_g, u_si, u_sw, u_gp, u_gi, u_g0, u_ns,
+                   d_qw, d_sc, d_z, d_g, d_si, d_sw, d_gp, d_gi, d_g0, d_ns,
+                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
     """Thread t of T: its share of every phase of every block, with a barrier after each phase.
 
     Shared (written by parts, read whole after a barrier): x, qkv, att, act, the cache.
     Private to the thread (row t of the [T, ...] scratch): h and the matvec prologue (xe, xo, xs,
-    xsal). Each thread normalises and splits the whole input itself: cheaper than a barrier.
+    xsal; xz, qe, qo, sxl, nzt with int8 activations). Each thread normalises and prepares the
+    whole input itself: cheaper than a barrier.
     """
     nq, nkv, half, F, D = H * Dh, Hkv * Dh, Dh // 2, act.shape[0], x.shape[0]
     rep = H // Hkv
     n = pos + 1
     scale = np.float32(1.0 / np.sqrt(Dh))
     h, xe, xo, xs, xsal = h[t], xe[t], xo[t], xs[t], xsal[t]
+    xz, qe, qo, sxl, nzt = xz[t], qe[t], qo[t], sxl[t], nzt[t]
+    Na, Nu = qkv.shape[0], 2 * F                  # rows per block of the q|k|v and gate|up stacks
     k = 0                                         # barriers passed
     for l in range(attn_norm.shape[0]):
         # attention: h = norm(x); qkv = W h + b
         _rms_norm_vec(x, attn_norm[l], eps, h)
-        _split_x(h, a_g, a_si[l], xe, xo, xs, xsal)
-        a, b = _share(qkv.shape[0] // 2, t, T)   # rows in pairs (N is even: heads × even Dh)
-        for i in range(a, b):
-            r = 2 * i
-            ya, yb = _q4_row2(a_qw[l, r], a_qw[l, r + 1], a_sc[l, r], a_sc[l, r + 1], a_z[l, r], a_z[l, r + 1],
-                              a_g, a_sw[l, r], a_sw[l, r + 1], xe, xo, xs, xsal)
-            qkv[r] = ya + a_b[l, r]
-            qkv[r + 1] = yb + a_b[l, r + 1]
+        _prologue(i8, h, a_g, a_si[l], a_ns[l], xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)
+        a, b = _share(Na // 2, t, T)             # rows in pairs (N is even: heads × even Dh)
+        _rows(i8, STORE, a_qw, a_sc, a_z, a_sw, l * Na, 0, a, b, a_g, a_gp, a_gi, a_g0, xe, xo, xs, xsal,
+              qe, qo, sxl, nzt, a_b, qkv)                                              # qkv = W h + b
         k = barrier(bar, k, T)
         # RoPE on q and k heads (every T-th head); k and v of this position into the cache
         for head in range(t, H + Hkv, T):
@@ -314,39 +404,40 @@ def _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_
             _attend_head(qkv[hq * Dh:(hq + 1) * Dh], kc[l, hq // rep], vc[l, hq // rep], n, scale,
                          scratch[hq], att[hq * Dh:(hq + 1) * Dh])
         k = barrier(bar, k, T)
-        _split_x(att, o_g, o_si[l], xe, xo, xs, xsal)
+        _prologue(i8, att, o_g, o_si[l], o_ns[l], xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)
         a, b = _share(D // 2, t, T)
-        _add_rows(x, a, b, o_qw[l], o_sc[l], o_z[l], o_g, o_sw[l], xe, xo, xs, xsal)    # x += Wo att
+        _rows(i8, ADD, o_qw, o_sc, o_z, o_sw, l * D, 0, a, b, o_g, o_gp, o_gi, o_g0, xe, xo, xs, xsal,
+              qe, qo, sxl, nzt, a_b, x)                                                # x += Wo att
         k = barrier(bar, k, T)
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, mlp_norm[l], eps, h)
-        _split_x(h, u_g, u_si[l], xe, xo, xs, xsal)
-        a, b = _share(F, t, T)
-        for f in range(a, b):                    # gate row f and up row F+f together, SiLU fused in
-            g, u = _q4_row2(u_qw[l, f], u_qw[l, F + f], u_sc[l, f], u_sc[l, F + f], u_z[l, f], u_z[l, F + f],
-                            u_g, u_sw[l, f], u_sw[l, F + f], xe, xo, xs, xsal)
-            act[f] = g / (np.float32(1.0) + np.exp(-g)) * u
+        _prologue(i8, h, u_g, u_si[l], u_ns[l], xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)
+        a, b = _share(F, t, T)                   # gate row f and up row F+f together, SiLU fused in
+        _rows(i8, SWIGLU, u_qw, u_sc, u_z, u_sw, l * Nu, F, a, b, u_g, u_gp, u_gi, u_g0, xe, xo, xs, xsal,
+              qe, qo, sxl, nzt, a_b, act)
         k = barrier(bar, k, T)
-        _split_x(act, d_g, d_si[l], xe, xo, xs, xsal)
+        _prologue(i8, act, d_g, d_si[l], d_ns[l], xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)
         a, b = _share(D // 2, t, T)
-        _add_rows(x, a, b, d_qw[l], d_sc[l], d_z[l], d_g, d_sw[l], xe, xo, xs, xsal)    # x += Wdown act
+        _rows(i8, ADD, d_qw, d_sc, d_z, d_sw, l * D, 0, a, b, d_g, d_gp, d_gi, d_g0, xe, xo, xs, xsal,
+              qe, qo, sxl, nzt, a_b, x)                                                # x += Wdown act
         k = barrier(bar, k, T)
 
 
 # ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
 @parallel_kernel()
-def _decode_blocks(T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
-                   a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
-                   o_qw, o_sc, o_z, o_g, o_si, o_sw,
-                   u_qw, u_sc, u_z, u_g, u_si, u_sw,
-                   d_qw, d_sc, d_z, d_g, d_si, d_sw,
-                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal):
+def _decode_blocks(T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+                   a_qw, a_sc, a_z, a_g, a_si, a_sw, a_gp, a_gi, a_g0, a_ns, a_b,
+                   o_qw, o_sc, o_z, o_g, o_si, o_sw, o_gp, o_gi, o_g0, o_ns,
+                   u_qw, u_sc, u_z, u_g, u_si, u_sw, u_gp, u_gi, u_g0, u_ns,
+                   d_qw, d_sc, d_z, d_g, d_si, d_sw, d_gp, d_gi, d_g0, d_ns,
+                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
     """One token through all L blocks (see the module docstring). cos, sin: [Dh/2] at `pos`;
-    bar: int64 [≥ 1] zeroed; h, xe, xo, xs, xsal: per-thread scratch [≥ T, ...]."""
+    bar: int64 [≥ 1] zeroed; i8: int8 activations (VNNI) or float32 in the block matvecs;
+    h and the prologue buffers: per-thread scratch [≥ T, ...]."""
     for t in prange(T):
-        _decode_thread(t, T, bar, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
-                       a_qw, a_sc, a_z, a_g, a_si, a_sw, a_b,
-                       o_qw, o_sc, o_z, o_g, o_si, o_sw,
-                       u_qw, u_sc, u_z, u_g, u_si, u_sw,
-                       d_qw, d_sc, d_z, d_g, d_si, d_sw,
-                       kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal)
+        _decode_thread(t, T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp_norm,
+                       a_qw, a_sc, a_z, a_g, a_si, a_sw, a_gp, a_gi, a_g0, a_ns, a_b,
+                       o_qw, o_sc, o_z, o_g, o_si, o_sw, o_gp, o_gi, o_g0, o_ns,
+                       u_qw, u_sc, u_z, u_g, u_si, u_sw, u_gp, u_gi, u_g0, u_ns,
+                       d_qw, d_sc, d_z, d_g, d_si, d_sw, d_gp, d_gi, d_g0, d_ns,
+                       kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)

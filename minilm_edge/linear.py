@@ -118,9 +118,10 @@ def _optional(src, name):
 
 
 class Q4(Linear):
-    """minilm-q4 v1 int4 weights (q4.py); decode runs the fused int4 matvec (kernels_q4.py), prefill
-    int4 x int8 activations on VNNI (kernels_vnni.py) where `use_int8_activations` says so, else
-    dequantized tiles × BLAS (kernels_q4.py).
+    """minilm-q4 v1 int4 weights (q4.py). With int8 activations on VNNI (the default where the CPU
+    has it): decode the int4 x int8 matvec (kernels_vnni_matvec.py), prefill the int4 x int8 matmul
+    (kernels_vnni.py) where `use_int8_activations` says so. Otherwise float32: the fused int4 matvec
+    (kernels_q4.py), and dequantized tiles × BLAS for prefill.
 
     `int8_activations = False` forces the float32 prefill (the accuracy reference); see
     Model.set_int8_activations.
@@ -160,6 +161,10 @@ class Q4(Linear):
         return cls(q4)
 
     def matvec(self, x):
+        from .kernels_vnni_matvec import matvec_q4_i8, supports_i8
+        from .kernels_vnni import VNNI
+        if self.int8_activations and VNNI and supports_i8(self.p.group_size, self.shape[1]):
+            return matvec_q4_i8(self.p, x)
         from .kernels_q4 import matvec_q4_f32
         return matvec_q4_f32(self.p, x)
 

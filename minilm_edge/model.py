@@ -129,6 +129,8 @@ class Model:
         for lin in linears:
             if isinstance(lin, (Q4, Q8)):
                 lin.int8_activations = on
+        if self._plan is not None:
+            self._plan.int8 = on          # used where the plan allows it (DecodePlan.int8_ok)
 
     # ---- forward
     def new_cache(self, max_len: int | None = None) -> KVCache:

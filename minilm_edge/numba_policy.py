@@ -30,9 +30,12 @@ import numba
 FASTMATH_REDUCE = {"reassoc", "contract", "arcp", "nsz"}
 
 
-def kernel(fastmath=False):
-    """Decorator for a serial leaf kernel."""
-    return numba.njit(cache=True, nogil=True, fastmath=fastmath)
+def kernel(fastmath=False, inline=False):
+    """Decorator for a serial leaf kernel. `inline`: inlined into its callers by Numba itself
+    (inline="always"), for small row kernels called once per row: a call that LLVM does not inline
+    updates the reference count of every array argument on entry and exit (two atomic operations
+    each), which costs more than the row's arithmetic."""
+    return numba.njit(cache=True, nogil=True, fastmath=fastmath, inline="always" if inline else "never")
 
 
 def parallel_kernel(fastmath=False):

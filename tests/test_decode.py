@@ -6,6 +6,7 @@ from numba import prange
 
 import minilm_edge
 from minilm_edge.decode import _attend_head
+from minilm_edge.kernels_vnni import VNNI
 from minilm_edge.numba_policy import kernel, parallel_kernel, threads
 from minilm_edge.quantize import quantize
 from minilm_edge.sync import atomic_add, atomic_load, barrier
@@ -36,6 +37,33 @@ def test_one_call_decode_matches_prefill(tmp_path, variant, hook, n_threads):
     with threads(n_threads):
         steps = [model.forward(ids[:1], cache)] + [model.forward([t], cache) for t in ids[1:]]
     np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4)
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX512-VNNI: decode runs in float32 only")
+@pytest.mark.parametrize("hook", [None, salient_hook])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_int8_decode_matches_int8_prefill(tmp_path, hook, n_threads):
+    """With int8 activations (the default on VNNI) a decoded token meets the same int8 activations
+    as in a prefill (one quantizer), so the hidden states agree up to float summation order; and
+    the decode plan and the per-linear path (no plan) agree too."""
+    src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False,
+                                      linear_hook=hook))
+    assert model._plan is not None and model._plan.int8 and model._plan.int8_ok
+    ids = np.random.default_rng(4).integers(0, cfg["vocab_size"], 30)
+    full = model.hidden_states(ids)                         # T = 30: the int8 prefill kernels
+    cache = model.new_cache(40)
+    with threads(n_threads):
+        steps = np.concatenate([model.hidden_states([t], cache) for t in ids])
+    np.testing.assert_allclose(steps, full, atol=2e-4)
+    plan, model._plan = model._plan, None                   # the same steps through Q4.matvec
+    cache = model.new_cache(40)
+    no_plan = np.concatenate([model.hidden_states([t], cache) for t in ids])
+    model._plan = plan
+    np.testing.assert_allclose(no_plan, full, atol=2e-4)
+    f32 = minilm_edge.load(tmp_path / "q", int8_activations=False).hidden_states(ids)
+    rel = np.linalg.norm(full - f32) / np.linalg.norm(f32)
+    assert 1e-4 < rel < 0.1                                 # int8 activations do change the numbers, a little
 
 
 def test_plan_only_for_all_int4_models(tmp_path):
