@@ -126,11 +126,14 @@ class DecodePlan:
         K = max(D, F, H * Dh)
         m16 = max(st.sal_idx.shape[1] for st in (qkv, o, gate_up, down))
         self.qkv_out = np.empty((H + 2 * Hkv) * Dh, np.float32)   # [(H + 2 Hkv) Dh]
-        self.att = np.empty(H * Dh, np.float32)                   # [H Dh]
         self.act = np.empty(F, np.float32)                        # [F]
         self.bar = np.zeros(8, np.int64)                          # barrier counter (one cache line)
         # per thread: the normed input and the matvec prologue of the input at hand
         self.h = np.empty((P, D), np.float32)                     # [P, D]
+        self.att = np.empty((P, H * Dh), np.float32)              # [P, H Dh] attention output (each its own)
+        self.pm = np.empty((P, H), np.float32)                    # [P, H] the thread's part: max score,
+        self.pl = np.empty((P, H), np.float32)                    # [P, H]   sum of exponentials,
+        self.po = np.empty((P, H, Dh), np.float32)                # [P, H, Dh] weighted sum of v
         self.xe = np.empty((P, K // 2), np.float32)               # [P, K/2] x's even entries
         self.xo = np.empty((P, K // 2), np.float32)               # [P, K/2] x's odd entries
         self.xs = np.empty((P, K // 32), np.float32)              # [P, K/32] per-group sums
@@ -164,7 +167,8 @@ class DecodePlan:
                           *self.down.args())
         _decode_blocks(T, self.bar, self.int8 and self.int8_ok, x, pos, cos, sin, np.float32(c.rms_norm_eps),
                        c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.attn_norm, self.mlp_norm,
-                       *self._args, cache.k, cache.v, cache.scratch, self.h, self.qkv_out, self.att, self.act,
+                       *self._args, cache.k, cache.v, cache.scratch, self.h, self.qkv_out, self.att, self.pm,
+                       self.pl, self.po, self.act,
                        self.xe, self.xo, self.xs, self.xsal, self.xz, self.qe, self.qo, self.sxl, self.nzt)
 
 
@@ -193,54 +197,103 @@ def _rms_norm_vec(x, w, eps, out):
         out[d] = x[d] * r * w[d]
 
 
-@kernel(fastmath=FASTMATH_REDUCE)
-def _attend_head(q, k, v, n, scale, s, out):
-    """One query head over the first n cached positions, in 16-lane vectors (Dh % 16 == 0).
+ATT_TILE = 16      # positions per tile: a tile of K or V rows is read from memory once, then from L1
 
-    q, out: [Dh]; k, v: [S, Dh] (the head's cache); s: [S] scratch for the scores.
-    out = softmax(q·kⱼ · scale, j < n) · v
-    Shaped for throughput, not latency: the exponentials 16 at a time (v_exp), and the weighted
-    sum of v rows four positions at a time (four independent FMA chains per 16 output lanes).
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _attend_part(qkv, hk, rep, Dh, k, v, j0, j1, scale, s, pm, pl, po):
+    """Part of the attention of the rep query heads h = hk·rep + r that read kv head hk, over the
+    cached positions j0 <= j < j1 only (the threads split the positions; `_merge_parts` joins them):
+
+        s[h, j] = q_h · k_j · scale,   pm[h] = max_j s[h, j],   pl[h] = Σ_j e^(s[h, j] − pm[h]),
+        po[h] = Σ_j e^(s[h, j] − pm[h]) v_j                     (an empty part: −inf, 0, 0)
+
+    qkv: the q vectors at h·Dh; k, v [S, Dh] the kv head's cache; s [H, S] scratch (each part its
+    own positions); pm, pl [H], po [H, Dh]: this thread's part. Dh % 16 == 0.
+    Positions go in tiles of ATT_TILE with the heads inside, so under GQA each K and V row is read
+    from memory once for its rep heads. The exponentials 16 at a time (v_exp); the weighted sums of
+    v rows four positions at a time (four FMA chains per 16 output lanes).
     """
-    Dh = q.shape[0]
-    m = np.float32(-np.inf)
     ones = v_splat(np.float32(1.0))
-    for j in range(n):
-        row = k[j]
-        acc, acc2 = v_zeros(), v_zeros()           # two chains: even and odd 16-lane chunks
-        for o in range(0, Dh - LANES, 2 * LANES):
-            acc = v_fma(v_load(q, o), v_load(row, o), acc)
-            acc2 = v_fma(v_load(q, o + LANES), v_load(row, o + LANES), acc2)
-        if Dh % (2 * LANES):
-            acc = v_fma(v_load(q, Dh - LANES), v_load(row, Dh - LANES), acc)
-        sj = v_hsum(v_fma(acc, ones, acc2)) * scale
-        s[j] = sj
-        m = max(m, sj)
-    n16 = n - n % LANES
-    neg_m = v_splat(-m)
-    tot = v_zeros()
-    for j in range(0, n16, LANES):
-        e = v_exp(v_fma(v_load(s, j), ones, neg_m))
-        v_store(s, j, e)
-        tot = v_fma(e, ones, tot)
-    total = v_hsum(tot)
-    for j in range(n16, n):
-        e = np.exp(s[j] - m)
-        s[j] = e
-        total += e
-    inv = v_splat(np.float32(1.0) / total)
-    n4 = n - n % 4
-    for o in range(0, Dh, LANES):
-        a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
-        for j in range(0, n4, 4):
-            a0 = v_fma(v_splat(s[j]), v_load(v[j], o), a0)
-            a1 = v_fma(v_splat(s[j + 1]), v_load(v[j + 1], o), a1)
-            a2 = v_fma(v_splat(s[j + 2]), v_load(v[j + 2], o), a2)
-            a3 = v_fma(v_splat(s[j + 3]), v_load(v[j + 3], o), a3)
-        for j in range(n4, n):
-            a0 = v_fma(v_splat(s[j]), v_load(v[j], o), a0)
-        acc = v_fma(v_fma(a0, ones, a1), ones, v_fma(a2, ones, a3))
-        v_store(out, o, v_fma(acc, inv, v_zeros()))
+    h0 = hk * rep
+    for r in range(rep):
+        pm[h0 + r] = -np.inf
+        pl[h0 + r] = np.float32(0.0)
+        for d in range(Dh):
+            po[h0 + r, d] = np.float32(0.0)
+    if j1 <= j0:
+        return
+    for jt in range(j0, j1, ATT_TILE):
+        je = min(jt + ATT_TILE, j1)
+        for r in range(rep):
+            h = h0 + r
+            qo = h * Dh
+            m = pm[h]
+            for j in range(jt, je):
+                acc, acc2 = v_zeros(), v_zeros()       # two chains: even and odd 16-lane chunks
+                for o in range(0, Dh - LANES, 2 * LANES):
+                    acc = v_fma(v_load(qkv, qo + o), v_load(k[j], o), acc)
+                    acc2 = v_fma(v_load(qkv, qo + o + LANES), v_load(k[j], o + LANES), acc2)
+                if Dh % (2 * LANES):
+                    acc = v_fma(v_load(qkv, qo + Dh - LANES), v_load(k[j], Dh - LANES), acc)
+                sj = v_hsum(v_fma(acc, ones, acc2)) * scale
+                s[h, j] = sj
+                m = max(m, sj)
+            pm[h] = m
+    n16 = j0 + (j1 - j0) - (j1 - j0) % LANES
+    for r in range(rep):
+        h = h0 + r
+        sh = s[h]
+        neg_m = v_splat(-pm[h])
+        tot = v_zeros()
+        for j in range(j0, n16, LANES):
+            e = v_exp(v_fma(v_load(sh, j), ones, neg_m))
+            v_store(sh, j, e)
+            tot = v_fma(e, ones, tot)
+        total = v_hsum(tot)
+        for j in range(n16, j1):
+            e = np.exp(sh[j] - pm[h])
+            sh[j] = e
+            total += e
+        pl[h] = total
+    for jt in range(j0, j1, ATT_TILE):
+        je = min(jt + ATT_TILE, j1)
+        j4 = je - (je - jt) % 4
+        for r in range(rep):
+            h = h0 + r
+            sh, oh = s[h], po[h]
+            for o in range(0, Dh, LANES):
+                a0, a1, a2, a3 = v_load(oh, o), v_zeros(), v_zeros(), v_zeros()
+                for j in range(jt, j4, 4):
+                    a0 = v_fma(v_splat(sh[j]), v_load(v[j], o), a0)
+                    a1 = v_fma(v_splat(sh[j + 1]), v_load(v[j + 1], o), a1)
+                    a2 = v_fma(v_splat(sh[j + 2]), v_load(v[j + 2], o), a2)
+                    a3 = v_fma(v_splat(sh[j + 3]), v_load(v[j + 3], o), a3)
+                for j in range(j4, je):
+                    a0 = v_fma(v_splat(sh[j]), v_load(v[j], o), a0)
+                v_store(oh, o, v_fma(v_fma(a0, ones, a1), ones, v_fma(a2, ones, a3)))
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _merge_parts(T, H, Dh, pm, pl, po, out):
+    """The softmax attention of every head from the T threads' parts (`_attend_part`):
+    out[h·Dh : (h+1)·Dh] = Σ_t e^(pm[t,h] − M) po[t,h] / Σ_t e^(pm[t,h] − M) pl[t,h],  M = max_t pm[t,h].
+    pm, pl [P, H], po [P, H, Dh]; out [H·Dh]."""
+    for h in range(H):
+        M = pm[0, h]
+        for t in range(1, T):
+            M = max(M, pm[t, h])
+        den = np.float32(0.0)
+        for d in range(Dh):
+            out[h * Dh + d] = np.float32(0.0)
+        for t in range(T):
+            w = np.exp(pm[t, h] - M) if pl[t, h] != 0 else np.float32(0.0)     # empty part: 0 (NaN stays)
+            den += w * pl[t, h]
+            for d in range(Dh):
+                out[h * Dh + d] += w * po[t, h, d]
+        inv = np.float32(1.0) / den if den != 0 else np.float32(0.0)     # den = 0: no position at all
+        for d in range(Dh):
+            out[h * Dh + d] *= inv
 
 
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
@@ -362,7 +415,7 @@ def _decode_thread(t, T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, 
                    o_qw, o_sc, o_z, o_g, o_si, o_sw, o_gp, o_gi, o_g0, o_ns,
                    u_qw, u_sc, u_z, u_g, u_si, u_sw, u_gp, u_gi, u_g0, u_ns,
                    d_qw, d_sc, d_z, d_g, d_si, d_sw, d_gp, d_gi, d_g0, d_ns,
-                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
+                   kc, vc, scratch, h, qkv, att, pm, pl, po, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
     """Thread t of T: its share of every phase of every block, with a barrier after each phase.
 
     Shared (written by parts, read whole after a barrier): x, qkv, att, act, the cache.
@@ -374,7 +427,7 @@ def _decode_thread(t, T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, 
     rep = H // Hkv
     n = pos + 1
     scale = np.float32(1.0 / np.sqrt(Dh))
-    h, xe, xo, xs, xsal = h[t], xe[t], xo[t], xs[t], xsal[t]
+    h, xe, xo, xs, xsal, att = h[t], xe[t], xo[t], xs[t], xsal[t], att[t]
     xz, qe, qo, sxl, nzt = xz[t], qe[t], qo[t], sxl[t], nzt[t]
     Na, Nu = qkv.shape[0], 2 * F                  # rows per block of the q|k|v and gate|up stacks
     k = 0                                         # barriers passed
@@ -399,11 +452,13 @@ def _decode_thread(t, T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, 
                     kc[l, hk, pos, d] = qkv[nq + hk * Dh + d]
                     vc[l, hk, pos, d] = qkv[nq + nkv + hk * Dh + d]
         k = barrier(bar, k, T)
-        # softmax(q·k) v per query head (every T-th head)
-        for hq in range(t, H, T):
-            _attend_head(qkv[hq * Dh:(hq + 1) * Dh], kc[l, hq // rep], vc[l, hq // rep], n, scale,
-                         scratch[hq], att[hq * Dh:(hq + 1) * Dh])
+        # softmax(q·k) v: every head over this thread's share of the positions, then all the parts
+        # joined by every thread into its own copy of the attention output
+        j0, j1 = _share(n, t, T)
+        for hk in range(Hkv):
+            _attend_part(qkv, hk, rep, Dh, kc[l, hk], vc[l, hk], j0, j1, scale, scratch, pm[t], pl[t], po[t])
         k = barrier(bar, k, T)
+        _merge_parts(T, H, Dh, pm, pl, po, att)
         _prologue(i8, att, o_g, o_si[l], o_ns[l], xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)
         a, b = _share(D // 2, t, T)
         _rows(i8, ADD, o_qw, o_sc, o_z, o_sw, l * D, 0, a, b, o_g, o_gp, o_gi, o_g0, xe, xo, xs, xsal,
@@ -430,7 +485,7 @@ def _decode_blocks(T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp
                    o_qw, o_sc, o_z, o_g, o_si, o_sw, o_gp, o_gi, o_g0, o_ns,
                    u_qw, u_sc, u_z, u_g, u_si, u_sw, u_gp, u_gi, u_g0, u_ns,
                    d_qw, d_sc, d_z, d_g, d_si, d_sw, d_gp, d_gi, d_g0, d_ns,
-                   kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
+                   kc, vc, scratch, h, qkv, att, pm, pl, po, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
     """One token through all L blocks (see the module docstring). cos, sin: [Dh/2] at `pos`;
     bar: int64 [≥ 1] zeroed; i8: int8 activations (VNNI) or float32 in the block matvecs;
     h and the prologue buffers: per-thread scratch [≥ T, ...]."""
@@ -440,4 +495,4 @@ def _decode_blocks(T, bar, i8, x, pos, cos, sin, eps, H, Hkv, Dh, attn_norm, mlp
                        o_qw, o_sc, o_z, o_g, o_si, o_sw, o_gp, o_gi, o_g0, o_ns,
                        u_qw, u_sc, u_z, u_g, u_si, u_sw, u_gp, u_gi, u_g0, u_ns,
                        d_qw, d_sc, d_z, d_g, d_si, d_sw, d_gp, d_gi, d_g0, d_ns,
-                       kc, vc, scratch, h, qkv, att, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)
+                       kc, vc, scratch, h, qkv, att, pm, pl, po, act, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt)

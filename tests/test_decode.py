@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 from numba import prange
 
 import minilm_edge
-from minilm_edge.decode import _attend_head
+from minilm_edge.decode import _attend_part, _merge_parts
 from minilm_edge.kernels_vnni import VNNI
 from minilm_edge.numba_policy import kernel, parallel_kernel, threads
 from minilm_edge.quantize import quantize
@@ -112,16 +112,27 @@ def test_atomic_add_returns_old_value():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 300), dh=st.sampled_from([16, 32, 48, 64, 128]), seed=st.integers(0, 2**16),
-       spread=st.sampled_from([0.1, 3.0, 30.0]))
-def test_attend_head_is_softmax_attention(n, dh, seed, spread):
+@given(n=st.integers(1, 300), dh=st.sampled_from([16, 32, 48, 64, 128]), rep=st.integers(1, 3),
+       parts=st.integers(1, 3), seed=st.integers(0, 2**16), spread=st.sampled_from([0.1, 3.0, 30.0]))
+def test_attention_parts_joined_are_softmax_attention(n, dh, rep, parts, seed, spread):
+    """The positions split in `parts` (some empty when n < parts), each part over the rep query
+    heads of one kv head, then joined: softmax(q·k / sqrt(dh)) v for every head."""
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal(dh).astype(np.float32)
-    k = (rng.standard_normal((n + 5, dh)) * spread).astype(np.float32)
-    v = rng.standard_normal((n + 5, dh)).astype(np.float32)
-    out, s = np.empty(dh, np.float32), np.empty(n + 5, np.float32)
+    H, S = 2 * rep, n + 5                                  # two kv heads; the part is for kv head 1
+    q = rng.standard_normal(H * dh).astype(np.float32)
+    k = (rng.standard_normal((S, dh)) * spread).astype(np.float32)
+    v = rng.standard_normal((S, dh)).astype(np.float32)
+    s = np.full((H, S), np.nan, np.float32)
+    pm, pl = np.zeros((parts, H), np.float32), np.zeros((parts, H), np.float32)
+    po = np.zeros((parts, H, dh), np.float32)
     scale = np.float32(1 / np.sqrt(dh))
-    _attend_head(q, k, v, n, scale, s, out)
-    z = (k[:n].astype(np.float64) @ q) * scale
-    p = np.exp(z - z.max())
-    np.testing.assert_allclose(out, (p / p.sum()) @ v[:n], rtol=1e-4, atol=1e-5)
+    for t in range(parts):
+        _attend_part(q, 0, rep, dh, k, v, 0, 0, scale, s, pm[t], pl[t], po[t])     # kv head 0: nothing
+        _attend_part(q, 1, rep, dh, k, v, n * t // parts, n * (t + 1) // parts, scale, s, pm[t], pl[t], po[t])
+    out = np.empty(H * dh, np.float32)
+    _merge_parts(parts, H, dh, pm, pl, po, out)
+    for r in range(rep):
+        h = rep + r
+        z = (k[:n].astype(np.float64) @ q[h * dh:(h + 1) * dh]) * scale
+        p = np.exp(z - z.max())
+        np.testing.assert_allclose(out[h * dh:(h + 1) * dh], (p / p.sum()) @ v[:n], rtol=1e-4, atol=1e-5)
