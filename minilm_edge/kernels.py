@@ -10,6 +10,7 @@ import math
 import numpy as np
 from numba import prange
 
+from .kernels_q4 import LANES, v_div, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 
 
@@ -92,12 +93,50 @@ PARALLEL_ATTENTION_MIN_WORK = 1 << 17     # q·k multiply-adds below which one t
 BLAS_ATTENTION_MIN_TOKENS = 32   # prefill of at least this many tokens: matrix products win
 
 
-def attention_blas(q, kc, vc, pos0, out, block=256):
+@kernel(fastmath=FASTMATH_REDUCE)
+def _softmax_causal(S, first, scale):
+    """In place, row by row: S[i, r, :] = softmax(scale · S[i, r, j] for j <= first + i), and 0 for
+    the later (future) keys.                    S [b, rep, n] float32: query i of the block sees
+    keys 0 .. first + i. One pass each for max, exponentials (16 lanes, v_exp) and the scaling."""
+    b, rep, n = S.shape
+    ones = v_splat(np.float32(1.0))
+    for i in range(b):
+        m_end = min(n, first + i + 1)
+        n16 = m_end - m_end % LANES
+        for r in range(rep):
+            row = S[i, r]
+            m = np.float32(-np.inf)
+            for j in range(m_end):
+                m = max(m, row[j])
+            m *= scale
+            sc, neg_m = v_splat(scale), v_splat(-m)
+            tot = v_zeros()
+            for j in range(0, n16, LANES):
+                e = v_exp(v_fma(v_load(row, j), sc, neg_m))
+                v_store(row, j, e)
+                tot = v_fma(e, ones, tot)
+            total = v_hsum(tot)
+            for j in range(n16, m_end):
+                e = np.exp(row[j] * scale - m)
+                row[j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(m_end):
+                row[j] *= inv
+            for j in range(m_end, n):
+                row[j] = np.float32(0.0)
+
+
+def attention_blas(q, kc, vc, pos0, out, block=64):
     """The same causal GQA as `_attention`, as BLAS matrix products per key/value head, for
-    prefill: S = Q Kᵀ/sqrt(Dh) (masked), P = softmax(S), O = P V, over query blocks of `block`
-    tokens so the score matrix stays ≤ block·rep × S floats.
+    prefill: S = Q Kᵀ (only the keys the block can see), P = softmax(S/sqrt(Dh)) masked
+    (`_softmax_causal`), O = P V; per kv head and block of `block` queries.
 
     q: [T, H, Dh]; kc, vc: [Hkv, S, Dh] (positions 0 .. pos0+T-1 valid); out: [T, H, Dh].
+    Measured (512-token prompt, SmolLM2-135M int4, 2 threads, one BLAS thread): 0.30 s of the
+    prompt with blocks of 256 and NumPy's masking and softmax, 0.17 s this way. Spreading the
+    (kv head, block) products over two Python threads was slower (0.50 vs 0.44 s per prompt): the
+    Numba thread team still spins on the other core after each parallel kernel.
     """
     T, H, Dh = q.shape
     Hkv = kc.shape[0]
@@ -106,15 +145,10 @@ def attention_blas(q, kc, vc, pos0, out, block=256):
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         b, n = t1 - t0, pos0 + t1                                        # queries, visible keys
-        future = np.arange(n)[None, :] > (pos0 + np.arange(t0, t1))[:, None]   # [b, n] masked
         for hk in range(Hkv):
             Q = q[t0:t1, hk * rep:(hk + 1) * rep].reshape(b * rep, Dh)  # [b rep, Dh]
             S = (Q @ kc[hk, :n].T).reshape(b, rep, n)                    # [b, rep, n]
-            S *= scale
-            S[np.broadcast_to(future[:, None, :], S.shape)] = -np.inf
-            S -= S.max(axis=-1, keepdims=True)
-            np.exp(S, out=S)
-            S /= S.sum(axis=-1, keepdims=True)
+            _softmax_causal(S, pos0 + t0, scale)
             out[t0:t1, hk * rep:(hk + 1) * rep] = (S.reshape(b * rep, n) @ vc[hk, :n]).reshape(b, rep, Dh)
 
 
@@ -129,11 +163,21 @@ def attention(q, kc, vc, pos0, scratch, out):
         q, kc, vc, pos0, scratch, out)
 
 
-@kernel()
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
 def silu_mul(g, u, out):
-    """out = silu(g) ⊙ u = g / (1 + exp(-g)) · u.            g, u, out: [T, F]"""
+    """out = silu(g) ⊙ u = g / (1 + exp(-g)) · u.            g, u, out: [T, F] (rows contiguous)
+
+    Tokens split across threads, 16 lanes at a time (v_exp; exp(-g) clamps at e^88.4, where
+    g / (1 + e^-g) is ~0 anyway). Measured: 84 ms -> ~5 ms of a 512-token SmolLM2 prefill."""
     T, F = g.shape
-    for t in range(T):
-        for f in range(F):
-            x = g[t, f]
-            out[t, f] = x / (np.float32(1.0) + np.exp(-x)) * u[t, f]
+    F16 = F - F % LANES
+    one = v_splat(np.float32(1.0))
+    for t in prange(T):
+        gt, ut, ot = g[t], u[t], out[t]
+        for f in range(0, F16, LANES):
+            x = v_load(gt, f)
+            e = v_exp(v_fma(x, v_splat(np.float32(-1.0)), v_zeros()))
+            v_store(ot, f, v_div(v_fma(x, v_load(ut, f), v_zeros()), v_fma(e, one, one)))
+        for f in range(F16, F):
+            x = gt[f]
+            ot[f] = x / (np.float32(1.0) + np.exp(-x)) * ut[f]

@@ -151,6 +151,14 @@ def v_fma(typingctx, a, b, c):
 
 
 @intrinsic
+def v_div(typingctx, a, b):
+    """a / b, lane-wise."""
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+    return f32x16(a, b), codegen
+
+
+@intrinsic
 def v_hsum(typingctx, v):
     """Sum of the 16 lanes (pairwise tree)."""
     def codegen(context, builder, sig, args):
