@@ -64,7 +64,7 @@ class StackedQ4:
     def args(self):
         """The stack as `_decode_blocks` takes it: the arrays with (L, N) merged into rows, then the int8 matvec's tables (gidx,
         g0s: kernels_vnni_matvec.group_index) and the salient counts per block."""
-        gpc, gidx, g0s = group_index(self.group_size, 8, self.shape[1])
+        gpc, gidx, g0s = group_index(self.group_size, self.shape[1])
         rows = lambda a: a.reshape(a.shape[0] * a.shape[1], a.shape[2])   # [L, N, ·] -> [L·N, ·], a view
         return (rows(self.qweight), rows(self.scales), rows(self.zeros), self.group_size, self.sal_idx,
                 rows(self.sal_w), gpc, gidx, g0s, np.array(self.n_salient, np.int64))
@@ -344,7 +344,7 @@ def _prologue(i8, x, g, sal_idx, n_sal, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
     """The matvec prologue of input x for this thread: float32 (split into even/odd entries, group
     sums) or int8 (quantized as in kernels_vnni_matvec); the salient entries either way."""
     if i8:
-        _quantize_vec(x, sal_idx, n_sal, g, ACT_BLOCK, 8, xz, qe, qo, sxl, nzt, np.float32(1.0))
+        _quantize_vec(x, sal_idx, n_sal, g, xz, qe, qo, sxl, nzt)
         for i in range(sal_idx.shape[0]):
             xsal[i] = x[sal_idx[i]]
     else:

@@ -1,40 +1,41 @@
-"""Decode int4 x int8 and int8 x int8 matvec on AVX-512 VNNI: `matvec_q4_i8`, `matvec_q8_i8`.
+"""Decode int4 x int8 matvec on AVX-512 VNNI: `matvec_q4_i8`.
 
-The same arithmetic as the prefill kernels of kernels_vnni.py (activations quantized to int8 per
-block of B = 32 channels, integer dot products by `vpdpbusd`, weight and activation scales applied
-in float), shaped for ONE token: no weight tile to unpack and share between tokens, so each weight
-row is read once, straight from its packed bytes, 64 bytes at a time. That is the whole point: the
-float32 decode kernel (kernels_q4._matvec_q4_f32) needs ~10 instructions per 16 packed bytes to
-widen, convert and multiply the nibbles; here 64 packed bytes (128 weights) take a mask, a shift and
-two `vpdpbusd`, so the kernel can run at memory speed.
+The arithmetic of the prefill kernel of kernels_vnni.py (activations quantized to int8 per block of
+B = 32 channels, integer dot products by `vpdpbusd`, weight and activation scales applied in float),
+shaped for ONE token: no weight tile to unpack and share between tokens, so each weight row is read
+once, straight from its packed bytes, 64 bytes at a time. That is the whole point: the float32
+decode kernel (kernels_q4._matvec_q4_f32) needs ~10 instructions per 16 packed bytes to widen,
+convert and multiply the nibbles; here 64 packed bytes (128 weights) take a mask, a shift and two
+`vpdpbusd`. Measured (tools/bench_kernels.py; 1 core, rows in cache, 256 x 576, g = 64): 18 GB/s
+of packed weights against 10 for the float32 kernel; 2 threads over the 30 MB gate|up stack of
+SmolLM2, 24.5 against 16.6 GB/s.
 
-Shapes: W [N, K], x [K], g = group size, G = K // g, B = ACT_BLOCK, one "chunk" = 16 i32 lanes.
+Shapes: W [N, K], x [K], g = group size, G = K // g, B = ACT_BLOCK; a "chunk" = 64 packed bytes =
+128 channels = 16 i32 lanes of 8 channels each.
 
-int4 (Q4Prepared, packed byte j = channel 2j low nibble | channel 2j+1 high nibble):
-    a chunk is 64 packed bytes = 128 channels;  lo = bytes & 0x0F (even channels), hi = bytes >> 4
-    (odd channels). x is quantized once per call and split the same way into qe (even channels) and
-    qo (odd channels), so vpdpbusd(vpdpbusd(0, lo, qe), hi, qo) leaves in lane i the integer dot of
-    the channel octet 8i..8i+7 of the chunk - no shuffles of weights or activations.
-int8 (Q8Prepared, signed codes): a chunk is 64 bytes = 64 channels; vpdpbusd multiplies unsigned by
-    signed bytes, so the codes enter as q + 128 (q xor 0x80) and the zero point is 128; lane i holds
-    the dot of the channel quad 4i..4i+3.
+Packed byte j holds channel 2j (low nibble) and 2j+1 (high nibble), so lo = bytes & 0x0F are the
+even channels and hi = bytes >> 4 the odd ones. x is quantized once per call and split the same way
+into qe (even channels) and qo (odd channels): vpdpbusd(vpdpbusd(0, lo, qe), hi, qo) leaves in lane
+i the integer dot of channel octet 8i..8i+7 of the chunk, with no shuffle of weights or activations.
+Every lane's octet lies inside one activation block and one weight group (g % 128 == 0 or 128 % g
+== 0, `supports_i8`), so per chunk
 
-Every lane's channels lie inside one activation block and one weight group (both multiples of the
-lane's 8 or 4 channels), so per chunk:
     acc += float(lane dots) * sw_lanes * sx_lanes
-where sx_lanes (the lanes' activation scales) is row-independent, prepared once per call, and
-sw_lanes (the lanes' weight scales) is the row's scales from the chunk's first group, permuted by a
-per-call index vector (`gidx`: lane -> group offset in the chunk). The zero points, per row, at the
-end, 16 groups at a time:  acc -= sw[g] zw[g] zt[g],  zt[g] = sum_{b in g} sx[b] sum_{k in b} qx[k]
-(the same zt as kernels_vnni). Salient columns are zeroed before quantizing and added in float32.
+
+with sx_lanes (each lane's activation scale) prepared once per call and sw_lanes (each lane's weight
+scale) made from the row's scales (`_lane_scales`). The zero points, per row, at the end, 16 groups
+at a time: acc -= sw[g] zw[g] zt[g], zt[g] = sum_{b in g} sx[b] sum_{k in b} qx[k] (kernels_vnni's
+zt). Salient columns are zeroed before quantizing and added in float32:
 
     y[n] = sum_b sw[n, g(b)] sx[b] ( sum_{k in b} q[n, k] qx[k] - zw[n, g(b)] sum_{k in b} qx[k] )
            + salient_w[n] . x[salient_idx]
-which is reference/q4.matmul_q4_i8 (and matmul_q8_i8, zw = 128 after the offset) for one token.
 
-Rows come in pairs (two independent accumulation chains sharing every activation load). The
-quantization of x is bit-identical to kernels_vnni._quantize_x_i8, so a decoded token sees the
-same int8 activations as the same token in a prefill.
+which is reference/q4.matmul_q4_i8 for one token. Rows come in pairs (two accumulation chains
+sharing every activation load). The quantization of x is bit-identical to
+kernels_vnni._quantize_x_i8: a decoded token meets the int8 activations it would meet in a prompt.
+
+Not here: an int8 x int8 twin for the int8 lm_head. It measured slower than the float32 int8 kernel
+on the 28 MB head (3.3 vs 1.6 ms, 1 thread), which already runs at memory speed.
 """
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .errors import UsageError
-from .kernels_q4 import LANES, Q4Prepared, Q8Prepared, _check_out, _check_vec, _elem_ptr, f32x16, v_fma, v_hsum, v_splat, \
-    v_load, v_zeros
+from .kernels_q4 import (LANES, Q4Prepared, _check_out, _check_vec, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_splat,
+                         v_zeros)
 from .kernels_vnni import ACT_BLOCK, VNNI, i32x16, v_absmax, v_hmax
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 
-CHUNK = 64                                   # bytes of weights per chunk (one zmm)
+CHUNK = 64                                   # packed bytes of weights per chunk (one zmm)
+CHUNK_CHANNELS = 2 * CHUNK                   # input channels per chunk
 _I32 = ir.IntType(32)
 _VI32 = ir.VectorType(_I32, LANES)
 _VF = ir.VectorType(ir.FloatType(), LANES)
@@ -111,33 +113,6 @@ def v_dot_q4_i8(typingctx, w, w_off, n, qe, qo, x_off):
 
 
 @intrinsic
-def v_dot_q4_i8_full(typingctx, w, w_off, qe, qo, x_off):
-    """`v_dot_q4_i8` for a whole chunk (64 bytes from w_off), without the mask."""
-    def codegen(context, builder, sig, args):
-        w_t, woff_t, qe_t, qo_t, xoff_t = sig.args
-        w = builder.load(_elem_ptr(context, builder, w_t, args[0], woff_t, args[1], _VB), align=1)
-        lo = builder.and_(w, ir.Constant(_VB, [15] * CHUNK))
-        hi = builder.and_(builder.lshr(w, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
-        xe = builder.load(_elem_ptr(context, builder, qe_t, args[2], xoff_t, args[4], _VB), align=1)
-        xo = builder.load(_elem_ptr(context, builder, qo_t, args[3], xoff_t, args[4], _VB), align=1)
-        acc = _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe)
-        return _dpbusd(builder, acc, hi, xo)
-    return i32x16(w, w_off, qe, qo, x_off), codegen
-
-
-@intrinsic
-def v_dot_q8_i8_full(typingctx, w, w_off, qx, x_off):
-    """`v_dot_q8_i8` for a whole chunk (64 bytes from w_off), without the mask."""
-    def codegen(context, builder, sig, args):
-        w_t, woff_t, qx_t, xoff_t = sig.args
-        w = builder.load(_elem_ptr(context, builder, w_t, args[0], woff_t, args[1], _VB), align=1)
-        w = builder.xor(w, ir.Constant(_VB, [0x80] * CHUNK))
-        x = builder.load(_elem_ptr(context, builder, qx_t, args[2], xoff_t, args[3], _VB), align=1)
-        return _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), w, x)
-    return i32x16(w, w_off, qx, x_off), codegen
-
-
-@intrinsic
 def v_quantize_split(typingctx, x, off, inv, qe, qo, q_off):
     """The 32 channels x[off : off+32] -> rint(x · inv) as int8, even channels to qe[q_off : +16],
     odd channels to qo[q_off : +16]; returns the sum of the 32 codes. The caller guarantees
@@ -171,21 +146,6 @@ def v_halves(typingctx, a, b):
         va = builder.insert_element(va, b, ir.Constant(_I32, 1))
         return builder.shuffle_vector(va, va, ir.Constant(_VI32, [0] * 8 + [1] * 8))
     return f32x16(a, b), codegen
-
-
-@intrinsic
-def v_dot_q8_i8(typingctx, w, w_off, n, qx, x_off):
-    """Lane i: the integer dot of channel quad i of the chunk w.flat[w_off : w_off+64] (int8 codes,
-    entering as code + 128) with qx[x_off : x_off+64]; bytes past n are not read (they meet
-    qx's zero padding)."""
-    def codegen(context, builder, sig, args):
-        w_t, woff_t, n_t, qx_t, xoff_t = sig.args
-        mask = _mask(builder, _intp(context, builder, args[2], n_t), CHUNK)
-        w = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], woff_t, args[1], _VB), mask, _VB)
-        w = builder.xor(w, ir.Constant(_VB, [0x80] * CHUNK))
-        x = builder.load(_elem_ptr(context, builder, qx_t, args[3], xoff_t, args[4], _VB), align=1)
-        return _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), w, x)
-    return i32x16(w, w_off, n, qx, x_off), codegen
 
 
 @intrinsic
@@ -249,17 +209,15 @@ def padded(n: int, m: int) -> int:
 
 
 @kernel()
-def _quantize_vec(x, sal_idx, n_sal, group_size, block, cpl, xz, qa, qb, sxl, nzt, zmul):
-    """x float32 [K] -> int8 activations and their scales, as kernels_vnni._quantize_x_i8 does for
-    one token (same operations, no fastmath: bit-identical codes and scales).
+def _quantize_vec(x, sal_idx, n_sal, group_size, xz, qe, qo, sxl, nzt):
+    """x float32 [K] -> its int8 activations, as kernels_vnni._quantize_x_i8 makes them for one
+    token (the same operations, no fastmath: bit-identical codes and scales):
 
-    cpl: channels per i32 lane (8: int4 weights, 4: int8). For cpl = 8 the codes go to qa (even
-    channels) and qb (odd channels) at k // 2 (16 lanes at a time: block must be 32); for
-    cpl = 4 to qa at k (qb unused).
-    sxl [≥ 16·chunks]: the activation scale of every lane; nzt [≥ padded(G, 16)]: −zmul·zt[g]
-    (zmul: 1 for int4, whose zero points come per row; 128 for int8, the offset zero point).
-    xz [K]: scratch (x with the salient channels zeroed). Padding lanes come out 0.
-    A block holding NaN or inf gets scale NaN (codes 0), so the outputs come out NaN, as in float32.
+        qe[k/2], qo[k/2]: the codes of the even and odd channels    [≥ padded(K/2, 64)] int8
+        sxl[i]: the activation scale of lane i (channel octet i)    [≥ padded(K/8, 16)]
+        nzt[g] = −zt[g] = −sum_{b in g} sx[b] sum_{k in b} qx[k]    [≥ padded(G, 16)]
+    Padding comes out 0 (the buffers are reused for other K). xz [K]: scratch, x with the salient
+    channels zeroed. A block holding NaN or inf gets scale NaN, so the outputs come out NaN.
     """
     K = x.shape[0]
     for k in range(K):
@@ -268,41 +226,21 @@ def _quantize_vec(x, sal_idx, n_sal, group_size, block, cpl, xz, qa, qb, sxl, nz
         xz[sal_idx[i]] = np.float32(0.0)
     for i in range(nzt.shape[0]):
         nzt[i] = np.float32(0.0)
-    lanes_per_block = block // cpl
-    for b in range(K // block):
-        k0 = b * block
-        m = v_zeros()
-        for o in range(k0, k0 + block, LANES):
-            m = v_absmax(xz, o, m)
-        amax = v_hmax(m)
+    for b in range(K // ACT_BLOCK):                         # ACT_BLOCK = 32: two 16-lane vectors
+        k0 = b * ACT_BLOCK
+        amax = v_hmax(v_absmax(xz, k0 + LANES, v_absmax(xz, k0, v_zeros())))
         finite = amax < np.float32(np.inf)                # false for NaN and inf (v_absmax)
         d = amax / np.float32(127.0) if finite else np.float32(np.nan)
         inv = np.float32(1.0) / d if finite and d > 0 else np.float32(0.0)
-        s = 0
-        if cpl == 8 and block == 2 * LANES:
-            s = v_quantize_split(xz, k0, inv, qa, qb, k0 // 2)
-        else:
-            for k in range(k0, k0 + block):
-                q = np.int32(np.rint(xz[k] * inv))
-                s += q
-                if cpl == 8:
-                    if k % 2 == 0:
-                        qa[k // 2] = q
-                    else:
-                        qb[k // 2] = q
-                else:
-                    qa[k] = q
-        for i in range(b * lanes_per_block, (b + 1) * lanes_per_block):
+        s = v_quantize_split(xz, k0, inv, qe, qo, k0 // 2)
+        for i in range(k0 // 8, (k0 + ACT_BLOCK) // 8):
             sxl[i] = d
-        nzt[k0 // group_size] -= zmul * (d * np.float32(s))
-    for i in range(K // cpl, sxl.shape[0]):
+        nzt[k0 // group_size] -= d * np.float32(s)
+    for i in range(K // 8, sxl.shape[0]):
         sxl[i] = np.float32(0.0)
-    half = K // 2 if cpl == 8 else K
-    for i in range(half, qa.shape[0]):
-        qa[i] = 0
-    if cpl == 8:
-        for i in range(half, qb.shape[0]):
-            qb[i] = 0
+    for i in range(K // 2, qe.shape[0]):
+        qe[i] = 0
+        qo[i] = 0
 
 
 @kernel()
@@ -311,14 +249,13 @@ def _salient_x(x, sal_idx, x_sal):
         x_sal[i] = x[sal_idx[i]]
 
 
-def group_index(group_size: int, cpl: int, k: int):
-    """The chunk -> group tables for K = k and cpl channels per lane: (gpc: groups per chunk, 1
-    when a group spans one or more chunks; gidx int32 [16]: lane i -> its group counted from the
-    chunk's first; g0s int64 [chunks]: each chunk's first group)."""
-    chunk_channels = LANES * cpl
-    gpc = max(1, chunk_channels // group_size)
-    gidx = (np.arange(LANES) * cpl // group_size).astype(np.int32)
-    g0s = np.arange(0, k, chunk_channels, dtype=np.int64) // group_size
+def group_index(group_size: int, k: int):
+    """The chunk -> group tables for K = k: (gpc: groups per chunk, 1 when a group spans one or
+    more chunks; gidx int32 [16]: lane i -> its group counted from the chunk's first; g0s int64
+    [chunks]: each chunk's first group)."""
+    gpc = max(1, CHUNK_CHANNELS // group_size)
+    gidx = (np.arange(LANES) * 8 // group_size).astype(np.int32)
+    g0s = np.arange(0, k, CHUNK_CHANNELS, dtype=np.int64) // group_size
     return gpc, gidx, g0s
 
 
@@ -373,28 +310,6 @@ def _q4_i8_row2(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     return v_hsum(acc_a), v_hsum(acc_b)
 
 
-@kernel(fastmath=FASTMATH_REDUCE, inline=True)
-def _q8_i8_row2(qw, sc, ra, rb, gpc, gidx, g0s, qx, sxl, nzt):
-    """Rows ra and rb of the int8 x int8 product: (y_a, y_b). nzt holds −128·zt (the offset).
-    Shaped as `_q4_i8_row2`."""
-    nbytes, G = qw.shape[-1], sc.shape[-1]
-    wa, wb = ra * nbytes, rb * nbytes
-    acc_a, acc_b = v_zeros(), v_zeros()
-    for c in range(g0s.shape[0]):
-        o = c * CHUNK
-        da = v_dot_q8_i8(qw, wa + o, nbytes - o, qx, o)
-        db = v_dot_q8_i8(qw, wb + o, nbytes - o, qx, o)
-        g0 = g0s[c]
-        sx = v_load(sxl, c * LANES)
-        acc_a = v_fma(v_i2f(da), v_mul(_lane_scales(sc, ra, g0, gpc, gidx, G), sx), acc_a)
-        acc_b = v_fma(v_i2f(db), v_mul(_lane_scales(sc, rb, g0, gpc, gidx, G), sx), acc_b)
-    for g0 in range(0, G, LANES):
-        zt = v_load(nzt, g0)
-        acc_a = v_fma(v_load_part(sc, ra * G + g0, G - g0), zt, acc_a)
-        acc_b = v_fma(v_load_part(sc, rb * G + g0, G - g0), zt, acc_b)
-    return v_hsum(acc_a), v_hsum(acc_b)
-
-
 @parallel_kernel()
 def _matvec_q4_i8(qweight, scales, zeros, gpc, gidx, g0s, sal_w, qe, qo, sxl, nzt, x_sal, out):
     n = qweight.shape[0]
@@ -405,43 +320,27 @@ def _matvec_q4_i8(qweight, scales, zeros, gpc, gidx, g0s, sal_w, qe, qo, sxl, nz
         out[b] = yb
 
 
-@parallel_kernel()
-def _matvec_q8_i8(qweight, scales, gpc, gidx, g0s, qx, sxl, nzt, out):
-    n = qweight.shape[0]
-    for i in prange((n + 1) // 2):
-        a, b = 2 * i, min(2 * i + 1, n - 1)
-        ya, yb = _q8_i8_row2(qweight, scales, a, b, gpc, gidx, g0s, qx, sxl, nzt)
-        out[a] = ya
-        out[b] = yb
-
-
 # ----------------------------------------------------------------------------------------------
 # Scratch and public wrappers
 
 
 class VecScratch:
-    """The per-call buffers of the int8 activations of one x [≤ K] (see `_quantize_vec`)."""
+    """The per-call buffers of `_quantize_vec` for inputs of up to k channels."""
 
-    def __init__(self, k: int, max_groups: int, m16: int = 0):
-        self.xz = np.empty(k, np.float32)
-        self.qa = np.zeros(padded(k, CHUNK), np.int8)
-        self.qb = np.zeros(padded(k // 2, CHUNK), np.int8)
-        self.sxl = np.zeros(padded(k // 4, LANES), np.float32)
-        self.nzt = np.zeros(padded(max_groups, LANES), np.float32)
-        self.x_sal = np.zeros(max(m16, LANES), np.float32)
+    def __init__(self, k: int, m16: int = 0):
+        self.xz = np.empty(k, np.float32)                               # [K]
+        self.qe = np.zeros(padded(k // 2, CHUNK), np.int8)              # [K/2 ↑ 64]
+        self.qo = np.zeros(padded(k // 2, CHUNK), np.int8)              # [K/2 ↑ 64]
+        self.sxl = np.zeros(padded(k // 8, LANES), np.float32)          # [K/8 ↑ 16]
+        self.nzt = np.zeros(padded(k // ACT_BLOCK, LANES), np.float32)  # [G ↑ 16], G <= K / 32
+        self.x_sal = np.zeros(m16, np.float32)                          # [m16]
 
 
-def supports_i8(group_size: int, k: int, cpl: int = 8) -> bool:
-    """Whether these kernels take a weight of input size k and this group size: blocks of
+def supports_i8(group_size: int, k: int) -> bool:
+    """Whether `matvec_q4_i8` takes a weight of input size k and this group size: blocks of
     ACT_BLOCK channels inside groups, and every chunk's lanes inside whole groups."""
-    c = LANES * cpl                 # channels per chunk (128 for int4, 64 for int8)
+    c = CHUNK_CHANNELS
     return not (group_size % ACT_BLOCK or k % ACT_BLOCK or (group_size % c and c % group_size))
-
-
-def _check_groups(group_size, k, cpl):
-    if not supports_i8(group_size, k, cpl):
-        raise UsageError(f"int8-activation matvec needs group size and K multiples of {ACT_BLOCK}, "
-                         f"and a group size dividing or a multiple of {LANES * cpl}; got g={group_size}, K={k}")
 
 
 def matvec_q4_i8(p: Q4Prepared, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -450,24 +349,12 @@ def matvec_q4_i8(p: Q4Prepared, x: np.ndarray, out: np.ndarray | None = None) ->
     n, k = p.shape
     _check_vec(x, k)
     out = _check_out(out, (n,))
-    _check_groups(p.group_size, k, 8)
-    s = VecScratch(k, k // p.group_size, p.sal_idx.shape[0])
-    _quantize_vec(x, p.sal_idx, p.n_salient, p.group_size, ACT_BLOCK, 8, s.xz, s.qa, s.qb, s.sxl, s.nzt, np.float32(1.0))
+    if not supports_i8(p.group_size, k):
+        raise UsageError(f"int8-activation matvec needs group size and K multiples of {ACT_BLOCK}, and a "
+                         f"group size dividing or a multiple of {CHUNK_CHANNELS}; got g={p.group_size}, K={k}")
+    s = VecScratch(k, p.sal_idx.shape[0])
+    _quantize_vec(x, p.sal_idx, p.n_salient, p.group_size, s.xz, s.qe, s.qo, s.sxl, s.nzt)
     _salient_x(x, p.sal_idx, s.x_sal)
-    _matvec_q4_i8(p.qweight, p.scales, p.zeros, *group_index(p.group_size, 8, k), p.sal_w,
-                  s.qa, s.qb, s.sxl, s.nzt, s.x_sal, out)
-    return out
-
-
-def matvec_q8_i8(p: Q8Prepared, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode with an int8 weight (the lm_head): y [N] = W x, x quantized to int8. Needs VNNI."""
-    assert VNNI, "matvec_q8_i8 needs AVX512-VNNI"
-    n, k = p.shape
-    _check_vec(x, k)
-    out = _check_out(out, (n,))
-    _check_groups(p.group_size, k, 4)
-    s = VecScratch(k, k // p.group_size)
-    _quantize_vec(x, s.x_sal[:0].astype(np.int64), 0, p.group_size, ACT_BLOCK, 4, s.xz, s.qa, s.qb, s.sxl, s.nzt,
-                  np.float32(128.0))
-    _matvec_q8_i8(p.qweight, p.scales, *group_index(p.group_size, 4, k), s.qa, s.sxl, s.nzt, out)
+    _matvec_q4_i8(p.qweight, p.scales, p.zeros, *group_index(p.group_size, k), p.sal_w,
+                  s.qe, s.qo, s.sxl, s.nzt, s.x_sal, out)
     return out

@@ -8,7 +8,8 @@ for the prefill matmuls GFLOP/s (= 2 x GMAC/s).
 GB/s = bytes the kernel reads per call (packed codes + float32 scales + uint8 zeros [+ salient]) /
 time per call. "hot": the same matrix every call (it stays in L2/L3 - an upper bound set by compute);
 "cold": calls cycle through copies totalling > 2x L3, as in a real decode pass over all layers.
-Prefill rows: matmul_q4_f32 (dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x
+Decode rows: the float32 matvecs (kernels_q4) and, on VNNI, the int4 x int8-activation one
+(kernels_vnni_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32 (dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x
 VNNI, only where the CPU has it) and a float32 BLAS product, at T = 16, 128, 512 tokens; BLAS gets
 as many threads as Numba (numba_policy.blas_threads), as in model.forward.
 The reference point is a float32 matvec (same Numba vector code, float32 weights) on a cold matrix
@@ -30,7 +31,7 @@ import numpy as np
 from numba import prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without install
-from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, q4
+from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, kernels_vnni_matvec as km, q4
 from minilm_edge.numba_policy import FASTMATH_REDUCE, blas_threads, parallel_kernel, threads
 
 # name, N, K, group size (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152)
@@ -100,6 +101,8 @@ def variants(quick):
             nb = _q4_layer(0, n, k, g).nbytes
             objs = _copies(lambda i: _q4_layer(i, n, k, g), nb, cold)
             out.append(("matvec_q4_f32", name, temp, lambda p, x=x, y=y: kq.matvec_q4_f32(p, x, y), objs, nb, 2 * n * k))
+            if kv.VNNI:
+                out.append(("matvec_q4_i8", name, temp, lambda p, x=x, y=y: km.matvec_q4_i8(p, x, y), objs, nb, 2 * n * k))
             if name in ("head", "q/o"):
                 nb8 = _q8_layer(0, n, k, g).nbytes
                 objs8 = _copies(lambda i: _q8_layer(i, n, k, g), nb8, cold)
