@@ -22,9 +22,7 @@ The "·X … W·X" part is measured through the module the group feeds, not the 
 attention (RoPE, causal mask, GQA, then o) for q/k/v, the whole SwiGLU MLP for gate/up, the single
 linear for o and down. Then the scales are folded into the previous op (RMSNorm weight ÷ s, or the
 output rows of the previous linear ÷ s) and the group's weight columns × s: the full-precision
-function is unchanged. Under GQA, v -> o (which DESIGN §5 and AutoAWQ skip: rep = H/Hkv query
-heads read each v row) is scaled with one scale per v row, shared by the rep o columns it feeds
-(x_mean averaged over them: `gqa_tie`, `tie_mean`). Last, a clip search shrinks each (row, group)'s range: the clamp
+function is unchanged. Last, a clip search shrinks each (row, group)'s range: the clamp
 [−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55 that least changes the group's partial dot
 products on ~512 calibration tokens plus the first token of every sample, the attention sink
 (`clip_token_index`; skipped for q and k, whose errors pass through the softmax).
@@ -65,8 +63,8 @@ class ScaleGroup:
 
 LLAMA_GROUPS = (
     ScaleGroup("qkv", prev="attn_norm", linears=("q", "k", "v"), module="attention", inp="attn_in"),
-    # v -> o folds as is when v's output size equals o's input size (MHA). Under GQA each v row
-    # feeds rep = H/Hkv o columns: their scales are tied to one per v row (`gqa_tie`).
+    # v -> o folds only when v's output size equals o's input size (not for GQA: there each v row
+    # feeds rep = H/Hkv different o columns, which would need rep different scales).
     ScaleGroup("o", prev="v", linears=("o",), module="linear", inp="o_in"),
     ScaleGroup("gate_up", prev="mlp_norm", linears=("gate", "up"), module="mlp", inp="mlp_in"),
     ScaleGroup("down", prev="up", linears=("down",), module="linear", inp="down_in"),
@@ -90,7 +88,6 @@ class AWQSettings:
     search_samples: int = 4       # samples (whole sequences) the scale loss is measured on
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
-    tie_gqa: bool = False         # scale v -> o under GQA with tied scales (`gqa_tie`); False: skip (DESIGN §5)
 
     def __post_init__(self):
         if self.bits not in (3, 4):
@@ -210,25 +207,19 @@ def clip_search(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, salien
     return out, best_r
 
 
-def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray, tie: np.ndarray | None = None) -> dict:
+def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray) -> dict:
     """Divide the previous op's output by s and multiply the group's columns by s; a new dict.
 
     A norm weight [K] ÷ s; a previous linear's rows (and bias) ÷ s. The fp function is unchanged.
-    With `tie` (`gqa_tie`: previous output row of each input channel, s equal on channels sharing
-    a row), the previous linear's row r is divided by the s of the channels it feeds.
     """
     w = dict(w)
     prev = w[group.prev]
-    sp = s
-    if tie is not None:
-        sp = np.empty(prev.shape[0], s.dtype)
-        sp[tie] = s                                   # every channel of a row carries the same s
     if prev.ndim == 1:
-        w[group.prev] = prev / sp
+        w[group.prev] = prev / s
     else:
-        w[group.prev] = prev / sp[:, None]
+        w[group.prev] = prev / s[:, None]
         if w.get(group.prev + "_bias") is not None:
-            w[group.prev + "_bias"] = w[group.prev + "_bias"] / sp
+            w[group.prev + "_bias"] = w[group.prev + "_bias"] / s
     for name in group.linears:
         w[name] = w[name] * s[None, :]
     return w
@@ -237,29 +228,6 @@ def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray, tie: np.ndarray | Non
 def can_fold(w: dict, group: ScaleGroup) -> bool:
     """The previous op's output size equals the group's input size (false for v -> o under GQA)."""
     return w[group.prev].shape[0] == w[group.linears[0]].shape[1]
-
-
-def gqa_tie(w: dict, group: ScaleGroup, bs) -> np.ndarray | None:
-    """For v -> o under GQA: tie[c] = the v row feeding o's input channel c, c = h·Dh + d ->
-    (h // rep)·Dh + d (query head h reads kv head h // rep). Scales equal on the rep channels of
-    one v row can be folded into that row, so o is scaled after all (AutoAWQ skips it). None when
-    the group is not v -> o or the shapes do not fit."""
-    if group.prev != "v" or can_fold(w, group) or bs.H % bs.Hkv:
-        return None
-    if w["v"].shape[0] != bs.Hkv * bs.Dh or w[group.linears[0]].shape[1] != bs.H * bs.Dh:
-        return None
-    rep = bs.H // bs.Hkv
-    h = np.arange(bs.H * bs.Dh) // bs.Dh
-    return ((h // rep) * bs.Dh + np.arange(bs.H * bs.Dh) % bs.Dh).astype(np.int64)
-
-
-def tie_mean(x_mean: np.ndarray, tie: np.ndarray) -> np.ndarray:
-    """x_mean averaged over the channels sharing a row, given back per channel (scales computed
-    from it are then equal within each row's channels).                    [K] -> [K]"""
-    sums = np.zeros(int(tie.max()) + 1, np.float64)
-    np.add.at(sums, tie, x_mean.astype(np.float64))
-    counts = np.bincount(tie, minlength=sums.size)
-    return (sums / counts)[tie].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,30 +437,23 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     ns = min(settings.search_samples, n)
     search = block_forward(w, bs, x_all[:ns], cos, sin)
     results, salient = {}, {}
-    ties = {}
     for g in groups:
         sal = salient_channels(x_mean[g.inp], settings.keep_salient)
         for lin in g.linears:
             salient[lin] = sal
-        xm = x_mean[g.inp]
         if not can_fold(w, g):
-            ties[g.name] = gqa_tie(w, g, bs) if settings.tie_gqa else None
-            if ties[g.name] is None:
-                results[g.name] = GroupResult(g.name, np.ones(w[g.linears[0]].shape[1], np.float32), None, [],
-                                              f"not scaled: {g.prev} output {w[g.prev].shape[0]} ≠ "
-                                              f"{g.linears[0]} input {w[g.linears[0]].shape[1]}")
-                continue
-            xm = tie_mean(xm, ties[g.name])           # one scale per v row, shared by its rep channels
-        results[g.name] = search_scale(w, bs, g, search[g.inp], xm, cos, sin, settings.bits,
+            results[g.name] = GroupResult(g.name, np.ones(w[g.linears[0]].shape[1], np.float32), None, [],
+                                          f"not scaled: {g.prev} output {w[g.prev].shape[0]} ≠ "
+                                          f"{g.linears[0]} input {w[g.linears[0]].shape[1]}")
+            continue
+        results[g.name] = search_scale(w, bs, g, search[g.inp], x_mean[g.inp], cos, sin, settings.bits,
                                        group_sizes, sal, settings.duo)
-        if g.name in ties:
-            results[g.name].note = f"scales tied across the {bs.H // bs.Hkv} query heads of each kv head (GQA)"
     del search
 
     w_new = w
     for g in groups:
         if results[g.name].alpha is not None:
-            w_new = fold_scales(w_new, g, results[g.name].scales, ties.get(g.name))
+            w_new = fold_scales(w_new, g, results[g.name].scales)
 
     of = _group_of_linear(groups)
     clip_report = {}

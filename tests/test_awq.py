@@ -61,15 +61,11 @@ def test_folding_keeps_the_fp_function(seed, kv, qwen, log_span):
     before = awq.block_forward(w, bs, x, cos, sin)["out"]
     folded = w
     for g in awq.LLAMA_GROUPS:
-        tie = None if awq.can_fold(folded, g) else awq.gqa_tie(folded, g, bs)
-        if awq.can_fold(folded, g) or tie is not None:
+        if awq.can_fold(folded, g):
             k = folded[g.linears[0]].shape[1]
             s = np.exp(rng.uniform(-log_span, log_span, k)).astype(np.float32)
-            if tie is not None:                             # one scale per v row, shared by its channels
-                s = awq.tie_mean(s, tie)
-            folded = awq.fold_scales(folded, g, s, tie)
-    assert awq.can_fold(w, awq.LLAMA_GROUPS[1]) == (kv == cfg.num_attention_heads)   # plain v -> o only for MHA
-    assert (awq.gqa_tie(w, awq.LLAMA_GROUPS[1], bs) is None) == (kv == cfg.num_attention_heads)   # tied under GQA
+            folded = awq.fold_scales(folded, g, s)
+    assert awq.can_fold(w, awq.LLAMA_GROUPS[1]) == (kv == cfg.num_attention_heads)   # v -> o only for MHA
     after = awq.block_forward(folded, bs, x, cos, sin)["out"]
     np.testing.assert_allclose(after, before, rtol=FOLD_RTOL, atol=FOLD_RTOL * np.abs(before).max())
     # and awq's NumPy block is the reference block
