@@ -58,8 +58,8 @@ def _check_sampling_flags(args):
         raise UsageError(f"--ctx must be at least 2, got {args.ctx}")
 
 
-F32_ACTIVATIONS_HELP = ("prefill int4/int8 linears with float32 activations (slower; the accuracy reference). "
-                        "Default: int8 activations where the CPU has AVX512-VNNI")
+F32_ACTIVATIONS_HELP = ("run the int4 linears (and int8 ones in prefill) with float32 activations (slower; the "
+                        "accuracy reference). Default: int8 activations where the CPU has AVX512-VNNI")
 
 
 def _load(model_arg, int8_activations=True):

@@ -116,9 +116,9 @@ class Model:
         return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
 
     def set_int8_activations(self, on: bool) -> None:
-        """Prefill int4 and int8 linears with int8 activations on AVX512-VNNI (on: the default; used
-        where the CPU has it, kernels_vnni.use_int8_activations) or in float32 (off: the accuracy
-        reference)."""
+        """Multiply int4 linears (prefill and decode) and int8 ones (prefill) with int8 activations on
+        AVX512-VNNI (on: the default; used where the CPU has it: kernels_vnni.use_int8_activations,
+        kernels_vnni_matvec.supports_i8) or in float32 (off: the accuracy reference)."""
         from .linear import Q4, Q8
         blocks = self.weights.blocks
         linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
@@ -248,7 +248,8 @@ class Model:
 def load(path, tokenizer: bool = True, int8_activations: bool = True) -> Model:
     """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`.
 
-    int8_activations=False: prefill in float32 even where int8 x VNNI is available (Model.set_int8_activations).
+    int8_activations=False: float32 activations even where int8 x VNNI is available (prefill and the
+    int4 decode; Model.set_int8_activations).
     """
     path = Path(path)
     cfg = load_config(path)
