@@ -85,7 +85,8 @@ class AWQSettings:
     keep_salient: float = 0.0     # percent of input channels (top x_mean) kept in fp16
     clip: bool = True             # clip search on every linear except q, k
     clip_tokens: int = 512        # random calibration tokens the clip search measures on (+ first tokens)
-    search_samples: int = 4       # samples (whole sequences) the scale loss is measured on
+    search_samples: int = 4       # samples (whole sequences) the attention's scale loss is measured on
+    search_tokens: int = 0        # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
 
@@ -94,6 +95,8 @@ class AWQSettings:
             raise UsageError(f"bits must be 3 or 4, got {self.bits}")
         if not (0.0 <= self.keep_salient < 100.0 and math.isfinite(self.keep_salient)):
             raise UsageError(f"keep-salient must be a percent in [0, 100), got {self.keep_salient}")
+        if self.search_tokens < 0:
+            raise UsageError(f"search_tokens must be >= 0, got {self.search_tokens}")
         for name in ("clip_tokens", "search_samples", "chunk_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -412,8 +415,10 @@ def _group_of_linear(groups):
 
 
 def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
-              progress_bar=None):
-    """AWQ on one block. x_all [n, T, D] fp block inputs.
+              search_rows_idx=None, progress_bar=None):
+    """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx: flat token
+    indices (sample·T + position) of the clip search's tokens and of the scale loss's tokens for
+    the token-wise modules (MLP, single linear; None: the search samples' tokens, as attention).
 
     Returns (new weights dict, {linear: salient idx}, report dict, next block input [n, T, D]).
     """
@@ -421,6 +426,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     cs = settings.chunk_samples
     sums = {g.inp: 0.0 for g in groups}
     clip_rows = {g.inp: [] for g in groups}
+    tok_rows = {g.inp: [] for g in groups if g.module != "attention"}
     x_next = np.empty_like(x_all)
     for a in range(0, n, cs):
         b = min(n, a + cs)
@@ -430,12 +436,18 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         for key in sums:
             sums[key] = sums[key] + channel_abs_sum(inter[key])
             clip_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
+        if search_rows_idx is not None:
+            sel = search_rows_idx[(search_rows_idx >= a * T) & (search_rows_idx < b * T)] - a * T
+            for key in tok_rows:
+                tok_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
         del inter
     x_mean = {k: (v / (n * T)).astype(np.float32) for k, v in sums.items()}
     clip_x = {k: np.concatenate(v) for k, v in clip_rows.items()}
 
     ns = min(settings.search_samples, n)
     search = block_forward(w, bs, x_all[:ns], cos, sin)
+    if search_rows_idx is not None:                      # token-wise modules: tokens from every sample
+        search.update({k: np.concatenate(v)[None] for k, v in tok_rows.items()})   # [1, tokens, K]
     results, salient = {}, {}
     for g in groups:
         sal = salient_channels(x_mean[g.inp], settings.keep_salient)
@@ -536,6 +548,10 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     emb_name, emb_shape = GLOBAL_TENSORS["embed"]
     x_all = src.float32(emb_name, emb_shape(cfg))[ids].astype(np.float32)       # [n, T, D]
     clip_idx = clip_token_index(n, T, settings.clip_tokens, settings.seed)
+    search_idx = None
+    if settings.search_tokens:
+        rng = np.random.default_rng([settings.seed, 1])
+        search_idx = np.sort(rng.choice(n * T, size=min(settings.search_tokens, n * T), replace=False))
 
     norms, lins, biased = _block_keys(cfg)
     tensors, salient, layers, notes = {}, {}, [], []
@@ -543,7 +559,7 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     for i in range(cfg.num_hidden_layers):
         w = load_block(src, cfg, i)
         gs = {k: choose_group_size(w[k].shape[1], settings.group_size) for k in lins}
-        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx)
+        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx)
         for k, (name, _) in norms.items():
             tensors[name.format(i=i)] = w_new[k].astype(np.float32)
         for k, (name, _) in lins.items():
