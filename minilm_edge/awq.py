@@ -24,14 +24,23 @@ linear for o and down. Then the scales are folded into the previous op (RMSNorm 
 output rows of the previous linear ÷ s) and the group's weight columns × s: the full-precision
 function is unchanged. Last, a clip search shrinks each (row, group)'s range: the clamp
 [−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55 that least changes the group's partial dot
-products on ~512 calibration tokens plus the first token of every sample, the attention sink
-(`clip_token_index`; skipped for q and k, whose errors pass through the softmax).
+products (skipped for q and k, whose errors pass through the softmax), measured on every
+calibration token through per-group second moments (`group_gram`; or, with clip_all_tokens off,
+on ~512 random tokens plus each sample's first, the attention sink: `clip_token_index`).
 
 Blocks are calibrated one after the other; block l+1 sees the full-precision output of block l
 (computed before any change), so errors do not compound during calibration. Calibration tokens run in
 chunks of samples, so memory is bounded by a few [chunk, T, F] activations plus [n, T, D] hidden
-states; the scale loss is measured on the first `search_samples` samples (whole sequences: the
-attention needs them), the statistic over all tokens.
+states; the attention's scale loss is measured on the first `search_samples` samples (whole
+sequences), the MLP's and single linears' on `search_tokens` tokens drawn from every sample, the
+statistic and the clip search over all tokens.
+
+Two choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
+tokens, ctx 512; W4, 128×512 C4 tokens, seed 0; fp 22.74, RTN 30.36; BENCHMARKS.md): the spec's
+4 search samples and ~512 clip tokens gave 27.31 (40% of the gap); the clip search over all
+tokens 26.92, the token-wise losses on 4,096 tokens from every sample 26.82, both 26.57 (50%).
+With 128 samples the ~512 clip tokens held 128 attention sinks (20% of them, each with ~100×
+activations in a few channels): the clip search mostly fitted those.
 
 Which norm or linear feeds which linears is per-architecture knowledge, kept in one table
 (`SCALE_GROUPS`). Everything here is pure functions on NumPy arrays; `run_awq` orchestrates.
@@ -85,8 +94,9 @@ class AWQSettings:
     keep_salient: float = 0.0     # percent of input channels (top x_mean) kept in fp16
     clip: bool = True             # clip search on every linear except q, k
     clip_tokens: int = 512        # random calibration tokens the clip search measures on (+ first tokens)
+    clip_all_tokens: bool = True  # the clip search on every calibration token (per-group Gram matrices)
     search_samples: int = 4       # samples (whole sequences) the attention's scale loss is measured on
-    search_tokens: int = 0        # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
+    search_tokens: int = 4096     # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
 
@@ -177,11 +187,23 @@ def scaled_fake_quantize(w, s, bits, group_size, salient_idx=None):
     return w_hat / s[None, :]
 
 
-def clip_search(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, salient_idx=None):
+def group_gram(x: np.ndarray, group_size: int) -> np.ndarray:
+    """Σ_t x_g(t) x_g(t)ᵀ for every group g of x's channels, in float64: the per-group second
+    moments that `clip_search` needs (sum them over chunks, divide by the token count).
+                                                                    x [..., K] -> [G, g, g]"""
+    xg = x.reshape(-1, x.shape[-1] // group_size, group_size).transpose(1, 0, 2)     # [G, t, g]
+    return np.matmul(xg.transpose(0, 2, 1), xg).astype(np.float64)
+
+
+def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int, salient_idx=None,
+                gram: np.ndarray | None = None):
     """Per (row, group) shrink factor r of max|w| minimising the error of the group's partial dot
     products  e(r) = mean_t ( Σ_{k∈group} (Q(clamp(w, ±r·max|w|))[n, k] − w[n, k]) · x[t, k] )².
 
     w [N, K] (already scaled), x [n_tok, K] (already ÷ s) -> (clipped w [N, K], r [N, G]).
+    Or, instead of x, gram [G, g, g] = mean_t x_g x_gᵀ (already ÷ s s ᵀ): then e(r) = Δᵀ C_g Δ per
+    (row, group), Δ the group's rounding error — the same mean over tokens, on as many tokens as
+    the Gram matrix saw, at a cost that does not grow with them.
     Salient columns are left out (they are stored exactly) and left unchanged.
     """
     n, k = w.shape
@@ -189,7 +211,10 @@ def clip_search(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, salien
     wz = np.array(w, np.float32)
     if salient_idx is not None:
         wz[:, salient_idx] = 0.0
-    xg = np.ascontiguousarray(x.reshape(-1, G, group_size).transpose(1, 2, 0))   # [G, g, n_tok]
+    if gram is None:
+        xg = np.ascontiguousarray(x.reshape(-1, G, group_size).transpose(1, 2, 0))   # [G, g, n_tok]
+    else:
+        gram32 = gram.astype(np.float32)
     wg = wz.reshape(n, G, group_size)                                            # [N, G, g]
     amax = np.abs(wg).max(axis=2, keepdims=True)                                 # [N, G, 1]
     best_err = np.full((n, G), np.inf)
@@ -198,8 +223,12 @@ def clip_search(w: np.ndarray, x: np.ndarray, bits: int, group_size: int, salien
         lim = amax * np.float32(r)
         wc = np.clip(wg, -lim, lim)
         dq = fake_quantize(wc.reshape(n, k), bits, group_size).reshape(n, G, group_size) - wg
-        err = np.matmul(dq.transpose(1, 0, 2), xg)                               # [G, N, n_tok]
-        err = np.mean(err * err, axis=2).T                                       # [N, G]
+        dqt = dq.transpose(1, 0, 2)                                              # [G, N, g]
+        if gram is None:
+            err = np.matmul(dqt, xg)                                             # [G, N, n_tok]
+            err = np.mean(err * err, axis=2).T                                   # [N, G]
+        else:
+            err = np.sum(np.matmul(dqt, gram32) * dqt, axis=2, dtype=np.float64).T   # [N, G]
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_r = np.where(better, np.float32(r), best_r)
@@ -427,6 +456,9 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     sums = {g.inp: 0.0 for g in groups}
     clip_rows = {g.inp: [] for g in groups}
     tok_rows = {g.inp: [] for g in groups if g.module != "attention"}
+    # per-group second moments of each clipped linear's input, over every calibration token
+    gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in NO_CLIP for l in g.linears)}
+    grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
     x_next = np.empty_like(x_all)
     for a in range(0, n, cs):
         b = min(n, a + cs)
@@ -436,6 +468,8 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         for key in sums:
             sums[key] = sums[key] + channel_abs_sum(inter[key])
             clip_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
+        for key in grams:
+            grams[key] = grams[key] + group_gram(inter[key], gsz[key])
         if search_rows_idx is not None:
             sel = search_rows_idx[(search_rows_idx >= a * T) & (search_rows_idx < b * T)] - a * T
             for key in tok_rows:
@@ -474,7 +508,11 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         s = results[g.name].scales
         xc = clip_x[g.inp] / s[None, :]
         if settings.clip and lin not in NO_CLIP:
-            w_new[lin], r = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin])
+            gram = None
+            if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
+                sg = s.astype(np.float64).reshape(-1, gsz[g.inp])
+                gram = grams[g.inp] / (n * T) / (sg[:, :, None] * sg[:, None, :])
+            w_new[lin], r = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram)
             clip_report[lin] = {"mean": float(r.mean()), "min": float(r.min()),
                                 "frac_clipped": float(np.mean(r < 1.0))}
         err_report[lin] = _output_errors(w[lin], w_new[lin], s, clip_x[g.inp], settings.bits,

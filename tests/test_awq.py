@@ -294,3 +294,22 @@ def test_cli_quantize_awq_default(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "--calib" in capsys.readouterr().out
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), g=st.sampled_from([32, 64]),
+       sal=st.sampled_from([0, 3]))
+def test_clip_search_on_gram_matrices_is_the_clip_search_on_tokens(seed, bits, g, sal):
+    """e(r) = mean_t (Δ·x_t)² = Δᵀ (mean_t x_t x_tᵀ) Δ: the same shrink factors either way, up to
+    float ties (the chosen errors agree to float rounding)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((24, 2 * g)).astype(np.float32)
+    x = (rng.standard_normal((300, 2 * g)) * np.exp(rng.uniform(-2, 2, 2 * g))).astype(np.float32)
+    idx = np.sort(rng.choice(2 * g, sal, replace=False)) if sal else None
+    c1, r1 = awq.clip_search(w, x, bits, g, idx)
+    c2, r2 = awq.clip_search(w, None, bits, g, idx, gram=awq.group_gram(x, g) / len(x))
+    def err(c):                                      # the per-(row, group) error of a clipped weight
+        dq = (awq.fake_quantize(c, bits, g, idx) - np.where(np.isin(np.arange(2 * g), idx if sal else []), 0, w))
+        return np.mean((x.reshape(-1, 2, g)[:, None] * dq.reshape(24, 2, g)[None]).sum(-1) ** 2, axis=0)
+    assert np.mean(r1 == r2) > 0.95
+    np.testing.assert_allclose(err(c2), err(c1), rtol=1e-3, atol=1e-12)
