@@ -150,12 +150,18 @@ def v_fma(typingctx, a, b, c):
     return f32x16(a, b, c), codegen
 
 
-@intrinsic
-def v_div(typingctx, a, b):
-    """a / b, lane-wise."""
-    def codegen(context, builder, sig, args):
-        return builder.fdiv(args[0], args[1])
-    return f32x16(a, b), codegen
+def _binary(op, doc):
+    @intrinsic
+    def vop(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, op)(args[0], args[1])
+        return f32x16(a, b), codegen
+    vop.__doc__ = doc
+    return vop
+
+
+v_mul = _binary("fmul", "a * b, lane-wise.")
+v_div = _binary("fdiv", "a / b, lane-wise.")
 
 
 @intrinsic

@@ -46,8 +46,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .errors import UsageError
-from .kernels_q4 import (LANES, Q4Prepared, _check_out, _check_vec, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_splat,
-                         v_zeros)
+from .kernels_q4 import (LANES, Q4Prepared, _check_out, _check_vec, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_mul,
+                         v_splat, v_zeros)
 from .kernels_vnni import ACT_BLOCK, VNNI, i32x16, v_absmax, v_hmax
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 
@@ -154,14 +154,6 @@ def v_i2f(typingctx, v):
     def codegen(context, builder, sig, args):
         return builder.sitofp(args[0], _VF)
     return f32x16(v), codegen
-
-
-@intrinsic
-def v_mul(typingctx, a, b):
-    """a * b lane-wise."""
-    def codegen(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
-    return f32x16(a, b), codegen
 
 
 @intrinsic
