@@ -37,7 +37,7 @@ from numba import prange
 from .kernels_q4 import (LANES, Q4Prepared, _split_x, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_unpack_q4,
                          v_zeros)
 from .kernels_vnni import ACT_BLOCK, VNNI
-from .kernels_vnni_matvec import CHUNK, _quantize_vec, group_index, padded, supports_i8
+from .kernels_vnni_matvec import CHUNK, _quantize_vec, _salient_x, group_index, padded, supports_i8
 from .numba_policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .sync import barrier, barrier_safe
 
@@ -148,7 +148,7 @@ class DecodePlan:
         self.int8_ok = VNNI and all(supports_i8(st.group_size, st.shape[1]) for st in (qkv, o, gate_up, down))
         self.int8 = self.int8_ok
         self._concurrent = None                                   # sync.barrier_safe(), once known
-        self._args = None
+        self._args = (*qkv.args(), qkv.bias.reshape(-1), *o.args(), *gate_up.args(), *down.args())
 
     @property
     def nbytes(self) -> int:
@@ -162,9 +162,6 @@ class DecodePlan:
             self._concurrent = barrier_safe()
         T = numba.get_num_threads() if self._concurrent else 1   # None (layer not chosen yet): 1
         self.bar[0] = 0
-        if self._args is None:
-            self._args = (*self.qkv.args(), self.qkv.bias.reshape(-1), *self.o.args(), *self.gate_up.args(),
-                          *self.down.args())
         _decode_blocks(T, self.bar, self.int8 and self.int8_ok, x, pos, cos, sin, np.float32(c.rms_norm_eps),
                        c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.attn_norm, self.mlp_norm,
                        *self._args, cache.k, cache.v, cache.scratch, self.h, self.qkv_out, self.att, self.pm,
@@ -345,8 +342,7 @@ def _prologue(i8, x, g, sal_idx, n_sal, xe, xo, xs, xsal, xz, qe, qo, sxl, nzt):
     sums) or int8 (quantized as in kernels_vnni_matvec); the salient entries either way."""
     if i8:
         _quantize_vec(x, sal_idx, n_sal, g, xz, qe, qo, sxl, nzt)
-        for i in range(sal_idx.shape[0]):
-            xsal[i] = x[sal_idx[i]]
+        _salient_x(x, sal_idx, xsal)
     else:
         _split_x(x, g, sal_idx, xe, xo, xs, xsal)
 

@@ -6,9 +6,9 @@ shaped for ONE token: no weight tile to unpack and share between tokens, so each
 once, straight from its packed bytes, 64 bytes at a time. That is the whole point: the float32
 decode kernel (kernels_q4._matvec_q4_f32) needs ~10 instructions per 16 packed bytes to widen,
 convert and multiply the nibbles; here 64 packed bytes (128 weights) take a mask, a shift and two
-`vpdpbusd`. Measured (tools/bench_kernels.py; 1 core, rows in cache, 256 x 576, g = 64): 18 GB/s
-of packed weights against 10 for the float32 kernel; 2 threads over the 30 MB gate|up stack of
-SmolLM2, 24.5 against 16.6 GB/s.
+`vpdpbusd`. Measured (BENCHMARKS.md; 1 core, rows in cache, 256 x 576, g = 64): 18 GB/s of packed
+weights against 10 for the float32 kernel; 2 threads over the 30 MB gate|up stack of SmolLM2, 24.5
+against 16.6 GB/s.
 
 Shapes: W [N, K], x [K], g = group size, G = K // g, B = ACT_BLOCK; a "chunk" = 64 packed bytes =
 128 channels = 16 i32 lanes of 8 channels each.
