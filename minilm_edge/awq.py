@@ -23,8 +23,9 @@ attention (RoPE, causal mask, GQA, then o) for q/k/v, the whole SwiGLU MLP for g
 linear for o and down. Then the scales are folded into the previous op (RMSNorm weight ÷ s, or the
 output rows of the previous linear ÷ s) and the group's weight columns × s: the full-precision
 function is unchanged. Last, a clip search shrinks each (row, group)'s range: the clamp
-[−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55 that least changes the group's partial dot
-products (skipped for q and k, whose errors pass through the softmax), measured on every
+[−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55, or [a·min w, b·max w] with a, b on the same
+grid (each end on its own: the quantizer is min/max, not symmetric), that least changes the group's
+partial dot products (skipped for q and k, whose errors pass through the softmax), measured on every
 calibration token through per-group second moments (`group_gram`; or, with clip_all_tokens off,
 on ~512 random tokens plus each sample's first, the attention sink: `clip_token_index`).
 
@@ -35,12 +36,13 @@ states; the attention's scale loss is measured on the first `search_samples` sam
 sequences), the MLP's and single linears' on `search_tokens` tokens drawn from every sample, the
 statistic and the clip search over all tokens.
 
-Two choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
+Three choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
 tokens, ctx 512; W4, 128×512 C4 tokens, seed 0; fp 22.74, RTN 30.36; BENCHMARKS.md): the spec's
 4 search samples and ~512 clip tokens gave 27.31 (40% of the gap); the clip search over all
-tokens 26.92, the token-wise losses on 4,096 tokens from every sample 26.82, both 26.57 (50%).
+tokens 26.92, the token-wise losses on 4,096 tokens from every sample 26.82, both 26.57 (50%),
+and the two-sided clamps on top 26.49 (mean KL from the fp model 0.151 vs 0.158).
 With 128 samples the ~512 clip tokens held 128 attention sinks (20% of them, each with ~100×
-activations in a few channels): the clip search mostly fitted those.
+activations in a few channels): the clip search mostly fitted those. (AWQSettings turns each off.)
 
 Which norm or linear feeds which linears is per-architecture knowledge, kept in one table
 (`SCALE_GROUPS`). Everything here is pure functions on NumPy arrays; `run_awq` orchestrates.
@@ -95,6 +97,7 @@ class AWQSettings:
     clip: bool = True             # clip search on every linear except q, k
     clip_tokens: int = 512        # random calibration tokens the clip search measures on (+ first tokens)
     clip_all_tokens: bool = True  # the clip search on every calibration token (per-group Gram matrices)
+    clip_two_sided: bool = True   # the clip search also cuts each end of a group's range on its own
     search_samples: int = 4       # samples (whole sequences) the attention's scale loss is measured on
     search_tokens: int = 4096     # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
@@ -196,12 +199,18 @@ def group_gram(x: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int, salient_idx=None,
-                gram: np.ndarray | None = None):
-    """Per (row, group) shrink factor r of max|w| minimising the error of the group's partial dot
-    products  e(r) = mean_t ( Σ_{k∈group} (Q(clamp(w, ±r·max|w|))[n, k] − w[n, k]) · x[t, k] )².
+                gram: np.ndarray | None = None, two_sided: bool = False):
+    """Per (row, group) clamp of the weights minimising the error of the group's partial dot
+    products  e = mean_t ( Σ_{k∈group} (Q(clamp(w, lo, hi))[n, k] − w[n, k]) · x[t, k] )².
 
-    w [N, K] (already scaled), x [n_tok, K] (already ÷ s) -> (clipped w [N, K], r [N, G]).
-    Or, instead of x, gram [G, g, g] = mean_t x_g x_gᵀ (already ÷ s s ᵀ): then e(r) = Δᵀ C_g Δ per
+    The candidates (DESIGN §5): the symmetric clamps lo = −r·max|w|, hi = r·max|w| for the shrink
+    factors r in CLIP_SHRINKS. With two_sided, also every pair lo = a·min w, hi = b·max w (a, b in
+    CLIP_SHRINKS): the quantizer is asymmetric (min/max), so each end of the range can be cut on its
+    own; the symmetric candidates stay, so the choice is never worse than the symmetric search's.
+
+    w [N, K] (already scaled), x [n_tok, K] (already ÷ s) -> (clipped w [N, K], kept [N, G]), kept
+    the fraction of each group's range max w − min w that the chosen clamp keeps (1: unclipped).
+    Or, instead of x, gram [G, g, g] = mean_t x_g x_gᵀ (already ÷ s s ᵀ): then e = Δᵀ C_g Δ per
     (row, group), Δ the group's rounding error — the same mean over tokens, on as many tokens as
     the Gram matrix saw, at a cost that does not grow with them.
     Salient columns are left out (they are stored exactly) and left unchanged.
@@ -216,27 +225,54 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
     else:
         gram32 = gram.astype(np.float32)
     wg = wz.reshape(n, G, group_size)                                            # [N, G, g]
-    amax = np.abs(wg).max(axis=2, keepdims=True)                                 # [N, G, 1]
+    lo0 = wg.min(axis=2, keepdims=True)                                          # [N, G, 1]
+    hi0 = wg.max(axis=2, keepdims=True)
+    amax = np.maximum(-lo0, hi0)
+    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in CLIP_SHRINKS]
+    if two_sided:
+        cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in CLIP_SHRINKS for b in CLIP_SHRINKS]
     best_err = np.full((n, G), np.inf)
-    best_r = np.ones((n, G), np.float32)
-    for r in CLIP_SHRINKS:
-        lim = amax * np.float32(r)
-        wc = np.clip(wg, -lim, lim)
-        dq = fake_quantize(wc.reshape(n, k), bits, group_size).reshape(n, G, group_size) - wg
-        dqt = dq.transpose(1, 0, 2)                                              # [G, N, g]
+    best_lo, best_hi = lo0[..., 0].copy(), hi0[..., 0].copy()
+    for lo, hi in cands:
+        dqt = _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits).transpose(1, 0, 2)   # [G, N, g]
         if gram is None:
             err = np.matmul(dqt, xg)                                             # [G, N, n_tok]
             err = np.mean(err * err, axis=2).T                                   # [N, G]
         else:
-            err = np.sum(np.matmul(dqt, gram32) * dqt, axis=2, dtype=np.float64).T   # [N, G]
+            err = np.einsum("gnk,gnk->ng", np.matmul(dqt, gram32), dqt)          # [N, G]
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best_r = np.where(better, np.float32(r), best_r)
-    lim = amax * best_r[..., None]
-    out = np.clip(np.asarray(w, np.float32).reshape(n, G, group_size), -lim, lim).reshape(n, k)
+        best_lo = np.where(better, lo[..., 0], best_lo)
+        best_hi = np.where(better, hi[..., 0], best_hi)
+    out = np.clip(np.asarray(w, np.float32).reshape(n, G, group_size), best_lo[..., None], best_hi[..., None])
+    out = out.reshape(n, k)
     if salient_idx is not None:
         out[:, salient_idx] = w[:, salient_idx]
-    return out, best_r
+    kept_lo, kept_hi = np.maximum(best_lo, lo0[..., 0]), np.minimum(best_hi, hi0[..., 0])
+    span = hi0[..., 0] - lo0[..., 0]
+    kept = np.where(span > 0, (kept_hi - kept_lo) / np.where(span > 0, span, 1), 1).astype(np.float32)
+    return out, kept
+
+
+def _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits):
+    """fake_quantize(clamp(wg, lo, hi)) − wg per group, bit for bit, without reducing each
+    group's range again: it is [min(max(lo0, lo), hi), min(max(hi0, lo), hi)] for a group whose
+    range was [lo0, hi0].                      wg [N, G, g]; lo0, hi0, lo, hi [N, G, 1] -> [N, G, g]"""
+    from .q4 import SCALE_FLOOR as RANGE_FLOOR, _fp16_scale
+    qmax = np.float32((1 << bits) - 1)
+    lo_c = np.minimum(np.maximum(lo0, lo), hi)
+    hi_c = np.minimum(np.maximum(hi0, lo), hi)
+    s = _fp16_scale(np.maximum(hi_c - lo_c, np.float32(RANGE_FLOOR)) / qmax, "scales").astype(np.float32)
+    z = np.clip(-np.round(lo_c / s), 0, qmax)
+    q = np.clip(wg, lo, hi)
+    q /= s
+    np.round(q, out=q)
+    q += z
+    np.clip(q, 0, qmax, out=q)
+    q -= z
+    q *= s
+    q -= wg
+    return q
 
 
 def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray) -> dict:
@@ -512,7 +548,8 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
                 sg = s.astype(np.float64).reshape(-1, gsz[g.inp])
                 gram = grams[g.inp] / (n * T) / (sg[:, :, None] * sg[:, None, :])
-            w_new[lin], r = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram)
+            w_new[lin], r = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram,
+                                         settings.clip_two_sided)
             clip_report[lin] = {"mean": float(r.mean()), "min": float(r.min()),
                                 "frac_clipped": float(np.mean(r < 1.0))}
         err_report[lin] = _output_errors(w[lin], w_new[lin], s, clip_x[g.inp], settings.bits,

@@ -163,7 +163,7 @@ def render_html(rep: dict) -> str:
     groups = list(rep["layers"][0]["groups"]) if rep["layers"] else []
     parts.append("<h2>Per block</h2><table><tr><th>block</th>" +
                  "".join(f"<th>{g} α</th><th>{g} loss RTN → AWQ</th>" for g in groups) +
-                 "<th>clip mean r (clipped)</th><th>output error RTN / AWQ</th><th>top q/k/v input channels</th>"
+                 "<th>clip: mean range kept (groups clipped)</th><th>output error RTN / AWQ</th><th>top q/k/v input channels</th>"
                  "<th>fp16 kept</th></tr>")
     for l in rep["layers"]:
         cells = [f"<td>{l['layer']}</td>"]

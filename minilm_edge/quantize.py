@@ -182,7 +182,7 @@ def _awq_config(settings, cal, res) -> dict:
         "scale_form": "duo" if settings.duo else "x_mean^alpha", "clip": settings.clip,
         "keep_salient_percent": settings.keep_salient, "seed": settings.seed,
         "search_samples": settings.search_samples, "search_tokens": settings.search_tokens,
-        "clip_all_tokens": settings.clip_all_tokens,
+        "clip_all_tokens": settings.clip_all_tokens, "clip_two_sided": settings.clip_two_sided,
         "calibration": cal.describe(),
         "alpha": [{k: v["alpha"] for k, v in layer["groups"].items()} for layer in res.layers],
         "notes": cal.notes + res.notes,

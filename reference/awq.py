@@ -117,30 +117,38 @@ def fold_into_linear(prev_w, prev_b, w, s):
     return prev_w / s[:, None], (None if prev_b is None else prev_b / s), w * s[None, :]
 
 
-def clip_search(w, x, bits, group_size, shrinks=tuple(1.0 - i / 20 for i in range(10))):
-    """Per (row n, group c): the shrink r of max|w| whose symmetric clamp, then rounding, least changes
-    the group's partial dot products with the tokens:
+def clip_search(w, x, bits, group_size, shrinks=tuple(1.0 - i / 20 for i in range(10)), two_sided=False):
+    """Per (row n, group c): the clamp [lo, hi] of the weights that, after rounding, least changes the
+    group's partial dot products with the tokens:
 
-        err(r) = mean_t ( Σ_{k in c} (Q(clamp(w, −r·m, r·m))[n, k] − w[n, k]) · x[t, k] )²,  m = max_{k in c} |w[n, k]|
+        err(lo, hi) = mean_t ( Σ_{k in c} (Q(clamp(w, lo, hi))[n, k] − w[n, k]) · x[t, k] )²
 
-    One (row, group) at a time. w [N, K], x [T, K] -> (clipped w [N, K], r [N, K/g])
+    over the symmetric clamps lo = −r·m, hi = r·m (m = max_{k in c} |w[n, k]|, r in shrinks) and,
+    with two_sided, every pair lo = a·min w, hi = b·max w (a, b in shrinks); ties keep the earlier one.
+
+    One (row, group) at a time. w [N, K], x [T, K] -> (clipped w [N, K], kept [N, K/g]): kept is the
+    fraction of the group's range max w − min w that the chosen clamp keeps.
     """
     w = np.asarray(w, np.float32)
     n_rows, k = w.shape
     out = w.copy()
-    best_r = np.ones((n_rows, k // group_size), np.float32)
+    kept = np.ones((n_rows, k // group_size), np.float32)
     for n in range(n_rows):
         for gi, c in enumerate(range(0, k, group_size)):
             wg = w[n:n + 1, c:c + group_size]
             xg = np.asarray(x, np.float64)[:, c:c + group_size]
-            m = np.abs(wg).max()
-            best = np.inf
-            for r in shrinks:
-                lim = np.float32(m * np.float32(r))
-                d = pseudo_quantize(np.clip(wg, -lim, lim), bits, group_size) - wg
+            lo0, hi0 = wg.min(), wg.max()
+            m = max(-lo0, hi0)
+            cands = [(-m * np.float32(r), m * np.float32(r)) for r in shrinks]
+            if two_sided:
+                cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in shrinks for b in shrinks]
+            best, best_c = np.inf, (lo0, hi0)
+            for lo, hi in cands:
+                d = pseudo_quantize(np.clip(wg, lo, hi), bits, group_size) - wg
                 err = np.mean((xg @ d[0].astype(np.float64)) ** 2)
                 if err < best:
-                    best, best_r[n, gi] = err, r
-            lim = np.float32(m * best_r[n, gi])
-            out[n, c:c + group_size] = np.clip(wg[0], -lim, lim)
-    return out, best_r
+                    best, best_c = err, (lo, hi)
+            out[n, c:c + group_size] = np.clip(wg[0], *best_c)
+            if hi0 > lo0:
+                kept[n, gi] = (min(best_c[1], hi0) - max(best_c[0], lo0)) / (hi0 - lo0)
+    return out, kept

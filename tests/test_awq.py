@@ -101,12 +101,16 @@ def test_clipping_never_increases_the_group_loss(seed, bits):
     w[rng.integers(0, 6), rng.integers(0, 64)] *= 8                # an outlier worth clipping
     x = rng.standard_normal((40, 64)).astype(np.float32)
     clipped, r = awq.clip_search(w, x, bits, 32)
+    clipped_two, r_two = awq.clip_search(w, x, bits, 32, two_sided=True)
 
     def group_err(wc):
         d = awq.fake_quantize(wc, bits, 32) - w                      # [N, K]
         return np.stack([np.mean((x[:, c:c + 32] @ d[:, c:c + 32].T) ** 2, axis=0) for c in (0, 32)], 1)
     assert np.all(group_err(clipped) <= group_err(w) * (1 + 1e-6) + 1e-12)
-    assert np.all((r >= 0.55 - 1e-6) & (r <= 1.0))
+    # the two-sided search holds the symmetric candidates: never worse than the symmetric choice
+    assert np.all(group_err(clipped_two) <= group_err(clipped) * (1 + 1e-5) + 1e-12)
+    for kept in (r, r_two):                                      # the fraction of the range kept
+        assert np.all((kept >= 0.55 * 0.55 - 1e-6) & (kept <= 1.0 + 1e-6))
 
 
 def test_clip_tokens_hold_every_samples_first_token():
@@ -160,10 +164,11 @@ def test_formulas_match_reference():
         got = awq.MODULES["linear"]({"o": awq.scaled_fake_quantize(w, s, bits, 32)}, None, x, None, None, ("o",))
         loss = float(np.mean((got - x @ w.T) ** 2, dtype=np.float64))
         assert loss == pytest.approx(ref.linear_loss(w, x, s.astype(np.float64), bits, 32), rel=1e-3)
-        c1, r1 = awq.clip_search(w, x[:20], bits, 32)
-        c2, r2 = ref.clip_search(w, x[:20], bits, 32)
-        np.testing.assert_array_equal(r1, r2)
-        np.testing.assert_array_equal(c1, c2)
+        for two in (False, True):
+            c1, r1 = awq.clip_search(w, x[:20], bits, 32, two_sided=two)
+            c2, r2 = ref.clip_search(w, x[:20], bits, 32, two_sided=two)
+            np.testing.assert_allclose(r1, r2, rtol=1e-6)
+            np.testing.assert_array_equal(c1, c2)
     d, cfg = tiny_cfg()
     bw, _ = block_weights(d, 0)
     s = np.exp(rng.uniform(-1, 1, 32)).astype(np.float32)
@@ -296,6 +301,23 @@ def test_cli_quantize_awq_default(tmp_path, capsys):
     assert "--calib" in capsys.readouterr().out
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), shift=st.sampled_from([0.0, 3.0]),
+       a=st.floats(0.3, 1.2), b=st.floats(0.3, 1.2))
+def test_clamped_rounding_error_is_fake_quantize_of_the_clamp(seed, bits, shift, a, b):
+    """The clip search's shortcut (each group's clamped range from its old one) rounds bit for bit
+    like fake_quantize on the clamped weights, also for all-positive groups and empty ranges."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((5, 96)) + shift).astype(np.float32)
+    w[0, :32] = 0.5                                                 # a constant group
+    wg = w.reshape(5, 3, 32)
+    lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)
+    for lo, hi in ((lo0 * np.float32(a), hi0 * np.float32(b)),
+                   (-np.maximum(-lo0, hi0) * np.float32(a), np.maximum(-lo0, hi0) * np.float32(a))):
+        want = awq.fake_quantize(np.clip(wg, lo, hi).reshape(5, 96), bits, 32).reshape(5, 3, 32) - wg
+        np.testing.assert_array_equal(awq._clamped_rounding_error(wg, lo0, hi0, lo, hi, bits), want)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), g=st.sampled_from([32, 64]),
        sal=st.sampled_from([0, 3]))
@@ -306,8 +328,9 @@ def test_clip_search_on_gram_matrices_is_the_clip_search_on_tokens(seed, bits, g
     w = rng.standard_normal((24, 2 * g)).astype(np.float32)
     x = (rng.standard_normal((300, 2 * g)) * np.exp(rng.uniform(-2, 2, 2 * g))).astype(np.float32)
     idx = np.sort(rng.choice(2 * g, sal, replace=False)) if sal else None
-    c1, r1 = awq.clip_search(w, x, bits, g, idx)
-    c2, r2 = awq.clip_search(w, None, bits, g, idx, gram=awq.group_gram(x, g) / len(x))
+    two = bool(seed % 2)
+    c1, r1 = awq.clip_search(w, x, bits, g, idx, two_sided=two)
+    c2, r2 = awq.clip_search(w, None, bits, g, idx, gram=awq.group_gram(x, g) / len(x), two_sided=two)
     def err(c):                                      # the per-(row, group) error of a clipped weight
         dq = (awq.fake_quantize(c, bits, g, idx) - np.where(np.isin(np.arange(2 * g), idx if sal else []), 0, w))
         return np.mean((x.reshape(-1, 2, g)[:, None] * dq.reshape(24, 2, g)[None]).sum(-1) ** 2, axis=0)
