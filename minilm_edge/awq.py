@@ -548,10 +548,10 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
                 sg = s.astype(np.float64).reshape(-1, gsz[g.inp])
                 gram = grams[g.inp] / (n * T) / (sg[:, :, None] * sg[:, None, :])
-            w_new[lin], r = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram,
-                                         settings.clip_two_sided)
-            clip_report[lin] = {"mean": float(r.mean()), "min": float(r.min()),
-                                "frac_clipped": float(np.mean(r < 1.0))}
+            w_new[lin], kept = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram,
+                                            settings.clip_two_sided)
+            clip_report[lin] = {"mean": float(kept.mean()), "min": float(kept.min()),     # range kept
+                                "frac_clipped": float(np.mean(kept < 1.0))}
         err_report[lin] = _output_errors(w[lin], w_new[lin], s, clip_x[g.inp], settings.bits,
                                          group_sizes[lin], salient[lin])
 
