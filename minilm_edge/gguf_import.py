@@ -29,12 +29,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
+from minilm_edge.quantize import output_tempdir
 
 ARCH = "llama"
 
@@ -79,9 +79,8 @@ def import_gguf(gguf_path, out_dir, *, dtype: str = "float16", progress: bool = 
     reader = _open_gguf(Path(gguf_path))
     meta = _read_meta(reader)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.importing-", dir=out_dir.parent))
+    tmp = output_tempdir(out_dir, "importing")
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         _write_model_dir(reader, meta, tmp, dtype, progress)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); a portable rename needs the name free

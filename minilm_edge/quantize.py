@@ -46,6 +46,17 @@ def check_out_dir(out_dir: Path) -> None:
         raise UsageError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
 
 
+def output_tempdir(out_dir: Path, tag: str) -> Path:
+    """A hidden folder beside out_dir to write an output into, renamed to out_dir when complete.
+    Its mode is an ordinary new folder's (the umask's), not mkdtemp's private 0700: a model made
+    by one account is often served by another."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{tag}-", dir=out_dir.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict, before_rename=None) -> Path:
     """Write tensors + config + copied tokenizer files into a temp folder, then rename it to out_dir.
 
@@ -55,7 +66,7 @@ def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = output_tempdir(out_dir, "tmp")
     try:
         # safetensors.numpy writes an array's memory as is: a Fortran-ordered one (e.g. w[:, idx])
         # would be read back transposed. Every tensor goes out in C order.

@@ -148,3 +148,16 @@ def test_model_folder_writes_fortran_ordered_tensors_in_c_order(tmp_path):
     out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": a, "b": a[:, [3, 0]]}, {})
     back = load_file(str(out / "model.safetensors"))
     assert np.array_equal(back["a"], a) and np.array_equal(back["b"], a[:, [3, 0]])
+
+
+def test_model_folder_has_an_ordinary_folders_mode(tmp_path):
+    # mkdtemp makes its folder 0700; a quantized model is often served by another account
+    import os
+    from minilm_edge.quantize import write_model_folder
+    (tmp_path / "src").mkdir()
+    umask = os.umask(0o027)
+    try:
+        out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": np.zeros(2, np.float32)}, {})
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o750
