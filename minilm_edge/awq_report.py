@@ -3,8 +3,9 @@ into the quantized model folder. Self-contained: no scripts, no network, plots a
 
 Per block: the chosen α of each scale group with the loss of the identity (plain RTN) and of the
 chosen scales; the most active input channels and which were kept in fp16; the share of each
-group's weight range that the clip kept; the relative output error of RTN vs AWQ on the clip tokens. Overall: bits per weight and file size; with
-an evaluation text, the perplexity of the source, RTN and AWQ models on it (minilm_edge.evaluate).
+group's weight range that the clip kept; the relative output error of RTN vs AWQ on the clip
+tokens. Overall: bits per weight and file size; with an evaluation text, the perplexity of the
+source, RTN and AWQ models on it (minilm_edge.evaluate).
 """
 from __future__ import annotations
 
