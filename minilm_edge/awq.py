@@ -36,11 +36,13 @@ states; the attention's scale loss is measured on the first `search_samples` sam
 sequences), the MLP's and single linears' on `search_tokens` tokens drawn from every sample, the
 statistic and the clip search over all tokens.
 
-Three choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
+Four choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
 tokens, ctx 512; W4, 128×512 C4 tokens, seed 0; fp 22.74, RTN 30.36; BENCHMARKS.md): the spec's
 4 search samples and ~512 clip tokens gave 27.31 (40% of the gap); the clip search over all
 tokens 26.92, the token-wise losses on 4,096 tokens from every sample 26.82, both 26.57 (50%),
-and the two-sided clamps on top 26.49 (mean KL from the fp model 0.151 vs 0.158).
+the two-sided clamps on top 26.49 (mean KL from the fp model 0.151 vs 0.158), and each α's loss
+measured on the weights clipped as they will be (the symmetric clip search inside the scale
+search, since the weights that get stored are clipped, not merely rounded) 26.34 (KL 0.147).
 With 128 samples the ~512 clip tokens held 128 attention sinks (20% of them, each with ~100×
 activations in a few channels): the clip search mostly fitted those. (AWQSettings turns each off.)
 
@@ -100,6 +102,7 @@ class AWQSettings:
     clip_two_sided: bool = True   # the clip search also cuts each end of a group's range on its own
     search_samples: int = 4       # samples (whole sequences) the attention's scale loss is measured on
     search_tokens: int = 4096     # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
+    search_clip: bool = True      # each α's loss sees the clipped linears clipped (symmetric search) first
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
 
@@ -180,10 +183,16 @@ def fake_quantize(w: np.ndarray, bits: int, group_size: int, salient_idx=None) -
     return w_hat
 
 
-def scaled_fake_quantize(w, s, bits, group_size, salient_idx=None):
+def scaled_fake_quantize(w, s, bits, group_size, salient_idx=None, gram=None):
     """Q(W·diag(s))·diag(s)⁻¹: the weight the group's linear effectively has after scaling and
-    rounding, in the original basis (salient columns exact up to fp16).    [N, K] -> [N, K]"""
+    rounding, in the original basis (salient columns exact up to fp16).    [N, K] -> [N, K]
+
+    With gram (mean x_g x_gᵀ per group of the unscaled input, [G, g, g]), W·diag(s) is first
+    clipped by the symmetric clip search on x ÷ s, as the clip step would: Q(clip(W·diag(s)))."""
     ws = w * s[None, :]
+    if gram is not None:
+        sg = s.astype(np.float64).reshape(-1, group_size)
+        ws, _ = clip_search(ws, None, bits, group_size, salient_idx, gram / (sg[:, :, None] * sg[:, None, :]))
     w_hat = fake_quantize(ws, bits, group_size, salient_idx)
     if salient_idx is not None:
         w_hat[:, salient_idx] = ws[:, salient_idx].astype(np.float16).astype(np.float32)
@@ -415,11 +424,14 @@ class GroupResult:
 
 
 def search_scale(w, bs, group: ScaleGroup, x, x_mean, cos, sin, bits, group_sizes, salient_idx=None,
-                 duo=False, n_grid=N_GRID) -> GroupResult:
+                 duo=False, n_grid=N_GRID, grams=None) -> GroupResult:
     """argmin over the α grid of L(s) = mean (Y_fp − Y_q)² through the group's module.
 
     w: the block's fp weights; x: the group's input on the search samples [B, T, K]; x_mean [K];
-    group_sizes: {linear: g}. Returns the chosen scales and every α's loss.
+    group_sizes: {linear: g}; grams: {linear: mean x_g x_gᵀ [G, g, g]} for the linears that the
+    clip search will clip (None: none): for each α, those are clipped before rounding, so the loss
+    is that of weights as they will be stored (`scaled_fake_quantize`). Returns the chosen scales
+    and every α's loss.
     """
     module = MODULES[group.module]
     y_fp = module(w, bs, x, cos, sin, group.linears)
@@ -433,7 +445,7 @@ def search_scale(w, bs, group: ScaleGroup, x, x_mean, cos, sin, bits, group_size
         s = awq_scales(x_mean, alpha, w_mean)
         wq = dict(w)
         for n in group.linears:
-            wq[n] = scaled_fake_quantize(w[n], s, bits, group_sizes[n], salient_idx)
+            wq[n] = scaled_fake_quantize(w[n], s, bits, group_sizes[n], salient_idx, (grams or {}).get(n))
         with np.errstate(over="ignore", invalid="ignore"):
             d = module(wq, bs, x, cos, sin, group.linears) - y_fp
             loss = float(np.mean(np.square(d, dtype=np.float64)))
@@ -528,8 +540,11 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
                                           f"not scaled: {g.prev} output {w[g.prev].shape[0]} ≠ "
                                           f"{g.linears[0]} input {w[g.linears[0]].shape[1]}")
             continue
+        clipped = {}
+        if settings.search_clip and g.inp in grams:
+            clipped = {lin: grams[g.inp] / (n * T) for lin in g.linears if lin not in NO_CLIP}
         results[g.name] = search_scale(w, bs, g, search[g.inp], x_mean[g.inp], cos, sin, settings.bits,
-                                       group_sizes, sal, settings.duo)
+                                       group_sizes, sal, settings.duo, grams=clipped)
     del search
 
     w_new = w

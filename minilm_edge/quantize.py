@@ -194,6 +194,7 @@ def _awq_config(settings, cal, res) -> dict:
         "keep_salient_percent": settings.keep_salient, "seed": settings.seed,
         "search_samples": settings.search_samples, "search_tokens": settings.search_tokens,
         "clip_all_tokens": settings.clip_all_tokens, "clip_two_sided": settings.clip_two_sided,
+        "search_clip": settings.search_clip,
         "calibration": cal.describe(),
         "alpha": [{k: v["alpha"] for k, v in layer["groups"].items()} for layer in res.layers],
         "notes": cal.notes + res.notes,

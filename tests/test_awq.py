@@ -75,9 +75,10 @@ def test_folding_keeps_the_fp_function(seed, kv, qwen, log_span):
 
 # ---- the search and the clip never make things worse than plain rounding
 
+@pytest.mark.parametrize("clipped", [False, True])
 @pytest.mark.parametrize("duo", [False, True])
 @pytest.mark.parametrize("bits", [3, 4])
-def test_chosen_scale_loss_is_never_above_identity(duo, bits):
+def test_chosen_scale_loss_is_never_above_identity(duo, bits, clipped):
     d, cfg = tiny_cfg(**QUANTIZABLE)
     w, _ = block_weights(d, 3)
     bs = awq.BlockShape.of(cfg)
@@ -87,10 +88,36 @@ def test_chosen_scale_loss_is_never_above_identity(duo, bits):
     inter = awq.block_forward(w, bs, x, cos, sin)
     gs = {k: (64 if w[k].shape[1] % 64 == 0 else 32) for k in ("q", "k", "v", "o", "gate", "up", "down")}
     for g in awq.LLAMA_GROUPS:
-        r = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, bits, gs, duo=duo)
+        grams = None
+        if clipped:                                   # each α sees the clipped linears clipped first
+            xi = inter[g.inp]
+            grams = {lin: awq.group_gram(xi, gs[lin]) / (xi.size // xi.shape[-1])
+                     for lin in g.linears if lin not in awq.NO_CLIP}
+        r = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, bits, gs, duo=duo,
+                             grams=grams)
         assert len(r.losses) == 20 and r.loss_best <= r.loss_identity
         if r.alpha == 0.0 and not duo:
             assert np.all(r.scales == 1.0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), salient=st.booleans())
+def test_the_scale_search_rounds_the_weights_it_would_store(seed, bits, salient):
+    # With a Gram matrix, scaled_fake_quantize is what the AWQ pipeline stores for that s: the
+    # scaled weight clipped by the (symmetric) clip search on x ÷ s, then rounded, then ÷ s.
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((6, 64)).astype(np.float32)
+    w[rng.integers(0, 6), rng.integers(0, 64)] *= 8
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    x[:, 3] *= 10
+    s = np.exp(rng.uniform(-1, 1, 64)).astype(np.float32)
+    sal = np.array([3, 40], np.int32) if salient else None
+    got = awq.scaled_fake_quantize(w, s, bits, 32, sal, awq.group_gram(x, 32) / len(x))
+    clipped, _ = awq.clip_search(w * s[None, :], x / s[None, :], bits, 32, sal)
+    want = awq.fake_quantize(clipped, bits, 32, sal)
+    if salient:
+        want[:, sal] = (w * s[None, :])[:, sal].astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(got, want / s[None, :], rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=10, deadline=None)
