@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -47,14 +48,53 @@ def check_out_dir(out_dir: Path) -> None:
 
 
 def output_tempdir(out_dir: Path, tag: str) -> Path:
-    """A hidden folder beside out_dir to write an output into, renamed to out_dir when complete.
+    """A hidden folder beside out_dir to write an output into, renamed to out_dir when complete:
+    `.NAME.TAG-PID-random`, so that a later run can tell it from a live one's and remove it if
+    its process was killed (`remove_stale_tempdirs`, called here first).
     Its mode is an ordinary new folder's (the umask's), not mkdtemp's private 0700: a model made
     by one account is often served by another."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{tag}-", dir=out_dir.parent))
+    remove_stale_tempdirs(out_dir.parent, out_dir.name)
+    tmp = Path(tempfile.mkdtemp(prefix=tempdir_prefix(out_dir.name, tag), dir=out_dir.parent))
     umask = os.umask(0o022)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
+
+
+def tempdir_prefix(name: str, tag: str) -> str:
+    return f".{name}.{tag}-{os.getpid()}-"
+
+
+def remove_stale_tempdirs(parent: Path, name: str) -> list:
+    """Remove the temporary folders `.NAME.TAG-PID-*` in `parent` whose process PID is gone: what
+    a run killed without a chance to clean up (SIGKILL, power loss) left, often hundreds of MB in
+    a hidden folder. A folder whose process still runs (another quantize or pull of the same
+    name) is left alone, and so is anything not named that way. Not on Windows, where os.kill
+    cannot merely ask whether a process exists.                      -> the folders removed"""
+    if os.name == "nt" or not Path(parent).is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z]+-(\d+)-[A-Za-z0-9_]+")
+    removed = []
+    for p in Path(parent).iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _process_exists(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)                    # signal 0: no signal sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):    # not a pid this system can have
+        return False
+    except OSError:                        # e.g. PermissionError: another user's live process
+        return True
+    return True
 
 
 def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict, before_rename=None) -> Path:

@@ -112,7 +112,9 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
         return _stored(target)
     models.mkdir(parents=True, exist_ok=True)
     fetch_hub = fetch_hub or functools.partial(fetch_from_hub, progress=progress)
-    with tempfile.TemporaryDirectory(prefix=f".{name}.pull-", dir=models) as work:
+    from .quantize import remove_stale_tempdirs, tempdir_prefix
+    remove_stale_tempdirs(models, name)            # left by a pull that was killed
+    with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=models) as work:
         work = Path(work)
         _say(progress, f"pull {name_or_repo}: trying the Hugging Face Hub ({repo})")
         try:

