@@ -104,6 +104,15 @@ def _alphas(entry: dict) -> dict:
     return {name: g.get("alpha") for name, g in groups.items() if isinstance(g, dict)}
 
 
+def _config_blocks(qc: dict) -> dict:
+    """The same shape as `_report_blocks`, from quantization_config["awq"]["alpha"] (one {group: α}
+    per block, what the quantizer records even without --report)."""
+    alpha = (qc.get("awq") or {}).get("alpha") if isinstance(qc.get("awq"), dict) else None
+    if not isinstance(alpha, list):
+        return {}
+    return {i: {"groups": {k: {"alpha": v} for k, v in a.items()}} for i, a in enumerate(alpha) if isinstance(a, dict)}
+
+
 def _group_of(model_type: str) -> dict:
     """linear short name -> AWQ scale group name, from the AWQ module's table (if it has one)."""
     try:
@@ -160,7 +169,8 @@ def describe(model_dir, layers: bool = False) -> dict:
     report = read_report(model_dir)
     info["report"] = None if report is None else sorted(report)
     if layers:
-        blocks = _report_blocks(report)
+        reported = _report_blocks(report)
+        blocks = reported or _config_blocks(qc)            # α per block: the report's, else the config's
         group_of = _group_of(cfg.model_type)
         rows = []
         for (i, key), li in lin_info.items():
@@ -170,7 +180,7 @@ def describe(model_dir, layers: bool = False) -> dict:
             rows.append(row)
         info["layers"] = rows
         info["report_layers"] = {i: {"alpha": _alphas(e), "notes": e.get("notes", [])}
-                                 for i, e in sorted(blocks.items())} if blocks else None
+                                 for i, e in sorted(reported.items())} if reported else None
     return info
 
 
@@ -179,6 +189,40 @@ def _human_bytes(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def _group_sizes_text(per_layer: dict) -> str:
+    """{tensor: g} (the linears whose group size differs from group_size) in one line:
+    "64 for 180 linears (q_proj, k_proj, ...)"."""
+    by_size: dict = {}
+    for name, g in per_layer.items():
+        by_size.setdefault(g, []).append(str(name).rsplit(".", 1)[-1])
+    return "; ".join(f"{g} for {len(kinds)} linears ({', '.join(dict.fromkeys(kinds))})"
+                     for g, kinds in by_size.items())
+
+
+def _awq_text(awq: dict) -> list:
+    """The awq record of quantization_config as a few lines: settings, calibration, the range of
+    α per scale group (each block's α: --layers), notes."""
+    lines = ["  awq"]
+    settings = {k: v for k, v in awq.items() if k not in ("calibration", "alpha", "notes")}
+    lines.append("    settings             " + ", ".join(f"{k} {json.dumps(v)}" for k, v in settings.items()))
+    cal = awq.get("calibration")
+    if isinstance(cal, dict):
+        lines.append("    calibration          " + ", ".join(f"{k} {json.dumps(v)}" for k, v in cal.items()))
+    alpha = awq.get("alpha")
+    if isinstance(alpha, list) and alpha:
+        ranges = {}
+        for a in alpha:
+            for k, v in (a.items() if isinstance(a, dict) else ()):
+                if isinstance(v, (int, float)):
+                    lo, hi = ranges.get(k, (v, v))
+                    ranges[k] = (min(lo, v), max(hi, v))
+        text = ", ".join(f"{k} {lo:.2f}–{hi:.2f}" for k, (lo, hi) in ranges.items())
+        lines.append(f"    alpha                {text or '-'} over {len(alpha)} blocks (each block's: --layers)")
+    for note in awq.get("notes") or []:
+        lines.append(f"    note                 {note}")
+    return lines
 
 
 def format_text(info: dict) -> str:
@@ -200,9 +244,14 @@ def format_text(info: dict) -> str:
     else:
         lines.append("quantization")
         for k, v in q.items():
-            if isinstance(v, (dict, list)) and not v:
-                v = "-"
-            lines.append(f"  {k:22s} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
+            if k == "group_size_per_layer" and isinstance(v, dict) and v:
+                lines.append(f"  {k:22s} {_group_sizes_text(v)}")
+            elif k == "awq" and isinstance(v, dict):
+                lines += _awq_text(v)
+            else:
+                if isinstance(v, (dict, list)) and not v:
+                    v = "-"
+                lines.append(f"  {k:22s} {json.dumps(v) if isinstance(v, (dict, list)) else v}")
     if info.get("export"):
         src_q = info["export"].get("exported_from") or {}
         lines.append(f"exported from  minilm-q4 (method {src_q.get('method', '?')}, tool {src_q.get('tool', '?')}); "

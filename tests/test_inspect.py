@@ -80,6 +80,31 @@ def test_autoawq_folder(folders, tmp_path):
     assert info["export"]["exported_from"]["method"] == "rtn"
 
 
+def test_awq_config_without_a_report(folders, tmp_path):
+    # quantize records α per block in quantization_config even without --report: --layers shows
+    # it, and the text condenses the per-layer group sizes and the α list into a line each
+    import shutil
+    _, _, _, q = folders
+    m = tmp_path / "awq"
+    shutil.copytree(q, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["quantization_config"] |= {
+        "method": "awq",
+        "group_size_per_layer": {f"model.layers.{i}.mlp.down_proj": 32 for i in range(2)},
+        "awq": {"clip": True, "seed": 0, "calibration": {"source": "self-generated", "samples": 4},
+                "alpha": [{"qkv": 0.35, "o": None, "gate_up": 0.5, "down": 0.2},
+                          {"qkv": 0.1, "o": None, "gate_up": 0.0, "down": 0.45}], "notes": []}}
+    (m / "config.json").write_text(json.dumps(cfg))
+    info = describe(m, layers=True)
+    alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}
+    assert alpha[(0, "q")] == 0.35 and alpha[(1, "down")] == 0.45 and alpha[(0, "o")] is None
+    assert info["report_layers"] is None                  # no report.json: no "report block" lines
+    text = format_text(info)
+    assert "32 for 2 linears (down_proj)" in text
+    assert "qkv 0.10–0.35, gate_up 0.00–0.50, down 0.20–0.45 over 2 blocks" in text
+    assert 'source "self-generated"' in text and "report block" not in text
+
+
 def test_cli_inspect(folders, capsys):
     _, src, _, q = folders
     assert main(["inspect", str(q)]) == 0
