@@ -105,13 +105,40 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def _scored_chunks(model, ids: np.ndarray):
+def scoring_head(model):
+    """The lm_head as a function [t, D] -> [t, V] float32, for scoring many tokens.
+
+    An fp16 head (the tied embedding of an int4 model) is widened to float32 once here, instead of
+    tile by tile on every call as the prefill kernel does (kernels_dense.matmul_f16_f32): per
+    TOKEN_CHUNK tokens that widening cost about twice the matrix product. The products are the
+    same calls on the same float32 tiles, so the logits are the same bits (tested); the price is
+    V·D·4 bytes of memory while scoring (113 MB for SmolLM2).
+    """
+    from .kernels_dense import TILE_ROWS
+    from .linear import DenseF16
+    head = model.weights.lm_head
+    if not isinstance(head, DenseF16) or head.bias is not None:
+        return head
+    tiles = [head.w[r0:r0 + TILE_ROWS].astype(np.float32) for r0 in range(0, head.shape[0], TILE_ROWS)]
+
+    def apply(x):
+        out = np.empty((x.shape[0], head.shape[0]), np.float32)
+        r0 = 0
+        for tile in tiles:
+            out[:, r0:r0 + len(tile)] = x @ tile.T
+            r0 += len(tile)
+        return out
+    return apply
+
+
+def _scored_chunks(model, ids: np.ndarray, head=None):
     """For one window, yield (logp [t, V] float64, targets [t]) for the positions 0..T-2 (each
-    predicting the next token), TOKEN_CHUNK positions at a time."""
+    predicting the next token), TOKEN_CHUNK positions at a time. head: `scoring_head(model)`."""
+    head = head or model.weights.lm_head
     h = final_hidden(model, ids)                                    # [T, D]
     for s in range(0, len(ids) - 1, TOKEN_CHUNK):
         e = min(s + TOKEN_CHUNK, len(ids) - 1)
-        logits = model.weights.lm_head(np.ascontiguousarray(h[s:e]))   # [t, D] -> [t, V] float32
+        logits = head(np.ascontiguousarray(h[s:e]))                 # [t, D] -> [t, V] float32
         yield log_softmax64(logits), ids[s + 1:e + 1]
 
 
@@ -141,9 +168,10 @@ def perplexity(model, text: str, *, ctx: int = 2048, max_tokens: int | None = No
     spans = windows(len(ids), ctx)
     total, scored = 0.0, 0
     bar = _bar(sum(e - s - 1 for s, e in spans), "perplexity", progress)
+    head = scoring_head(model)
     try:
         for s, e in spans:
-            for logp, targets in _scored_chunks(model, ids[s:e]):
+            for logp, targets in _scored_chunks(model, ids[s:e], head):
                 total += _nll_sum(logp, targets)
                 scored += len(targets)
                 bar.update(len(targets))
@@ -175,9 +203,11 @@ def compare(model, baseline, text: str, *, ctx: int = 2048, max_tokens: int | No
     nll_m = nll_b = kl = 0.0
     agree = scored = 0
     bar = _bar(sum(e - s - 1 for s, e in spans), "compare", progress)
+    head_m, head_b = scoring_head(model), scoring_head(baseline)
     try:
         for s, e in spans:
-            for (lp_m, targets), (lp_b, _) in zip(_scored_chunks(model, ids[s:e]), _scored_chunks(baseline, ids[s:e])):
+            for (lp_m, targets), (lp_b, _) in zip(_scored_chunks(model, ids[s:e], head_m),
+                                                  _scored_chunks(baseline, ids[s:e], head_b)):
                 nll_m += _nll_sum(lp_m, targets)
                 nll_b += _nll_sum(lp_b, targets)
                 kl += float((np.exp(lp_b) * (lp_b - lp_m)).sum())         # Σ_t Σ_v p_b (log p_b − log p_m)

@@ -59,6 +59,27 @@ def test_token_chunks_do_not_change_the_result(models, monkeypatch):
     assert chunked["tokens_scored"] == whole["tokens_scored"]
 
 
+def test_an_fp16_head_is_widened_once_and_gives_the_same_logits(tmp_path, monkeypatch):
+    # int4 models keep the tied embedding in fp16; scoring widens it to float32 once instead of per
+    # chunk, with the same float32 tiles, so the logits (and so the perplexity) are the same bits
+    from minilm_edge import kernels_dense
+    from minilm_edge.linear import DenseF16
+    monkeypatch.setattr(kernels_dense, "TILE_ROWS", 24)           # several tiles, the last one partial
+    from minilm_edge.quantize import quantize
+    src, _, _ = make_model_dir(tmp_path / "src", hidden_size=64, intermediate_size=96,
+                               num_attention_heads=4, num_key_value_heads=2)
+    model = minilm_edge.load(quantize(src, tmp_path / "q4", group_size=32, progress=False))
+    assert isinstance(model.weights.lm_head, DenseF16)
+    head = evaluate.scoring_head(model)
+    assert head is not model.weights.lm_head and model.weights.lm_head.shape[0] % 24 != 0
+    x = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)
+    assert np.array_equal(head(x), model.weights.lm_head(x))
+    ids = np.array(model.tokenizer.encode(TEXT))
+    total, n = hand_nll(model, ids, 32)
+    np.testing.assert_allclose(evaluate.perplexity(model, TEXT, ctx=32, progress=False)["nll"], total / n,
+                               rtol=NLL_RTOL)
+
+
 def test_windows_and_partial_window():
     assert evaluate.windows(10, 4) == [(0, 4), (4, 8), (8, 10)]      # last window of 2: 1 token scored
     assert evaluate.windows(9, 4) == [(0, 4), (4, 8)]                # last window of 1: nothing to score
