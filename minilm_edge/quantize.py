@@ -65,22 +65,40 @@ def tempdir_prefix(name: str, tag: str) -> str:
     return f".{name}.{tag}-{os.getpid()}-"
 
 
+STALE_AFTER_S = 600      # a temporary folder untouched this long, whose process is gone, is stale
+
+
 def remove_stale_tempdirs(parent: Path, name: str) -> list:
-    """Remove the temporary folders `.NAME.TAG-PID-*` in `parent` whose process PID is gone: what
-    a run killed without a chance to clean up (SIGKILL, power loss) left, often hundreds of MB in
-    a hidden folder. A folder whose process still runs (another quantize or pull of the same
-    name) is left alone, and so is anything not named that way. Not on Windows, where os.kill
-    cannot merely ask whether a process exists.                      -> the folders removed"""
+    """Remove the temporary folders `.NAME.TAG-PID-*` in `parent` whose process PID is gone and in
+    which nothing changed for STALE_AFTER_S: what a run killed without a chance to clean up
+    (SIGKILL, power loss) left, often hundreds of MB in a hidden folder. A folder whose process
+    still runs (another quantize or pull of the same name) is left alone; the quiet time guards a
+    live run whose PID this process cannot see (another container sharing the store). Anything
+    not named that way is left alone too. Not on Windows, where os.kill cannot merely ask whether
+    a process exists.                                                  -> the folders removed"""
     if os.name == "nt" or not Path(parent).is_dir():
         return []
+    import time
     pattern = re.compile(rf"\.{re.escape(name)}\.[a-z]+-(\d+)-[A-Za-z0-9_]+")
     removed = []
     for p in Path(parent).iterdir():
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _process_exists(int(m.group(1))):
+        if (m and p.is_dir() and not p.is_symlink() and not _process_exists(int(m.group(1)))
+                and time.time() - _newest_mtime(p) > STALE_AFTER_S):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    newest = folder.stat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for entry in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, entry), follow_symlinks=False).st_mtime)
+            except OSError:
+                pass
+    return newest
 
 
 def _process_exists(pid: int) -> bool:

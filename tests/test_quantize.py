@@ -176,6 +176,9 @@ def test_a_killed_quantizes_folder_is_removed_by_the_next_one(tmp_path):
     live = tmp_path / f".out.tmp-{os.getppid()}-busy"
     stale.mkdir(), live.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")
+    t = __import__("time").time() - 3600                       # untouched for an hour
+    for d in (stale / "model.safetensors", stale, live):
+        os.utime(d, (t, t))
     out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": np.zeros(2, np.float32)}, {})
     assert out.is_dir() and not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-%d-busy" % os.getppid(), "out", "src"])

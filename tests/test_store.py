@@ -250,8 +250,20 @@ def test_a_killed_pulls_folder_is_removed_by_the_next_pull(tmp_path, hub):
     stale = models / f".someone--tiny-llama.pull-{_dead_pid()}-abc_12"
     live = models / f".someone--tiny-llama.pull-{os.getppid()}-xyz"
     other = [models / ".someone--tiny-llama.pull-notapid", models / f".another.pull-{_dead_pid()}-abc"]
-    for d in (stale, live, *other):
+    recent = models / f".someone--tiny-llama.pull-{_dead_pid()}-new"     # maybe another container's
+    for d in (stale, live, recent, *other):
         (d / "hub").mkdir(parents=True)
+        (d / "hub" / "model.safetensors").write_bytes(b"partial")
+        if d is not recent:
+            _age(d, 3600)
     pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub)
     assert not stale.exists()
-    assert live.exists() and all(d.exists() for d in other)
+    assert live.exists() and recent.exists() and all(d.exists() for d in other)
+
+
+def _age(folder, seconds):
+    """Set the mtime of a folder and everything in it `seconds` into the past."""
+    import time
+    t = time.time() - seconds
+    for p in [*folder.rglob("*"), folder]:
+        os.utime(p, (t, t))
