@@ -111,24 +111,17 @@ def scoring_head(model):
     An fp16 head (the tied embedding of an int4 model) is widened to float32 once here, instead of
     tile by tile on every call as the prefill kernel does (kernels_dense.matmul_f16_f32): per
     TOKEN_CHUNK tokens that widening cost about twice the matrix product. The products are the
-    same calls on the same float32 tiles, so the logits are the same bits (tested); the price is
-    V·D·4 bytes of memory while scoring (113 MB for SmolLM2).
+    same calls on the same float32 tiles (and one row goes to the head's own matvec, as
+    `Linear.__call__` sends it), so the logits are the same bits (tested); the price is V·D·4
+    bytes of memory while scoring (113 MB for SmolLM2).
     """
-    from .kernels_dense import TILE_ROWS
+    from .kernels_dense import matmul_tiles, widened_tiles
     from .linear import DenseF16
     head = model.weights.lm_head
     if not isinstance(head, DenseF16) or head.bias is not None:
         return head
-    tiles = [head.w[r0:r0 + TILE_ROWS].astype(np.float32) for r0 in range(0, head.shape[0], TILE_ROWS)]
-
-    def apply(x):
-        out = np.empty((x.shape[0], head.shape[0]), np.float32)
-        r0 = 0
-        for tile in tiles:
-            out[:, r0:r0 + len(tile)] = x @ tile.T
-            r0 += len(tile)
-        return out
-    return apply
+    tiles = list(widened_tiles(head.w))
+    return lambda x: head(x) if x.shape[0] == 1 else matmul_tiles(tiles, x, head.shape[0])
 
 
 def _scored_chunks(model, ids: np.ndarray, head=None):

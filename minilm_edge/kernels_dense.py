@@ -82,10 +82,22 @@ def matvec_f16_f32(w_bits: np.ndarray, x: np.ndarray, out: np.ndarray | None = N
 
 
 def matmul_f16_f32(w: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Prefill: Y [T, N] = X Wᵀ for fp16 W [N, K]; rows widened to float32 tile by tile for BLAS."""
-    n = w.shape[0]
+    """Prefill: Y [T, N] = X Wᵀ for fp16 W [N, K]; rows widened to float32 tile by tile for BLAS
+    (one widened tile in memory at a time)."""
+    return matmul_tiles(widened_tiles(w), X, w.shape[0])
+
+
+def widened_tiles(w: np.ndarray):
+    """fp16 W [N, K] as float32 row tiles [≤ TILE_ROWS, K], in order, made one at a time."""
+    return (w[r0:r0 + TILE_ROWS].astype(np.float32) for r0 in range(0, w.shape[0], TILE_ROWS))
+
+
+def matmul_tiles(tiles, X: np.ndarray, n: int) -> np.ndarray:
+    """Y [T, N] = X Wᵀ from W's float32 row tiles in order (`widened_tiles`): one BLAS call per
+    tile, so a caller that keeps the tiles gets the same bits as `matmul_f16_f32`."""
     out = np.empty((X.shape[0], n), np.float32)
-    for r0 in range(0, n, TILE_ROWS):
-        tile = w[r0:r0 + TILE_ROWS].astype(np.float32)                   # [R, K]
+    r0 = 0
+    for tile in tiles:
         out[:, r0:r0 + len(tile)] = X @ tile.T                           # [T, K] @ [K, R]
+        r0 += len(tile)
     return out
