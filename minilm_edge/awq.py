@@ -191,8 +191,7 @@ def scaled_fake_quantize(w, s, bits, group_size, salient_idx=None, gram=None):
     clipped by the symmetric clip search on x ÷ s, as the clip step would: Q(clip(W·diag(s)))."""
     ws = w * s[None, :]
     if gram is not None:
-        sg = s.astype(np.float64).reshape(-1, group_size)
-        ws, _ = clip_search(ws, None, bits, group_size, salient_idx, gram / (sg[:, :, None] * sg[:, None, :]))
+        ws, _ = clip_search(ws, None, bits, group_size, salient_idx, scaled_gram(gram, s, group_size))
     w_hat = fake_quantize(ws, bits, group_size, salient_idx)
     if salient_idx is not None:
         w_hat[:, salient_idx] = ws[:, salient_idx].astype(np.float16).astype(np.float32)
@@ -205,6 +204,13 @@ def group_gram(x: np.ndarray, group_size: int) -> np.ndarray:
                                                                     x [..., K] -> [G, g, g]"""
     xg = x.reshape(-1, x.shape[-1] // group_size, group_size).transpose(1, 0, 2)     # [G, t, g]
     return np.matmul(xg.transpose(0, 2, 1), xg).astype(np.float64)
+
+
+def scaled_gram(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray:
+    """The per-group second moments of x ÷ s from those of x: C_g / (s_g s_gᵀ).
+                                                          gram [G, g, g], s [G·g] -> [G, g, g]"""
+    sg = s.astype(np.float64).reshape(-1, group_size)
+    return gram / (sg[:, :, None] * sg[:, None, :])
 
 
 def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int, salient_idx=None,
@@ -524,6 +530,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
                 tok_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
         del inter
     x_mean = {k: (v / (n * T)).astype(np.float32) for k, v in sums.items()}
+    grams = {k: v / (n * T) for k, v in grams.items()}                  # mean x_g x_gᵀ
     clip_x = {k: np.concatenate(v) for k, v in clip_rows.items()}
 
     ns = min(settings.search_samples, n)
@@ -542,7 +549,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             continue
         clipped = {}
         if settings.search_clip and g.inp in grams:
-            clipped = {lin: grams[g.inp] / (n * T) for lin in g.linears if lin not in NO_CLIP}
+            clipped = {lin: grams[g.inp] for lin in g.linears if lin not in NO_CLIP}
         results[g.name] = search_scale(w, bs, g, search[g.inp], x_mean[g.inp], cos, sin, settings.bits,
                                        group_sizes, sal, settings.duo, grams=clipped)
     del search
@@ -561,8 +568,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         if settings.clip and lin not in NO_CLIP:
             gram = None
             if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
-                sg = s.astype(np.float64).reshape(-1, gsz[g.inp])
-                gram = grams[g.inp] / (n * T) / (sg[:, :, None] * sg[:, None, :])
+                gram = scaled_gram(grams[g.inp], s, gsz[g.inp])
             w_new[lin], kept = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram,
                                             settings.clip_two_sided)
             clip_report[lin] = {"mean": float(kept.mean()), "min": float(kept.min()),     # range kept
