@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -78,7 +79,6 @@ def remove_stale_tempdirs(parent: Path, name: str) -> list:
     a process exists.                                                  -> the folders removed"""
     if os.name == "nt" or not Path(parent).is_dir():
         return []
-    import time
     pattern = re.compile(rf"\.{re.escape(name)}\.[a-z]+-(\d+)-[A-Za-z0-9_]+")
     removed = []
     for p in Path(parent).iterdir():
