@@ -97,11 +97,13 @@ def _report_blocks(report: dict | None) -> dict:
 
 
 def _alphas(entry: dict) -> dict:
-    """{scale group name: α} of one block's report entry ("groups": {name: {"alpha": a}})."""
+    """{scale group name: α} of one block's report entry ("groups": {name: {"alpha": a}}); an α
+    that is not a number (a damaged or hand-edited file) is None, shown as "-"."""
     groups = entry.get("groups")
     if not isinstance(groups, dict):
         return {}
-    return {name: g.get("alpha") for name, g in groups.items() if isinstance(g, dict)}
+    number = lambda a: a if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+    return {name: number(g.get("alpha")) for name, g in groups.items() if isinstance(g, dict)}
 
 
 def _config_blocks(qc: dict) -> dict:
@@ -220,7 +222,8 @@ def _awq_text(awq: dict) -> list:
                     ranges[k] = (min(lo, v), max(hi, v))
         text = ", ".join(f"{k} {lo:.2f}–{hi:.2f}" for k, (lo, hi) in ranges.items())
         lines.append(f"    alpha                {text or '-'} over {len(alpha)} blocks (each block's: --layers)")
-    for note in awq.get("notes") or []:
+    notes = awq.get("notes")
+    for note in notes if isinstance(notes, list) else [notes] if notes else []:
         lines.append(f"    note                 {note}")
     return lines
 
@@ -244,7 +247,7 @@ def format_text(info: dict) -> str:
     else:
         lines.append("quantization")
         for k, v in q.items():
-            if k == "group_size_per_layer" and isinstance(v, dict) and v:
+            if k == "group_size_per_layer" and isinstance(v, dict) and v and all(type(g) is int for g in v.values()):
                 lines.append(f"  {k:22s} {_group_sizes_text(v)}")
             elif k == "awq" and isinstance(v, dict):
                 lines += _awq_text(v)

@@ -103,6 +103,21 @@ def test_awq_config_without_a_report(folders, tmp_path):
     assert "32 for 2 linears (down_proj)" in text
     assert "qkv 0.10–0.35, gate_up 0.00–0.50, down 0.20–0.45 over 2 blocks" in text
     assert 'source "self-generated"' in text and "report block" not in text
+    # a hand-edited or damaged record is shown as stored, not a crash
+    cfg["quantization_config"]["group_size_per_layer"] = {"model.layers.0.mlp.down_proj": [32]}
+    cfg["quantization_config"]["awq"] |= {"alpha": "x", "notes": "one note", "calibration": 5}
+    (m / "config.json").write_text(json.dumps(cfg))
+    text = format_text(describe(m, layers=True))
+    assert '{"model.layers.0.mlp.down_proj": [32]}' in text
+    assert text.count("    note ") == 1 and "alpha  " not in text
+    cfg["quantization_config"]["awq"]["alpha"] = [{"qkv": "bad", "gate_up": 0.5}]
+    (m / "config.json").write_text(json.dumps(cfg))
+    info = describe(m, layers=True)
+    alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}
+    assert alpha[(0, "q")] is None and alpha[(0, "up")] == 0.5
+    format_text(info)
+    (m / "report.json").write_text(json.dumps({"layers": [{"layer": 0, "groups": {"qkv": {"alpha": "bad"}}}]}))
+    assert "report block 0: qkv=-" in format_text(describe(m, layers=True))
 
 
 def test_cli_inspect(folders, capsys):
