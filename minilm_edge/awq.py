@@ -103,6 +103,8 @@ class AWQSettings:
     search_samples: int = 4       # samples (whole sequences) the attention's scale loss is measured on
     search_tokens: int = 4096     # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
     search_clip: bool = True      # each α's loss sees the clipped linears clipped (symmetric search) first
+    clip_joint_tokens: int = 16384  # tokens for the cross-group moments of the joint clip (0: per group only)
+    clip_sweeps: int = 2          # passes of the joint clip over each row's groups
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
 
@@ -113,6 +115,8 @@ class AWQSettings:
             raise UsageError(f"keep-salient must be a percent in [0, 100), got {self.keep_salient}")
         if self.search_tokens < 0:
             raise UsageError(f"search_tokens must be >= 0, got {self.search_tokens}")
+        if self.clip_joint_tokens < 0 or self.clip_sweeps < 0:
+            raise UsageError("clip_joint_tokens and clip_sweeps must be >= 0")
         for name in ("clip_tokens", "search_samples", "chunk_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -214,7 +218,8 @@ def scaled_gram(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int, salient_idx=None,
-                gram: np.ndarray | None = None, two_sided: bool = False):
+                gram: np.ndarray | None = None, two_sided: bool = False, full_gram: np.ndarray | None = None,
+                sweeps: int = 2):
     """Per (row, group) clamp of the weights minimising the error of the group's partial dot
     products  e = mean_t ( Σ_{k∈group} (Q(clamp(w, lo, hi))[n, k] − w[n, k]) · x[t, k] )².
 
@@ -228,6 +233,10 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
     Or, instead of x, gram [G, g, g] = mean_t x_g x_gᵀ (already ÷ s s ᵀ): then e = Δᵀ C_g Δ per
     (row, group), Δ the group's rounding error — the same mean over tokens, on as many tokens as
     the Gram matrix saw, at a cost that does not grow with them.
+    With gram and also full_gram [K, K] = mean_t x xᵀ (÷ s sᵀ; its diagonal blocks are taken from
+    gram), the choice then minimises the whole row's error Δ_rowᵀ C Δ_row, cross terms between
+    groups included, by `sweeps` passes of coordinate descent over the groups
+    (`_joint_clip_choice`; reference: `joint_clip_search`).
     Salient columns are left out (they are stored exactly) and left unchanged.
     """
     n, k = w.shape
@@ -248,7 +257,12 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
         cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in CLIP_SHRINKS for b in CLIP_SHRINKS]
     best_err = np.full((n, G), np.inf)
     best_lo, best_hi = lo0[..., 0].copy(), hi0[..., 0].copy()
-    for lo, hi in cands:
+    joint = full_gram is not None and gram is not None and G > 1
+    if joint:
+        all_dq = np.empty((len(cands), G, n, group_size), np.float32)
+        all_err = np.empty((len(cands), n, G), np.float32)
+        choice = np.zeros((n, G), np.int64)
+    for c, (lo, hi) in enumerate(cands):
         dqt = _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits).transpose(1, 0, 2)   # [G, N, g]
         if gram is None:
             err = np.matmul(dqt, xg)                                             # [G, N, n_tok]
@@ -259,6 +273,16 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
         best_err = np.where(better, err, best_err)
         best_lo = np.where(better, lo[..., 0], best_lo)
         best_hi = np.where(better, hi[..., 0], best_hi)
+        if joint:
+            all_dq[c], all_err[c] = dqt, err
+            choice[better] = c
+    if joint:
+        choice = _joint_clip_choice(all_dq, all_err, choice, full_gram, gram32, sweeps)
+        del all_dq
+        cand_lo = np.stack([np.broadcast_to(lo[..., 0], (n, G)) for lo, _ in cands])
+        cand_hi = np.stack([np.broadcast_to(hi[..., 0], (n, G)) for _, hi in cands])
+        best_lo = np.take_along_axis(cand_lo, choice[None], 0)[0]
+        best_hi = np.take_along_axis(cand_hi, choice[None], 0)[0]
     out = np.clip(np.asarray(w, np.float32).reshape(n, G, group_size), best_lo[..., None], best_hi[..., None])
     out = out.reshape(n, k)
     if salient_idx is not None:
@@ -267,6 +291,34 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
     span = hi0[..., 0] - lo0[..., 0]
     kept = np.where(span > 0, (kept_hi - kept_lo) / np.where(span > 0, span, 1), 1).astype(np.float32)
     return out, kept
+
+
+def _joint_clip_choice(all_dq, all_err, choice, full_gram, gram32, sweeps):
+    """Coordinate descent over a row's groups on the whole row's output error Δᵀ C Δ.
+
+    The per-group search scores each group's partial dot product alone; the linear's output error
+    also has the cross terms Δ_iᵀ C_ij Δ_j between groups. Starting from the per-group choice, each
+    group in turn takes the candidate minimising the row's total error given the others' current
+    choice (quadratic term from `gram32`, cross terms from `full_gram`), `sweeps` times; the total
+    never increases. all_dq [C, G, N, g], all_err [C, N, G], choice [N, G] -> choice [N, G]"""
+    nc, G, n, g = all_dq.shape
+    cfull = np.array(full_gram, np.float32)
+    for i in range(G):                                  # its own blocks: the per-group (all-token) ones
+        cfull[i * g:(i + 1) * g, i * g:(i + 1) * g] = gram32[i]
+    rows = np.arange(n)
+    d = all_dq[choice.T, np.arange(G)[:, None], rows[None, :]]           # [G, N, g]
+    r = d.transpose(1, 0, 2).reshape(n, G * g) @ cfull                  # [N, K]: C Δ per row
+    for _ in range(sweeps):
+        for i in range(G):
+            sl = slice(i * g, (i + 1) * g)
+            others = r[:, sl] - d[i] @ gram32[i]                          # [N, g]
+            e = all_err[:, :, i] + 2.0 * np.einsum("cnk,nk->cn", all_dq[:, i], others)
+            new = np.argmin(e, axis=0)
+            dn = all_dq[new, i, rows]
+            r += (dn - d[i]) @ cfull[sl, :]
+            d[i] = dn
+            choice[:, i] = new
+    return choice
 
 
 def _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits):
@@ -498,7 +550,7 @@ def _group_of_linear(groups):
 
 
 def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
-              search_rows_idx=None, progress_bar=None):
+              search_rows_idx=None, progress_bar=None, joint_rows_idx=None):
     """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx: flat token
     indices (sample·T + position) of the clip search's tokens and of the scale loss's tokens for
     the token-wise modules (MLP, single linear; None: the search samples' tokens, as attention).
@@ -513,6 +565,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     # per-group second moments of each clipped linear's input, over every calibration token
     gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in NO_CLIP for l in g.linears)}
     grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
+    fulls = {k: 0.0 for k in grams} if joint_rows_idx is not None else {}
     x_next = np.empty_like(x_all)
     for a in range(0, n, cs):
         b = min(n, a + cs)
@@ -524,6 +577,11 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             clip_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
         for key in grams:
             grams[key] = grams[key] + group_gram(inter[key], gsz[key])
+        if fulls:
+            sel = joint_rows_idx[(joint_rows_idx >= a * T) & (joint_rows_idx < b * T)] - a * T
+            for key in fulls:
+                xs = inter[key].reshape(-1, inter[key].shape[-1])[sel]
+                fulls[key] = fulls[key] + (xs.T @ xs).astype(np.float64)
         if search_rows_idx is not None:
             sel = search_rows_idx[(search_rows_idx >= a * T) & (search_rows_idx < b * T)] - a * T
             for key in tok_rows:
@@ -531,6 +589,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         del inter
     x_mean = {k: (v / (n * T)).astype(np.float32) for k, v in sums.items()}
     grams = {k: v / (n * T) for k, v in grams.items()}                  # mean x_g x_gᵀ
+    fulls = {k: v / len(joint_rows_idx) for k, v in fulls.items()}      # mean x xᵀ on a token subset
     clip_x = {k: np.concatenate(v) for k, v in clip_rows.items()}
 
     ns = min(settings.search_samples, n)
@@ -566,11 +625,13 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         s = results[g.name].scales
         xc = clip_x[g.inp] / s[None, :]
         if settings.clip and lin not in NO_CLIP:
-            gram = None
+            gram = full = None
             if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
                 gram = scaled_gram(grams[g.inp], s, gsz[g.inp])
+            if g.inp in fulls:
+                full = scaled_gram(fulls[g.inp][None], s, s.size)[0]
             w_new[lin], kept = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram,
-                                            settings.clip_two_sided)
+                                            settings.clip_two_sided, full, settings.clip_sweeps)
             clip_report[lin] = {"mean": float(kept.mean()), "min": float(kept.min()),     # range kept
                                 "frac_clipped": float(np.mean(kept < 1.0))}
         err_report[lin] = _output_errors(w[lin], w_new[lin], s, clip_x[g.inp], settings.bits,
@@ -648,6 +709,10 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     if settings.search_tokens:
         rng = np.random.default_rng([settings.seed, 1])
         search_idx = np.sort(rng.choice(n * T, size=min(settings.search_tokens, n * T), replace=False))
+    joint_idx = None
+    if settings.clip and settings.clip_all_tokens and settings.clip_joint_tokens:
+        rng = np.random.default_rng([settings.seed, 2])
+        joint_idx = np.sort(rng.choice(n * T, size=min(settings.clip_joint_tokens, n * T), replace=False))
 
     norms, lins, biased = _block_keys(cfg)
     tensors, salient, layers, notes = {}, {}, [], []
@@ -655,7 +720,8 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     for i in range(cfg.num_hidden_layers):
         w = load_block(src, cfg, i)
         gs = {k: choose_group_size(w[k].shape[1], settings.group_size) for k in lins}
-        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx)
+        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
+                                              joint_rows_idx=joint_idx)
         for k, (name, _) in norms.items():
             tensors[name.format(i=i)] = w_new[k].astype(np.float32)
         for k, (name, _) in lins.items():

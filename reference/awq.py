@@ -152,3 +152,46 @@ def clip_search(w, x, bits, group_size, shrinks=tuple(1.0 - i / 20 for i in rang
             if hi0 > lo0:
                 kept[n, gi] = (min(best_c[1], hi0) - max(best_c[0], lo0)) / (hi0 - lo0)
     return out, kept
+
+
+def joint_clip_search(w, x, bits, group_size, shrinks=tuple(1.0 - i / 20 for i in range(10)), two_sided=False,
+                      sweeps=2):
+    """The clip search on a whole row's output error instead of each group's alone.
+
+    A row's output error on token t is the sum of its groups' partial errors, so
+
+        err_row = mean_t ( Σ_k (Q(w')[n, k] − w[n, k]) · x[t, k] )²
+
+    holds, besides each group's own err of `clip_search`, the cross terms between groups: one
+    group's clamp can cancel part of another's rounding error. Per row: start from clip_search's
+    choice; then, `sweeps` times, for each group in turn, try every candidate clamp of that group
+    with the other groups kept, and take the one of least err_row (ties: the earlier candidate).
+    Each step keeps or lowers err_row. Same candidates and outputs as clip_search.
+    """
+    w = np.asarray(w, np.float32)
+    x = np.asarray(x, np.float64)
+    n_rows, k = w.shape
+    first, kept = clip_search(w, x, bits, group_size, shrinks, two_sided)
+    out = first.copy()
+    for n in range(n_rows):
+        err = pseudo_quantize(first[n:n + 1], bits, group_size)[0].astype(np.float64) - w[n]   # [K]
+        for _ in range(sweeps):
+            for gi, c in enumerate(range(0, k, group_size)):
+                wg = w[n:n + 1, c:c + group_size]
+                lo0, hi0 = wg.min(), wg.max()
+                m = max(-lo0, hi0)
+                cands = [(-m * np.float32(r), m * np.float32(r)) for r in shrinks]
+                if two_sided:
+                    cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in shrinks for b in shrinks]
+                best = np.inf
+                for lo, hi in cands:
+                    trial = err.copy()
+                    trial[c:c + group_size] = pseudo_quantize(np.clip(wg, lo, hi), bits, group_size)[0] - wg[0]
+                    e = np.mean((x @ trial) ** 2)
+                    if e < best:
+                        best, best_c, best_trial = e, (lo, hi), trial
+                err = best_trial
+                out[n, c:c + group_size] = np.clip(wg[0], *best_c)
+                if hi0 > lo0:
+                    kept[n, gi] = (min(best_c[1], hi0) - max(best_c[0], lo0)) / (hi0 - lo0)
+    return out, kept

@@ -170,6 +170,38 @@ def test_clip_search_keeps_the_weights_that_meet_a_sink_token():
     assert err(with_sink) <= err(w) * (1 + 1e-6)
 
 
+
+def _row_errors(w, wc, x, bits, g, idx=None):
+    """mean_t (x_t · (Q(wc) − w)_n)² per row n: the linear's output error (salient columns exact)."""
+    dq = awq.fake_quantize(wc, bits, g, idx) - w
+    if idx is not None:
+        dq[:, idx] = 0.0
+    return np.mean((x.astype(np.float64) @ dq.T.astype(np.float64)) ** 2, axis=0)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), sal=st.sampled_from([0, 3]))
+def test_joint_clip_never_raises_the_row_error(seed, bits, sal):
+    """Coordinate descent over a row's groups on Δᵀ C Δ starts from the per-group choice and only
+    takes steps that lower it: never worse per row than the per-group search."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    w[rng.integers(0, 16, 4), rng.integers(0, 128, 4)] *= 6
+    # correlated channels with a common offset: what makes the groups' errors add up
+    x = (rng.standard_normal((400, 128)) + rng.standard_normal((400, 1)) + 0.5).astype(np.float32)
+    x *= np.exp(rng.uniform(-1, 1, 128)).astype(np.float32)
+    idx = np.sort(rng.choice(128, sal, replace=False)) if sal else None
+    gram, full = awq.group_gram(x, 32) / len(x), (x.T.astype(np.float64) @ x) / len(x)
+    per_group, _ = awq.clip_search(w, None, bits, 32, idx, gram=gram, two_sided=True)
+    joint, kept = awq.clip_search(w, None, bits, 32, idx, gram=gram, two_sided=True, full_gram=full)
+    e_pg, e_joint = _row_errors(w, per_group, x, bits, 32, idx), _row_errors(w, joint, x, bits, 32, idx)
+    assert np.all(e_joint <= e_pg * (1 + 1e-4) + 1e-12)
+    assert e_joint.sum() < e_pg.sum()                   # and with these correlations it helps
+    assert np.all((kept >= 0.55 * 0.55 - 1e-6) & (kept <= 1.0 + 1e-6))
+    if idx is not None:
+        np.testing.assert_array_equal(joint[:, idx], w[:, idx])
+
+
 # ---- library functions vs reference/awq.py
 
 def test_formulas_match_reference():
@@ -196,6 +228,14 @@ def test_formulas_match_reference():
             c2, r2 = ref.clip_search(w, x[:20], bits, 32, two_sided=two)
             np.testing.assert_allclose(r1, r2, rtol=1e-6)
             np.testing.assert_array_equal(c1, c2)
+    # the joint clip (whole-row error): the library on Gram matrices, the reference on tokens
+    xt = x[:40] + np.float32(0.3)
+    gram, full = awq.group_gram(xt, 16) / len(xt), (xt.T.astype(np.float64) @ xt) / len(xt)
+    for bits in (3, 4):
+        c1, r1 = awq.clip_search(w, None, bits, 16, gram=gram, two_sided=True, full_gram=full)
+        c2, r2 = ref.joint_clip_search(w, xt, bits, 16, two_sided=True)
+        assert np.mean(r1 == r2) > 0.9
+        np.testing.assert_allclose(_row_errors(w, c1, xt, bits, 16), _row_errors(w, c2, xt, bits, 16), rtol=1e-3)
     d, cfg = tiny_cfg()
     bw, _ = block_weights(d, 0)
     s = np.exp(rng.uniform(-1, 1, 32)).astype(np.float32)
