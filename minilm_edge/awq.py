@@ -27,7 +27,9 @@ function is unchanged. Last, a clip search shrinks each (row, group)'s range: th
 grid (each end on its own: the quantizer is min/max, not symmetric), that least changes the group's
 partial dot products (skipped for q and k, whose errors pass through the softmax), measured on every
 calibration token through per-group second moments (`group_gram`; or, with clip_all_tokens off,
-on ~512 random tokens plus each sample's first, the attention sink: `clip_token_index`).
+on ~512 random tokens plus each sample's first, the attention sink: `clip_token_index`); then the
+clamps of a row's groups are revised together on the row's whole output error, cross terms between
+groups included (`_joint_clip_choice`).
 
 Blocks are calibrated one after the other; block l+1 sees the full-precision output of block l
 (computed before any change), so errors do not compound during calibration. Calibration tokens run in
@@ -36,13 +38,16 @@ states; the attention's scale loss is measured on the first `search_samples` sam
 sequences), the MLP's and single linears' on `search_tokens` tokens drawn from every sample, the
 statistic and the clip search over all tokens.
 
-Four choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
+Five choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
 tokens, ctx 512; W4, 128×512 C4 tokens, seed 0; fp 22.74, RTN 30.36; BENCHMARKS.md): the spec's
 4 search samples and ~512 clip tokens gave 27.31 (40% of the gap); the clip search over all
 tokens 26.92, the token-wise losses on 4,096 tokens from every sample 26.82, both 26.57 (50%),
 the two-sided clamps on top 26.49 (mean KL from the fp model 0.151 vs 0.158), and each α's loss
 measured on the weights clipped as they will be (the symmetric clip search inside the scale
-search, since the weights that get stored are clipped, not merely rounded) 26.34 (KL 0.147).
+search, since the weights that get stored are clipped, not merely rounded) 26.34 (KL 0.147),
+and the clamps chosen per row rather than per group 25.94: a linear's output error on a token is
+the sum of its groups' partial errors, and DESIGN §5's per-group objective drops the cross terms
+(a common offset or correlated channels make the groups' errors add up or cancel).
 With 128 samples the ~512 clip tokens held 128 attention sinks (20% of them, each with ~100×
 activations in a few channels): the clip search mostly fitted those. (AWQSettings turns each off.)
 
@@ -87,6 +92,7 @@ NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax
 
 N_GRID = 20                                        # α = 0, 0.05, …, 0.95
 CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))   # 1.00, 0.95, …, 0.55
+CLIP_CHUNK_ELEMENTS = 1 << 23      # rounding errors held at once by the clip search (32 MiB)
 SCALE_FLOOR = 1e-4
 
 
@@ -255,34 +261,29 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
     cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in CLIP_SHRINKS]
     if two_sided:
         cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in CLIP_SHRINKS for b in CLIP_SHRINKS]
-    best_err = np.full((n, G), np.inf)
-    best_lo, best_hi = lo0[..., 0].copy(), hi0[..., 0].copy()
-    joint = full_gram is not None and gram is not None and G > 1
-    if joint:
-        all_dq = np.empty((len(cands), G, n, group_size), np.float32)
-        all_err = np.empty((len(cands), n, G), np.float32)
-        choice = np.zeros((n, G), np.int64)
-    for c, (lo, hi) in enumerate(cands):
-        dqt = _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits).transpose(1, 0, 2)   # [G, N, g]
-        if gram is None:
-            err = np.matmul(dqt, xg)                                             # [G, N, n_tok]
-            err = np.mean(err * err, axis=2).T                                   # [N, G]
-        else:
-            err = np.einsum("gnk,gnk->ng", np.matmul(dqt, gram32), dqt)          # [N, G]
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_lo = np.where(better, lo[..., 0], best_lo)
-        best_hi = np.where(better, hi[..., 0], best_hi)
-        if joint:
-            all_dq[c], all_err[c] = dqt, err
-            choice[better] = c
-    if joint:
-        choice = _joint_clip_choice(all_dq, all_err, choice, full_gram, gram32, sweeps)
-        del all_dq
-        cand_lo = np.stack([np.broadcast_to(lo[..., 0], (n, G)) for lo, _ in cands])
-        cand_hi = np.stack([np.broadcast_to(hi[..., 0], (n, G)) for _, hi in cands])
-        best_lo = np.take_along_axis(cand_lo, choice[None], 0)[0]
-        best_hi = np.take_along_axis(cand_hi, choice[None], 0)[0]
+    cand_lo = np.stack([np.broadcast_to(lo[..., 0], (n, G)) for lo, _ in cands])   # [C, N, G]
+    cand_hi = np.stack([np.broadcast_to(hi[..., 0], (n, G)) for _, hi in cands])
+    n_cand = len(cands)
+    all_err = np.empty((n_cand, n, G), np.float32)
+    chunk = max(1, min(n_cand, CLIP_CHUNK_ELEMENTS // (n * k)))          # candidates per pass
+    buf = np.empty((chunk, G, n, group_size), np.float32)                # reused: no fresh pages
+    for c0 in range(0, n_cand, chunk):
+        c1 = min(n_cand, c0 + chunk)
+        dq = candidate_rounding_errors(wg, lo0, hi0, cand_lo[c0:c1], cand_hi[c0:c1], bits, buf[:c1 - c0])
+        for c in range(c0, c1):
+            dqt = dq[c - c0]                                                     # [G, N, g]
+            if gram is None:
+                err = np.matmul(dqt, xg)                                         # [G, N, n_tok]
+                all_err[c] = np.mean(err * err, axis=2).T                        # [N, G]
+            else:
+                all_err[c] = np.einsum("gnk,gnk->ng", np.matmul(dqt, gram32), dqt)
+    del buf
+    choice = np.argmin(np.nan_to_num(all_err, nan=np.inf), axis=0)   # [N, G]; ties: the earlier one
+    if full_gram is not None and gram is not None and G > 1:
+        choice = _joint_clip_choice(wg, lo0, hi0, cand_lo, cand_hi, bits, all_err, choice, full_gram, gram32,
+                                    sweeps)
+    best_lo = np.take_along_axis(cand_lo, choice[None], 0)[0]
+    best_hi = np.take_along_axis(cand_hi, choice[None], 0)[0]
     out = np.clip(np.asarray(w, np.float32).reshape(n, G, group_size), best_lo[..., None], best_hi[..., None])
     out = out.reshape(n, k)
     if salient_idx is not None:
@@ -293,28 +294,36 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
     return out, kept
 
 
-def _joint_clip_choice(all_dq, all_err, choice, full_gram, gram32, sweeps):
+def _joint_clip_choice(wg, lo0, hi0, cand_lo, cand_hi, bits, all_err, choice, full_gram, gram32, sweeps):
     """Coordinate descent over a row's groups on the whole row's output error Δᵀ C Δ.
 
     The per-group search scores each group's partial dot product alone; the linear's output error
     also has the cross terms Δ_iᵀ C_ij Δ_j between groups. Starting from the per-group choice, each
     group in turn takes the candidate minimising the row's total error given the others' current
-    choice (quadratic term from `gram32`, cross terms from `full_gram`), `sweeps` times; the total
-    never increases. all_dq [C, G, N, g], all_err [C, N, G], choice [N, G] -> choice [N, G]"""
-    nc, G, n, g = all_dq.shape
+    choice (quadratic term all_err, from `gram32`; cross terms from `full_gram`), `sweeps` times;
+    the total never increases. Each group's candidates' Δ are recomputed when it is visited (one
+    Numba pass) rather than all kept.
+        wg [N, G, g]; lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G]; all_err [C, N, G];
+        choice [N, G] -> choice [N, G]"""
+    nc, n, G = cand_lo.shape
+    g = wg.shape[2]
     cfull = np.array(full_gram, np.float32)
     for i in range(G):                                  # its own blocks: the per-group (all-token) ones
         cfull[i * g:(i + 1) * g, i * g:(i + 1) * g] = gram32[i]
     rows = np.arange(n)
-    d = all_dq[choice.T, np.arange(G)[:, None], rows[None, :]]           # [G, N, g]
+    pick = lambda a: np.take_along_axis(a, choice[None], 0)                # [1, N, G]
+    d = candidate_rounding_errors(wg, lo0, hi0, pick(cand_lo), pick(cand_hi), bits)[0]   # [G, N, g]
     r = d.transpose(1, 0, 2).reshape(n, G * g) @ cfull                  # [N, K]: C Δ per row
+    buf = np.empty((nc, 1, n, g), np.float32)
     for _ in range(sweeps):
         for i in range(G):
             sl = slice(i * g, (i + 1) * g)
+            dq = candidate_rounding_errors(wg[:, i:i + 1], lo0[:, i:i + 1], hi0[:, i:i + 1],
+                                           cand_lo[:, :, i:i + 1], cand_hi[:, :, i:i + 1], bits, buf)[:, 0]
             others = r[:, sl] - d[i] @ gram32[i]                          # [N, g]
-            e = all_err[:, :, i] + 2.0 * np.einsum("cnk,nk->cn", all_dq[:, i], others)
-            new = np.argmin(e, axis=0)
-            dn = all_dq[new, i, rows]
+            e = all_err[:, :, i] + 2.0 * np.einsum("cnk,nk->cn", dq, others)
+            new = np.argmin(np.nan_to_num(e, nan=np.inf), axis=0)
+            dn = dq[new, rows]
             r += (dn - d[i]) @ cfull[sl, :]
             d[i] = dn
             choice[:, i] = new
@@ -340,6 +349,34 @@ def _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits):
     q *= s
     q -= wg
     return q
+
+
+def _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits):
+    """Each candidate's quantizer step (fp16-rounded, as stored) and zero point per (row, group),
+    from the group's known clamped range, as in `_clamped_rounding_error`.
+                                      lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> 2 × [C, N, G]"""
+    from .q4 import SCALE_FLOOR as RANGE_FLOOR, _fp16_scale
+    qmax = np.float32((1 << bits) - 1)
+    lo_c = np.minimum(np.maximum(lo0[..., 0], cand_lo), cand_hi)
+    hi_c = np.minimum(np.maximum(hi0[..., 0], cand_lo), cand_hi)
+    step = _fp16_scale(np.maximum(hi_c - lo_c, np.float32(RANGE_FLOOR)) / qmax, "scales").astype(np.float32)
+    zero = np.clip(-np.round(lo_c / step), 0, qmax)
+    return step, zero
+
+
+def candidate_rounding_errors(wg, lo0, hi0, cand_lo, cand_hi, bits, out=None):
+    """`_clamped_rounding_error` for every candidate clamp at once (one Numba pass, bit for bit),
+    into `out` when given (a reused buffer saves the first-touch cost of fresh pages).
+                    wg [N, G, g]; lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> [C, G, N, g]"""
+    from .kernels_awq import clamped_rounding_errors
+    step, zero = _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits)
+    c, n, G = cand_lo.shape
+    if out is None:
+        out = np.empty((c, G, n, wg.shape[2]), np.float32)
+    clamped_rounding_errors(np.ascontiguousarray(wg, np.float32), np.ascontiguousarray(cand_lo, np.float32),
+                            np.ascontiguousarray(cand_hi, np.float32), step, zero.astype(np.float32),
+                            np.float32((1 << bits) - 1), out)
+    return out
 
 
 def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray) -> dict:
@@ -463,6 +500,33 @@ MODULES = {
 # Scale search for one group
 
 
+def parallel_map(fn, items):
+    """fn(i) for i in items, in order, computed on as many Python threads as Numba may use
+    (NUMBA_NUM_THREADS, default all cores) with BLAS at one thread each: the same results as a
+    serial loop. A generator: consume it as it goes, and only a few results wait at a time.
+
+    Why threads: the trials of the scale search and the chunks of the calibration pass are
+    independent and spend their time in BLAS products and NumPy ufuncs, which release the GIL;
+    BLAS's own threads gain little on these mid-sized products, and the ufuncs (softmax, SiLU,
+    rounding) run on one core. Measured on blocks 0-3 of SmolLM2-135M, 2 cores: BENCHMARKS.md."""
+    import numba
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .numba_policy import blas_threads_as
+    items = list(items)
+    workers = min(len(items), numba.get_num_threads())
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with blas_threads_as(1), ThreadPoolExecutor(workers) as pool:
+        pending = [pool.submit(fn, i) for i in items[:workers]]
+        for i in items[workers:] + [None] * workers:
+            done = pending.pop(0).result()
+            if i is not None:
+                pending.append(pool.submit(fn, i))
+            yield done
+
+
 @dataclasses.dataclass
 class GroupResult:
     name: str
@@ -497,16 +561,19 @@ def search_scale(w, bs, group: ScaleGroup, x, x_mean, cos, sin, bits, group_size
     if duo:
         g = min(group_sizes[n] for n in group.linears)
         w_mean = weight_mean([w[n] for n in group.linears], g)
-    losses, best, best_loss = [], None, np.inf
-    for i in range(n_grid):
-        alpha = i / n_grid
+
+    def trial(alpha):
         s = awq_scales(x_mean, alpha, w_mean)
         wq = dict(w)
         for n in group.linears:
             wq[n] = scaled_fake_quantize(w[n], s, bits, group_sizes[n], salient_idx, (grams or {}).get(n))
         with np.errstate(over="ignore", invalid="ignore"):
             d = module(wq, bs, x, cos, sin, group.linears) - y_fp
-            loss = float(np.mean(np.square(d, dtype=np.float64)))
+            return s, float(np.mean(np.square(d, dtype=np.float64)))
+
+    alphas = [i / n_grid for i in range(n_grid)]
+    losses, best, best_loss = [], None, np.inf
+    for alpha, (s, loss) in zip(alphas, parallel_map(trial, alphas)):
         losses.append(loss if np.isfinite(loss) else float("nan"))
         if np.isfinite(loss) and loss < best_loss:
             best, best_loss = (alpha, s), loss
@@ -566,27 +633,38 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in NO_CLIP for l in g.linears)}
     grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
     fulls = {k: 0.0 for k in grams} if joint_rows_idx is not None else {}
-    x_next = np.empty_like(x_all)
-    for a in range(0, n, cs):
+
+    def rows_in(idx, a, b):                              # flat token indices inside samples [a, b)
+        return idx[(idx >= a * T) & (idx < b * T)] - a * T
+
+    def chunk(a):                                        # one chunk's share of every statistic
         b = min(n, a + cs)
         inter = block_forward(w, bs, x_all[a:b], cos, sin)
-        x_next[a:b] = inter["out"]
-        sel = clip_rows_idx[(clip_rows_idx >= a * T) & (clip_rows_idx < b * T)] - a * T
-        for key in sums:
-            sums[key] = sums[key] + channel_abs_sum(inter[key])
-            clip_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
-        for key in grams:
-            grams[key] = grams[key] + group_gram(inter[key], gsz[key])
+        flat = {key: inter[key].reshape(-1, inter[key].shape[-1]) for key in sums}
+        st = {"out": inter["out"],
+              "sums": {key: channel_abs_sum(inter[key]) for key in sums},
+              "clip": {key: flat[key][rows_in(clip_rows_idx, a, b)] for key in sums},
+              "grams": {key: group_gram(inter[key], gsz[key]) for key in grams}}
         if fulls:
-            sel = joint_rows_idx[(joint_rows_idx >= a * T) & (joint_rows_idx < b * T)] - a * T
-            for key in fulls:
-                xs = inter[key].reshape(-1, inter[key].shape[-1])[sel]
-                fulls[key] = fulls[key] + (xs.T @ xs).astype(np.float64)
+            sel = rows_in(joint_rows_idx, a, b)
+            st["fulls"] = {key: (flat[key][sel].T @ flat[key][sel]).astype(np.float64) for key in fulls}
         if search_rows_idx is not None:
-            sel = search_rows_idx[(search_rows_idx >= a * T) & (search_rows_idx < b * T)] - a * T
-            for key in tok_rows:
-                tok_rows[key].append(inter[key].reshape(-1, inter[key].shape[-1])[sel])
-        del inter
+            st["tok"] = {key: flat[key][rows_in(search_rows_idx, a, b)] for key in tok_rows}
+        return a, b, st
+
+    x_next = np.empty_like(x_all)
+    for a, b, st in parallel_map(chunk, range(0, n, cs)):   # summed in chunk order: as serial
+        x_next[a:b] = st["out"]
+        for key in sums:
+            sums[key] = sums[key] + st["sums"][key]
+            clip_rows[key].append(st["clip"][key])
+        for key in grams:
+            grams[key] = grams[key] + st["grams"][key]
+        for key in fulls:
+            fulls[key] = fulls[key] + st["fulls"][key]
+        for key in tok_rows:
+            tok_rows[key].append(st["tok"][key])
+        del st
     x_mean = {k: (v / (n * T)).astype(np.float32) for k, v in sums.items()}
     grams = {k: v / (n * T) for k, v in grams.items()}                  # mean x_g x_gᵀ
     fulls = {k: v / len(joint_rows_idx) for k, v in fulls.items()}      # mean x xᵀ on a token subset
@@ -619,23 +697,30 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             w_new = fold_scales(w_new, g, results[g.name].scales)
 
     of = _group_of_linear(groups)
-    clip_report = {}
-    err_report = {}
-    for lin, g in of.items():
+
+    def finish(lin):                                     # clip one linear, measure its output error
+        g = of[lin]
         s = results[g.name].scales
-        xc = clip_x[g.inp] / s[None, :]
+        wl, clip_rep = w_new[lin], None
         if settings.clip and lin not in NO_CLIP:
             gram = full = None
             if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
                 gram = scaled_gram(grams[g.inp], s, gsz[g.inp])
             if g.inp in fulls:
                 full = scaled_gram(fulls[g.inp][None], s, s.size)[0]
-            w_new[lin], kept = clip_search(w_new[lin], xc, settings.bits, group_sizes[lin], salient[lin], gram,
-                                            settings.clip_two_sided, full, settings.clip_sweeps)
-            clip_report[lin] = {"mean": float(kept.mean()), "min": float(kept.min()),     # range kept
-                                "frac_clipped": float(np.mean(kept < 1.0))}
-        err_report[lin] = _output_errors(w[lin], w_new[lin], s, clip_x[g.inp], settings.bits,
-                                         group_sizes[lin], salient[lin])
+            wl, kept = clip_search(wl, clip_x[g.inp] / s[None, :], settings.bits, group_sizes[lin], salient[lin],
+                                   gram, settings.clip_two_sided, full, settings.clip_sweeps)
+            clip_rep = {"mean": float(kept.mean()), "min": float(kept.min()),     # range kept
+                        "frac_clipped": float(np.mean(kept < 1.0))}
+        err = _output_errors(w[lin], wl, s, clip_x[g.inp], settings.bits, group_sizes[lin], salient[lin])
+        return lin, wl, clip_rep, err
+
+    clip_report, err_report = {}, {}
+    for lin, wl, clip_rep, err in parallel_map(finish, list(of)):
+        w_new[lin] = wl
+        if clip_rep is not None:
+            clip_report[lin] = clip_rep
+        err_report[lin] = err
 
     report = {
         "groups": {name: {"alpha": r.alpha, "loss_identity": r.loss_identity, "loss_best": r.loss_best,

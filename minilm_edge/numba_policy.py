@@ -69,3 +69,16 @@ def blas_threads(n: int) -> None:
     for lib in _blas_libraries():
         if lib.num_threads != n:
             lib.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def blas_threads_as(n: int):
+    """Run the block with BLAS at `n` threads, restoring each library's count after."""
+    libs = _blas_libraries()
+    old = [lib.num_threads for lib in libs]
+    blas_threads(n)
+    try:
+        yield
+    finally:
+        for lib, k in zip(libs, old):
+            lib.set_num_threads(k)

@@ -386,6 +386,27 @@ def test_clamped_rounding_error_is_fake_quantize_of_the_clamp(seed, bits, shift,
 
 
 @settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), shift=st.sampled_from([0.0, 3.0, -3.0]))
+def test_candidate_kernel_is_the_numpy_rounding_error(seed, bits, shift):
+    """The Numba pass over every candidate clamp gives `_clamped_rounding_error` bit for bit:
+    symmetric and two-sided clamps, all-positive / all-negative and constant groups."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((7, 96)) * np.exp(rng.uniform(-3, 3, (7, 1))) + shift).astype(np.float32)
+    w[0, :32] = 0.5
+    wg = w.reshape(7, 3, 32)
+    lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)
+    amax = np.maximum(-lo0, hi0)
+    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in awq.CLIP_SHRINKS]
+    cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in awq.CLIP_SHRINKS[::3] for b in awq.CLIP_SHRINKS[::4]]
+    cand_lo = np.stack([lo[..., 0] for lo, _ in cands])
+    cand_hi = np.stack([hi[..., 0] for _, hi in cands])
+    got = awq.candidate_rounding_errors(wg, lo0, hi0, cand_lo, cand_hi, bits)
+    for c, (lo, hi) in enumerate(cands):
+        want = awq._clamped_rounding_error(wg, lo0, hi0, lo, hi, bits).transpose(1, 0, 2)
+        np.testing.assert_array_equal(got[c], want)
+
+
+@settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), g=st.sampled_from([32, 64]),
        sal=st.sampled_from([0, 3]))
 def test_clip_search_on_gram_matrices_is_the_clip_search_on_tokens(seed, bits, g, sal):
