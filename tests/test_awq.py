@@ -311,6 +311,51 @@ def test_awq_is_deterministic_for_a_seed(tmp_path):
     assert qa["awq"]["alpha"][0]["o"] is not None                   # MHA: o was searched
 
 
+def test_parallel_map_is_the_serial_map_in_order():
+    import threading
+    import time
+
+    import numba
+    seen = set()
+
+    def slow_square(i):
+        seen.add(threading.get_ident())
+        time.sleep(0.002 * (7 - i % 7))                 # later items finish first
+        return i * i
+    n0 = numba.get_num_threads()
+    try:
+        for k in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(k)
+            assert list(awq.parallel_map(slow_square, range(23))) == [i * i for i in range(23)]
+            assert list(awq.parallel_map(slow_square, [])) == []
+
+        def boom(i):
+            if i == 5:
+                raise ValueError("five")
+            return i
+        with pytest.raises(ValueError, match="five"):
+            list(awq.parallel_map(boom, range(9)))
+    finally:
+        numba.set_num_threads(n0)
+
+
+def test_awq_gives_the_same_model_on_one_thread_and_on_several(tmp_path):
+    """The α trials, calibration chunks and final clips run on threads; in order, so the model is
+    the one a serial run makes (these tiny products do not depend on BLAS's thread count)."""
+    import numba
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    n0 = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        # 24 samples: three chunks of the calibration pass (8 samples each)
+        a = quantize(src, tmp_path / "a", method="awq", seed=1, samples=24, seq_len=16, progress=False)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        b = quantize(src, tmp_path / "b", method="awq", seed=1, samples=24, seq_len=16, progress=False)
+    finally:
+        numba.set_num_threads(n0)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
 def test_calibration_from_a_file_with_fewer_docs_than_samples(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     (tmp_path / "few.txt").write_text("hello the capital\n\n  \n\nand Paris France and hello\n")
