@@ -216,6 +216,11 @@ def group_gram(x: np.ndarray, group_size: int) -> np.ndarray:
     return np.matmul(xg.transpose(0, 2, 1), xg).astype(np.float64)
 
 
+def _second_moments(x: np.ndarray) -> np.ndarray:
+    """Σ_t x(t) x(t)ᵀ in float64 (summed over chunks, then divided).           x [t, K] -> [K, K]"""
+    return (x.T @ x).astype(np.float64)
+
+
 def scaled_gram(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray:
     """The per-group second moments of x ÷ s from those of x: C_g / (s_g s_gᵀ).
                                                           gram [G, g, g], s [G·g] -> [G, g, g]"""
@@ -330,30 +335,10 @@ def _joint_clip_choice(wg, lo0, hi0, cand_lo, cand_hi, bits, all_err, choice, fu
     return choice
 
 
-def _clamped_rounding_error(wg, lo0, hi0, lo, hi, bits):
-    """fake_quantize(clamp(wg, lo, hi)) − wg per group, bit for bit, without reducing each
-    group's range again: it is [min(max(lo0, lo), hi), min(max(hi0, lo), hi)] for a group whose
-    range was [lo0, hi0].                      wg [N, G, g]; lo0, hi0, lo, hi [N, G, 1] -> [N, G, g]"""
-    from .q4 import SCALE_FLOOR as RANGE_FLOOR, _fp16_scale
-    qmax = np.float32((1 << bits) - 1)
-    lo_c = np.minimum(np.maximum(lo0, lo), hi)
-    hi_c = np.minimum(np.maximum(hi0, lo), hi)
-    s = _fp16_scale(np.maximum(hi_c - lo_c, np.float32(RANGE_FLOOR)) / qmax, "scales").astype(np.float32)
-    z = np.clip(-np.round(lo_c / s), 0, qmax)
-    q = np.clip(wg, lo, hi)
-    q /= s
-    np.round(q, out=q)
-    q += z
-    np.clip(q, 0, qmax, out=q)
-    q -= z
-    q *= s
-    q -= wg
-    return q
-
-
 def _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits):
     """Each candidate's quantizer step (fp16-rounded, as stored) and zero point per (row, group),
-    from the group's known clamped range, as in `_clamped_rounding_error`.
+    without reducing the clamped group again: a group whose range was [lo0, hi0] has, clamped to
+    [lo, hi], the range [min(max(lo0, lo), hi), min(max(hi0, lo), hi)].
                                       lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> 2 × [C, N, G]"""
     from .q4 import SCALE_FLOOR as RANGE_FLOOR, _fp16_scale
     qmax = np.float32((1 << bits) - 1)
@@ -365,8 +350,9 @@ def _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits):
 
 
 def candidate_rounding_errors(wg, lo0, hi0, cand_lo, cand_hi, bits, out=None):
-    """`_clamped_rounding_error` for every candidate clamp at once (one Numba pass, bit for bit),
-    into `out` when given (a reused buffer saves the first-touch cost of fresh pages).
+    """Δ = fake_quantize(clamp(w, lo, hi)) − w of every group for every candidate clamp, bit for
+    bit, in one Numba pass; into `out` when given (a reused buffer saves the first-touch cost of
+    fresh pages).
                     wg [N, G, g]; lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> [C, G, N, g]"""
     from .kernels_awq import clamped_rounding_errors
     step, zero = _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits)
@@ -647,7 +633,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
               "grams": {key: group_gram(inter[key], gsz[key]) for key in grams}}
         if fulls:
             sel = rows_in(joint_rows_idx, a, b)
-            st["fulls"] = {key: (flat[key][sel].T @ flat[key][sel]).astype(np.float64) for key in fulls}
+            st["fulls"] = {key: _second_moments(flat[key][sel]) for key in fulls}
         if search_rows_idx is not None:
             st["tok"] = {key: flat[key][rows_in(search_rows_idx, a, b)] for key in tok_rows}
         return a, b, st

@@ -6,7 +6,7 @@ per candidate (clip, divide, round, shift, clip, …), each writing a temporary;
 that reads each weight once per candidate and writes Δ. The per-group step and zero point (a few
 per group, with the fp16 rounding of the step that Numba cannot do) come from NumPy
 (`awq._candidate_steps`). Every operation is the float32 one NumPy does, in the same order, so Δ
-is bit for bit `awq._clamped_rounding_error` (tested).
+is bit for bit `awq.fake_quantize` of the clamped weights minus the weights (tested).
 
 Serial on purpose: the scale search calls it from several Python threads at once (one per α
 being tried, `awq.parallel_map`), and Numba's default thread pool must not be entered from two

@@ -414,41 +414,27 @@ def test_cli_quantize_awq_default(tmp_path, capsys):
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), shift=st.sampled_from([0.0, 3.0]),
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), shift=st.sampled_from([0.0, 3.0, -3.0]),
        a=st.floats(0.3, 1.2), b=st.floats(0.3, 1.2))
-def test_clamped_rounding_error_is_fake_quantize_of_the_clamp(seed, bits, shift, a, b):
-    """The clip search's shortcut (each group's clamped range from its old one) rounds bit for bit
-    like fake_quantize on the clamped weights, also for all-positive groups and empty ranges."""
-    rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((5, 96)) + shift).astype(np.float32)
-    w[0, :32] = 0.5                                                 # a constant group
-    wg = w.reshape(5, 3, 32)
-    lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)
-    for lo, hi in ((lo0 * np.float32(a), hi0 * np.float32(b)),
-                   (-np.maximum(-lo0, hi0) * np.float32(a), np.maximum(-lo0, hi0) * np.float32(a))):
-        want = awq.fake_quantize(np.clip(wg, lo, hi).reshape(5, 96), bits, 32).reshape(5, 3, 32) - wg
-        np.testing.assert_array_equal(awq._clamped_rounding_error(wg, lo0, hi0, lo, hi, bits), want)
-
-
-@settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([3, 4]), shift=st.sampled_from([0.0, 3.0, -3.0]))
-def test_candidate_kernel_is_the_numpy_rounding_error(seed, bits, shift):
-    """The Numba pass over every candidate clamp gives `_clamped_rounding_error` bit for bit:
-    symmetric and two-sided clamps, all-positive / all-negative and constant groups."""
+def test_candidate_rounding_errors_are_fake_quantize_of_the_clamps(seed, bits, shift, a, b):
+    """The clip search's shortcut (each group's clamped range from its old one, every candidate in
+    one Numba pass) rounds bit for bit like fake_quantize on the clamped weights: symmetric and
+    two-sided clamps (also past the group's ends), all-positive / all-negative and constant groups,
+    rows of very different sizes."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((7, 96)) * np.exp(rng.uniform(-3, 3, (7, 1))) + shift).astype(np.float32)
-    w[0, :32] = 0.5
+    w[0, :32] = 0.5                                                 # a constant group
     wg = w.reshape(7, 3, 32)
     lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)
     amax = np.maximum(-lo0, hi0)
-    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in awq.CLIP_SHRINKS]
-    cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in awq.CLIP_SHRINKS[::3] for b in awq.CLIP_SHRINKS[::4]]
-    cand_lo = np.stack([lo[..., 0] for lo, _ in cands])
-    cand_hi = np.stack([hi[..., 0] for _, hi in cands])
-    got = awq.candidate_rounding_errors(wg, lo0, hi0, cand_lo, cand_hi, bits)
+    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in awq.CLIP_SHRINKS + (a,)]
+    cands += [(lo0 * np.float32(x), hi0 * np.float32(y)) for x in awq.CLIP_SHRINKS[::3] + (a,)
+              for y in awq.CLIP_SHRINKS[::4] + (b,)]
+    got = awq.candidate_rounding_errors(wg, lo0, hi0, np.stack([lo[..., 0] for lo, _ in cands]),
+                                        np.stack([hi[..., 0] for _, hi in cands]), bits)
     for c, (lo, hi) in enumerate(cands):
-        want = awq._clamped_rounding_error(wg, lo0, hi0, lo, hi, bits).transpose(1, 0, 2)
-        np.testing.assert_array_equal(got[c], want)
+        want = awq.fake_quantize(np.clip(wg, lo, hi).reshape(7, 96), bits, 32).reshape(7, 3, 32) - wg
+        np.testing.assert_array_equal(got[c], want.transpose(1, 0, 2))
 
 
 @settings(max_examples=20, deadline=None)
