@@ -93,6 +93,7 @@ NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax
 N_GRID = 20                                        # α = 0, 0.05, …, 0.95
 CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))   # 1.00, 0.95, …, 0.55
 CLIP_CHUNK_ELEMENTS = 1 << 23      # rounding errors held at once by the clip search (32 MiB)
+MAX_WORKERS = 4                    # threads of parallel_map at most
 SCALE_FLOOR = 1e-4
 
 
@@ -494,13 +495,15 @@ def parallel_map(fn, items):
     Why threads: the trials of the scale search and the chunks of the calibration pass are
     independent and spend their time in BLAS products and NumPy ufuncs, which release the GIL;
     BLAS's own threads gain little on these mid-sized products, and the ufuncs (softmax, SiLU,
-    rounding) run on one core. Measured on blocks 0-3 of SmolLM2-135M, 2 cores: BENCHMARKS.md."""
+    rounding) run on one core. Measured on blocks 0-3 of SmolLM2-135M, 2 cores: BENCHMARKS.md.
+    At most MAX_WORKERS threads: each holds a trial's or a chunk's activations (~0.1 GB for
+    SmolLM2-135M), and the peak memory should not grow with the core count."""
     import numba
     from concurrent.futures import ThreadPoolExecutor
 
     from .numba_policy import blas_threads_as
     items = list(items)
-    workers = min(len(items), numba.get_num_threads())
+    workers = min(len(items), numba.get_num_threads(), MAX_WORKERS)
     if workers <= 1:
         yield from map(fn, items)
         return
