@@ -10,12 +10,12 @@ Library API (small and stable):
     minilm_edge.perplexity(model, text, ctx=2048) -> {"ppl", "nll", "tokens_scored", ...}
     minilm_edge.quantize(src_dir, out_dir, method="awq", calib=["docs.txt"], bits=4) -> out_dir
 """
-from .errors import (CheckpointError, ContextOverflowError, MiniLMError, ModelNotFoundError,
-                     PullError, QuantFormatError, TokenizerError, UnsupportedModelError, UsageError)
-from .evaluate import perplexity
-from .generation import SamplingSettings
-from .model import Model, load
-from . import quantize      # the module, callable as the function: see the end of quantize.py
+from .errors import (CheckpointError, ContextOverflowError, MiniLMError, ModelNotFoundError, PullError,
+                     QuantFormatError, TokenizerError, UnsupportedModelError, UsageError)
+from .runtime.evaluate import perplexity
+from .runtime.generation import SamplingSettings
+from .runtime.model import Model, load
+from .quant.quantize import quantize
 
 __version__ = "0.1.0"
 

@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minilm_edge
-from minilm_edge import awq
-from minilm_edge.calibration import from_files, self_generated, split_documents
-from minilm_edge.checkpoint import TensorSource
-from minilm_edge.cli import main
-from minilm_edge.config import LlamaConfig
-from minilm_edge.quantize import quantize
-from minilm_edge.tokenizer import Tokenizer
+from minilm_edge.quant import awq
+from minilm_edge.quant.calibration import from_files, self_generated, split_documents
+from minilm_edge.formats.tensors import TensorSource
+from minilm_edge.app.cli import main
+from minilm_edge.runtime.config import LlamaConfig
+from minilm_edge.quant.quantize import quantize
+from minilm_edge.runtime.tokenizer import Tokenizer
 from reference import awq as ref
 from reference import llama as ref_llama
 from tinymodel import make_model_dir, random_weights, tiny_config

@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minilm_edge
-from minilm_edge.awq_format import awq_to_q4, export_awq, pack_awq, q4_to_awq, unpack_awq
-from minilm_edge.cli import main
-from minilm_edge.q4 import Q4Linear, dequantize, quantize_q4
-from minilm_edge.quantize import quantize
+from minilm_edge.formats.awq_gemm import awq_to_q4, pack_awq, q4_to_awq, unpack_awq
+from minilm_edge.quant.export_awq import export_awq
+from minilm_edge.app.cli import main
+from minilm_edge.formats.q4 import Q4Linear, dequantize, quantize_q4
+from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)

@@ -7,7 +7,7 @@ import pytest
 
 import minilm_edge
 from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
-from minilm_edge.safetensors_io import SafetensorsFile
+from minilm_edge.formats.safetensors import SafetensorsFile
 from tinymodel import make_model_dir, write_safetensors
 
 

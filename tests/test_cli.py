@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minilm_edge.cli import main
+from minilm_edge.app.cli import main
 from tinymodel import make_model_dir
 
 
@@ -96,7 +96,7 @@ def test_chat_empty_input_exits_cleanly(tiny_model_dir, capsys, monkeypatch):
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_model_dir, capsys, monkeypatch):
     """A KeyboardInterrupt during an answer ends that answer; the next line is still answered."""
-    import minilm_edge.generation as gen
+    import minilm_edge.runtime.generation as gen
     real_ids = gen.Generation._ids
     calls = {"n": 0}
 

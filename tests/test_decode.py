@@ -5,11 +5,11 @@ from hypothesis import given, settings, strategies as st
 from numba import prange
 
 import minilm_edge
-from minilm_edge.decode import _attend_part, _merge_parts
-from minilm_edge.kernels_vnni import VNNI
-from minilm_edge.numba_policy import kernel, parallel_kernel, threads
-from minilm_edge.quantize import quantize
-from minilm_edge.sync import atomic_add, atomic_load, barrier
+from minilm_edge.runtime.decode import _attend_part, _merge_parts
+from minilm_edge.kernels.quant_i8_matmul import VNNI
+from minilm_edge.kernels.policy import kernel, parallel_kernel, threads
+from minilm_edge.quant.quantize import quantize
+from minilm_edge.kernels.sync import atomic_add, atomic_load, barrier
 from tinymodel import make_model_dir
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import minilm_edge
-from minilm_edge import evaluate
-from minilm_edge.cli import main
+from minilm_edge.runtime import evaluate
+from minilm_edge.app.cli import main
 from tinymodel import make_model_dir
 
 TEXT = ("The capital of France is Paris, and the capital of Italy is Rome. " * 6
@@ -62,10 +62,10 @@ def test_token_chunks_do_not_change_the_result(models, monkeypatch):
 def test_an_fp16_head_is_widened_once_and_gives_the_same_logits(tmp_path, monkeypatch):
     # int4 models keep the tied embedding in fp16; scoring widens it to float32 once instead of per
     # chunk, with the same float32 tiles, so the logits (and so the perplexity) are the same bits
-    from minilm_edge import kernels_dense
-    from minilm_edge.linear import DenseF16
+    from minilm_edge.kernels import dense_f32 as kernels_dense
+    from minilm_edge.runtime.linear import DenseF16
     monkeypatch.setattr(kernels_dense, "TILE_ROWS", 24)           # several tiles, the last one partial
-    from minilm_edge.quantize import quantize
+    from minilm_edge.quant.quantize import quantize
     src, _, _ = make_model_dir(tmp_path / "src", hidden_size=64, intermediate_size=96,
                                num_attention_heads=4, num_key_value_heads=2)
     model = minilm_edge.load(quantize(src, tmp_path / "q4", group_size=32, progress=False))

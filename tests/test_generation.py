@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import minilm_edge
-from minilm_edge.generation import Sampler, SamplingSettings, _stop_prefix_len, settings_from_generation_config
-from minilm_edge.tokenizer import TextStream
+from minilm_edge.runtime.generation import (Sampler, SamplingSettings, _stop_prefix_len, settings_from_generation_config)
+from minilm_edge.runtime.tokenizer import TextStream
 from tinymodel import make_model_dir
 
 

@@ -16,9 +16,9 @@ from safetensors.numpy import load_file  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
 
-from minilm_edge import gguf_import  # noqa: E402
-from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError  # noqa: E402
-from minilm_edge.gguf_import import import_gguf  # noqa: E402
+from minilm_edge.formats import gguf as gguf_import# noqa: E402
+from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError# noqa: E402
+from minilm_edge.formats.gguf import import_gguf# noqa: E402
 
 # Tiny model: D hidden, F feed-forward, H heads, Hkv kv heads, Dh head dim, L layers.
 D, F, H, HKV, DH, L = 32, 64, 4, 2, 8, 2

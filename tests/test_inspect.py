@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from minilm_edge.awq_format import export_awq
-from minilm_edge.cli import main
-from minilm_edge.inspect import describe, format_text
-from minilm_edge.quantize import quantize
+from minilm_edge.quant.export_awq import export_awq
+from minilm_edge.app.cli import main
+from minilm_edge.app.describe import describe, format_text
+from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -62,7 +62,7 @@ def test_report_json_alpha_and_salient(folders, tmp_path):
     assert info["report_layers"][0]["alpha"] == {"qkv": 0.35, "o": None, "gate_up": 0.5, "down": 0.2}
     up = [r for r in info["layers"] if r["name"] == "up"]
     assert [r["salient"] for r in up] == [3, 3] and up[0]["bpw"] > 4.375
-    from minilm_edge.inspect import _group_of
+    from minilm_edge.app.describe import _group_of
     if _group_of("llama"):                          # the AWQ module's table maps linears to groups
         alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}
         assert alpha[(0, "q")] == 0.35 and alpha[(0, "up")] == 0.5 and alpha[(1, "q")] == 0.1

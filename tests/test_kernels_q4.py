@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilm_edge import kernels_q4 as kq, q4
+from minilm_edge.kernels import quant_f32 as kq, simd
+from minilm_edge.formats import q4
 from minilm_edge.errors import UsageError
-from minilm_edge.numba_policy import threads
+from minilm_edge.kernels.policy import kernel, threads
 from reference import q4 as ref
 
 AWKWARD_N = [1, 2, 3, 5, 7, 15, 17, 31, 33, 64]
@@ -135,10 +136,10 @@ def test_wrappers_check_arguments():
     assert kq.matvec_q4_f32(p, np.zeros(64, np.float32), out=out) is out
 
 
-@kq.kernel()
+@kernel()
 def _exp16(x, out):
-    for i in range(0, x.shape[0], kq.LANES):
-        kq.v_store(out, i, kq.v_exp(kq.v_load(x, i)))
+    for i in range(0, x.shape[0], simd.LANES):
+        simd.v_store(out, i, simd.v_exp(simd.v_load(x, i)))
 
 
 def test_vector_exp_matches_numpy():

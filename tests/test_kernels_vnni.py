@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, q4
+from minilm_edge.kernels import quant_f32 as kq
+from minilm_edge.kernels import quant_i8_matmul as kv
+from minilm_edge.formats import q4
 from minilm_edge.errors import UsageError
-from minilm_edge.linear import Q4, Q8
-from minilm_edge.numba_policy import threads
+from minilm_edge.runtime.linear import Q4, Q8
+from minilm_edge.kernels.policy import threads
 from reference import q4 as ref
 
 pytestmark = pytest.mark.skipif(not kv.VNNI, reason="this CPU (or NUMBA_CPU_FEATURES) lacks AVX512-VNNI: "

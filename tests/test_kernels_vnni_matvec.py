@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, kernels_vnni_matvec as km, q4
+from minilm_edge.kernels import quant_f32 as kq
+from minilm_edge.kernels import quant_i8_matmul as kv
+from minilm_edge.kernels import quant_i8_matvec as km
+from minilm_edge.formats import q4
 from minilm_edge.errors import UsageError
-from minilm_edge.numba_policy import threads
+from minilm_edge.kernels.policy import threads
 from reference import q4 as ref
 from test_kernels_vnni import _activations, _epilogue_bound, _layer, _ref_args
 

@@ -2,7 +2,7 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from minilm_edge import kernels
+from minilm_edge.kernels import ops_f32 as kernels
 from reference import llama as ref
 
 TOL = dict(rtol=1e-5, atol=1e-5)   # float32 kernels vs float64-ish reference, O(1) values
@@ -79,7 +79,7 @@ def test_silu_extremes_stay_finite():
 @given(N=st.integers(1, 40), K16=st.integers(1, 6), T=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_f16_matvec_and_matmul(N, K16, T, seed):
     """fp16 weights × float32 activations vs the float32 product of the widened weights."""
-    from minilm_edge.kernels_dense import matmul_f16_f32, matvec_f16_f32, matvec_f32_f32
+    from minilm_edge.kernels.dense_f32 import matmul_f16_f32, matvec_f16_f32, matvec_f32_f32
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((N, 16 * K16)) * 3).astype(np.float16)
     X = rand(rng, T, 16 * K16)
@@ -91,7 +91,7 @@ def test_f16_matvec_and_matmul(N, K16, T, seed):
 
 
 def test_f16_special_values_propagate():
-    from minilm_edge.kernels_dense import matvec_f16_f32
+    from minilm_edge.kernels.dense_f32 import matvec_f16_f32
     w = np.ones((3, 16), np.float16)
     w[1, 3], w[2, 5] = np.inf, np.nan
     y = matvec_f16_f32(w.view(np.uint16), np.ones(16, np.float32))

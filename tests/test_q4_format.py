@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilm_edge import q4
+from minilm_edge.formats import q4
 from minilm_edge.errors import QuantFormatError, UsageError
 from reference import q4 as ref
 

@@ -7,8 +7,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import minilm_edge
-from minilm_edge.cli import main
-from minilm_edge.quantize import quantize
+from minilm_edge.app.cli import main
+from minilm_edge.quant.quantize import quantize
 from reference import llama as ref
 from reference import q4 as ref_q4
 from tinymodel import make_model_dir
@@ -103,7 +103,7 @@ def test_quantize_refuses_and_leaves_nothing(tmp_path, capsys):
 
 def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    import minilm_edge.quantize as qmod
+    import minilm_edge.quant.quantize as qmod
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -142,7 +142,7 @@ def test_corrupt_quantized_tensors_are_refused(tmp_path, tamper, msg):
 
 def test_model_folder_writes_fortran_ordered_tensors_in_c_order(tmp_path):
     from safetensors.numpy import load_file
-    from minilm_edge.quantize import write_model_folder
+    from minilm_edge.formats.folder import write_model_folder
     (tmp_path / "src").mkdir()
     a = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
     out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": a, "b": a[:, [3, 0]]}, {})
@@ -153,7 +153,7 @@ def test_model_folder_writes_fortran_ordered_tensors_in_c_order(tmp_path):
 def test_model_folder_has_an_ordinary_folders_mode(tmp_path):
     # mkdtemp makes its folder 0700; a quantized model is often served by another account
     import os
-    from minilm_edge.quantize import write_model_folder
+    from minilm_edge.formats.folder import write_model_folder
     (tmp_path / "src").mkdir()
     umask = os.umask(0o027)
     try:
@@ -168,7 +168,7 @@ def test_a_killed_quantizes_folder_is_removed_by_the_next_one(tmp_path):
     import os
     import subprocess
     import sys
-    from minilm_edge.quantize import write_model_folder
+    from minilm_edge.formats.folder import write_model_folder
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     (tmp_path / "src").mkdir()

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from minilm_edge.generation import Generation, SamplingSettings
+from minilm_edge.runtime.generation import Generation, SamplingSettings
 
 pytestmark = pytest.mark.real_model
 
@@ -72,7 +72,7 @@ def test_capital_of_france(real_model):
 
 def test_cli_chat_on_default_model(real_model_dir, capsys, monkeypatch):
     """`echo "What is the capital of France?" | python -m minilm_edge chat` mentions Paris."""
-    from minilm_edge.cli import main
+    from minilm_edge.app.cli import main
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     assert main(["chat"]) == 0
     assert "Paris" in capsys.readouterr().out

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from minilm_edge import gguf_import, store
+from minilm_edge.formats import gguf as gguf_import
+from minilm_edge.app import store
 from minilm_edge.errors import ModelNotFoundError, PullError
-from minilm_edge.store import KnownModel, PypiGGUF, default_home, pull, resolve_model
+from minilm_edge.app.store import KnownModel, PypiGGUF, default_home, pull, resolve_model
 
 
 def write_model_folder(folder, marker="hub"):

@@ -31,8 +31,11 @@ import numpy as np
 from numba import prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without install
-from minilm_edge import kernels_q4 as kq, kernels_vnni as kv, kernels_vnni_matvec as km, q4
-from minilm_edge.numba_policy import FASTMATH_REDUCE, blas_threads, parallel_kernel, threads
+from minilm_edge.kernels import quant_f32 as kq, simd
+from minilm_edge.kernels import quant_i8_matmul as kv
+from minilm_edge.kernels import quant_i8_matvec as km
+from minilm_edge.formats import q4
+from minilm_edge.kernels.policy import FASTMATH_REDUCE, blas_threads, parallel_kernel, threads
 
 # name, N, K, group size (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152)
 SHAPES = [
@@ -51,10 +54,10 @@ def _matvec_f32(w, x, out):
     """out = w @ x, float32 weights, 16-lane vectors: the memory-bandwidth reference."""
     for n in prange(w.shape[0]):
         row = w[n]
-        acc = kq.v_zeros()
-        for o in range(0, w.shape[1], kq.LANES):
-            acc = kq.v_fma(kq.v_load(row, o), kq.v_load(x, o), acc)
-        out[n] = kq.v_hsum(acc)
+        acc = simd.v_zeros()
+        for o in range(0, w.shape[1], simd.LANES):
+            acc = simd.v_fma(simd.v_load(row, o), simd.v_load(x, o), acc)
+        out[n] = simd.v_hsum(acc)
 
 
 def _copies(make, nbytes, cold):

@@ -50,9 +50,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import minilm_edge
-    from minilm_edge.evaluate import compare, perplexity, read_text
-    from minilm_edge.inspect import describe
-    from minilm_edge.store import resolve_model
+    from minilm_edge.runtime.evaluate import compare, perplexity, read_text
+    from minilm_edge.app.describe import describe
+    from minilm_edge.app.store import resolve_model
 
     command = "python tools/eval_table.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     models = {label: resolve_model(path) for label, path in parse_models(args.models).items()}

@@ -1,0 +1,121 @@
+"""Writing a model folder atomically: everything goes into a hidden temporary folder beside the
+target, renamed into place when complete, so an interrupted run leaves no half-written model."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+# Files copied verbatim so the output is a complete model folder.
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                "special_tokens_map.json")
+
+
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
+
+
+def output_tempdir(out_dir: Path, tag: str) -> Path:
+    """A hidden folder beside out_dir to write an output into, renamed to out_dir when complete:
+    `.NAME.TAG-PID-random`, so that a later run can tell it from a live one's and remove it if
+    its process was killed (`remove_stale_tempdirs`, called here first).
+    Its mode is an ordinary new folder's (the umask's), not mkdtemp's private 0700: a model made
+    by one account is often served by another."""
+    remove_stale_tempdirs(out_dir.parent, out_dir.name)
+    tmp = Path(tempfile.mkdtemp(prefix=tempdir_prefix(out_dir.name, tag), dir=out_dir.parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
+def tempdir_prefix(name: str, tag: str) -> str:
+    return f".{name}.{tag}-{os.getpid()}-"
+
+
+STALE_AFTER_S = 600      # a temporary folder untouched this long, whose process is gone, is stale
+
+
+def remove_stale_tempdirs(parent: Path, name: str) -> list:
+    """Remove the temporary folders `.NAME.TAG-PID-*` in `parent` whose process PID is gone and in
+    which nothing changed for STALE_AFTER_S: what a run killed without a chance to clean up
+    (SIGKILL, power loss) left, often hundreds of MB in a hidden folder. A folder whose process
+    still runs (another quantize or pull of the same name) is left alone; the quiet time guards a
+    live run whose PID this process cannot see (another container sharing the store). Anything
+    not named that way is left alone too. Not on Windows, where os.kill cannot merely ask whether
+    a process exists.                                                  -> the folders removed"""
+    if os.name == "nt" or not Path(parent).is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z]+-(\d+)-[A-Za-z0-9_]+")
+    removed = []
+    for p in Path(parent).iterdir():
+        m = pattern.fullmatch(p.name)
+        if (m and p.is_dir() and not p.is_symlink() and not _process_exists(int(m.group(1)))
+                and time.time() - _newest_mtime(p) > STALE_AFTER_S):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _newest_mtime(folder: Path) -> float:
+    newest = folder.stat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for entry in dirs + files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, entry), follow_symlinks=False).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)                    # signal 0: no signal sent, only the existence check
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):    # not a pid this system can have
+        return False
+    except OSError:                        # e.g. PermissionError: another user's live process
+        return True
+    return True
+
+
+def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict, before_rename=None) -> Path:
+    """Write tensors + config + copied tokenizer files into a temp folder, then rename it to out_dir.
+
+    `before_rename(tmp)` may add files (a report) to the complete folder before it appears."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_tempdir(out_dir, "tmp")
+    try:
+        # safetensors.numpy writes an array's memory as is: a Fortran-ordered one (e.g. w[:, idx])
+        # would be read back transposed. Every tensor goes out in C order.
+        tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for name in COPIED_FILES:
+            if (src_dir / name).is_file():
+                shutil.copy2(src_dir / name, tmp / name)
+        if before_rename is not None:
+            before_rename(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()               # empty (checked above); rename needs it gone
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,439 @@
+"""Import a llama.cpp GGUF file (Llama architecture) as a Hugging Face style model folder.
+
+`import_gguf(path, out_dir)` writes what the rest of minilm_edge reads:
+
+    config.json              LlamaForCausalLM hyper-parameters
+    model.safetensors        HF tensor names, HF row order, float16 (or float32) weights
+    tokenizer.json           byte-level BPE rebuilt from the GGUF vocabulary with `tokenizers`
+    tokenizer_config.json    chat template and special token strings
+    generation_config.json   bos/eos/pad ids (sampling defaults only if the GGUF carries them)
+
+Quantized GGUF tensors (Q4_1, Q8_0, K-quants, ...) are dequantized with `gguf.quants.dequantize`;
+the result is exactly the weights llama.cpp computes with, stored in a float format.
+
+Two places where GGUF differs from HF and the import must undo it exactly:
+- q/k row order: llama.cpp's converter reorders the rows of q_proj and k_proj for its RoPE layout
+  (see `_unpermute_rope_rows`).
+- shapes: GGUF lists dimensions fastest-first (`tensor.shape` is [K, N] for an [N, K] matrix);
+  `tensor.data` is already the row-major numpy view, [N, K].
+
+The tokenizer pre-split must reproduce llama.cpp's regexes for `tokenizer.ggml.pre` (llama.cpp,
+src/llama-vocab.cpp); names we have not checked raise rather than guess.
+
+Shape vocabulary: V vocab, D hidden, F feed-forward, H heads, Hkv kv heads, Dh head dim, L layers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
+from .folder import output_tempdir
+
+ARCH = "llama"
+
+# Output float formats; numpy has no bfloat16, and fp16 holds every weight of the models we import.
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+# ---------------------------------------------------------------------------------------------
+# The name table: GGUF name -> (HF name, expected HF shape, RoPE row permutation to undo).
+# `{i}` is the layer index. Shapes use the vocabulary above; QD = H*Dh, KD = Hkv*Dh.
+# Permutation "q" undoes llama.cpp's q row order with n_head = H, "k" with n_head = Hkv.
+# `output.weight` is optional: without it the model ties lm_head to the embedding.
+# ---------------------------------------------------------------------------------------------
+TENSOR_TABLE = {
+    "token_embd.weight": ("model.embed_tokens.weight", ("V", "D"), None),
+    "output_norm.weight": ("model.norm.weight", ("D",), None),
+    "output.weight": ("lm_head.weight", ("V", "D"), None),
+    "blk.{i}.attn_norm.weight": ("model.layers.{i}.input_layernorm.weight", ("D",), None),
+    "blk.{i}.attn_q.weight": ("model.layers.{i}.self_attn.q_proj.weight", ("QD", "D"), "q"),
+    "blk.{i}.attn_k.weight": ("model.layers.{i}.self_attn.k_proj.weight", ("KD", "D"), "k"),
+    "blk.{i}.attn_v.weight": ("model.layers.{i}.self_attn.v_proj.weight", ("KD", "D"), None),
+    "blk.{i}.attn_output.weight": ("model.layers.{i}.self_attn.o_proj.weight", ("D", "QD"), None),
+    "blk.{i}.ffn_norm.weight": ("model.layers.{i}.post_attention_layernorm.weight", ("D",), None),
+    "blk.{i}.ffn_gate.weight": ("model.layers.{i}.mlp.gate_proj.weight", ("F", "D"), None),
+    "blk.{i}.ffn_up.weight": ("model.layers.{i}.mlp.up_proj.weight", ("F", "D"), None),
+    "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("D", "F"), None),
+}
+OPTIONAL_TENSORS = {"output.weight"}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def import_gguf(gguf_path, out_dir, *, dtype: str = "float16", progress: bool = True) -> Path:
+    """Convert a Llama GGUF file into an HF style folder at `out_dir` and return its path.
+
+    Everything is written into a temporary folder next to `out_dir` and renamed at the end, so
+    `out_dir` either appears complete or not at all (also on error or Ctrl-C).
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UsageError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
+    reader = _open_gguf(Path(gguf_path))
+    meta = _read_meta(reader)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_tempdir(out_dir, "importing")
+    try:
+        _write_model_dir(reader, meta, tmp, dtype, progress)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above); a portable rename needs the name free
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as err:
+            raise UsageError(f"{out_dir} was created by another process during the import; "
+                             f"nothing was written there") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_model_dir(reader, meta: dict, folder: Path, dtype: str, progress: bool) -> None:
+    from safetensors.numpy import save_file
+
+    # The tokenizer first: it is quick, and an unsupported vocabulary should fail before the weights.
+    _build_tokenizer(meta).save(str(folder / "tokenizer.json"))
+    dims = _dims(meta)
+    tensors = _convert_tensors(reader, dims, DTYPES[dtype], progress)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(folder / "model.safetensors", 0o644)  # safetensors creates it owner-only
+    tied = "lm_head.weight" not in tensors
+    _write_json(folder / "config.json", _hf_config(meta, dims, tie_word_embeddings=tied, dtype=dtype))
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config(meta))
+    _write_json(folder / "generation_config.json", _generation_config(meta))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the GGUF header
+# ---------------------------------------------------------------------------------------------
+def _open_gguf(path: Path):
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise ModelNotFoundError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file; pass the path of a .gguf file")
+    try:
+        reader = GGUFReader(path)  # memory-maps the file; nothing is copied yet
+    except (ValueError, IndexError, KeyError, OverflowError) as err:
+        raise CheckpointError(f"{path} is not a readable GGUF file (truncated or not GGUF): {err}") from err
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(f"{path} is truncated: tensor {t.name} ends at byte "
+                                  f"{t.data_offset + t.n_bytes}, the file has {size}")
+    return reader
+
+
+def _read_meta(reader) -> dict:
+    """All key/value fields as plain Python values, with the architecture checked."""
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = field.contents()
+        except (ValueError, IndexError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"GGUF field {key} cannot be read: {err}") from err
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise UnsupportedModelError(f"GGUF architecture is {arch!r}; only {ARCH!r} models can be imported")
+    for key, what in (("llama.expert_count", "mixture-of-experts"),
+                      ("llama.attention.sliding_window", "sliding-window attention")):
+        if meta.get(key):
+            raise UnsupportedModelError(f"this GGUF uses {what} ({key}), which minilm_edge does not run")
+    return meta
+
+
+def _require(meta: dict, key: str):
+    if key not in meta:
+        raise CheckpointError(f"GGUF metadata lacks {key!r}")
+    return meta[key]
+
+
+def _dims(meta: dict) -> dict:
+    """The shape vocabulary's values for this model."""
+    d, h = int(_require(meta, "llama.embedding_length")), int(_require(meta, "llama.attention.head_count"))
+    hkv = int(meta.get("llama.attention.head_count_kv", h))
+    dh = int(meta.get("llama.attention.key_length", d // h))
+    if int(meta.get("llama.attention.value_length", dh)) != dh:
+        raise UnsupportedModelError("key and value head sizes differ; Llama models use one head_dim")
+    if int(meta.get("llama.rope.dimension_count", dh)) != dh:
+        raise UnsupportedModelError("RoPE covers only part of each head (partial rotary); not a Llama model")
+    if h % hkv:
+        raise CheckpointError(f"head_count {h} is not a multiple of head_count_kv {hkv}")
+    vocab = meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
+    return {"V": int(vocab), "D": d, "F": int(_require(meta, "llama.feed_forward_length")),
+            "H": h, "Hkv": hkv, "Dh": dh, "QD": h * dh, "KD": hkv * dh,
+            "L": int(_require(meta, "llama.block_count"))}
+
+
+def _hf_config(meta: dict, dims: dict, *, tie_word_embeddings: bool, dtype: str) -> dict:
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dims["D"],
+        "intermediate_size": dims["F"],
+        "num_hidden_layers": dims["L"],
+        "num_attention_heads": dims["H"],
+        "num_key_value_heads": dims["Hkv"],
+        "head_dim": dims["Dh"],
+        "hidden_act": "silu",
+        "rms_norm_eps": float(_require(meta, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),  # llama.cpp's default
+        "max_position_embeddings": int(_require(meta, "llama.context_length")),
+        "vocab_size": dims["V"],
+        "tie_word_embeddings": tie_word_embeddings,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": dtype,
+    }
+    if "tokenizer.ggml.padding_token_id" in meta:
+        config["pad_token_id"] = meta["tokenizer.ggml.padding_token_id"]
+    rope_scaling = _rope_scaling(meta)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(meta: dict) -> dict | None:
+    kind = meta.get("llama.rope.scaling.type")
+    factor = meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear"))
+    if kind is None and factor is not None:
+        kind = "linear"  # older converters wrote only llama.rope.scale_linear
+    if kind in (None, "none"):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "type": "yarn", "factor": float(factor),
+                "original_max_position_embeddings": int(_require(meta, "llama.rope.scaling.original_context_length"))}
+    raise UnsupportedModelError(f"RoPE scaling type {kind!r} in this GGUF is not supported (linear and yarn are)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------------
+def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order so that RoPE is HF's rotate-half.
+
+    HF's rotate-half pairs dimension j of a head with j + Dh/2; llama.cpp's RoPE pairs adjacent
+    rows 2j and 2j+1. So convert_hf_to_gguf.py interleaves the two halves of every head:
+    HF rows [a0 .. a(Dh/2-1), b0 .. b(Dh/2-1)] become GGUF rows [a0, b0, a1, b1, ...], i.e.
+
+        gguf = hf.reshape(n_head, 2, Dh/2, K).swapaxes(1, 2).reshape(N, K)
+
+    with n_head = H for q and Hkv for k. The inverse reads each head's rows as (Dh/2, 2) pairs:
+
+        hf = gguf.reshape(n_head, Dh/2, 2, K).swapaxes(1, 2).reshape(N, K)
+    """
+    n, k = w.shape
+    assert n % (2 * n_head) == 0, (w.shape, n_head)
+    return w.reshape(n_head, n // n_head // 2, 2, k).swapaxes(1, 2).reshape(n, k)
+
+
+def _hf_name(gguf_name: str, n_layers: int) -> tuple[str, tuple, str | None]:
+    """Look a GGUF tensor name up in TENSOR_TABLE: (HF name, shape symbols, permutation)."""
+    key, layer = gguf_name, None
+    m = _LAYER_NAME.fullmatch(gguf_name)
+    if m:
+        layer, key = int(m.group(1)), "blk.{i}." + m.group(2)
+    if key not in TENSOR_TABLE:
+        hint = " (llama3-style RoPE frequency factors)" if gguf_name == "rope_freqs.weight" else ""
+        raise UnsupportedModelError(f"GGUF tensor {gguf_name}{hint} has no counterpart in a Llama model here")
+    if layer is not None and layer >= n_layers:
+        raise CheckpointError(f"GGUF tensor {gguf_name} names layer {layer}, but block_count is {n_layers}")
+    hf, shape, perm = TENSOR_TABLE[key]
+    return hf.format(i=layer), shape, perm
+
+
+def _expected_names(n_layers: int) -> set[str]:
+    names = set()
+    for key in TENSOR_TABLE:
+        if key in OPTIONAL_TENSORS:
+            continue
+        names.update({key.format(i=i) for i in range(n_layers)} if "{i}" in key else {key})
+    return names
+
+
+def _convert_tensors(reader, dims: dict, dtype, progress: bool) -> dict[str, np.ndarray]:
+    """Dequantize, check, un-permute and cast every tensor; returns {HF name: array}."""
+    from gguf.quants import dequantize
+    from tqdm import tqdm
+
+    missing = _expected_names(dims["L"]) - {t.name for t in reader.tensors}
+    if missing:
+        raise CheckpointError(f"GGUF lacks tensors: {', '.join(sorted(missing)[:5])}")
+    out = {}
+    for t in tqdm(reader.tensors, desc="import tensors", unit="tensor", file=sys.stderr, disable=not progress):
+        hf, symbols, perm = _hf_name(t.name, dims["L"])
+        expected = tuple(dims[s] for s in symbols)
+        # GGUF lists dimensions fastest-first: shape [K, N] is the numpy array [N, K].
+        if tuple(int(n) for n in reversed(t.shape)) != expected:
+            raise CheckpointError(f"GGUF tensor {t.name}: expected shape {expected} (HF order), "
+                                  f"got {tuple(int(n) for n in reversed(t.shape))}")
+        try:
+            w = dequantize(t.data, t.tensor_type).reshape(expected)  # float32
+        except NotImplementedError as err:
+            raise UnsupportedModelError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, "
+                                        f"which the gguf package cannot dequantize") from err
+        if perm is not None:
+            w = _unpermute_rope_rows(w, dims["H"] if perm == "q" else dims["Hkv"])
+        out[hf] = _cast(w, dtype, t.name)
+    return out
+
+
+def _cast(w: np.ndarray, dtype, name: str) -> np.ndarray:
+    cast = np.ascontiguousarray(w, dtype=dtype)
+    if dtype is np.float16 and np.isinf(cast).any() and not np.isinf(w).any():
+        raise CheckpointError(f"GGUF tensor {name} has values beyond the float16 range "
+                              f"(max |w| = {np.abs(w).max():.3g}); import with dtype='float32'")
+    return cast
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+def _pre_tokenizer(pre: str):
+    """HF pre-tokenizer equal to llama.cpp's regex split for `tokenizer.ggml.pre`.
+
+    llama.cpp (src/llama-vocab.cpp) splits with a list of regexes applied one after the other,
+    keeping matches and the text between them as pieces, then maps bytes to the GPT-2 alphabet:
+      "smollm": `\\p{N}`, then the GPT-2 pattern
+      "gpt-2":  the GPT-2 pattern
+    GPT-2 pattern: 's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)
+    In HF terms, `\\p{N}` is Digits(individual_digits=True), and ByteLevel(use_regex=True) is the
+    GPT-2 pattern (HF adds a trailing `|\\s+`, which only names the leftover that llama.cpp keeps
+    anyway) followed by the byte mapping.
+    """
+    from tokenizers import pre_tokenizers as pt
+
+    def gpt2():
+        return pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+
+    table = {
+        "smollm": lambda: pt.Sequence([pt.Digits(individual_digits=True), gpt2()]),
+        "gpt-2": gpt2,
+    }
+    if pre not in table:
+        raise UnsupportedModelError(
+            f"GGUF tokenizer pre-split {pre!r} is not supported (known: {', '.join(sorted(table))}); "
+            f"its regexes would have to be checked against llama.cpp before use")
+    return table[pre]()
+
+
+def _build_tokenizer(meta: dict):
+    """Byte-level BPE tokenizer from tokenizer.ggml.{tokens, merges, token_type, pre}.
+
+    Token ids are the GGUF list positions. Control tokens (type 3) become special added tokens:
+    parsed from text only when special tokens are parsed, skipped when decoding with
+    skip_special_tokens. User-defined tokens (type 4) become added tokens that are not special,
+    because llama.cpp splits them out of text even when it does not parse control tokens.
+    """
+    from gguf import TokenType
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise UnsupportedModelError(f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2')")
+    tokens = list(_require(meta, "tokenizer.ggml.tokens"))
+    types = list(meta.get("tokenizer.ggml.token_type", [TokenType.NORMAL] * len(tokens)))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise CheckpointError("GGUF vocabulary has duplicate token strings; ids would be ambiguous")
+    merges = [tuple(m.split(" ")) for m in _require(meta, "tokenizer.ggml.merges")]
+    bad = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab), None)
+    if bad is not None:
+        raise CheckpointError(f"GGUF merge {' '.join(bad)!r} is not a pair of vocabulary tokens")
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
+                               byte_fallback=False, ignore_merges=False))
+    tok.normalizer = None
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == TokenType.CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == TokenType.USER_DEFINED])
+    tok.post_processor = _post_processor(meta, tokens, processors)
+    return tok
+
+
+def _post_processor(meta: dict, tokens: list, processors):
+    """ByteLevel (offsets only), plus BOS/EOS templates when the GGUF asks to add them."""
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    added = {}  # "bos"/"eos" -> token string, for those the GGUF adds to every sequence
+    for which in ("bos", "eos"):
+        if meta.get(f"tokenizer.ggml.add_{which}_token", False):
+            added[which] = _token(meta, tokens, which)
+            if added[which] is None:
+                raise CheckpointError(f"GGUF asks to add a {which} token but has no {which} token id")
+    if not added:
+        return byte_level
+    pre = [added["bos"]] if "bos" in added else []
+    post = [added["eos"]] if "eos" in added else []
+    single = " ".join([*pre, "$A", *post])
+    pair = " ".join([*pre, "$A", *post, *pre, "$B:1", *post])
+    specials = [(t, tokens.index(t)) for t in added.values()]
+    template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+    return processors.Sequence([byte_level, template])
+
+
+def _token(meta: dict, tokens: list, which: str) -> str | None:
+    """The string of tokenizer.ggml.{which}_token_id, or None when the GGUF has no such id."""
+    key = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
+           "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}[which]
+    if key not in meta:
+        return None
+    i = int(meta[key])
+    if not 0 <= i < len(tokens):
+        raise CheckpointError(f"{key} = {i} is outside the vocabulary (size {len(tokens)})")
+    return tokens[i]
+
+
+def _tokenizer_config(meta: dict) -> dict:
+    tokens = meta["tokenizer.ggml.tokens"]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _token(meta, tokens, "bos"),
+        "eos_token": _token(meta, tokens, "eos"),
+        "pad_token": _token(meta, tokens, "pad"),
+        "unk_token": _token(meta, tokens, "unk"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_require(meta, "llama.context_length")),
+    }
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    return config
+
+
+# GGUF general.sampling.* -> HF generation_config field
+_SAMPLING_FIELDS = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def _generation_config(meta: dict) -> dict:
+    config = {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+              "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+              "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+    sampling = {hf: meta[key] for key, hf in _SAMPLING_FIELDS.items() if key in meta}
+    if sampling:
+        config.update(do_sample=True, **sampling)
+    return config

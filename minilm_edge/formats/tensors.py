@@ -1,0 +1,93 @@
+"""A model folder's tensors: the one table of Hugging Face tensor names (with each shape as a
+function of the config), and `TensorSource`, every tensor of a folder across one or several
+safetensors files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ModelNotFoundError
+from .safetensors import SafetensorsFile, to_float32
+
+# Our name -> (Hugging Face name, expected shape as a function of the config).
+# {i} is the block index. Shapes use the vocabulary of config.py: [N out, K in] for linears.
+GLOBAL_TENSORS = {
+    "embed": ("model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size)),
+    "norm": ("model.norm.weight", lambda c: (c.hidden_size,)),
+}
+HEAD = ("lm_head", lambda c: (c.vocab_size, c.hidden_size))     # absent when embeddings are tied
+BLOCK_NORMS = {
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda c: (c.hidden_size,)),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
+}
+# Linears are named without the ".weight" suffix: a linear may be dense (".weight") or quantized
+# (".qweight", ".scales", ...); `linear.LINEAR_FORMATS` decides from the names present.
+BLOCK_LINEARS = {
+    "q": ("model.layers.{i}.self_attn.q_proj", lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size)),
+    "k": ("model.layers.{i}.self_attn.k_proj", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
+    "v": ("model.layers.{i}.self_attn.v_proj", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
+    "o": ("model.layers.{i}.self_attn.o_proj", lambda c: (c.hidden_size, c.num_attention_heads * c.head_dim)),
+    "gate": ("model.layers.{i}.mlp.gate_proj", lambda c: (c.intermediate_size, c.hidden_size)),
+    "up": ("model.layers.{i}.mlp.up_proj", lambda c: (c.intermediate_size, c.hidden_size)),
+    "down": ("model.layers.{i}.mlp.down_proj", lambda c: (c.hidden_size, c.intermediate_size)),
+}
+BIASED = ("q", "k", "v")   # carry a bias when config.attention_bias (qwen2)
+
+
+class TensorSource:
+    """All tensors of a model folder, across one or several safetensors files."""
+
+    def __init__(self, model_dir: Path):
+        model_dir = Path(model_dir)
+        self.files = {}          # file name -> SafetensorsFile
+        self.where = {}          # tensor name -> file name
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{index} is not a valid safetensors index") from None
+            names = sorted(set(weight_map.values()))
+        else:
+            names = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        if not names:
+            pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt")]
+            hint = (f" (found {', '.join(pickles)}: pickle files are never loaded, convert them to "
+                    "safetensors first)") if pickles else ""
+            raise ModelNotFoundError(f"no .safetensors weights in {model_dir}{hint}")
+        for fname in names:
+            if Path(fname).name != fname:
+                raise CheckpointError(f"safetensors index names a file outside the folder: {fname!r}")
+            st = SafetensorsFile(model_dir / fname)
+            self.files[fname] = st
+            for t in st.keys():
+                if t in self.where:
+                    raise CheckpointError(f"tensor {t!r} appears in both {self.where[t]} and {fname}")
+                self.where[t] = fname
+        self.metadata = {k: v for st in self.files.values() for k, v in st.metadata.items()}
+
+    def __contains__(self, name):
+        return name in self.where
+
+    def release_pages(self) -> None:
+        for st in self.files.values():
+            st.release_pages()
+
+    def raw(self, name: str):
+        """(array view, safetensors dtype) of a tensor; a clear error if it is missing."""
+        if name not in self.where:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        st = self.files[self.where[name]]
+        return st.tensor(name), st.dtype(name)
+
+    def float32(self, name: str, shape: tuple) -> np.ndarray:
+        arr, dt = self.raw(name)
+        check_shape(name, arr.shape, shape)
+        return to_float32(arr, dt)
+
+
+def check_shape(name, actual, expected):
+    if tuple(actual) != tuple(expected):
+        raise CheckpointError(f"tensor {name!r} has shape {list(actual)}, expected {list(expected)}")

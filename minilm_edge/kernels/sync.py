@@ -1,0 +1,75 @@
+"""A spin barrier for the threads of one Numba parallel region.
+
+Why: a decode step of a 135M model is ~150 small matrix-vector products. Run as one `prange` loop
+each, every product pays a fork/join of the thread team (~10 µs with the omp layer here), which is
+as much as the product itself. Instead the decode step opens ONE parallel region with one
+iteration per thread (`for t in prange(T)`), and the threads meet at `barrier` between phases: an
+atomic add on a shared counter and a spin on it, well under a microsecond on two cores.
+
+The counter only grows during a call: barrier number k (k = 0, 1, ...) is passed when all T threads
+have added their 1 to it, i.e. when it reaches (k + 1)·T. The caller zeroes it before the region.
+The atomic add is sequentially consistent and the load is an acquire, so every write a thread made
+before the barrier is visible to every thread after it.
+
+This needs the T iterations of the region to run at the same time on T threads (otherwise the first
+would wait forever for the others): true of the omp and workqueue threading layers, which give each
+thread one chunk of a `prange(T)` when T equals the thread count; not promised by tbb's task
+scheduler, so callers use one thread there (`barrier_safe`).
+"""
+from __future__ import annotations
+
+from numba import types
+from numba.extending import intrinsic
+
+from .policy import kernel
+
+
+def _int64_ptr(context, builder, arrty, arr, idxty, idx):
+    a = context.make_array(arrty)(context, builder, arr)
+    return builder.gep(a.data, [context.cast(builder, idx, idxty, types.intp)])
+
+
+@intrinsic
+def atomic_add(typingctx, arr, idx, val):
+    """arr[idx] += val atomically (int64 array, sequentially consistent); returns the old value."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _int64_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        return builder.atomic_rmw("add", p, v, "seq_cst")
+    return types.int64(arr, idx, val), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """arr[idx] read atomically with acquire order (int64 array)."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _int64_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return builder.load_atomic(p, "acquire", 8)
+    return types.int64(arr, idx), codegen
+
+
+@kernel()
+def barrier(counter, k, n_threads):
+    """Barrier number k of a region of n_threads threads; returns k + 1 (the next barrier's number).
+    counter: int64 [≥ 1], zero when the region started."""
+    atomic_add(counter, 0, 1)
+    target = (k + 1) * n_threads
+    while atomic_load(counter, 0) < target:
+        pass
+    return k + 1
+
+
+def barrier_safe() -> bool | None:
+    """True when the active Numba threading layer runs the iterations of `prange(T)` concurrently;
+    None while no parallel region has run yet (the layer is chosen at the first one)."""
+    import numba
+    try:
+        return numba.threading_layer() in ("omp", "workqueue")
+    except ValueError:
+        return None

@@ -1,0 +1,216 @@
+"""Write a quantized model folder (minilm-q4 v1) from a full-precision one.
+
+`quantize(src, out, method="rtn")` rounds every block linear to int4 per group (q4.py, DESIGN §4);
+`method="awq"` first transforms the full-precision weights with AWQ (awq.py: scales folded into the
+norms and previous linears, clipped ranges, optional fp16 salient channels) on calibration tokens
+(calibration.py: text files or self-generated), then hands them to the same writer.
+Embeddings and norms are stored fp16, and lm_head fp16 unless `quantize_head` asks for int8/int4.
+The output is a complete model folder (tokenizer and chat template files are copied), written to a
+temporary folder next to `out` and renamed into place at the end: an interrupted run leaves nothing.
+With `report=True` (AWQ), report.html and report.json are written into that folder too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..formats.tensors import BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource
+from ..runtime.config import load_config
+from ..errors import UsageError
+from ..formats.folder import check_out_dir, write_model_folder
+from ..formats.q4 import GROUP_SIZES, choose_group_size
+
+# Files copied verbatim so the output is a complete model folder.
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+                "special_tokens_map.json")
+HEAD_FORMATS = ("int8", "int4")
+METHODS = ("awq", "rtn")
+DEFAULT_SAMPLES = 128                  # calibration samples drawn from text files
+DEFAULT_SELF_GENERATED_SAMPLES = 64    # generating costs about one more pass: fewer keep AWQ ≤ 10 min
+
+
+def _tool_version():
+    from .. import __version__
+    return f"minilm_edge {__version__}"
+
+
+def _progress(total, desc, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
+
+
+def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size: int = 128,
+             quantize_head: str | None = None, progress: bool = True, linear_hook=None,
+             extra_config: dict | None = None, calib=None, samples: int | None = None, seq_len: int = 512,
+             keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
+             eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384) -> Path:
+    """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
+
+    method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
+    the model generates itself, `samples` × `seq_len` tokens, reproducible by `seed`), keeps
+    `keep_salient` percent of input channels in fp16 (samples default: 128 from files, 64
+    self-generated), and with `duo` uses the duo scale form.
+    `report` writes report.html/json (AWQ); `eval_data` (a text file) adds perplexities of the
+    source, RTN and AWQ on its first `eval_tokens` tokens in windows of `eval_ctx`.
+    `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
+    """
+    from .awq import AWQSettings
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {method}")
+    if bits not in (3, 4):
+        raise UsageError(f"--bits must be 3 or 4 for the packed int4 format, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise UsageError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
+    if quantize_head not in (None, *HEAD_FORMATS):
+        raise UsageError(f"--quantize-head must be one of {', '.join(HEAD_FORMATS)}, got {quantize_head}")
+    if method == "rtn" and (calib or keep_salient or duo or report or eval_data):
+        raise UsageError("--calib, --keep-salient, --duo, --report and --eval apply to --method awq only")
+    if eval_data and not report:
+        raise UsageError("--eval fills in the report: give --report too")
+    settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed)
+    if samples is None:
+        samples = DEFAULT_SAMPLES if calib else DEFAULT_SELF_GENERATED_SAMPLES
+    if samples < 1 or seq_len < 2:
+        raise UsageError(f"--samples must be ≥ 1 and --seq-len ≥ 2, got {samples} and {seq_len}")
+    check_out_dir(out_dir)
+    cfg = load_config(src_dir)
+    if cfg.quantization:
+        raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
+    for key, (name, shape) in BLOCK_LINEARS.items():     # fail before any work if a layer can't be stored
+        choose_group_size(shape(cfg)[1], group_size)
+    if method == "awq" and seq_len > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
+    eval_text = None
+    if eval_data is not None:
+        from ..runtime.evaluate import read_text
+        eval_text = read_text(eval_data)
+        eval_ctx = min(eval_ctx, cfg.max_position_embeddings)     # recorded in the report
+    src = TensorSource(src_dir)
+    fp, salient, awq_res, calib_set = None, None, None, None
+    if method == "awq":
+        fp, salient, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
+        extra_config = {"awq": _awq_config(settings, calib_set, awq_res), **(extra_config or {})}
+
+    out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
+                                         linear_hook, fp, salient)
+    config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
+    config["torch_dtype"] = "float16"
+    config["quantization_config"] = {
+        "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
+        "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
+        "lm_head": quantize_head or "float16", "tool": _tool_version(),
+        "source": {"path": str(src_dir.resolve()), "weights_sha256": _weights_digest(src)},
+        **(extra_config or {}),
+    }
+    hook = None
+    if report:
+        def hook(tmp):
+            from .report import write_report
+            write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, config["quantization_config"],
+                         lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False)[0],
+                         eval_text, eval_ctx, eval_tokens, progress)
+    return write_model_folder(src_dir, out_dir, out, config, before_rename=hook)
+
+
+def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
+    """Calibration tokens, then AWQ: (fp tensors, salient channels, AWQResult, Calibration)."""
+
+    from .awq import run_awq
+    from .calibration import from_files, self_generated
+    from ..runtime.tokenizer import Tokenizer
+    tok = Tokenizer(src_dir)
+    if calib:
+        cal = from_files([calib] if isinstance(calib, (str, Path)) else calib, tok, samples, seq_len, settings.seed)
+    else:
+        cal = self_generated(src, cfg, tok, samples, seq_len, settings.seed, progress=progress)
+    for note in cal.notes:
+        print(f"note: {note}", file=sys.stderr)
+    res = run_awq(src, cfg, cal.ids, settings, progress=progress)
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return res.tensors, res.salient, res, cal
+
+
+def _awq_config(settings, cal, res) -> dict:
+    """The AWQ part of quantization_config: settings, calibration provenance, chosen α per layer."""
+    return {
+        "scale_form": "duo" if settings.duo else "x_mean^alpha", "clip": settings.clip,
+        "keep_salient_percent": settings.keep_salient, "seed": settings.seed,
+        "search_samples": settings.search_samples, "search_tokens": settings.search_tokens,
+        "clip_all_tokens": settings.clip_all_tokens, "clip_two_sided": settings.clip_two_sided,
+        "search_clip": settings.search_clip, "clip_joint_tokens": settings.clip_joint_tokens,
+        "clip_sweeps": settings.clip_sweeps,
+        "calibration": cal.describe(),
+        "alpha": [{k: v["alpha"] for k, v in layer["groups"].items()} for layer in res.layers],
+        "notes": cal.notes + res.notes,
+    }
+
+
+def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
+                      fp: dict | None = None, salient: dict | None = None):
+    """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
+
+    `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
+    maps a linear's prefix to the input channels it keeps in fp16.
+    """
+    from ..formats.q4 import choose_group_size, quantize_q4, quantize_q8
+
+    fp, salient = fp or {}, salient or {}
+    get = lambda name, shape: fp[name] if name in fp else src.float32(name, shape)
+    out: dict[str, np.ndarray] = {}
+    per_layer_g = {}
+
+    for key, (name, shape) in GLOBAL_TENSORS.items():
+        out[name] = src.float32(name, shape(cfg)).astype(np.float16)
+    bar = _progress(cfg.num_hidden_layers, f"quantize ({method}, W{bits})", progress)
+    for i in range(cfg.num_hidden_layers):
+        for key, (name, shape) in BLOCK_NORMS.items():
+            out[name.format(i=i)] = get(name.format(i=i), shape(cfg)).astype(np.float16)
+        for key, (name, shape) in BLOCK_LINEARS.items():
+            prefix = name.format(i=i)
+            w = get(prefix + ".weight", shape(cfg))
+            sal = salient.get(prefix)
+            if linear_hook is not None:
+                w, sal = linear_hook(i, key, w)
+            g = choose_group_size(w.shape[1], group_size)
+            if g != group_size:
+                per_layer_g[prefix] = g
+            q = quantize_q4(w, g, salient_idx=sal, bits=bits)
+            out[prefix + ".qweight"], out[prefix + ".scales"], out[prefix + ".zeros"] = q.qweight, q.scales, q.zeros
+            if q.salient_idx is not None:
+                out[prefix + ".salient_idx"], out[prefix + ".salient_w"] = q.salient_idx, q.salient_w
+            if cfg.attention_bias and key in ("q", "k", "v"):
+                out[prefix + ".bias"] = get(prefix + ".bias", (shape(cfg)[0],))
+        bar.update(1)
+    bar.close()
+
+    head_name, head_shape = HEAD
+    head_src = "model.embed_tokens.weight" if cfg.tie_word_embeddings else head_name + ".weight"
+    if quantize_head or not cfg.tie_word_embeddings:
+        w = src.float32(head_src, head_shape(cfg))
+        if quantize_head == "int8":
+            q8 = quantize_q8(w, choose_group_size(w.shape[1], group_size))
+            out[head_name + ".qweight"], out[head_name + ".scales"] = q8.qweight, q8.scales
+        elif quantize_head == "int4":
+            q = quantize_q4(w, choose_group_size(w.shape[1], group_size))
+            out[head_name + ".qweight"], out[head_name + ".scales"], out[head_name + ".zeros"] = q.qweight, q.scales, q.zeros
+        else:
+            out[head_name + ".weight"] = w.astype(np.float16)
+    return out, per_layer_g
+
+
+def _weights_digest(src: TensorSource) -> str:
+    """sha256 over the source's safetensors files (names and bytes), in name order: provenance."""
+    h = hashlib.sha256()
+    for fname in sorted(src.files):
+        h.update(fname.encode())
+        with open(src.files[fname].path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,84 @@
+"""Checkpoint I/O: find a model folder's safetensors files, map Hugging Face names to our weights,
+check every shape against the config, and build the runtime's `Weights`.
+
+Hugging Face Llama checkpoints already store q/k rows in the rotate-half RoPE layout this runtime
+uses, so no permutation happens here (GGUF files differ; `gguf_import` undoes theirs).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .config import LlamaConfig
+from ..errors import CheckpointError
+from .linear import LINEAR_FORMATS, Linear
+from ..formats.safetensors import to_float32
+from ..formats.tensors import BIASED, BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource, check_shape
+
+@dataclasses.dataclass
+class BlockWeights:
+    attn_norm: np.ndarray   # [D] float32
+    q: Linear               # [H*Dh, D]
+    k: Linear               # [Hkv*Dh, D]
+    v: Linear               # [Hkv*Dh, D]
+    o: Linear               # [D, H*Dh]
+    mlp_norm: np.ndarray    # [D] float32
+    gate: Linear            # [F, D]
+    up: Linear              # [F, D]
+    down: Linear            # [D, F]
+
+
+@dataclasses.dataclass
+class Weights:
+    embed: np.ndarray       # [V, D] float32 or float16 as stored (rows widened per lookup)
+    blocks: list            # L × BlockWeights
+    norm: np.ndarray        # [D] float32
+    lm_head: Linear         # [V, D]; the embedding itself when tied
+    source: "TensorSource | None" = None   # the mapped files the arrays may view
+
+
+def load_linear(src: TensorSource, prefix: str, shape: tuple, bias: bool, cfg: LlamaConfig) -> Linear:
+    for fmt in LINEAR_FORMATS.values():
+        if fmt.present(src, prefix):
+            lin = fmt.load(src, prefix, shape, cfg)
+            break
+    else:
+        raise CheckpointError(f"tensor {prefix + '.weight'!r} is missing from the checkpoint")
+    if bias:
+        lin.bias = src.float32(prefix + ".bias", (shape[0],))
+    return lin
+
+
+def load_embedding(src: TensorSource, cfg: LlamaConfig) -> np.ndarray:
+    """The embedding table as stored when NumPy can index it (f32/f16: rows are widened per lookup,
+    the table is not copied); bf16 is widened once."""
+    name, shape = GLOBAL_TENSORS["embed"]
+    arr, dt = src.raw(name)
+    check_shape(name, arr.shape, shape(cfg))
+    return arr if dt in ("F32", "F16") else to_float32(arr, dt)
+
+
+def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
+    src = TensorSource(model_dir)
+    embed = load_embedding(src, cfg)
+    norm_name, norm_shape = GLOBAL_TENSORS["norm"]
+    blocks = []
+    for i in range(cfg.num_hidden_layers):
+        norms = {k: src.float32(name.format(i=i), shape(cfg)) for k, (name, shape) in BLOCK_NORMS.items()}
+        lins = {k: load_linear(src, name.format(i=i), shape(cfg), cfg.attention_bias and k in BIASED, cfg)
+                for k, (name, shape) in BLOCK_LINEARS.items()}
+        blocks.append(BlockWeights(**norms, **lins))
+    head_name, head_shape = HEAD
+    if any(n.startswith(head_name + ".") for n in src.where):
+        # A stored head wins, also when the embeddings are tied (a quantized copy of the embedding).
+        lm_head = load_linear(src, head_name, head_shape(cfg), False, cfg)
+    elif cfg.tie_word_embeddings:
+        # The head is the embedding itself: fp16 stays fp16 (no float32 copy) where the kernel can.
+        f16 = embed.dtype == np.float16 and embed.shape[1] % 16 == 0
+        lm_head = LINEAR_FORMATS["f16"](embed) if f16 else LINEAR_FORMATS["f32"].from_array(embed)
+    else:
+        raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
+    return Weights(embed=embed, blocks=blocks, norm=src.float32(norm_name, norm_shape(cfg)), lm_head=lm_head,
+                   source=src)

@@ -1,0 +1,173 @@
+"""The model blueprint: a frozen config read from a Hugging Face `config.json`.
+
+Shape vocabulary used in comments across minilm_edge (declared once, here):
+    T   tokens in the current call          D   hidden size (model width)
+    H   attention heads                     Hkv key/value heads (GQA: H % Hkv == 0)
+    Dh  head dim (usually D // H)           F   MLP intermediate size
+    V   vocabulary size                     L   number of blocks
+    S   positions held in the KV cache (≤ max_position_embeddings)
+
+Supported: the Llama family that shares one block shape (pre-norm RMSNorm, RoPE, grouped-query
+attention, SwiGLU MLP): `llama` (incl. SmolLM/SmolLM2, Llama 2/3.x), `mistral` without a sliding
+window, and `qwen2` (q/k/v carry a bias). Anything else is refused with a clear error rather than run
+wrongly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from ..errors import ModelNotFoundError, UnsupportedModelError
+
+# model_type -> whether q/k/v projections carry a bias. One table, no class-name matching.
+ARCHITECTURES = {
+    "llama": False,
+    "mistral": False,
+    "qwen2": True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x frequency scaling ("llama3" rope_type); `None` in LlamaConfig means plain RoPE."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    model_type: str
+    vocab_size: int                  # V
+    hidden_size: int                 # D
+    intermediate_size: int           # F
+    num_hidden_layers: int           # L
+    num_attention_heads: int         # H
+    num_key_value_heads: int         # Hkv
+    head_dim: int                    # Dh, given or D // H
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False     # q/k/v carry a bias (qwen2)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    quantization: dict | None = None  # the raw quantization_config block, if any
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (H // Hkv)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        mt = d.get("model_type")
+        if mt not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"model_type {mt!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+        if mt == "mistral" and d.get("sliding_window") not in (None, 0):
+            max_pos = d.get("max_position_embeddings", 0)
+            if d["sliding_window"] < max_pos:
+                raise UnsupportedModelError(
+                    f"mistral with sliding_window={d['sliding_window']} < context {max_pos} "
+                    "is not supported (only full attention is implemented)")
+        try:
+            D, H = int(d["hidden_size"]), int(d["num_attention_heads"])
+            Hkv = int(d.get("num_key_value_heads") or H)
+            cfg = cls(
+                model_type=mt,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=D,
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=H,
+                num_key_value_heads=Hkv,
+                head_dim=int(d.get("head_dim") or D // H),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=_rope_theta(d),
+                rope_scaling=_rope_scaling(d),
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=ARCHITECTURES[mt] or bool(d.get("attention_bias", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=_as_id_tuple(d.get("eos_token_id")),
+                quantization=d.get("quantization_config"),
+            )
+        except KeyError as e:
+            raise UnsupportedModelError(f"config.json lacks the required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise UnsupportedModelError(f"config.json has a field of the wrong type: {e}") from None
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UnsupportedModelError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"config.json: head_dim={self.head_dim} must be even for RoPE")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise UnsupportedModelError(f"config.json: rope_theta={self.rope_theta} must be positive")
+
+
+def _rope_theta(d: dict) -> float:
+    # Newer transformers nest it in `rope_parameters`; older configs have it at the top level.
+    params = d.get("rope_parameters") or {}
+    return float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(d: dict) -> RopeScaling | None:
+    rs = d.get("rope_scaling") or d.get("rope_parameters") or None
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (only default and llama3)")
+
+
+def _as_id_tuple(v) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    if isinstance(v, (list, tuple)):
+        return tuple(int(x) for x in v)
+    return (int(v),)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """Read a JSON object from a model folder, with one clear error if it is missing or broken."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnsupportedModelError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise UnsupportedModelError(f"{path} must hold a JSON object")
+    return obj
+
+
+def load_config(model_dir: Path) -> LlamaConfig:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelNotFoundError(f"model folder not found: {model_dir}")
+    return LlamaConfig.from_dict(read_json(model_dir / "config.json", "config.json"))

@@ -1,0 +1,218 @@
+"""Perplexity of a model on a text, and the comparison of two models on the same tokens (DESIGN §7).
+
+Protocol (as the AWQ paper's WikiText evaluation, with the two choices it leaves open made explicit):
+- The text is used as is: a file is read as bytes and decoded as UTF-8, with no newline translation
+  (WikiText: the raw `wiki.test.raw`, nothing joined or stripped).
+- It is tokenized once, as the model's tokenizer does by default (`add_special_tokens=True`, what
+  Hugging Face `tokenizer(text)` does): a Llama-2 style tokenizer puts one BOS at the very start of
+  the text, SmolLM2's adds nothing. No BOS is inserted per window.
+- `max_tokens` keeps the first N of those tokens. They are cut into non-overlapping windows of `ctx`
+  tokens; every window starts from an empty context (no sliding, no carried-over cache).
+- In a window of n tokens, positions 1..n-1 are predicted from their prefix: n - 1 tokens scored.
+  The final window may be shorter than ctx; it is scored the same way (n - 1 tokens) if n ≥ 2, and
+  dropped if it is a single token (nothing to predict).
+- nll = mean over all scored tokens of -log p(token | prefix), in nats; ppl = exp(nll).
+  (The paper's script takes each window's mean and multiplies it by ctx instead of ctx - 1; with
+  equal windows that gives the same number.)
+
+Memory: the final hidden states of one window [T, D] are kept, and the lm_head is applied to
+`TOKEN_CHUNK` tokens at a time, so at most [TOKEN_CHUNK, V] logits exist at once (a 2048-token
+window's full logits would be 400 MB in float32 at V = 49152). Log-softmax is done in float64.
+
+KL divergence (`compare`): per scored position, KL(p_base || p_model) = Σ_v p_base(v) · (log p_base(v)
+− log p_model(v)), from float64 log-softmax of both models' logits; the mean over positions is
+reported. It is 0 for identical models and measures how far the quantized model's whole next-token
+distribution moved, which perplexity alone (one token per position) can hide.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+
+TOKEN_CHUNK = 128        # tokens per lm_head call: [128, 49152] float64 = 50 MB per array
+
+
+# ---- input
+
+
+def read_text(path) -> str:
+    """The file's text exactly as stored (UTF-8, no newline translation); one clear error if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"data file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UsageError(f"data file {path} is empty; give a text file to score")
+    return text
+
+
+def eval_tokens(model, text: str, max_tokens: int | None = None) -> np.ndarray:
+    """The ids scored by `perplexity`: the whole text tokenized once, the first `max_tokens` kept.
+    -> [n] int64"""
+    if model.tokenizer is None:
+        raise UsageError("the model was loaded without a tokenizer; perplexity needs one")
+    if not isinstance(text, str) or not text:
+        raise UsageError("the text to score is empty")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"max_tokens must be at least 2, got {max_tokens}")
+    ids = np.asarray(model.tokenizer.encode(text), dtype=np.int64)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise UsageError(f"the text is {len(ids)} token long; at least 2 are needed to score one")
+    return ids
+
+
+def windows(n_tokens: int, ctx: int) -> list[tuple[int, int]]:
+    """[start, end) of each window: full windows of ctx, then the remainder if it holds ≥ 2 tokens."""
+    spans = [(s, min(s + ctx, n_tokens)) for s in range(0, n_tokens, ctx)]
+    return [(s, e) for s, e in spans if e - s >= 2]
+
+
+def check_ctx(model, ctx: int) -> None:
+    limit = model.config.max_position_embeddings
+    if not isinstance(ctx, (int, np.integer)) or ctx < 2:
+        raise UsageError(f"ctx must be an integer of at least 2, got {ctx!r}")
+    if ctx > limit:
+        raise UsageError(f"ctx {ctx} exceeds the model's maximum context of {limit} tokens")
+
+
+# ---- log-probabilities, one window at a time
+
+
+def final_hidden(model, ids: np.ndarray) -> np.ndarray:
+    """Normed last hidden state of each token of one window, from an empty context.  [T] -> [T, D]
+
+    `Model.hidden_states` is `Model.forward` without the lm_head, so that the head can be applied a
+    few tokens at a time. The test checks it against `model.forward`.
+    """
+    return model.hidden_states(ids)
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    """log p = l - max(l) - log Σ exp(l - max(l)), in float64.   [t, V] float32 -> [t, V] float64"""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    z -= np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return z
+
+
+def scoring_head(model):
+    """The lm_head as a function [t, D] -> [t, V] float32, for scoring many tokens.
+
+    An fp16 head (the tied embedding of an int4 model) is widened to float32 once here, instead of
+    tile by tile on every call as the prefill kernel does (kernels_dense.matmul_f16_f32): per
+    TOKEN_CHUNK tokens that widening cost about twice the matrix product. The products are the
+    same calls on the same float32 tiles (and one row goes to the head's own matvec, as
+    `Linear.__call__` sends it), so the logits are the same bits (tested); the price is V·D·4
+    bytes of memory while scoring (113 MB for SmolLM2).
+    """
+    from ..kernels.dense_f32 import matmul_tiles, widened_tiles
+    from .linear import DenseF16
+    head = model.weights.lm_head
+    if not isinstance(head, DenseF16) or head.bias is not None:
+        return head
+    tiles = list(widened_tiles(head.w))
+    return lambda x: head(x) if x.shape[0] == 1 else matmul_tiles(tiles, x, head.shape[0])
+
+
+def _scored_chunks(model, ids: np.ndarray, head=None):
+    """For one window, yield (logp [t, V] float64, targets [t]) for the positions 0..T-2 (each
+    predicting the next token), TOKEN_CHUNK positions at a time. head: `scoring_head(model)`."""
+    head = head or model.weights.lm_head
+    h = final_hidden(model, ids)                                    # [T, D]
+    for s in range(0, len(ids) - 1, TOKEN_CHUNK):
+        e = min(s + TOKEN_CHUNK, len(ids) - 1)
+        logits = head(np.ascontiguousarray(h[s:e]))                 # [t, D] -> [t, V] float32
+        yield log_softmax64(logits), ids[s + 1:e + 1]
+
+
+def _nll_sum(logp: np.ndarray, targets: np.ndarray) -> float:
+    return -float(logp[np.arange(len(targets)), targets].sum())
+
+
+def _bar(total, desc, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="tok", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# ---- public API
+
+
+def perplexity(model, text: str, *, ctx: int = 2048, max_tokens: int | None = None,
+               progress: bool = True) -> dict:
+    """Perplexity of `model` on `text` by the protocol in the module docstring.
+
+    Returns {"ppl", "nll" (mean nats per scored token), "tokens_scored", "windows", "ctx",
+    "tokens" (tokens evaluated, after max_tokens), "last_window" (its length in tokens),
+    "seconds"}.
+    """
+    check_ctx(model, ctx)
+    t0 = time.perf_counter()
+    ids = eval_tokens(model, text, max_tokens)
+    spans = windows(len(ids), ctx)
+    total, scored = 0.0, 0
+    bar = _bar(sum(e - s - 1 for s, e in spans), "perplexity", progress)
+    head = scoring_head(model)
+    try:
+        for s, e in spans:
+            for logp, targets in _scored_chunks(model, ids[s:e], head):
+                total += _nll_sum(logp, targets)
+                scored += len(targets)
+                bar.update(len(targets))
+    finally:
+        bar.close()
+    nll = total / scored
+    return {"ppl": math.exp(nll), "nll": nll, "tokens_scored": scored, "windows": len(spans),
+            "ctx": ctx, "tokens": len(ids), "last_window": spans[-1][1] - spans[-1][0],
+            "seconds": time.perf_counter() - t0}
+
+
+def compare(model, baseline, text: str, *, ctx: int = 2048, max_tokens: int | None = None,
+            progress: bool = True) -> dict:
+    """Score `model` and `baseline` on the same tokens; report both perplexities, their difference,
+    the mean KL(baseline || model) per scored token (nats), and how often their top-1 tokens agree.
+
+    Both tokenizers must give the same ids for the text (the models must share a vocabulary).
+    """
+    check_ctx(model, ctx)
+    check_ctx(baseline, ctx)
+    if model.config.vocab_size != baseline.config.vocab_size:
+        raise UsageError(f"the models have different vocabularies ({model.config.vocab_size} vs "
+                         f"{baseline.config.vocab_size} tokens); they cannot be compared token by token")
+    t0 = time.perf_counter()
+    ids = eval_tokens(model, text, max_tokens)
+    if not np.array_equal(ids, eval_tokens(baseline, text, max_tokens)):
+        raise UsageError("the two models tokenize the text differently; compare models that share a tokenizer")
+    spans = windows(len(ids), ctx)
+    nll_m = nll_b = kl = 0.0
+    agree = scored = 0
+    bar = _bar(sum(e - s - 1 for s, e in spans), "compare", progress)
+    head_m, head_b = scoring_head(model), scoring_head(baseline)
+    try:
+        for s, e in spans:
+            for (lp_m, targets), (lp_b, _) in zip(_scored_chunks(model, ids[s:e], head_m),
+                                                  _scored_chunks(baseline, ids[s:e], head_b)):
+                nll_m += _nll_sum(lp_m, targets)
+                nll_b += _nll_sum(lp_b, targets)
+                kl += float((np.exp(lp_b) * (lp_b - lp_m)).sum())         # Σ_t Σ_v p_b (log p_b − log p_m)
+                agree += int((lp_m.argmax(axis=1) == lp_b.argmax(axis=1)).sum())
+                scored += len(targets)
+                bar.update(len(targets))
+    finally:
+        bar.close()
+    nll_m, nll_b = nll_m / scored, nll_b / scored
+    ppl_m, ppl_b = math.exp(nll_m), math.exp(nll_b)
+    return {"ppl": ppl_m, "nll": nll_m, "baseline_ppl": ppl_b, "baseline_nll": nll_b,
+            "ppl_diff": ppl_m - ppl_b, "ppl_ratio": ppl_m / ppl_b, "kl_mean": kl / scored,
+            "top1_agreement": agree / scored, "tokens_scored": scored, "windows": len(spans),
+            "ctx": ctx, "tokens": len(ids), "last_window": spans[-1][1] - spans[-1][0],
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,271 @@
+"""Linear layers by weight format, dispatched by a table keyed by format name.
+
+A linear maps x [T, K] -> y [T, N] = x @ W.T (+ bias). Each format knows how to recognise itself
+among a checkpoint's tensor names, how to load and check itself, and how to multiply.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import QuantFormatError
+
+
+class Linear:
+    """Interface: `__call__(x [T, K] float32) -> [T, N] float32`; `shape` is (N, K).
+
+    A format implements `matvec(x [K]) -> [N]` (decode: the memory-bound hot spot, a Numba kernel)
+    and `matmul(X [T, K]) -> [T, N]` (prefill: compute-bound, BLAS); the bias is added here.
+    """
+    kind = "?"
+    bias = None
+    shape = (0, 0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.matvec(x[0])[None] if x.shape[0] == 1 else self.matmul(x)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def matmul(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights read per call (for bandwidth accounting)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def fuse(parts):
+        """One linear computing all parts side by side, or None (the default: not fusable)."""
+        return None
+
+
+class DenseF32(Linear):
+    """W float32 [N, K] (often a memory-mapped view): decode a Numba matvec, prefill BLAS gemm."""
+    kind = "f32"
+
+    def __init__(self, w: np.ndarray):
+        self.w = w                 # [N, K] float32, C-contiguous (may be a read-only mmap view)
+        self.shape = w.shape
+
+    @classmethod
+    def from_array(cls, w):
+        return cls(np.ascontiguousarray(w, dtype=np.float32))
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".weight" in src
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        return cls(np.ascontiguousarray(src.float32(prefix + ".weight", shape)))
+
+    def matvec(self, x):
+        if self.shape[1] % 16:                  # the Numba kernel reads whole 16-lane vectors
+            return self.w @ x
+        from ..kernels.dense_f32 import matvec_f32_f32
+        return matvec_f32_f32(self.w, x)        # decode: a Numba matvec, not BLAS gemv
+
+    def matmul(self, X):
+        return X @ self.w.T        # [T, K] @ [K, N] -> [T, N]
+
+    @property
+    def nbytes(self):
+        return self.w.nbytes
+    # fuse: the default (no). Dense weights stay memory-mapped views; concatenating would copy them.
+
+
+class DenseF16(Linear):
+    """W float16 [N, K], kept fp16 in RAM (often a memory-mapped view): decode widens 16 weights at a
+    time inside the matvec (kernels_dense.py), prefill widens row tiles for BLAS."""
+    kind = "f16"
+
+    def __init__(self, w: np.ndarray):
+        self.w = w                              # [N, K] float16, C-contiguous
+        self.bits = w.view(np.uint16)           # the same bytes, as Numba can take them
+        self.shape = w.shape
+
+    @staticmethod
+    def present(src, prefix):
+        name = prefix + ".weight"
+        return name in src and src.raw(name)[1] == "F16" and src.raw(name)[0].shape[-1] % 16 == 0
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from ..formats.tensors import check_shape
+        w = src.raw(prefix + ".weight")[0]
+        check_shape(prefix + ".weight", w.shape, shape)
+        return cls(np.ascontiguousarray(w))
+
+    def matvec(self, x):
+        from ..kernels.dense_f32 import matvec_f16_f32
+        return matvec_f16_f32(self.bits, x)
+
+    def matmul(self, X):
+        from ..kernels.dense_f32 import matmul_f16_f32
+        return matmul_f16_f32(self.w, X)
+
+    @property
+    def nbytes(self):
+        return self.w.nbytes
+
+
+def _optional(src, name):
+    return src.raw(name)[0] if name in src else None
+
+
+class Q4(Linear):
+    """minilm-q4 v1 int4 weights (q4.py). With int8 activations on VNNI (the default where the CPU
+    has it): decode the int4 x int8 matvec (kernels_vnni_matvec.py), prefill the int4 x int8 matmul
+    (kernels_vnni.py) where `use_int8_activations` says so. Otherwise float32: the fused int4 matvec
+    (kernels_q4.py), and dequantized tiles × BLAS for prefill.
+
+    `int8_activations = False` forces the float32 prefill (the accuracy reference); see
+    Model.set_int8_activations.
+    """
+    kind = "q4"
+
+    def __init__(self, q4):
+        from ..kernels.quant_f32 import prepare_q4
+        self.q4 = q4                 # the on-disk form (None when built from a prepared view)
+        self.p = prepare_q4(q4)      # the form the kernels read
+        self.shape = q4.shape
+        self.int8_activations = True
+
+    @classmethod
+    def from_prepared(cls, p):
+        lin = cls.__new__(cls)
+        lin.q4, lin.p, lin.shape, lin.int8_activations = None, p, p.shape, True
+        return lin
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".qweight" in src and prefix + ".zeros" in src
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from ..formats.q4 import Q4Linear
+        qweight = src.raw(prefix + ".qweight")[0]
+        scales = src.raw(prefix + ".scales")[0]
+        n, k = shape
+        if qweight.shape != (n, k // 2) or scales.ndim != 2 or scales.shape[1] == 0:
+            raise QuantFormatError(f"{prefix}.qweight has shape {list(qweight.shape)}, expected [{n}, {k // 2}]")
+        try:
+            q4 = Q4Linear(qweight, scales, src.raw(prefix + ".zeros")[0], k // scales.shape[1],
+                          _optional(src, prefix + ".salient_idx"), _optional(src, prefix + ".salient_w"))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+        return cls(q4)
+
+    def matvec(self, x):
+        from ..kernels.quant_i8_matvec import matvec_q4_i8, supports_i8
+        from ..kernels.quant_i8_matmul import VNNI
+        if self.int8_activations and VNNI and supports_i8(self.p.group_size, self.shape[1]):
+            return matvec_q4_i8(self.p, x)
+        from ..kernels.quant_f32 import matvec_q4_f32
+        return matvec_q4_f32(self.p, x)
+
+    def matmul(self, X):
+        from ..kernels.quant_i8_matmul import matmul_q4_i8, use_int8_activations
+        if self.int8_activations and use_int8_activations(X.shape[0]):
+            return matmul_q4_i8(self.p, X)
+        from ..kernels.quant_f32 import matmul_q4_f32
+        return matmul_q4_f32(self.p, X)
+
+    @property
+    def nbytes(self):
+        return self.p.nbytes
+
+    @staticmethod
+    def fuse(parts):
+        """One Q4 whose rows are the parts' rows stacked (q|k|v, gate|up): one call instead of
+        several per token. Needs the same K, group size and salient channels."""
+        from ..formats.q4 import Q4Linear
+        first = parts[0].q4
+        same_idx = lambda a, b: (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+        if first is None or any(p.kind != "q4" or p.q4 is None or p.bias is not None or p.shape[1] != first.shape[1]
+               or p.q4.group_size != first.group_size or not same_idx(p.q4.salient_idx, first.salient_idx)
+               for p in parts):
+            return None
+        cat = lambda name: np.concatenate([getattr(p.q4, name) for p in parts])
+        sal_w = cat("salient_w") if first.salient_idx is not None else None
+        return Q4(Q4Linear(cat("qweight"), cat("scales"), cat("zeros"), first.group_size,
+                           first.salient_idx, sal_w))
+
+
+class Q8(Linear):
+    """Symmetric int8 weights with per-(row, group) scales (q4.Q8Linear): the optional lm_head format.
+    Prefill (and perplexity's head) multiply with int8 activations where `use_int8_activations` says
+    so (kernels_vnni.py), else dequantized tiles × BLAS; `int8_activations` as in Q4."""
+    kind = "q8"
+
+    def __init__(self, q8):
+        from ..kernels.quant_f32 import prepare_q8
+        self.q8 = q8
+        self.p = prepare_q8(q8)
+        self.shape = q8.shape
+        self.int8_activations = True
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".qweight" in src and prefix + ".zeros" not in src and src.raw(prefix + ".qweight")[1] == "I8"
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from ..formats.q4 import Q8Linear
+        qweight, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
+        if qweight.shape != tuple(shape) or scales.ndim != 2 or scales.shape[1] == 0:
+            raise QuantFormatError(f"{prefix}.qweight has shape {list(qweight.shape)}, expected {list(shape)}")
+        try:
+            return cls(Q8Linear(qweight, scales, shape[1] // scales.shape[1]))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+
+    def matvec(self, x):
+        from ..kernels.quant_f32 import matvec_q8_f32
+        return matvec_q8_f32(self.p, x)
+
+    def matmul(self, X):
+        from ..kernels.quant_i8_matmul import matmul_q8_i8, use_int8_activations
+        if self.int8_activations and use_int8_activations(X.shape[0]):
+            return matmul_q8_i8(self.p, X)
+        from ..kernels.quant_f32 import matmul_q8_f32
+        return matmul_q8_f32(self.p, X)
+
+    @property
+    def nbytes(self):
+        return self.p.nbytes
+
+
+class AWQGemm(Q4):
+    """AutoAWQ "GEMM" int4 tensors (awq_format.py: qweight int32 [K, N/8], qzeros int32 [K/g, N/8],
+    scales fp16 [K/g, N]), converted once at load into the native Q4Linear; from then on it is a Q4
+    (same kernels, same fusion, kind "q4"). Conversion is exact: codes, zeros and scales are moved."""
+
+    @staticmethod
+    def present(src, prefix):
+        return prefix + ".qweight" in src and prefix + ".qzeros" in src
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from ..formats.awq_gemm import awq_to_q4
+        try:
+            q4 = awq_to_q4(*(src.raw(prefix + s)[0] for s in (".qweight", ".qzeros", ".scales")))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+        if q4.shape != tuple(shape):
+            raise QuantFormatError(f"{prefix}: AutoAWQ tensors hold a [{q4.shape[0]}, {q4.shape[1]}] weight "
+                                   f"(qweight [K, N/8]), expected {list(shape)}")
+        return cls(q4)
+
+
+# format name -> class; checkpoint loading asks each, in order, whether its tensors are present.
+LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "q4": Q4, "q8": Q8, "awq_gemm": AWQGemm}
+
+
+def fuse_rows(parts):
+    """A single linear computing all parts' outputs side by side, or None if their format can't."""
+    return type(parts[0]).fuse(parts) if len({type(p) for p in parts}) == 1 else None

@@ -1,0 +1,260 @@
+"""The runtime model: config (blueprint), weights, and a forward pass over a preallocated KV cache.
+
+`forward` runs T new tokens through every block, appending their keys/values to the cache, and
+returns logits. Prefill is T = prompt length; decode is T = 1. Compute is float32; the linears are
+whatever format the checkpoint holds (`linear.LINEAR_FORMATS`).
+"""
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from ..kernels import ops_f32 as kernels
+from .checkpoint import Weights, load_weights
+from .config import LlamaConfig, load_config, read_json
+from ..errors import ContextOverflowError, UsageError
+from .decode import build_plan
+from ..kernels.quant_i8_matmul import use_int8_activations
+from .linear import fuse_rows
+from ..kernels.policy import blas_threads
+from .tokenizer import Tokenizer
+
+
+BLAS_PARALLEL_MIN_TOKENS = 64   # tokens per forward call from which BLAS gets more than one thread
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """inv_freq[i] = theta^(-2i/Dh) for i < Dh/2, with Llama-3 scaling when configured.  -> [Dh/2]"""
+    Dh = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2, dtype=np.float64) / Dh)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    # Llama 3.x: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * np.pi / inv
+    lo_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    hi_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    scaled = np.where(wavelen > lo_wl, inv / rs.factor, inv)
+    blended = (1 - smooth) * inv / rs.factor + smooth * inv
+    return np.where((wavelen <= lo_wl) & (wavelen >= hi_wl), blended, scaled)
+
+
+def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """A zero-filled array whose pages become resident only when written.
+
+    np.zeros is lazy too, but with transparent huge pages a first write commits 2 MB at once: a KV
+    cache sized for 8192 positions then costs ~400 MB after one short chat turn. An anonymous map
+    advised not to use huge pages commits 4 KB pages as positions are written.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype)
+    mm = mmap.mmap(-1, nbytes)
+    mm.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mm, dtype=dtype).reshape(shape)
+
+
+class KVCache:
+    """Keys and values of every block for up to `max_len` positions, allocated once.
+
+    k, v: [L, Hkv, S, Dh] float32 (`lazy_zeros`: pages become resident only as positions are written).
+    `tokens` are the ids whose keys/values are held, so a chat can reuse the common prefix.
+    """
+
+    def __init__(self, cfg: LlamaConfig, max_len: int):
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = lazy_zeros(shape)
+        self.v = lazy_zeros(shape)
+        self.scratch = np.zeros((cfg.num_attention_heads, max_len), np.float32)   # [H, S] scores
+        self.max_len = max_len
+        self.tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> None:
+        """Forget positions n and after (their stale values are overwritten before being read)."""
+        del self.tokens[n:]
+
+
+class Model:
+    """A loaded model. Construct with `minilm_edge.load(path)`."""
+
+    def __init__(self, config: LlamaConfig, weights: Weights, tokenizer: Tokenizer | None,
+                 generation_config: dict | None = None, path: Path | None = None, int8_activations: bool = True):
+        self.config = config
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config or {}
+        self.path = path
+        self._inv_freq = rope_inv_freq(config)
+        # All-int4 blocks: one compiled call per decoded token (decode.py); the blocks' linears
+        # become views into its stacked weights. Otherwise, per block, q|k|v and gate|up are fused
+        # into one linear where the format allows (fewer calls per token), else None.
+        self._plan = build_plan(config, weights.blocks)
+        if self._plan is not None:
+            self._fused = self._use_plan_views()
+            if weights.source is not None:
+                weights.source.release_pages()      # the stacks are copies; the mapped pages are not needed
+        else:
+            self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
+        self.set_int8_activations(int8_activations)
+
+    def _use_plan_views(self):
+        c, p = self.config, self._plan
+        nq, nkv, F = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+        for l, b in enumerate(self.weights.blocks):
+            b.q, b.k, b.v = p.qkv.layer(l, 0, nq), p.qkv.layer(l, nq, nq + nkv), p.qkv.layer(l, nq + nkv)
+            b.o, b.down = p.o.layer(l), p.down.layer(l)
+            b.gate, b.up = p.gate_up.layer(l, 0, F), p.gate_up.layer(l, F)
+        return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
+
+    def set_int8_activations(self, on: bool) -> None:
+        """Multiply int4 linears (prefill and decode) and int8 ones (prefill) with int8 activations on
+        AVX512-VNNI (on: the default; used where the CPU has it: kernels_vnni.use_int8_activations,
+        kernels_vnni_matvec.supports_i8) or in float32 (off: the accuracy reference)."""
+        from .linear import Q4, Q8
+        blocks = self.weights.blocks
+        linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
+        # Every block linear int4: with int8 activations Numba kernels do all of a block's products
+        # and BLAS only attention (see hidden_states).
+        self._int8_blocks = on and all(isinstance(lin, Q4) for lin in linears)
+        linears += [lin for pair in self._fused for lin in pair] + [self.weights.lm_head]
+        for lin in linears:
+            if isinstance(lin, (Q4, Q8)):
+                lin.int8_activations = on
+        if self._plan is not None:
+            self._plan.int8 = on          # used where the plan allows it (DecodePlan.int8_ok)
+
+    # ---- forward
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        n = self.config.max_position_embeddings if max_len is None else int(max_len)
+        if not 0 < n <= self.config.max_position_embeddings:
+            raise UsageError(f"context length must be 1..{self.config.max_position_embeddings}, got {n}")
+        return KVCache(self.config, n)
+
+    def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """Logits of the given tokens, appended after what `cache` holds.      [T] -> [T, V] float32
+
+        Without a cache the tokens are the whole sequence. With `last_only`, only the last position's
+        logits are computed ([1, V]): what generation needs, and 1/T of the lm_head cost.
+        """
+        x = self.hidden_states(ids, cache, last_only)
+        return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
+
+    def hidden_states(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
+        """`forward` without the lm_head: the final-normed hidden state of each token.  [T] -> [T, D]
+
+        For callers that apply the head themselves, a few positions at a time (perplexity).
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise UsageError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise UsageError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if cache is None:
+            cache = KVCache(self.config, len(ids))
+        if cache.length + len(ids) > cache.max_len:
+            raise ContextOverflowError(
+                f"{cache.length} tokens in context + {len(ids)} new exceed the context size {cache.max_len}")
+        # Big products (prefill) get every BLAS thread when BLAS does them; otherwise BLAS gets one,
+        # so that its pool and Numba's do not take turns on the same cores (numba_policy.blas_threads):
+        # small calls, and int8 prefill, where BLAS does only attention (2 threads, 512 tokens,
+        # SmolLM2 int4: 717 tokens/s with one BLAS thread, 327 with two).
+        blas_big = len(ids) >= BLAS_PARALLEL_MIN_TOKENS and not (
+            self._int8_blocks and use_int8_activations(len(ids)))
+        blas_threads(numba.get_num_threads() if blas_big else 1)
+        x = self._blocks(ids, cache)
+        if last_only:
+            x = x[-1:]
+        kernels.rms_norm(x, self.weights.norm, self.config.rms_norm_eps, x)
+        return x
+
+    def _blocks(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        c, T, p0 = self.config, len(ids), cache.length
+        H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        angle = np.arange(p0, p0 + T, dtype=np.float64)[:, None] * self._inv_freq[None, :]
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [T, Dh/2]
+        x = self.weights.embed[ids].astype(np.float32)                     # [T, D]
+        if T == 1 and self._plan is not None:
+            self._plan.run(x[0], cache, p0, cos[0], sin[0])
+            cache.tokens.append(int(ids[0]))
+            return x
+        h = np.empty_like(x)                                               # [T, D] normed input
+        att = np.empty((T, H, Dh), np.float32)                             # [T, H, Dh]
+        act = np.empty((T, c.intermediate_size), np.float32)               # [T, F]
+        nq, nkv, F = H * Dh, Hkv * Dh, c.intermediate_size
+        for layer, b in enumerate(self.weights.blocks):
+            qkv, gate_up = self._fused[layer]
+            kernels.rms_norm(x, b.attn_norm, c.rms_norm_eps, h)
+            if qkv is not None:
+                y = qkv(h)                                                 # [T, (H + 2 Hkv) Dh]
+                q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
+            else:
+                q, k, v = b.q(h), b.k(h), b.v(h)
+            q = np.ascontiguousarray(q).reshape(T, H, Dh)
+            k = np.ascontiguousarray(k).reshape(T, Hkv, Dh)
+            kernels.rope_inplace(q, cos, sin)
+            kernels.rope_inplace(k, cos, sin)
+            cache.k[layer, :, p0:p0 + T] = k.transpose(1, 0, 2)           # [T, Hkv, Dh] -> [Hkv, T, Dh]
+            cache.v[layer, :, p0:p0 + T] = v.reshape(T, Hkv, Dh).transpose(1, 0, 2)
+            kernels.attention(q, cache.k[layer], cache.v[layer], p0, cache.scratch, att)
+            x += b.o(att.reshape(T, nq))
+            kernels.rms_norm(x, b.mlp_norm, c.rms_norm_eps, h)
+            if gate_up is not None:
+                y = gate_up(h)                                             # [T, 2F]
+                kernels.silu_mul(y[:, :F], y[:, F:], act)
+            else:
+                kernels.silu_mul(b.gate(h), b.up(h), act)
+            x += b.down(act)
+        cache.tokens.extend(int(i) for i in ids)
+        return x
+
+    # ---- text in, text out (see generation.py)
+    def generate(self, prompt: str, **kw) -> str:
+        from .generation import stream_prompt
+        return "".join(stream_prompt(self, prompt, **kw))
+
+    def stream(self, prompt: str, **kw):
+        from .generation import stream_prompt
+        return stream_prompt(self, prompt, **kw)
+
+    def chat(self, messages: list[dict], **kw) -> str:
+        from .generation import stream_messages
+        return "".join(stream_messages(self, messages, **kw))
+
+    def chat_session(self, system: str | None = None, **kw):
+        from .generation import ChatSession
+        return ChatSession(self, system=system, **kw)
+
+    def eos_ids(self) -> set[int]:
+        """Every id that ends generation: config, generation_config and tokenizer, united."""
+        ids = set(self.config.eos_token_ids)
+        g = self.generation_config.get("eos_token_id")
+        ids.update(g if isinstance(g, list) else [g] if isinstance(g, int) else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token:
+            t = self.tokenizer.token_to_id(self.tokenizer.eos_token)
+            if t is not None:
+                ids.add(t)
+        return ids
+
+
+def load(path, tokenizer: bool = True, int8_activations: bool = True) -> Model:
+    """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`.
+
+    int8_activations=False: float32 activations even where int8 x VNNI is available (prefill and the
+    int4 decode; Model.set_int8_activations).
+    """
+    path = Path(path)
+    cfg = load_config(path)
+    weights = load_weights(path, cfg)
+    tok = Tokenizer(path) if tokenizer else None
+    gen_path = path / "generation_config.json"
+    gen = read_json(gen_path, "generation_config.json") if gen_path.is_file() else {}
+    return Model(cfg, weights, tok, gen, path, int8_activations)

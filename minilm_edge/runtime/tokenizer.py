@@ -1,0 +1,156 @@
+"""Tokenizer and chat template of a model folder.
+
+- `tokenizer.json` is read with Hugging Face `tokenizers` (byte-level BPE and friends).
+- The chat template comes from `tokenizer_config.json` (`chat_template`, a string or a list of named
+  templates) or from a separate `chat_template.jinja`. A template inside a downloaded model folder is
+  untrusted code: it is rendered in Jinja2's immutable sandbox (CVE-2024-34359 was remote code
+  execution through an unsandboxed chat template), with the same options Hugging Face uses
+  (trim_blocks, lstrip_blocks) so the prompt is byte-identical to what the model was trained on.
+- `TextStream` turns generated ids into text pieces without ever emitting half a UTF-8 character.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from .config import read_json
+from ..errors import ModelNotFoundError, TokenizerError, UsageError
+
+
+def _token_str(v):
+    """tokenizer_config.json spells special tokens as strings or as {"content": ...} objects."""
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    def __init__(self, model_dir: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelNotFoundError(f"tokenizer.json not found in {model_dir}")
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception subclasses
+            raise TokenizerError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+        cfg_path = model_dir / "tokenizer_config.json"
+        tcfg = read_json(cfg_path, "tokenizer_config.json") if cfg_path.is_file() else {}
+        self.bos_token = _token_str(tcfg.get("bos_token"))
+        self.eos_token = _token_str(tcfg.get("eos_token"))
+        self.chat_template = _chat_template(model_dir, tcfg)
+        self._template = None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    # ---- ids <-> text
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str):
+        return self._tok.token_to_id(token) if token else None
+
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    # ---- chat
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this model has no chat template (tokenizer_config.json or chat_template.jinja)")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise UsageError("each chat message must be a dict with string 'role' and 'content'")
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TokenizerError:
+            raise
+        except Exception as e:   # SecurityError, UndefinedError, TypeError from a broken template
+            raise TokenizerError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+    def encode_chat(self, messages, add_generation_prompt=True) -> list[int]:
+        # The rendered text already holds its special tokens: add none (as transformers does).
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _chat_template(model_dir: Path, tcfg: dict):
+    tpl = tcfg.get("chat_template")
+    if isinstance(tpl, list):   # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default") or next(iter(named.values()), None)
+    if tpl is None:
+        jinja = model_dir / "chat_template.jinja"
+        if jinja.is_file():
+            tpl = jinja.read_text(encoding="utf-8")
+    return tpl if isinstance(tpl, str) and tpl else None
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TokenizerError(f"the chat template refused the conversation: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"the chat template does not parse: {e}") from None
+
+
+class TextStream:
+    """Incremental detokenizer: feed ids, get the newly completed text.
+
+    Byte-level BPE can split one UTF-8 character across tokens; decoding a prefix then ends in
+    U+FFFD. We decode the ids generated since the last emitted boundary and hold the text back while
+    it ends in U+FFFD, so no half character is ever printed.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens=True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0      # characters of decode(self.ids) already handed out
+        self.held = 0         # tokens pushed since text was last handed out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        # A UTF-8 character spans at most 4 bytes, so at most 4 byte-level tokens: hold back a
+        # trailing U+FFFD only that long (a model can also emit bytes that never form a character).
+        if text.endswith("\ufffd") and self.held < 3:
+            self.held += 1
+            return ""
+        piece = text[self.emitted:]
+        self.emitted, self.held = len(text), 0
+        if len(self.ids) > 64:
+            # Re-anchor so decoding stays O(1) per token. Keep a few ids as left context: some
+            # decoders (SentencePiece's Strip) treat the first token of a decode specially.
+            self.ids = self.ids[-4:]
+            self.emitted = len(self.tok.decode(self.ids, skip_special_tokens=self.skip))
+        return piece
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
+        piece = text[self.emitted:]
+        self.ids, self.emitted = [], 0
+        return piece
