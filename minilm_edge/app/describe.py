@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..formats.tensors import BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource
+from ..formats.tensors import BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource, block_linears, linear_format
 from ..runtime.config import load_config, read_json
 from ..errors import UnsupportedModelError
 
@@ -32,21 +32,9 @@ def _tensor_bytes(src: TensorSource, name: str) -> int:
     return end - begin
 
 
-def _linear_format(src: TensorSource, prefix: str) -> str:
-    if prefix + ".qzeros" in src:
-        return "awq_gemm"
-    if prefix + ".zeros" in src:
-        return "q4"
-    if prefix + ".qweight" in src:
-        return "q8"
-    if prefix + ".weight" in src:
-        return src.raw(prefix + ".weight")[1].lower()
-    return "missing"
-
-
 def _linear_info(src: TensorSource, prefix: str, shape: tuple, bits: int | None) -> dict:
     n, k = shape
-    fmt = _linear_format(src, prefix)
+    fmt = linear_format(src, prefix) or "missing"
     stored = sum(_tensor_bytes(src, t) for t in src.where if t.startswith(prefix + ".") and t != prefix + ".bias")
     info = {"format": fmt, "shape": [n, k], "bpw": round(8 * stored / (n * k), 4), "bytes": stored}
     if fmt in ("q4", "awq_gemm"):
@@ -137,10 +125,8 @@ def describe(model_dir, layers: bool = False) -> dict:
         dtypes[dt] = dtypes.get(dt, 0) + 1
     n_params = parameter_count(cfg)
     bits = qc.get("bits") if isinstance(qc.get("bits"), int) else None
-    lin_info = {}
-    for i in range(cfg.num_hidden_layers):
-        for key, (name, shape) in BLOCK_LINEARS.items():
-            lin_info[(i, key)] = _linear_info(src, name.format(i=i), shape(cfg), bits)
+    lin_info = {(i, key): _linear_info(src, prefix, shape, bits) | {"tensor": prefix}
+                for i, key, prefix, shape in block_linears(cfg)}
     lin_bytes = sum(v["bytes"] for v in lin_info.values())
     lin_weights = sum(v["shape"][0] * v["shape"][1] for v in lin_info.values())
     head_name = HEAD[0]
@@ -177,7 +163,7 @@ def describe(model_dir, layers: bool = False) -> dict:
         rows = []
         for (i, key), li in lin_info.items():
             alphas = _alphas(blocks.get(i, {}))
-            row = {"layer": i, "name": key, "tensor": BLOCK_LINEARS[key][0].format(i=i), **li}
+            row = {"layer": i, "name": key, **li}
             row["alpha"] = alphas.get(group_of.get(key)) if alphas else None
             rows.append(row)
         info["layers"] = rows

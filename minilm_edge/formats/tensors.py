@@ -23,7 +23,7 @@ BLOCK_NORMS = {
     "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
 }
 # Linears are named without the ".weight" suffix: a linear may be dense (".weight") or quantized
-# (".qweight", ".scales", ...); `linear.LINEAR_FORMATS` decides from the names present.
+# (".qweight", ".scales", ...); `linear_format` tells which from the names present.
 BLOCK_LINEARS = {
     "q": ("model.layers.{i}.self_attn.q_proj", lambda c: (c.num_attention_heads * c.head_dim, c.hidden_size)),
     "k": ("model.layers.{i}.self_attn.k_proj", lambda c: (c.num_key_value_heads * c.head_dim, c.hidden_size)),
@@ -34,6 +34,39 @@ BLOCK_LINEARS = {
     "down": ("model.layers.{i}.mlp.down_proj", lambda c: (c.hidden_size, c.intermediate_size)),
 }
 BIASED = ("q", "k", "v")   # carry a bias when config.attention_bias (qwen2)
+
+
+def block_linears(cfg, i: int | None = None):
+    """Every block linear (of block i only, when given): (block, our name, tensor prefix, shape
+    [N, K]), blocks in order."""
+    for i in range(cfg.num_hidden_layers) if i is None else (i,):
+        for key, (name, shape) in BLOCK_LINEARS.items():
+            yield i, key, name.format(i=i), shape(cfg)
+
+
+def block_norms(cfg, i):
+    """Block i's norms: (our name, tensor name, shape [D])."""
+    for key, (name, shape) in BLOCK_NORMS.items():
+        yield key, name.format(i=i), shape(cfg)
+
+
+def linear_format(src, prefix: str) -> str | None:
+    """How the linear `prefix` is stored, told from the tensor names present (one place decides;
+    runtime/linear.py maps each to a class, app/describe.py reports it):
+        "f32" / "f16" / "bf16" (any dense dtype, lower-cased)   prefix.weight
+        "q4"        minilm-q4 (formats/q4.py)                  prefix.qweight + prefix.zeros
+        "awq_gemm"  AutoAWQ GEMM (formats/awq_gemm.py)        prefix.qweight + prefix.qzeros
+        "q8"        int8 lm_head (formats/q4.py Q8Linear)      prefix.qweight (int8) alone
+    None when nothing of it is stored (or a qweight matches no format)."""
+    if prefix + ".weight" in src:
+        return src.raw(prefix + ".weight")[1].lower()
+    if prefix + ".qweight" not in src:
+        return None
+    if prefix + ".zeros" in src:
+        return "q4"
+    if prefix + ".qzeros" in src:
+        return "awq_gemm"
+    return "q8" if src.raw(prefix + ".qweight")[1] == "I8" else None
 
 
 class TensorSource:

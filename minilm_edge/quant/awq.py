@@ -584,20 +584,15 @@ class AWQResult:
     notes: list          # things the user should know (one line each)
 
 
-def _block_keys(cfg):
-    from ..formats.tensors import BIASED, BLOCK_LINEARS, BLOCK_NORMS
-    return BLOCK_NORMS, BLOCK_LINEARS, (BIASED if cfg.attention_bias else ())
-
-
 def load_block(src, cfg, i) -> dict:
     """Block i's fp weights by our short names: attn_norm, mlp_norm, q, k, v, o, gate, up, down,
     and q_bias/k_bias/v_bias when the architecture has them."""
-    norms, lins, biased = _block_keys(cfg)
-    w = {k: src.float32(n.format(i=i), s(cfg)) for k, (n, s) in norms.items()}
-    for k, (n, s) in lins.items():
-        w[k] = np.array(src.float32(n.format(i=i) + ".weight", s(cfg)), np.float32)
-        if k in biased:
-            w[k + "_bias"] = src.float32(n.format(i=i) + ".bias", (s(cfg)[0],))
+    from ..formats.tensors import BIASED, block_linears, block_norms
+    w = {k: src.float32(name, shape) for k, name, shape in block_norms(cfg, i)}
+    for _, k, prefix, shape in block_linears(cfg, i):
+        w[k] = np.array(src.float32(prefix + ".weight", shape), np.float32)
+        if cfg.attention_bias and k in BIASED:
+            w[k + "_bias"] = src.float32(prefix + ".bias", (shape[0],))
     return w
 
 
@@ -764,7 +759,7 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     ids [n, T]. Deterministic for a seed. The result holds fp tensors ready for the int4 writer."""
     from tqdm import tqdm
 
-    from ..formats.tensors import GLOBAL_TENSORS
+    from ..formats.tensors import BIASED, GLOBAL_TENSORS, block_linears, block_norms
     from ..formats.q4 import choose_group_size
 
     groups = SCALE_GROUPS.get(cfg.model_type)
@@ -788,20 +783,19 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
         rng = np.random.default_rng([settings.seed, 2])
         joint_idx = np.sort(rng.choice(n * T, size=min(settings.clip_joint_tokens, n * T), replace=False))
 
-    norms, lins, biased = _block_keys(cfg)
     tensors, salient, layers, notes = {}, {}, [], []
     bar = tqdm(total=cfg.num_hidden_layers, desc=f"AWQ W{settings.bits}", unit="block", disable=not progress)
     for i in range(cfg.num_hidden_layers):
         w = load_block(src, cfg, i)
-        gs = {k: choose_group_size(w[k].shape[1], settings.group_size) for k in lins}
+        linears = list(block_linears(cfg, i))
+        gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
         w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
                                               joint_rows_idx=joint_idx)
-        for k, (name, _) in norms.items():
-            tensors[name.format(i=i)] = w_new[k].astype(np.float32)
-        for k, (name, _) in lins.items():
-            prefix = name.format(i=i)
+        for k, name, _ in block_norms(cfg, i):
+            tensors[name] = w_new[k].astype(np.float32)
+        for _, k, prefix, _ in linears:
             tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
-            if k in biased:
+            if cfg.attention_bias and k in BIASED:
                 tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
             if sal.get(k) is not None:
                 salient[prefix] = sal[k]

@@ -16,7 +16,7 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
 
     Returns (out_dir, {layer prefix: original group size} of the layers that were re-grouped).
     """
-    from ..formats.tensors import BLOCK_LINEARS, TensorSource
+    from ..formats.tensors import TensorSource, block_linears
     from ..runtime.config import load_config
     from ..formats.q4 import Q4Linear
     from ..formats.folder import check_out_dir, write_model_folder
@@ -35,20 +35,18 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
                          "quantize without --quantize-head to export")
 
     layers = {}                                                              # prefix -> Q4Linear
-    for i in range(cfg.num_hidden_layers):
-        for key, (name, shape) in BLOCK_LINEARS.items():
-            prefix = name.format(i=i)
-            raw = lambda s: src.raw(prefix + s)[0] if prefix + s in src else None
-            qweight, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
-            try:
-                q4 = Q4Linear(qweight, scales, src.raw(prefix + ".zeros")[0], 2 * qweight.shape[1] // scales.shape[1],
-                              raw(".salient_idx"), raw(".salient_w"))
-            except QuantFormatError as e:
-                raise QuantFormatError(f"{prefix}: {e}") from None
-            if q4.n_salient:
-                raise UsageError(f"{prefix} keeps {q4.n_salient} fp16 salient channels, which AutoAWQ cannot "
-                                 "store; quantize without salient channels to export")
-            layers[prefix] = q4
+    for _, _, prefix, _ in block_linears(cfg):
+        raw = lambda s: src.raw(prefix + s)[0] if prefix + s in src else None
+        qweight, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
+        try:
+            q4 = Q4Linear(qweight, scales, src.raw(prefix + ".zeros")[0], 2 * qweight.shape[1] // scales.shape[1],
+                          raw(".salient_idx"), raw(".salient_w"))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+        if q4.n_salient:
+            raise UsageError(f"{prefix} keeps {q4.n_salient} fp16 salient channels, which AutoAWQ cannot "
+                             "store; quantize without salient channels to export")
+        layers[prefix] = q4
 
     g = min(q.group_size for q in layers.values())
     regrouped = {p: q.group_size for p, q in layers.items() if q.group_size != g}

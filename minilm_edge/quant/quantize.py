@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats.tensors import BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource
+from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms
 from ..runtime.config import load_config
 from ..errors import UsageError
 from ..formats.folder import check_out_dir, write_model_folder
@@ -82,8 +82,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     cfg = load_config(src_dir)
     if cfg.quantization:
         raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
-    for key, (name, shape) in BLOCK_LINEARS.items():     # fail before any work if a layer can't be stored
-        choose_group_size(shape(cfg)[1], group_size)
+    for _, _, _, (_, k) in block_linears(cfg, 0):      # fail before any work if a layer can't be stored
+        choose_group_size(k, group_size)
     if method == "awq" and seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
     eval_text = None
@@ -170,11 +170,10 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
         out[name] = src.float32(name, shape(cfg)).astype(np.float16)
     bar = _progress(cfg.num_hidden_layers, f"quantize ({method}, W{bits})", progress)
     for i in range(cfg.num_hidden_layers):
-        for key, (name, shape) in BLOCK_NORMS.items():
-            out[name.format(i=i)] = get(name.format(i=i), shape(cfg)).astype(np.float16)
-        for key, (name, shape) in BLOCK_LINEARS.items():
-            prefix = name.format(i=i)
-            w = get(prefix + ".weight", shape(cfg))
+        for _, name, shape in block_norms(cfg, i):
+            out[name] = get(name, shape).astype(np.float16)
+        for _, key, prefix, shape in block_linears(cfg, i):
+            w = get(prefix + ".weight", shape)
             sal = salient.get(prefix)
             if linear_hook is not None:
                 w, sal = linear_hook(i, key, w)
@@ -186,7 +185,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             if q.salient_idx is not None:
                 out[prefix + ".salient_idx"], out[prefix + ".salient_w"] = q.salient_idx, q.salient_w
             if cfg.attention_bias and key in ("q", "k", "v"):
-                out[prefix + ".bias"] = get(prefix + ".bias", (shape(cfg)[0],))
+                out[prefix + ".bias"] = get(prefix + ".bias", (shape[0],))
         bar.update(1)
     bar.close()
 

@@ -60,18 +60,15 @@ def _plots_data(layers):
 
 
 def _size_summary(folder, cfg, res, qconfig):
-    from ..formats.tensors import BLOCK_LINEARS
+    from ..formats.tensors import block_linears
     from ..formats.q4 import bits_per_weight
     total_w = total_bits = 0.0
     per_g = qconfig.get("group_size_per_layer", {})
-    for i in range(cfg.num_hidden_layers):
-        for key, (name, shape) in BLOCK_LINEARS.items():
-            prefix = name.format(i=i)
-            n, k = shape(cfg)
-            sal = res.salient.get(prefix)
-            m = 0 if sal is None else len(sal)
-            total_bits += n * k * bits_per_weight(per_g.get(prefix, qconfig["group_size"]), m, k)
-            total_w += n * k
+    for _, _, prefix, (n, k) in block_linears(cfg):
+        sal = res.salient.get(prefix)
+        m = 0 if sal is None else len(sal)
+        total_bits += n * k * bits_per_weight(per_g.get(prefix, qconfig["group_size"]), m, k)
+        total_w += n * k
     f = folder / "model.safetensors"
     return {"block_linear_bits_per_weight": total_bits / total_w, "block_linear_params": int(total_w),
             "file_bytes": f.stat().st_size if f.is_file() else None,

@@ -13,9 +13,10 @@ import numpy as np
 
 from .config import LlamaConfig
 from ..errors import CheckpointError
-from .linear import LINEAR_FORMATS, Linear
+from .linear import LINEAR_FORMATS, Linear, linear_class
 from ..formats.safetensors import to_float32
-from ..formats.tensors import BIASED, BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource, check_shape
+from ..formats.tensors import (BIASED, GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_shape,
+                               linear_format)
 
 @dataclasses.dataclass
 class BlockWeights:
@@ -40,12 +41,10 @@ class Weights:
 
 
 def load_linear(src: TensorSource, prefix: str, shape: tuple, bias: bool, cfg: LlamaConfig) -> Linear:
-    for fmt in LINEAR_FORMATS.values():
-        if fmt.present(src, prefix):
-            lin = fmt.load(src, prefix, shape, cfg)
-            break
-    else:
+    cls = linear_class(linear_format(src, prefix), shape[1])
+    if cls is None:
         raise CheckpointError(f"tensor {prefix + '.weight'!r} is missing from the checkpoint")
+    lin = cls.load(src, prefix, shape, cfg)
     if bias:
         lin.bias = src.float32(prefix + ".bias", (shape[0],))
     return lin
@@ -64,12 +63,11 @@ def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
     src = TensorSource(model_dir)
     embed = load_embedding(src, cfg)
     norm_name, norm_shape = GLOBAL_TENSORS["norm"]
-    blocks = []
-    for i in range(cfg.num_hidden_layers):
-        norms = {k: src.float32(name.format(i=i), shape(cfg)) for k, (name, shape) in BLOCK_NORMS.items()}
-        lins = {k: load_linear(src, name.format(i=i), shape(cfg), cfg.attention_bias and k in BIASED, cfg)
-                for k, (name, shape) in BLOCK_LINEARS.items()}
-        blocks.append(BlockWeights(**norms, **lins))
+    linears = [{} for _ in range(cfg.num_hidden_layers)]
+    for i, key, prefix, shape in block_linears(cfg):
+        linears[i][key] = load_linear(src, prefix, shape, cfg.attention_bias and key in BIASED, cfg)
+    blocks = [BlockWeights(**{k: src.float32(name, shape) for k, name, shape in block_norms(cfg, i)}, **lins)
+              for i, lins in enumerate(linears)]
     head_name, head_shape = HEAD
     if any(n.startswith(head_name + ".") for n in src.where):
         # A stored head wins, also when the embeddings are tied (a quantized copy of the embedding).

@@ -59,8 +59,9 @@ class LlamaConfig:
     quantization: dict | None = None  # the raw quantization_config block, if any
 
     @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (H // Hkv)."""
+    def heads_per_kv(self) -> int:
+        """Query heads that share one key/value head (H // Hkv; "group size" means the quantization
+        group everywhere else in minilm_edge)."""
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod

@@ -55,9 +55,6 @@ class DenseF32(Linear):
     def from_array(cls, w):
         return cls(np.ascontiguousarray(w, dtype=np.float32))
 
-    @staticmethod
-    def present(src, prefix):
-        return prefix + ".weight" in src
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
@@ -88,10 +85,6 @@ class DenseF16(Linear):
         self.bits = w.view(np.uint16)           # the same bytes, as Numba can take them
         self.shape = w.shape
 
-    @staticmethod
-    def present(src, prefix):
-        name = prefix + ".weight"
-        return name in src and src.raw(name)[1] == "F16" and src.raw(name)[0].shape[-1] % 16 == 0
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
@@ -141,9 +134,6 @@ class Q4(Linear):
         lin.q4, lin.p, lin.shape, lin.int8_activations = None, p, p.shape, True
         return lin
 
-    @staticmethod
-    def present(src, prefix):
-        return prefix + ".qweight" in src and prefix + ".zeros" in src
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
@@ -209,9 +199,6 @@ class Q8(Linear):
         self.shape = q8.shape
         self.int8_activations = True
 
-    @staticmethod
-    def present(src, prefix):
-        return prefix + ".qweight" in src and prefix + ".zeros" not in src and src.raw(prefix + ".qweight")[1] == "I8"
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
@@ -245,9 +232,6 @@ class AWQGemm(Q4):
     scales fp16 [K/g, N]), converted once at load into the native Q4Linear; from then on it is a Q4
     (same kernels, same fusion, kind "q4"). Conversion is exact: codes, zeros and scales are moved."""
 
-    @staticmethod
-    def present(src, prefix):
-        return prefix + ".qweight" in src and prefix + ".qzeros" in src
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
@@ -262,8 +246,16 @@ class AWQGemm(Q4):
         return cls(q4)
 
 
-# format name -> class; checkpoint loading asks each, in order, whether its tensors are present.
-LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "q4": Q4, "q8": Q8, "awq_gemm": AWQGemm}
+# stored format (formats/tensors.linear_format) -> class. bf16 is widened to float32 at load.
+LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "bf16": DenseF32, "q4": Q4, "q8": Q8, "awq_gemm": AWQGemm}
+
+
+def linear_class(fmt: str | None, k: int):
+    """The class that loads a linear stored as `fmt` with K = k inputs, or None. fp16 stays fp16
+    where the kernel reads whole 16-lane vectors (K % 16 == 0); otherwise it is widened."""
+    if fmt == "f16" and k % 16:
+        return DenseF32
+    return LINEAR_FORMATS.get(fmt)
 
 
 def fuse_rows(parts):
