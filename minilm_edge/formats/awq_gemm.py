@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QuantFormatError, UsageError
+from .q4 import Q4Linear, pack_nibbles, unpack_nibbles
 
 QUANT_METHOD = "awq"
 VERSION = "gemm"
@@ -89,7 +90,6 @@ def unpack_awq(words: np.ndarray) -> np.ndarray:
 
 def q4_to_awq(q4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4Linear -> (qweight int32 [K, N/8], qzeros int32 [G, N/8], scales float16 [G, N])."""
-    from .q4 import unpack_nibbles
     n, k = q4.shape
     if q4.n_salient:
         raise UsageError(f"the layer keeps {q4.n_salient} fp16 salient input channels, which the AutoAWQ "
@@ -104,7 +104,6 @@ def q4_to_awq(q4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def awq_to_q4(qweight, qzeros, scales):
     """AutoAWQ GEMM tensors -> Q4Linear; QuantFormatError naming the tensor on bad dtypes/shapes."""
-    from .q4 import Q4Linear, pack_nibbles
     for name, arr, dtype in (("qweight", qweight, np.int32), ("qzeros", qzeros, np.int32),
                              ("scales", scales, np.float16)):
         if not isinstance(arr, np.ndarray) or arr.ndim != 2 or arr.dtype != dtype:
@@ -125,7 +124,6 @@ def awq_to_q4(qweight, qzeros, scales):
 def regroup(q4, group_size: int):
     """The same weights with smaller groups: each group of q4.group_size is split into groups of
     `group_size` that carry its scale and zero point (exact: dequantize() is unchanged)."""
-    from .q4 import Q4Linear
     if q4.group_size % group_size:
         raise UsageError(f"cannot re-group g = {q4.group_size} into g = {group_size} exactly")
     r = q4.group_size // group_size

@@ -12,7 +12,7 @@ from ..errors import CheckpointError, ModelNotFoundError
 from .safetensors import SafetensorsFile, to_float32
 
 # Our name -> (Hugging Face name, expected shape as a function of the config).
-# {i} is the block index. Shapes use the vocabulary of config.py: [N out, K in] for linears.
+# {i} is the block index. Shapes use the vocabulary of runtime/config.py: [N out, K in] for linears.
 GLOBAL_TENSORS = {
     "embed": ("model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size)),
     "norm": ("model.norm.weight", lambda c: (c.hidden_size,)),

@@ -2,7 +2,7 @@
 check every shape against the config, and build the runtime's `Weights`.
 
 Hugging Face Llama checkpoints already store q/k rows in the rotate-half RoPE layout this runtime
-uses, so no permutation happens here (GGUF files differ; `gguf_import` undoes theirs).
+uses, so no permutation happens here (GGUF files differ; formats/gguf.py undoes theirs).
 """
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def scoring_head(model):
     """The lm_head as a function [t, D] -> [t, V] float32, for scoring many tokens.
 
     An fp16 head (the tied embedding of an int4 model) is widened to float32 once here, instead of
-    tile by tile on every call as the prefill kernel does (kernels_dense.matmul_f16_f32): per
+    tile by tile on every call as the prefill kernel does (kernels/dense_f32.matmul_f16_f32): per
     TOKEN_CHUNK tokens that widening cost about twice the matrix product. The products are the
     same calls on the same float32 tiles (and one row goes to the head's own matvec, as
     `Linear.__call__` sends it), so the logits are the same bits (tested); the price is V·D·4
