@@ -16,8 +16,7 @@ from .runtime.evaluate import perplexity
 from .runtime.generation import SamplingSettings
 from .runtime.model import Model, load
 from .quant.quantize import quantize
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "load", "Model", "SamplingSettings", "perplexity", "quantize", "MiniLMError", "UsageError", "ModelNotFoundError",

@@ -1,29 +1,30 @@
-"""AWQ (minilm_edge.awq, calibration, quantize --method awq): properties on tiny random models, the
-library functions against their readable twins in reference/awq.py, determinism, calibration
-sources, the report, and the CLI's handling of bad input."""
+"""AWQ (minilm_edge.quant: awq, clip, llama_block, calibration; quantize --method awq): properties
+on tiny random models, the library functions against their readable twins in reference/awq.py
+(the whole run against reference's awq_model: test_reference_awq.py), determinism, calibration
+sources and their sampler, the report, and the CLI's handling of bad input."""
 import doctest
 import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import minilm_edge
-from minilm_edge.quant import awq
-from minilm_edge.quant.calibration import from_files, self_generated, split_documents
-from minilm_edge.formats.tensors import TensorSource
 from minilm_edge.app.cli import main
-from minilm_edge.runtime.config import LlamaConfig
+from minilm_edge.formats.tensors import TensorSource
+from minilm_edge.quant import awq, clip, llama_block, parallel
+from minilm_edge.quant.calibration import from_files, self_generated, split_documents
 from minilm_edge.quant.quantize import quantize
+from minilm_edge.runtime.config import LlamaConfig
+from minilm_edge.runtime.generation import sample_rows
 from minilm_edge.runtime.tokenizer import Tokenizer
-from reference import awq as ref
-from reference import llama as ref_llama
+from reference import awq as ref, llama as ref_llama
 from tinymodel import make_model_dir, random_weights, tiny_config
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
 FOLD_RTOL = 2e-4          # float32 reassociation after multiplying and dividing by s (s within 1e±2)
 FAST = dict(samples=4, seq_len=32, progress=False)
+SWEEPS = awq.AWQSettings().clip_sweeps      # the joint clip's passes, as quantize runs it
 
 
 def block_weights(cfg, seed, i=0):
@@ -54,11 +55,11 @@ def tiny_cfg(**over):
 def test_folding_keeps_the_fp_function(seed, kv, qwen, log_span):
     d, cfg = tiny_cfg(num_key_value_heads=kv, model_type="qwen2" if qwen else "llama")
     w, full = block_weights(d, seed)
-    bs = awq.BlockShape.of(cfg)
+    bs = llama_block.BlockShape.of(cfg)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, 7, cfg.hidden_size)).astype(np.float32)
-    cos, sin = awq.rope_tables(cfg, 7)
-    before = awq.block_forward(w, bs, x, cos, sin)["out"]
+    cos, sin = llama_block.rope_tables(cfg, 7)
+    before = llama_block.block_forward(w, bs, x, cos, sin)["out"]
     folded = w
     for g in awq.LLAMA_GROUPS:
         if awq.can_fold(folded, g):
@@ -66,11 +67,32 @@ def test_folding_keeps_the_fp_function(seed, kv, qwen, log_span):
             s = np.exp(rng.uniform(-log_span, log_span, k)).astype(np.float32)
             folded = awq.fold_scales(folded, g, s)
     assert awq.can_fold(w, awq.LLAMA_GROUPS[1]) == (kv == cfg.num_attention_heads)   # v -> o only for MHA
-    after = awq.block_forward(folded, bs, x, cos, sin)["out"]
+    after = llama_block.block_forward(folded, bs, x, cos, sin)["out"]
     np.testing.assert_allclose(after, before, rtol=FOLD_RTOL, atol=FOLD_RTOL * np.abs(before).max())
     # and awq's NumPy block is the reference block
     expected = np.stack([ref_llama.block(xi, full, 0, d, np.arange(7), ref_llama.rope_settings(d)) for xi in x])
     np.testing.assert_allclose(before, expected, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), kv=st.sampled_from([1, 2, 4]), qwen=st.booleans(), first=st.integers(1, 7))
+def test_the_block_over_a_kv_cache_is_the_whole_sequence_block(seed, kv, qwen, first):
+    # Self-generated calibration decodes through the block over a KV cache; AWQ runs whole
+    # sequences. A prefill of `first` positions, then one position at a time, gives the same block.
+    d, cfg = tiny_cfg(num_key_value_heads=kv, model_type="qwen2" if qwen else "llama")
+    w, _ = block_weights(d, seed)
+    bs = llama_block.BlockShape.of(cfg)
+    x = np.random.default_rng(seed).standard_normal((2, 7, cfg.hidden_size)).astype(np.float32)
+    cos, sin = llama_block.rope_tables(cfg, 9)
+    whole = llama_block.block_forward(w, bs, x, cos[:7], sin[:7])["out"]
+    cache = tuple(np.full((2, kv, 9, cfg.head_dim), np.nan, np.float32) for _ in range(2))   # unwritten: nan
+    steps, p0 = [], 0
+    for T in [first] + [1] * (7 - first):
+        part = llama_block.block_forward(w, bs, x[:, p0:p0 + T], cos[p0:p0 + T], sin[p0:p0 + T], cache, p0)
+        steps.append(part["out"])
+        p0 += T
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, rtol=1e-5, atol=1e-5)
+    assert np.isnan(cache[0][:, :, 7:]).all() and not np.isnan(cache[0][:, :, :7]).any()
 
 
 # ---- the search and the clip never make things worse than plain rounding
@@ -81,23 +103,21 @@ def test_folding_keeps_the_fp_function(seed, kv, qwen, log_span):
 def test_chosen_scale_loss_is_never_above_identity(duo, bits, clipped):
     d, cfg = tiny_cfg(**QUANTIZABLE)
     w, _ = block_weights(d, 3)
-    bs = awq.BlockShape.of(cfg)
+    bs = llama_block.BlockShape.of(cfg)
     x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
     x[..., 5] *= 20                                               # one salient channel
-    cos, sin = awq.rope_tables(cfg, 16)
-    inter = awq.block_forward(w, bs, x, cos, sin)
+    cos, sin = llama_block.rope_tables(cfg, 16)
+    inter = llama_block.block_forward(w, bs, x, cos, sin)
     gs = {k: (64 if w[k].shape[1] % 64 == 0 else 32) for k in ("q", "k", "v", "o", "gate", "up", "down")}
     for g in awq.LLAMA_GROUPS:
         grams = None
         if clipped:                                   # each α sees the clipped linears clipped first
             xi = inter[g.inp]
-            grams = {lin: awq.group_gram(xi, gs[lin]) / (xi.size // xi.shape[-1])
+            grams = {lin: clip.group_gram(xi, gs[lin]) / (xi.size // xi.shape[-1])
                      for lin in g.linears if lin not in awq.NO_CLIP}
         r = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, bits, gs, duo=duo,
                              grams=grams)
         assert len(r.losses) == 20 and r.loss_best <= r.loss_identity
-        if r.alpha == 0.0 and not duo:
-            assert np.all(r.scales == 1.0)
 
 
 @settings(max_examples=10, deadline=None)
@@ -112,8 +132,8 @@ def test_the_scale_search_rounds_the_weights_it_would_store(seed, bits, salient)
     x[:, 3] *= 10
     s = np.exp(rng.uniform(-1, 1, 64)).astype(np.float32)
     sal = np.array([3, 40], np.int32) if salient else None
-    got = awq.scaled_fake_quantize(w, s, bits, 32, sal, awq.group_gram(x, 32) / len(x))
-    clipped, _ = awq.clip_search(w * s[None, :], x / s[None, :], bits, 32, sal)
+    got = awq.scaled_fake_quantize(w, s, bits, 32, sal, clip.group_gram(x, 32) / len(x))
+    clipped, _ = clip.clip_search(w * s[None, :], x / s[None, :], bits, 32, sal)
     want = awq.fake_quantize(clipped, bits, 32, sal)
     if salient:
         want[:, sal] = (w * s[None, :])[:, sal].astype(np.float16).astype(np.float32)
@@ -127,8 +147,8 @@ def test_clipping_never_increases_the_group_loss(seed, bits):
     w = rng.standard_normal((6, 64)).astype(np.float32)
     w[rng.integers(0, 6), rng.integers(0, 64)] *= 8                # an outlier worth clipping
     x = rng.standard_normal((40, 64)).astype(np.float32)
-    clipped, r = awq.clip_search(w, x, bits, 32)
-    clipped_two, r_two = awq.clip_search(w, x, bits, 32, two_sided=True)
+    clipped, r = clip.clip_search(w, x, bits, 32)
+    clipped_two, r_two = clip.clip_search(w, x, bits, 32, two_sided=True)
 
     def group_err(wc):
         d = awq.fake_quantize(wc, bits, 32) - w                      # [N, K]
@@ -145,12 +165,12 @@ def test_clip_tokens_hold_every_samples_first_token():
     # n·T tokens almost always misses, so the clip search clamped the weights meeting them
     # (SmolLM2-135M W4: clip alone raised WikiText-2 perplexity above RTN's).
     n, T = 16, 512
-    idx = awq.clip_token_index(n, T, 512, seed=0)
+    idx = clip.clip_token_index(n, T, 512, seed=0)
     assert set((np.arange(n) * T).tolist()) <= set(idx.tolist())
     assert np.all(np.diff(idx) > 0) and idx.min() >= 0 and idx.max() < n * T
     assert 512 <= len(idx) <= 512 + n
-    assert np.array_equal(idx, awq.clip_token_index(n, T, 512, seed=0))
-    assert len(awq.clip_token_index(2, 8, 512, seed=0)) == 16           # fewer tokens than asked
+    assert np.array_equal(idx, clip.clip_token_index(n, T, 512, seed=0))
+    assert len(clip.clip_token_index(2, 8, 512, seed=0)) == 16           # fewer tokens than asked
 
 
 def test_clip_search_keeps_the_weights_that_meet_a_sink_token():
@@ -163,8 +183,8 @@ def test_clip_search_keeps_the_weights_that_meet_a_sink_token():
     x[:, 5] *= 0.01
     sink = np.zeros((1, 64), np.float32)
     sink[0, 5] = 300.0
-    without, _ = awq.clip_search(w, x, 4, 64)
-    with_sink, _ = awq.clip_search(w, np.concatenate([sink, x]), 4, 64)
+    without, _ = clip.clip_search(w, x, 4, 64)
+    with_sink, _ = clip.clip_search(w, np.concatenate([sink, x]), 4, 64)
     err = lambda wc: float(np.abs((awq.fake_quantize(wc, 4, 64) - w) @ sink[0]).max())
     assert err(with_sink) < err(without)
     assert err(with_sink) <= err(w) * (1 + 1e-6)
@@ -191,15 +211,15 @@ def test_joint_clip_never_raises_the_row_error(seed, bits, sal):
     x = (rng.standard_normal((400, 128)) + rng.standard_normal((400, 1)) + 0.5).astype(np.float32)
     x *= np.exp(rng.uniform(-1, 1, 128)).astype(np.float32)
     idx = np.sort(rng.choice(128, sal, replace=False)) if sal else None
-    gram, full = awq.group_gram(x, 32) / len(x), (x.T.astype(np.float64) @ x) / len(x)
-    per_group, _ = awq.clip_search(w, None, bits, 32, idx, gram=gram, two_sided=True)
-    joint, kept = awq.clip_search(w, None, bits, 32, idx, gram=gram, two_sided=True, full_gram=full)
+    gram, full = clip.group_gram(x, 32) / len(x), (x.T.astype(np.float64) @ x) / len(x)
+    per_group, _ = clip.clip_search(w, None, bits, 32, idx, gram=gram, two_sided=True)
+    joint, kept = clip.clip_search(w, None, bits, 32, idx, gram=gram, two_sided=True, full_gram=full, sweeps=SWEEPS)
     e_pg, e_joint = _row_errors(w, per_group, x, bits, 32, idx), _row_errors(w, joint, x, bits, 32, idx)
     assert np.all(e_joint <= e_pg * (1 + 1e-4) + 1e-12)
     assert e_joint.sum() < e_pg.sum()                   # and with these correlations it helps
     assert np.all((kept >= 0.55 * 0.55 - 1e-6) & (kept <= 1.0 + 1e-6))
-    if idx is not None:
-        np.testing.assert_array_equal(joint[:, idx], w[:, idx])
+    cols = [] if idx is None else idx                   # salient columns come back unchanged
+    np.testing.assert_array_equal(joint[:, cols], w[:, cols])
 
 
 # ---- library functions vs reference/awq.py
@@ -212,6 +232,7 @@ def test_formulas_match_reference():
     np.testing.assert_allclose(xm, ref.activation_mean(x), rtol=1e-6)
     wm = awq.weight_mean([w[:4], w[4:]], 32)
     np.testing.assert_allclose(wm, ref.weight_mean(w, 32), rtol=1e-5)
+    np.testing.assert_array_equal(awq.awq_scales(xm, 0.0), np.ones(64, np.float32))   # α = 0: plain RTN
     for alpha in (0.0, 0.35, 0.95):
         np.testing.assert_allclose(awq.awq_scales(xm, alpha), ref.awq_scales(xm, alpha), rtol=1e-5)
         np.testing.assert_allclose(awq.awq_scales(xm, alpha, wm), ref.awq_scales(xm, alpha, wm), rtol=1e-5)
@@ -224,15 +245,15 @@ def test_formulas_match_reference():
         loss = float(np.mean((got - x @ w.T) ** 2, dtype=np.float64))
         assert loss == pytest.approx(ref.linear_loss(w, x, s.astype(np.float64), bits, 32), rel=1e-3)
         for two in (False, True):
-            c1, r1 = awq.clip_search(w, x[:20], bits, 32, two_sided=two)
+            c1, r1 = clip.clip_search(w, x[:20], bits, 32, two_sided=two)
             c2, r2 = ref.clip_search(w, x[:20], bits, 32, two_sided=two)
             np.testing.assert_allclose(r1, r2, rtol=1e-6)
             np.testing.assert_array_equal(c1, c2)
     # the joint clip (whole-row error): the library on Gram matrices, the reference on tokens
     xt = x[:40] + np.float32(0.3)
-    gram, full = awq.group_gram(xt, 16) / len(xt), (xt.T.astype(np.float64) @ xt) / len(xt)
+    gram, full = clip.group_gram(xt, 16) / len(xt), (xt.T.astype(np.float64) @ xt) / len(xt)
     for bits in (3, 4):
-        c1, r1 = awq.clip_search(w, None, bits, 16, gram=gram, two_sided=True, full_gram=full)
+        c1, r1 = clip.clip_search(w, None, bits, 16, gram=gram, two_sided=True, full_gram=full, sweeps=SWEEPS)
         c2, r2 = ref.joint_clip_search(w, xt, bits, 16, two_sided=True)
         assert np.mean(r1 == r2) > 0.9
         np.testing.assert_allclose(_row_errors(w, c1, xt, bits, 16), _row_errors(w, c2, xt, bits, 16), rtol=1e-3)
@@ -326,15 +347,15 @@ def test_parallel_map_is_the_serial_map_in_order():
     try:
         for k in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
             numba.set_num_threads(k)
-            assert list(awq.parallel_map(slow_square, range(23))) == [i * i for i in range(23)]
-            assert list(awq.parallel_map(slow_square, [])) == []
+            assert list(parallel.parallel_map(slow_square, range(23))) == [i * i for i in range(23)]
+            assert list(parallel.parallel_map(slow_square, [])) == []
 
         def boom(i):
             if i == 5:
                 raise ValueError("five")
             return i
         with pytest.raises(ValueError, match="five"):
-            list(awq.parallel_map(boom, range(9)))
+            list(parallel.parallel_map(boom, range(9)))
     finally:
         numba.set_num_threads(n0)
 
@@ -378,6 +399,27 @@ def test_self_generated_calibration_is_reproducible(tmp_path):
     c = self_generated(ts, cfg, tok, n_samples=3, seq_len=24, seed=6, batch=2, progress=False)
     assert a.ids.shape == (3, 24) and a.ids.max() < cfg.vocab_size
     assert a.sha256 == b.sha256 and a.sha256 != c.sha256 and a.source == ["self-generated"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), top_p=st.sampled_from([1e-9, 0.3, 0.9, 1.0]),
+       temperature=st.sampled_from([0.5, 1.0, 2.0]))
+def test_calibration_draws_only_from_the_nucleus(seed, top_p, temperature):
+    """sample_rows (the calibration sampler) keeps, per row, the smallest set of most likely ids
+    whose probability reaches top_p, and nothing else; top-p → 0 is greedy."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.permutation(40)[None, :] * 0.2 + rng.standard_normal((3, 1))).astype(np.float32)  # distinct
+    p = np.exp(logits / temperature - (logits / temperature).max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    allowed = []
+    for row in p:
+        order = np.argsort(-row)
+        n_keep = 1 + int(np.sum(np.cumsum(row[order]) < top_p))
+        allowed.append(set(order[:n_keep].tolist()))
+    draws = np.stack([sample_rows(logits, temperature, top_p, rng) for _ in range(50)])    # [50, 3]
+    for r in range(3):
+        assert set(draws[:, r].tolist()) <= allowed[r]
+    assert np.array_equal(sample_rows(logits, temperature, 1e-9, rng), np.argmax(logits, axis=1))
 
 
 # ---- the CLI: bad input gives one line and leaves nothing behind
@@ -427,10 +469,10 @@ def test_candidate_rounding_errors_are_fake_quantize_of_the_clamps(seed, bits, s
     wg = w.reshape(7, 3, 32)
     lo0, hi0 = wg.min(axis=2, keepdims=True), wg.max(axis=2, keepdims=True)
     amax = np.maximum(-lo0, hi0)
-    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in awq.CLIP_SHRINKS + (a,)]
-    cands += [(lo0 * np.float32(x), hi0 * np.float32(y)) for x in awq.CLIP_SHRINKS[::3] + (a,)
-              for y in awq.CLIP_SHRINKS[::4] + (b,)]
-    got = awq.candidate_rounding_errors(wg, lo0, hi0, np.stack([lo[..., 0] for lo, _ in cands]),
+    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in clip.CLIP_SHRINKS + (a,)]
+    cands += [(lo0 * np.float32(x), hi0 * np.float32(y)) for x in clip.CLIP_SHRINKS[::3] + (a,)
+              for y in clip.CLIP_SHRINKS[::4] + (b,)]
+    got = clip.candidate_rounding_errors(wg, lo0, hi0, np.stack([lo[..., 0] for lo, _ in cands]),
                                         np.stack([hi[..., 0] for _, hi in cands]), bits)
     for c, (lo, hi) in enumerate(cands):
         want = awq.fake_quantize(np.clip(wg, lo, hi).reshape(7, 96), bits, 32).reshape(7, 3, 32) - wg
@@ -448,8 +490,8 @@ def test_clip_search_on_gram_matrices_is_the_clip_search_on_tokens(seed, bits, g
     x = (rng.standard_normal((300, 2 * g)) * np.exp(rng.uniform(-2, 2, 2 * g))).astype(np.float32)
     idx = np.sort(rng.choice(2 * g, sal, replace=False)) if sal else None
     two = bool(seed % 2)
-    c1, r1 = awq.clip_search(w, x, bits, g, idx, two_sided=two)
-    c2, r2 = awq.clip_search(w, None, bits, g, idx, gram=awq.group_gram(x, g) / len(x), two_sided=two)
+    c1, r1 = clip.clip_search(w, x, bits, g, idx, two_sided=two)
+    c2, r2 = clip.clip_search(w, None, bits, g, idx, gram=clip.group_gram(x, g) / len(x), two_sided=two)
     def err(c):                                      # the per-(row, group) error of a clipped weight
         dq = (awq.fake_quantize(c, bits, g, idx) - np.where(np.isin(np.arange(2 * g), idx if sal else []), 0, w))
         return np.mean((x.reshape(-1, 2, g)[:, None] * dq.reshape(24, 2, g)[None]).sum(-1) ** 2, axis=0)

@@ -9,12 +9,11 @@ from safetensors.numpy import load_file
 import minilm_edge
 from minilm_edge.app.cli import main
 from minilm_edge.quant.quantize import quantize
-from reference import llama as ref
-from reference import q4 as ref_q4
+from reference import llama as ref, q4 as ref_q4
 from tinymodel import make_model_dir
 
 LOGIT_ATOL = 1e-3     # int4 kernels (fp32 accumulation, reassociated) vs reference on dequantized weights
-# int8 activations in prefill (kernels_vnni, on VNNI CPUs): each activation is off by up to 1/254 of
+# int8 activations in prefill (kernels/quant_i8_matmul.py, on VNNI CPUs): each activation is off by up to 1/254 of
 # its block's max (~0.5% error per linear); through 2 random blocks and the head, measured 2.8-3.5% of
 # the logits' norm for these 9 variants. A wrong channel or scale gives errors of order 100%.
 INT8_LOGIT_RTOL = 0.06
@@ -120,14 +119,17 @@ def test_already_quantized_source_is_refused(tmp_path):
         quantize(out, tmp_path / "qq", method="rtn", progress=False)
 
 
+UP, Q1 = "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"
+
+
 @pytest.mark.parametrize("tamper, msg", [
-    (lambda raw: raw.__setitem__("model.layers.0.mlp.up_proj.zeros", raw["model.layers.0.mlp.up_proj.zeros"] + 16), "zeros"),
-    (lambda raw: raw.__setitem__("model.layers.0.mlp.up_proj.scales", raw["model.layers.0.mlp.up_proj.scales"].astype(np.float32)), "scales"),
-    (lambda raw: raw.__setitem__("model.layers.1.self_attn.q_proj.qweight", raw["model.layers.1.self_attn.q_proj.qweight"][:, :-2].copy()), "q_proj"),
-    (lambda raw: raw.update({"model.layers.0.mlp.up_proj.salient_idx": np.array([5, 3], np.int32),
-                             "model.layers.0.mlp.up_proj.salient_w": np.zeros((96, 2), np.float16)}), "salient_idx"),
-    (lambda raw: raw.update({"model.layers.0.mlp.up_proj.salient_idx": np.array([1, 999], np.int32),
-                             "model.layers.0.mlp.up_proj.salient_w": np.zeros((96, 2), np.float16)}), "salient_idx"),
+    (lambda raw: raw.__setitem__(UP + ".zeros", raw[UP + ".zeros"] + 16), "zeros"),
+    (lambda raw: raw.__setitem__(UP + ".scales", raw[UP + ".scales"].astype(np.float32)), "scales"),
+    (lambda raw: raw.__setitem__(Q1 + ".qweight", raw[Q1 + ".qweight"][:, :-2].copy()), "q_proj"),
+    (lambda raw: raw.update({UP + ".salient_idx": np.array([5, 3], np.int32),
+                             UP + ".salient_w": np.zeros((96, 2), np.float16)}), "salient_idx"),
+    (lambda raw: raw.update({UP + ".salient_idx": np.array([1, 999], np.int32),
+                             UP + ".salient_w": np.zeros((96, 2), np.float16)}), "salient_idx"),
 ])
 def test_corrupt_quantized_tensors_are_refused(tmp_path, tamper, msg):
     from safetensors.numpy import save_file
@@ -142,6 +144,7 @@ def test_corrupt_quantized_tensors_are_refused(tmp_path, tamper, msg):
 
 def test_model_folder_writes_fortran_ordered_tensors_in_c_order(tmp_path):
     from safetensors.numpy import load_file
+
     from minilm_edge.formats.folder import write_model_folder
     (tmp_path / "src").mkdir()
     a = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
@@ -153,6 +156,7 @@ def test_model_folder_writes_fortran_ordered_tensors_in_c_order(tmp_path):
 def test_model_folder_has_an_ordinary_folders_mode(tmp_path):
     # mkdtemp makes its folder 0700; a quantized model is often served by another account
     import os
+
     from minilm_edge.formats.folder import write_model_folder
     (tmp_path / "src").mkdir()
     umask = os.umask(0o027)
@@ -168,6 +172,7 @@ def test_a_killed_quantizes_folder_is_removed_by_the_next_one(tmp_path):
     import os
     import subprocess
     import sys
+
     from minilm_edge.formats.folder import write_model_folder
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()

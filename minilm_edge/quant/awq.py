@@ -20,16 +20,10 @@ The scale per channel is searched, per group of linears sharing one input, to mi
 
 The "·X … W·X" part is measured through the module the group feeds, not the linear alone: the whole
 attention (RoPE, causal mask, GQA, then o) for q/k/v, the whole SwiGLU MLP for gate/up, the single
-linear for o and down. Then the scales are folded into the previous op (RMSNorm weight ÷ s, or the
-output rows of the previous linear ÷ s) and the group's weight columns × s: the full-precision
-function is unchanged. Last, a clip search shrinks each (row, group)'s range: the clamp
-[−r·max|w|, r·max|w|] with r in 1.00, 0.95, …, 0.55, or [a·min w, b·max w] with a, b on the same
-grid (each end on its own: the quantizer is min/max, not symmetric), that least changes the group's
-partial dot products (skipped for q and k, whose errors pass through the softmax), measured on every
-calibration token through per-group second moments (`group_gram`; or, with clip_all_tokens off,
-on ~512 random tokens plus each sample's first, the attention sink: `clip_token_index`); then the
-clamps of a row's groups are revised together on the row's whole output error, cross terms between
-groups included (`_joint_clip_choice`).
+linear for o and down (llama_block.py). Then the scales are folded into the previous op (RMSNorm
+weight ÷ s, or the output rows of the previous linear ÷ s) and the group's weight columns × s: the
+full-precision function is unchanged. Last, the clip search (clip.py) shrinks each (row, group)'s
+range, skipped for q and k, whose errors pass through the softmax.
 
 Blocks are calibrated one after the other; block l+1 sees the full-precision output of block l
 (computed before any change), so errors do not compound during calibration. Calibration tokens run in
@@ -38,21 +32,17 @@ states; the attention's scale loss is measured on the first `search_samples` sam
 sequences), the MLP's and single linears' on `search_tokens` tokens drawn from every sample, the
 statistic and the clip search over all tokens.
 
-Five choices beyond DESIGN §5, measured on the validation split (WikiText-2 valid, first 8,192
-tokens, ctx 512; W4, 128×512 C4 tokens, seed 0; fp 22.74, RTN 30.36; BENCHMARKS.md): the spec's
-4 search samples and ~512 clip tokens gave 27.31 (40% of the gap); the clip search over all
-tokens 26.92, the token-wise losses on 4,096 tokens from every sample 26.82, both 26.57 (50%),
-the two-sided clamps on top 26.49 (mean KL from the fp model 0.151 vs 0.158), and each α's loss
-measured on the weights clipped as they will be (the symmetric clip search inside the scale
-search, since the weights that get stored are clipped, not merely rounded) 26.34 (KL 0.147),
-and the clamps chosen per row rather than per group 25.94: a linear's output error on a token is
-the sum of its groups' partial errors, and DESIGN §5's per-group objective drops the cross terms
-(a common offset or correlated channels make the groups' errors add up or cancel).
-With 128 samples the ~512 clip tokens held 128 attention sinks (20% of them, each with ~100×
-activations in a few channels): the clip search mostly fitted those. (AWQSettings turns each off.)
+Choices beyond DESIGN §5, each measured better on the validation split (BENCHMARKS.md) and each
+switched off by an AWQSettings field: the clip search on every calibration token through per-group
+second moments (clip_all_tokens; otherwise ~512 random tokens plus every sample's attention sink);
+the token-wise losses on tokens from every sample (search_tokens); the two-sided clamps
+(clip_two_sided); each α's loss measured on the weights clipped as they will be stored
+(search_clip: the symmetric clip search inside the scale search); and the clamps of a row's groups
+chosen together on the row's whole output error (clip_joint_tokens, clip_sweeps).
 
 Which norm or linear feeds which linears is per-architecture knowledge, kept in one table
 (`SCALE_GROUPS`). Everything here is pure functions on NumPy arrays; `run_awq` orchestrates.
+Readable twins: reference/awq.py (the formulas, the α search on one block, the loop over blocks).
 
 Shapes as in config.py: B samples in a chunk, T tokens per sample, D, H, Hkv, Dh, F; K = a linear's
 input size, N its output size.
@@ -65,6 +55,9 @@ import math
 import numpy as np
 
 from ..errors import UsageError
+from .clip import clip_search, clip_token_index, group_gram, scaled_gram, second_moments
+from .llama_block import BlockShape, attention, block_forward, load_block, mlp, rope_tables
+from .parallel import parallel_map
 
 # ----------------------------------------------------------------------------------------------
 # Per-architecture knowledge: which op's output is divided by s, and which linears' columns are × s.
@@ -91,10 +84,8 @@ SCALE_GROUPS = {"llama": LLAMA_GROUPS, "mistral": LLAMA_GROUPS, "qwen2": LLAMA_G
 NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax: clipping hurts (paper)
 
 N_GRID = 20                                        # α = 0, 0.05, …, 0.95
-CLIP_SHRINKS = tuple(1.0 - i / 20 for i in range(10))   # 1.00, 0.95, …, 0.55
-CLIP_CHUNK_ELEMENTS = 1 << 23      # rounding errors held at once by the clip search (32 MiB)
-MAX_WORKERS = 4                    # threads of parallel_map at most
 SCALE_FLOOR = 1e-4
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +100,7 @@ class AWQSettings:
     clip_two_sided: bool = True   # the clip search also cuts each end of a group's range on its own
     search_samples: int = 4       # samples (whole sequences) the attention's scale loss is measured on
     search_tokens: int = 4096     # tokens drawn from all samples for the MLP / linear losses (0: the search samples')
-    search_clip: bool = True      # each α's loss sees the clipped linears clipped (symmetric search) first
+    search_clip: bool = True      # each α's loss sees the clipped linears clipped first (needs clip_all_tokens)
     clip_joint_tokens: int = 16384  # tokens for the cross-group moments of the joint clip (0: per group only)
     clip_sweeps: int = 2          # passes of the joint clip over each row's groups
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
@@ -209,161 +200,8 @@ def scaled_fake_quantize(w, s, bits, group_size, salient_idx=None, gram=None):
     return w_hat / s[None, :]
 
 
-def group_gram(x: np.ndarray, group_size: int) -> np.ndarray:
-    """Σ_t x_g(t) x_g(t)ᵀ for every group g of x's channels, in float64: the per-group second
-    moments that `clip_search` needs (sum them over chunks, divide by the token count).
-                                                                    x [..., K] -> [G, g, g]"""
-    xg = x.reshape(-1, x.shape[-1] // group_size, group_size).transpose(1, 0, 2)     # [G, t, g]
-    return np.matmul(xg.transpose(0, 2, 1), xg).astype(np.float64)
-
-
-def _second_moments(x: np.ndarray) -> np.ndarray:
-    """Σ_t x(t) x(t)ᵀ in float64 (summed over chunks, then divided).           x [t, K] -> [K, K]"""
-    return (x.T @ x).astype(np.float64)
-
-
-def scaled_gram(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray:
-    """The per-group second moments of x ÷ s from those of x: C_g / (s_g s_gᵀ).
-                                                          gram [G, g, g], s [G·g] -> [G, g, g]"""
-    sg = s.astype(np.float64).reshape(-1, group_size)
-    return gram / (sg[:, :, None] * sg[:, None, :])
-
-
-def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int, salient_idx=None,
-                gram: np.ndarray | None = None, two_sided: bool = False, full_gram: np.ndarray | None = None,
-                sweeps: int = 2):
-    """Per (row, group) clamp of the weights minimising the error of the group's partial dot
-    products  e = mean_t ( Σ_{k∈group} (Q(clamp(w, lo, hi))[n, k] − w[n, k]) · x[t, k] )².
-
-    The candidates (DESIGN §5): the symmetric clamps lo = −r·max|w|, hi = r·max|w| for the shrink
-    factors r in CLIP_SHRINKS. With two_sided, also every pair lo = a·min w, hi = b·max w (a, b in
-    CLIP_SHRINKS): the quantizer is asymmetric (min/max), so each end of the range can be cut on its
-    own; the symmetric candidates stay, so the choice is never worse than the symmetric search's.
-
-    w [N, K] (already scaled), x [n_tok, K] (already ÷ s) -> (clipped w [N, K], kept [N, G]), kept
-    the fraction of each group's range max w − min w that the chosen clamp keeps (1: unclipped).
-    Or, instead of x, gram [G, g, g] = mean_t x_g x_gᵀ (already ÷ s s ᵀ): then e = Δᵀ C_g Δ per
-    (row, group), Δ the group's rounding error — the same mean over tokens, on as many tokens as
-    the Gram matrix saw, at a cost that does not grow with them.
-    With gram and also full_gram [K, K] = mean_t x xᵀ (÷ s sᵀ; its diagonal blocks are taken from
-    gram), the choice then minimises the whole row's error Δ_rowᵀ C Δ_row, cross terms between
-    groups included, by `sweeps` passes of coordinate descent over the groups
-    (`_joint_clip_choice`; reference: `joint_clip_search`).
-    Salient columns are left out (they are stored exactly) and left unchanged.
-    """
-    n, k = w.shape
-    G = k // group_size
-    wz = np.array(w, np.float32)
-    if salient_idx is not None:
-        wz[:, salient_idx] = 0.0
-    if gram is None:
-        xg = np.ascontiguousarray(x.reshape(-1, G, group_size).transpose(1, 2, 0))   # [G, g, n_tok]
-    else:
-        gram32 = gram.astype(np.float32)
-    wg = wz.reshape(n, G, group_size)                                            # [N, G, g]
-    lo0 = wg.min(axis=2, keepdims=True)                                          # [N, G, 1]
-    hi0 = wg.max(axis=2, keepdims=True)
-    amax = np.maximum(-lo0, hi0)
-    cands = [(-amax * np.float32(r), amax * np.float32(r)) for r in CLIP_SHRINKS]
-    if two_sided:
-        cands += [(lo0 * np.float32(a), hi0 * np.float32(b)) for a in CLIP_SHRINKS for b in CLIP_SHRINKS]
-    cand_lo = np.stack([np.broadcast_to(lo[..., 0], (n, G)) for lo, _ in cands])   # [C, N, G]
-    cand_hi = np.stack([np.broadcast_to(hi[..., 0], (n, G)) for _, hi in cands])
-    n_cand = len(cands)
-    all_err = np.empty((n_cand, n, G), np.float32)
-    chunk = max(1, min(n_cand, CLIP_CHUNK_ELEMENTS // (n * k)))          # candidates per pass
-    buf = np.empty((chunk, G, n, group_size), np.float32)                # reused: no fresh pages
-    for c0 in range(0, n_cand, chunk):
-        c1 = min(n_cand, c0 + chunk)
-        dq = candidate_rounding_errors(wg, lo0, hi0, cand_lo[c0:c1], cand_hi[c0:c1], bits, buf[:c1 - c0])
-        for c in range(c0, c1):
-            dqt = dq[c - c0]                                                     # [G, N, g]
-            if gram is None:
-                err = np.matmul(dqt, xg)                                         # [G, N, n_tok]
-                all_err[c] = np.mean(err * err, axis=2).T                        # [N, G]
-            else:
-                all_err[c] = np.einsum("gnk,gnk->ng", np.matmul(dqt, gram32), dqt)
-    del buf
-    choice = np.argmin(np.nan_to_num(all_err, nan=np.inf), axis=0)   # [N, G]; ties: the earlier one
-    if full_gram is not None and gram is not None and G > 1:
-        choice = _joint_clip_choice(wg, lo0, hi0, cand_lo, cand_hi, bits, all_err, choice, full_gram, gram32,
-                                    sweeps)
-    best_lo = np.take_along_axis(cand_lo, choice[None], 0)[0]
-    best_hi = np.take_along_axis(cand_hi, choice[None], 0)[0]
-    out = np.clip(np.asarray(w, np.float32).reshape(n, G, group_size), best_lo[..., None], best_hi[..., None])
-    out = out.reshape(n, k)
-    if salient_idx is not None:
-        out[:, salient_idx] = w[:, salient_idx]
-    kept_lo, kept_hi = np.maximum(best_lo, lo0[..., 0]), np.minimum(best_hi, hi0[..., 0])
-    span = hi0[..., 0] - lo0[..., 0]
-    kept = np.where(span > 0, (kept_hi - kept_lo) / np.where(span > 0, span, 1), 1).astype(np.float32)
-    return out, kept
-
-
-def _joint_clip_choice(wg, lo0, hi0, cand_lo, cand_hi, bits, all_err, choice, full_gram, gram32, sweeps):
-    """Coordinate descent over a row's groups on the whole row's output error Δᵀ C Δ.
-
-    The per-group search scores each group's partial dot product alone; the linear's output error
-    also has the cross terms Δ_iᵀ C_ij Δ_j between groups. Starting from the per-group choice, each
-    group in turn takes the candidate minimising the row's total error given the others' current
-    choice (quadratic term all_err, from `gram32`; cross terms from `full_gram`), `sweeps` times;
-    the total never increases. Each group's candidates' Δ are recomputed when it is visited (one
-    Numba pass) rather than all kept.
-        wg [N, G, g]; lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G]; all_err [C, N, G];
-        choice [N, G] -> choice [N, G]"""
-    nc, n, G = cand_lo.shape
-    g = wg.shape[2]
-    cfull = np.array(full_gram, np.float32)
-    for i in range(G):                                  # its own blocks: the per-group (all-token) ones
-        cfull[i * g:(i + 1) * g, i * g:(i + 1) * g] = gram32[i]
-    rows = np.arange(n)
-    pick = lambda a: np.take_along_axis(a, choice[None], 0)                # [1, N, G]
-    d = candidate_rounding_errors(wg, lo0, hi0, pick(cand_lo), pick(cand_hi), bits)[0]   # [G, N, g]
-    r = d.transpose(1, 0, 2).reshape(n, G * g) @ cfull                  # [N, K]: C Δ per row
-    buf = np.empty((nc, 1, n, g), np.float32)
-    for _ in range(sweeps):
-        for i in range(G):
-            sl = slice(i * g, (i + 1) * g)
-            dq = candidate_rounding_errors(wg[:, i:i + 1], lo0[:, i:i + 1], hi0[:, i:i + 1],
-                                           cand_lo[:, :, i:i + 1], cand_hi[:, :, i:i + 1], bits, buf)[:, 0]
-            others = r[:, sl] - d[i] @ gram32[i]                          # [N, g]
-            e = all_err[:, :, i] + 2.0 * np.einsum("cnk,nk->cn", dq, others)
-            new = np.argmin(np.nan_to_num(e, nan=np.inf), axis=0)
-            dn = dq[new, rows]
-            r += (dn - d[i]) @ cfull[sl, :]
-            d[i] = dn
-            choice[:, i] = new
-    return choice
-
-
-def _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits):
-    """Each candidate's quantizer step (fp16-rounded, as stored) and zero point per (row, group),
-    without reducing the clamped group again: a group whose range was [lo0, hi0] has, clamped to
-    [lo, hi], the range [min(max(lo0, lo), hi), min(max(hi0, lo), hi)].
-                                      lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> 2 × [C, N, G]"""
-    from ..formats.q4 import SCALE_FLOOR as RANGE_FLOOR, _fp16_scale
-    qmax = np.float32((1 << bits) - 1)
-    lo_c = np.minimum(np.maximum(lo0[..., 0], cand_lo), cand_hi)
-    hi_c = np.minimum(np.maximum(hi0[..., 0], cand_lo), cand_hi)
-    step = _fp16_scale(np.maximum(hi_c - lo_c, np.float32(RANGE_FLOOR)) / qmax, "scales").astype(np.float32)
-    zero = np.clip(-np.round(lo_c / step), 0, qmax)
-    return step, zero
-
-
-def candidate_rounding_errors(wg, lo0, hi0, cand_lo, cand_hi, bits, out=None):
-    """Δ = fake_quantize(clamp(w, lo, hi)) − w of every group for every candidate clamp, bit for
-    bit, in one Numba pass; into `out` when given (a reused buffer saves the first-touch cost of
-    fresh pages).
-                    wg [N, G, g]; lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> [C, G, N, g]"""
-    from ..kernels.clip_errors import clamped_rounding_errors
-    step, zero = _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits)
-    c, n, G = cand_lo.shape
-    if out is None:
-        out = np.empty((c, G, n, wg.shape[2]), np.float32)
-    clamped_rounding_errors(np.ascontiguousarray(wg, np.float32), np.ascontiguousarray(cand_lo, np.float32),
-                            np.ascontiguousarray(cand_hi, np.float32), step, zero.astype(np.float32),
-                            np.float32((1 << bits) - 1), out)
-    return out
+# ----------------------------------------------------------------------------------------------
+# Folding: the scales move into the op before, the fp function stays
 
 
 def fold_scales(w: dict, group: ScaleGroup, s: np.ndarray) -> dict:
@@ -389,131 +227,16 @@ def can_fold(w: dict, group: ScaleGroup) -> bool:
     return w[group.prev].shape[0] == w[group.linears[0]].shape[1]
 
 
-# ----------------------------------------------------------------------------------------------
-# One block in NumPy (batched over samples), the modules the loss runs
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockShape:
-    H: int
-    Hkv: int
-    Dh: int
-    eps: float
-
-    @classmethod
-    def of(cls, cfg):
-        return cls(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
-
-
-def rope_tables(cfg, T: int):
-    """cos, sin [T, Dh/2] float32 for positions 0..T-1 (each calibration sample starts at 0)."""
-    from ..runtime.model import rope_inv_freq
-    angle = np.arange(T, dtype=np.float64)[:, None] * rope_inv_freq(cfg)[None, :]
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-
-
-def rms_norm(x, w, eps):
-    """x / sqrt(mean(x²) + eps) · w per token.                            [..., D] -> [..., D]"""
-    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
-    return (x * r) * w
-
-
-def rope(x, cos, sin):
-    """Rotate-half RoPE.                              x [B, T, nh, Dh]; cos, sin [T, Dh/2]"""
-    half = x.shape[-1] // 2
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-
-
-def _linear(x, w, b=None):
-    y = x @ w.T                                                 # [..., K] -> [..., N]
-    return y if b is None else y + b
-
-
-def attention_core(w, bs: BlockShape, h, cos, sin):
-    """Causal GQA attention of h through q, k, v (no o).          h [B, T, D] -> [B, T, H·Dh]"""
-    B, T, _ = h.shape
-    H, Hkv, Dh = bs.H, bs.Hkv, bs.Dh
-    rep = H // Hkv
-    q = rope(_linear(h, w["q"], w.get("q_bias")).reshape(B, T, H, Dh), cos, sin)
-    k = rope(_linear(h, w["k"], w.get("k_bias")).reshape(B, T, Hkv, Dh), cos, sin)
-    v = _linear(h, w["v"], w.get("v_bias")).reshape(B, T, Hkv, Dh)
-    # query head h = kv·rep + r reads kv head kv: group the rep query heads of one kv head as rows
-    qg = q.reshape(B, T, Hkv, rep, Dh).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, rep * T, Dh)
-    scores = qg @ k.transpose(0, 2, 3, 1)                       # [B, Hkv, rep·T, T]
-    scores *= np.float32(1.0 / math.sqrt(Dh))
-    t_q = np.tile(np.arange(T), rep)                            # query position of each row
-    scores[:, :, np.arange(T)[None, :] > t_q[:, None]] = -np.inf  # the only masked: key j > query t
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    out = scores @ v.transpose(0, 2, 1, 3)                      # [B, Hkv, rep·T, Dh]
-    return out.reshape(B, Hkv, rep, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
-
-
-def mlp_core(w, h):
-    """silu(h·gateᵀ) ⊙ (h·upᵀ): the input of down.               h [B, T, D] -> [B, T, F]"""
-    return silu(h @ w["gate"].T) * (h @ w["up"].T)
-
-
-def block_forward(w, bs: BlockShape, x, cos, sin) -> dict:
-    """Full-precision block, keeping every scale group's input.      x [B, T, D] -> dict
-
-    attn_in [B,T,D] (q,k,v input), o_in [B,T,H·Dh], mlp_in [B,T,D] (gate,up input), down_in
-    [B,T,F], out [B,T,D] (the next block's input).
-    """
-    h1 = rms_norm(x, w["attn_norm"], bs.eps)
-    a = attention_core(w, bs, h1, cos, sin)
-    x2 = x + a @ w["o"].T
-    h2 = rms_norm(x2, w["mlp_norm"], bs.eps)
-    act = mlp_core(w, h2)
-    return {"attn_in": h1, "o_in": a, "mlp_in": h2, "down_in": act, "out": x2 + act @ w["down"].T}
-
-
 # What each group's loss runs, from the group's input and the (possibly fake-quantized) weights.
 MODULES = {
-    "attention": lambda w, bs, x, cos, sin, lin: attention_core(w, bs, x, cos, sin) @ w["o"].T,
-    "mlp": lambda w, bs, x, cos, sin, lin: mlp_core(w, x) @ w["down"].T,
+    "attention": lambda w, bs, x, cos, sin, lin: attention(w, bs, x, cos, sin) @ w["o"].T,
+    "mlp": lambda w, bs, x, cos, sin, lin: mlp(w, x) @ w["down"].T,
     "linear": lambda w, bs, x, cos, sin, lin: x @ w[lin[0]].T,
 }
 
 
 # ----------------------------------------------------------------------------------------------
 # Scale search for one group
-
-
-def parallel_map(fn, items):
-    """fn(i) for i in items, in order, computed on as many Python threads as Numba may use
-    (NUMBA_NUM_THREADS, default all cores) with BLAS at one thread each: the same results as a
-    serial loop. A generator: consume it as it goes, and only a few results wait at a time.
-
-    Why threads: the trials of the scale search and the chunks of the calibration pass are
-    independent and spend their time in BLAS products and NumPy ufuncs, which release the GIL;
-    BLAS's own threads gain little on these mid-sized products, and the ufuncs (softmax, SiLU,
-    rounding) run on one core. Measured on blocks 0-3 of SmolLM2-135M, 2 cores: BENCHMARKS.md.
-    At most MAX_WORKERS threads: each holds a trial's or a chunk's activations (~0.1 GB for
-    SmolLM2-135M), and the peak memory should not grow with the core count."""
-    import numba
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ..kernels.policy import blas_threads_as
-    items = list(items)
-    workers = min(len(items), numba.get_num_threads(), MAX_WORKERS)
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    with blas_threads_as(1), ThreadPoolExecutor(workers) as pool:
-        pending = [pool.submit(fn, i) for i in items[:workers]]
-        for i in items[workers:] + [None] * workers:
-            done = pending.pop(0).result()
-            if i is not None:
-                pending.append(pool.submit(fn, i))
-            yield done
 
 
 @dataclasses.dataclass
@@ -584,27 +307,17 @@ class AWQResult:
     notes: list          # things the user should know (one line each)
 
 
-def load_block(src, cfg, i) -> dict:
-    """Block i's fp weights by our short names: attn_norm, mlp_norm, q, k, v, o, gate, up, down,
-    and q_bias/k_bias/v_bias when the architecture has them."""
-    from ..formats.tensors import BIASED, block_linears, block_norms
-    w = {k: src.float32(name, shape) for k, name, shape in block_norms(cfg, i)}
-    for _, k, prefix, shape in block_linears(cfg, i):
-        w[k] = np.array(src.float32(prefix + ".weight", shape), np.float32)
-        if cfg.attention_bias and k in BIASED:
-            w[k + "_bias"] = src.float32(prefix + ".bias", (shape[0],))
-    return w
-
 
 def _group_of_linear(groups):
     return {lin: g for g in groups for lin in g.linears}
 
 
 def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
-              search_rows_idx=None, progress_bar=None, joint_rows_idx=None):
-    """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx: flat token
-    indices (sample·T + position) of the clip search's tokens and of the scale loss's tokens for
-    the token-wise modules (MLP, single linear; None: the search samples' tokens, as attention).
+              search_rows_idx=None, joint_rows_idx=None):
+    """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx,
+    joint_rows_idx: flat token indices (sample·T + position) of the clip search's tokens, of the
+    scale loss's tokens for the token-wise modules (MLP, single linear; None: the search samples'
+    tokens, as attention), and of the joint clip's cross-group moments (None: no joint clip).
 
     Returns (new weights dict, {linear: salient idx}, report dict, next block input [n, T, D]).
     """
@@ -612,7 +325,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     cs = settings.chunk_samples
     sums = {g.inp: 0.0 for g in groups}
     clip_rows = {g.inp: [] for g in groups}
-    tok_rows = {g.inp: [] for g in groups if g.module != "attention"}
+    tok_rows = {g.inp: [] for g in groups if g.module != "attention" and search_rows_idx is not None}
     # per-group second moments of each clipped linear's input, over every calibration token
     gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in NO_CLIP for l in g.linears)}
     grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
@@ -631,7 +344,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
               "grams": {key: group_gram(inter[key], gsz[key]) for key in grams}}
         if fulls:
             sel = rows_in(joint_rows_idx, a, b)
-            st["fulls"] = {key: _second_moments(flat[key][sel]) for key in fulls}
+            st["fulls"] = {key: second_moments(flat[key][sel]) for key in fulls}
         if search_rows_idx is not None:
             st["tok"] = {key: flat[key][rows_in(search_rows_idx, a, b)] for key in tok_rows}
         return a, b, st
@@ -737,30 +450,13 @@ def _output_errors(w_fp, w_awq, s, x, bits, g, sal):
             "awq_weight": float(np.linalg.norm(w_hat - w_fp) / np.linalg.norm(w_fp))}
 
 
-def clip_token_index(n: int, T: int, clip_tokens: int, seed: int) -> np.ndarray:
-    """Flat indices (sample·T + position) of the tokens the clip search measures on: `clip_tokens`
-    drawn at random, plus the first token of every sample, sorted and unique.
-
-    Why the first tokens: a sequence's first position is the attention sink of Llama-family models;
-    its activations are tens to hundreds of times the others in a few channels (down_proj inputs of
-    early and late blocks), and every later token attends to it. A random draw of 512 of n·T tokens
-    holds about one of them, so the clip search, blind to them, clamps exactly the large weights that
-    meet those channels. Measured on SmolLM2-135M W4 (WikiText-2 valid, 4,096 tokens, ctx 512, 16×512
-    C4 calibration tokens): clip search alone 28.53 without them vs 26.84 with them (RTN 28.23).
-    """
-    rng = np.random.default_rng(seed)
-    n_clip = min(clip_tokens, n * T)
-    drawn = rng.choice(n * T, size=n_clip, replace=False)
-    return np.union1d(drawn, np.arange(n, dtype=drawn.dtype) * T)
-
-
 def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = True) -> AWQResult:
     """AWQ over every block of the model in `src` (a checkpoint.TensorSource) on calibration token
     ids [n, T]. Deterministic for a seed. The result holds fp tensors ready for the int4 writer."""
     from tqdm import tqdm
 
-    from ..formats.tensors import BIASED, GLOBAL_TENSORS, block_linears, block_norms
     from ..formats.q4 import choose_group_size
+    from ..formats.tensors import BIASED, GLOBAL_TENSORS, block_linears, block_norms
 
     groups = SCALE_GROUPS.get(cfg.model_type)
     if groups is None:

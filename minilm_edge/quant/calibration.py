@@ -6,8 +6,9 @@ there, and cut into n_samples rows of seq_len tokens. Fewer tokens than asked st
 whole rows as there are (or one shorter row), with a note saying so.
 
 Self-generated (no data needed, none leaves or enters the site): the model continues short seed
-texts and questions drawn with the seed, sampling with temperature and top-p, in batches; when it
-emits an end-of-text token a new seed is started in the same row. Reproducible for a seed.
+texts and questions drawn with the seed, sampling with temperature and top-p (the runtime's
+`sample_rows`), in batches, through the quantizer's NumPy block over a KV cache (llama_block.py);
+when it emits an end-of-text token a new seed is started in the same row. Reproducible for a seed.
 
 Either way the result records its source and the sha256 of the token ids (int32, little-endian,
 row-major), which `quantization_config` keeps.
@@ -116,6 +117,8 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
     src: a checkpoint.TensorSource of the full-precision model.
     """
     from tqdm import tqdm
+
+    from ..runtime.generation import sample_rows
     _check_counts(n_samples, seq_len)
     rng = np.random.default_rng(seed)
     seeds = [tokenizer.encode(t, add_special_tokens=False) for t in SEED_TEXTS]
@@ -140,7 +143,7 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
             if t == seq_len - 1:
                 break
             logits = dec.step(tok)                                   # [B, V]
-            drawn = _sample(logits, temperature, top_p, rng)
+            drawn = sample_rows(logits, temperature, top_p, rng)
             nxt = np.empty(B, np.int64)
             for r in range(B):
                 if forced[r]:
@@ -157,42 +160,25 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
                         f"(temperature {temperature}, top-p {top_p}, seed {seed})"])
 
 
-def _sample(logits, temperature, top_p, rng):
-    """One draw per row from softmax(logits / temperature), restricted to the top-p nucleus."""
-    B, V = logits.shape
-    z = logits.astype(np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    order = np.argsort(-p, axis=1, kind="stable")
-    ps = np.take_along_axis(p, order, axis=1)
-    cum = np.cumsum(ps, axis=1)
-    keep = (cum - ps) < top_p                                       # smallest prefix with mass ≥ top_p
-    ps = np.where(keep, ps, 0.0)
-    cum = np.cumsum(ps, axis=1)
-    u = rng.random(B) * cum[:, -1]
-    j = np.minimum((cum < u[:, None]).sum(axis=1), V - 1)
-    return order[np.arange(B), j]
-
-
 class _BatchDecoder:
-    """Full-precision decode of B sequences in lock step (one position per call), NumPy + BLAS.
+    """Full-precision decode of B sequences in lock step (one position per call), NumPy + BLAS,
+    through llama_block's block over a KV cache.
 
     KV cache k, v: [L, B, Hkv, S, Dh] float32, allocated once per batch size.
     """
 
     def __init__(self, src, cfg, max_len):
-        from .awq import BlockShape, load_block, rope_tables
         from ..formats.tensors import GLOBAL_TENSORS, HEAD
+        from .llama_block import BlockShape, load_block, rope_tables
         self.cfg, self.bs = cfg, BlockShape.of(cfg)
         self.blocks = [load_block(src, cfg, i) for i in range(cfg.num_hidden_layers)]
         en, es = GLOBAL_TENSORS["embed"]
         nn, ns = GLOBAL_TENSORS["norm"]
-        self.embed = src.float32(en, es(cfg))
-        self.norm = src.float32(nn, ns(cfg))
+        self.embed = src.float32(en, es(cfg))                                # [V, D]
+        self.norm = src.float32(nn, ns(cfg))                                 # [D]
         hn, hs = HEAD
         self.head = self.embed if hn + ".weight" not in src else src.float32(hn + ".weight", hs(cfg))
-        self.cos, self.sin = rope_tables(cfg, max_len)
+        self.cos, self.sin = rope_tables(cfg, max_len)                       # [S, Dh/2]
         self.max_len = max_len
         self.k = self.v = None
 
@@ -204,27 +190,12 @@ class _BatchDecoder:
 
     def step(self, tok):
         """Logits of the next token for each row.                       tok [B] -> [B, V]"""
-        from .awq import mlp_core, rms_norm, rope
-        bs, p = self.bs, self.pos
-        H, Hkv, Dh = bs.H, bs.Hkv, bs.Dh
-        B = len(tok)
+        from .llama_block import block_forward, rms_norm
+        p = self.pos
         cos, sin = self.cos[p:p + 1], self.sin[p:p + 1]
         x = self.embed[tok].astype(np.float32)[:, None, :]                   # [B, 1, D]
         for i, w in enumerate(self.blocks):
-            h = rms_norm(x, w["attn_norm"], bs.eps)
-            q = rope((h @ w["q"].T + w.get("q_bias", 0)).reshape(B, 1, H, Dh), cos, sin)
-            k = rope((h @ w["k"].T + w.get("k_bias", 0)).reshape(B, 1, Hkv, Dh), cos, sin)
-            v = (h @ w["v"].T + w.get("v_bias", 0)).reshape(B, Hkv, Dh)
-            self.k[i, :, :, p] = k[:, 0]
-            self.v[i, :, :, p] = v
-            qg = q.reshape(B, Hkv, H // Hkv, Dh)                              # [B, Hkv, rep, Dh]
-            sc = qg @ self.k[i, :, :, :p + 1].transpose(0, 1, 3, 2) / np.float32(np.sqrt(Dh))
-            sc = np.exp(sc - sc.max(axis=-1, keepdims=True))                  # [B, Hkv, rep, p+1]
-            sc /= sc.sum(axis=-1, keepdims=True)
-            a = (sc @ self.v[i, :, :, :p + 1]).reshape(B, 1, H * Dh)
-            x = x + a @ w["o"].T
-            h = rms_norm(x, w["mlp_norm"], bs.eps)
-            x = x + mlp_core(w, h) @ w["down"].T
+            x = block_forward(w, self.bs, x, cos, sin, (self.k[i], self.v[i]), p)["out"]
         self.pos += 1
-        x = rms_norm(x[:, 0], self.norm, bs.eps)
+        x = rms_norm(x[:, 0], self.norm, self.bs.eps)                         # [B, D]
         return x @ self.head.T

@@ -10,17 +10,18 @@ import numpy as np
 from ..errors import QuantFormatError, UsageError
 from ..formats.awq_gemm import QUANT_METHOD, awq_quantization_config, q4_to_awq, regroup
 
+
 def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path, dict]:
     """Write the native minilm-q4 model `model_dir` as an AutoAWQ GEMM folder `out_dir` (fp16
     non-quantized tensors, tokenizer files copied, written to a temp folder and renamed into place).
 
     Returns (out_dir, {layer prefix: original group size} of the layers that were re-grouped).
     """
+    from ..formats.folder import check_out_dir, write_model_folder
+    from ..formats.q4 import Q4Linear
+    from ..formats.safetensors import to_float32
     from ..formats.tensors import TensorSource, block_linears
     from ..runtime.config import load_config
-    from ..formats.q4 import Q4Linear
-    from ..formats.folder import check_out_dir, write_model_folder
-    from ..formats.safetensors import to_float32
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_out_dir(out_dir)
@@ -36,11 +37,11 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
 
     layers = {}                                                              # prefix -> Q4Linear
     for _, _, prefix, _ in block_linears(cfg):
-        raw = lambda s: src.raw(prefix + s)[0] if prefix + s in src else None
         qweight, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
+        sal_idx, sal_w = (src.raw(prefix + s)[0] if prefix + s in src else None for s in (".salient_idx", ".salient_w"))
         try:
             q4 = Q4Linear(qweight, scales, src.raw(prefix + ".zeros")[0], 2 * qweight.shape[1] // scales.shape[1],
-                          raw(".salient_idx"), raw(".salient_w"))
+                          sal_idx, sal_w)
         except QuantFormatError as e:
             raise QuantFormatError(f"{prefix}: {e}") from None
         if q4.n_salient:

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms
-from ..runtime.config import load_config
 from ..errors import UsageError
 from ..formats.folder import check_out_dir, write_model_folder
 from ..formats.q4 import GROUP_SIZES, choose_group_size
+from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms
+from ..runtime.config import load_config
+from ..version import __version__
 
-# Files copied verbatim so the output is a complete model folder.
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                "special_tokens_map.json")
 HEAD_FORMATS = ("int8", "int4")
 METHODS = ("awq", "rtn")
 DEFAULT_SAMPLES = 128                  # calibration samples drawn from text files
@@ -34,7 +32,6 @@ DEFAULT_SELF_GENERATED_SAMPLES = 64    # generating costs about one more pass: f
 
 
 def _tool_version():
-    from .. import __version__
     return f"minilm_edge {__version__}"
 
 
@@ -121,9 +118,9 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
 def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
     """Calibration tokens, then AWQ: (fp tensors, salient channels, AWQResult, Calibration)."""
 
+    from ..runtime.tokenizer import Tokenizer
     from .awq import run_awq
     from .calibration import from_files, self_generated
-    from ..runtime.tokenizer import Tokenizer
     tok = Tokenizer(src_dir)
     if calib:
         cal = from_files([calib] if isinstance(calib, (str, Path)) else calib, tok, samples, seq_len, settings.seed)
@@ -166,7 +163,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
     out: dict[str, np.ndarray] = {}
     per_layer_g = {}
 
-    for key, (name, shape) in GLOBAL_TENSORS.items():
+    for name, shape in GLOBAL_TENSORS.values():
         out[name] = src.float32(name, shape(cfg)).astype(np.float16)
     bar = _progress(cfg.num_hidden_layers, f"quantize ({method}, W{bits})", progress)
     for i in range(cfg.num_hidden_layers):
@@ -198,7 +195,8 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             out[head_name + ".qweight"], out[head_name + ".scales"] = q8.qweight, q8.scales
         elif quantize_head == "int4":
             q = quantize_q4(w, choose_group_size(w.shape[1], group_size))
-            out[head_name + ".qweight"], out[head_name + ".scales"], out[head_name + ".zeros"] = q.qweight, q.scales, q.zeros
+            out[head_name + ".qweight"], out[head_name + ".scales"] = q.qweight, q.scales
+            out[head_name + ".zeros"] = q.zeros
         else:
             out[head_name + ".weight"] = w.astype(np.float16)
     return out, per_layer_g

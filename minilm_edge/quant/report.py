@@ -60,8 +60,8 @@ def _plots_data(layers):
 
 
 def _size_summary(folder, cfg, res, qconfig):
-    from ..formats.tensors import block_linears
     from ..formats.q4 import bits_per_weight
+    from ..formats.tensors import block_linears
     total_w = total_bits = 0.0
     per_g = qconfig.get("group_size_per_layer", {})
     for _, _, prefix, (n, k) in block_linears(cfg):
@@ -82,8 +82,8 @@ def _evaluate(folder, src_dir, cfg, qconfig, rtn_tensors, text, ctx, max_tokens,
         from ..runtime.evaluate import perplexity
     except ImportError:
         return {"error": "minilm_edge.evaluate is not available in this version: no perplexities"}
-    from ..runtime.model import load
     from ..formats.folder import write_model_folder
+    from ..runtime.model import load
     kw = dict(ctx=ctx, max_tokens=max_tokens, progress=progress)
     out = {"ctx": ctx, "max_tokens": max_tokens}
     out["source"] = perplexity(load(src_dir), text, **kw)
@@ -152,7 +152,8 @@ def render_html(rep: dict) -> str:
             parts.append(f"<h2>Perplexity</h2><p>ctx {ev['ctx']}, first {ev['max_tokens']} tokens</p><table>"
                          "<tr><th>model</th><th>perplexity</th><th>tokens scored</th></tr>")
             for k in ("source", "rtn", "awq"):
-                parts.append(f"<tr><td class=l>{k}</td><td>{ev[k]['ppl']:.3f}</td><td>{ev[k]['tokens_scored']}</td></tr>")
+                parts.append(f"<tr><td class=l>{k}</td><td>{ev[k]['ppl']:.3f}</td>"
+                             f"<td>{ev[k]['tokens_scored']}</td></tr>")
             parts.append(f"</table><p>AWQ closes {_f(ev['gap_closed'], '{:.0%}')} of the RTN → source gap.</p>")
     parts.append("<h2>Activation magnitude per input channel</h2><p>mean |x| per channel; red: kept in fp16.</p>")
     for p in rep["activation_plots"]:
@@ -161,8 +162,8 @@ def render_html(rep: dict) -> str:
     groups = list(rep["layers"][0]["groups"]) if rep["layers"] else []
     parts.append("<h2>Per block</h2><table><tr><th>block</th>" +
                  "".join(f"<th>{g} α</th><th>{g} loss RTN → AWQ</th>" for g in groups) +
-                 "<th>clip: mean range kept (groups clipped)</th><th>output error RTN / AWQ</th><th>top q/k/v input channels</th>"
-                 "<th>fp16 kept</th></tr>")
+                 "<th>clip: mean range kept (groups clipped)</th><th>output error RTN / AWQ</th>"
+                 "<th>top q/k/v input channels</th><th>fp16 kept</th></tr>")
     for l in rep["layers"]:
         cells = [f"<td>{l['layer']}</td>"]
         for g in groups:

@@ -59,6 +59,29 @@ def settings_from_generation_config(gen: dict, **overrides) -> SamplingSettings:
     return SamplingSettings(**base)
 
 
+def token_probabilities(logits: np.ndarray, temperature: float, top_k: int = 0) -> np.ndarray:
+    """softmax(logits / temperature) over each row's top-k logits (0: all; ties with the k-th
+    kept), in float64.                                        logits [..., V] -> p [..., V]"""
+    z = logits.astype(np.float64) / temperature
+    if 0 < top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[..., -top_k:][..., :1]
+        z[z < kth] = -np.inf
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
+def nucleus(p: np.ndarray, top_p: float):
+    """Each row's tokens in descending probability (ties: the lower id first) and their
+    probabilities, zeroed past the smallest prefix whose mass reaches top_p (the nucleus).
+                                                    p [..., V] -> order [..., V], ps [..., V]"""
+    order = np.argsort(-p, axis=-1, kind="stable")
+    ps = np.take_along_axis(p, order, axis=-1)
+    cum = np.cumsum(ps, axis=-1)
+    n_keep = (cum < top_p).sum(axis=-1, keepdims=True) + 1      # the first prefix with mass ≥ top_p
+    return order, np.where(np.arange(p.shape[-1]) < n_keep, ps, 0.0)
+
+
 class Sampler:
     def __init__(self, s: SamplingSettings):
         self.s = s
@@ -74,21 +97,28 @@ class Sampler:
             logits[seen] = np.where(val > 0, val / s.repetition_penalty, val * s.repetition_penalty)
         if s.temperature == 0:
             return int(np.argmax(logits))
-        logits /= s.temperature
-        if 0 < s.top_k < logits.size:
-            kth = np.partition(logits, -s.top_k)[-s.top_k]
-            logits[logits < kth] = -np.inf
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
+        p = token_probabilities(logits, s.temperature, s.top_k)
         if s.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            cum = np.cumsum(p[order])
-            keep = order[: int(np.searchsorted(cum, s.top_p)) + 1]   # smallest set with mass ≥ top_p
-            mask = np.zeros_like(p, dtype=bool)
-            mask[keep] = True
-            p = np.where(mask, p, 0.0)
+            order, ps = nucleus(p, s.top_p)
+            p[order] = ps
             p /= p.sum()
         return int(self.rng.choice(p.size, p=p))
+
+
+def sample_rows(logits: np.ndarray, temperature: float, top_p: float, rng) -> np.ndarray:
+    """One draw per row from softmax(logits / temperature) restricted to the top-p nucleus: one
+    rng.random() per row, mapped through the nucleus's cumulative mass in descending probability.
+                                                                  logits [B, V] -> ids [B] int64
+    The batched sampler of self-generated calibration. It draws differently from `Sampler` (which
+    maps its uniform through Generator.choice over the ids in vocabulary order): each keeps the
+    outputs a seed has always given (the calibration set's tokens_sha256; seeded generations).
+    """
+    B, V = logits.shape
+    order, ps = nucleus(token_probabilities(logits, temperature), top_p)
+    cum = np.cumsum(ps, axis=1)
+    u = rng.random(B) * cum[:, -1]
+    j = np.minimum((cum < u[:, None]).sum(axis=1), V - 1)
+    return order[np.arange(B), j]
 
 
 class Generation:
