@@ -42,6 +42,8 @@ which is why s is searched (s = x_mean^α for α on a grid) rather than made lar
 """
 import numpy as np
 
+from . import llama
+
 
 def pseudo_quantize(w, bits, group_size):
     """Round-to-nearest per (row, group), asymmetric min/max, then dequantize (DESIGN §4).
@@ -103,7 +105,8 @@ def linear_loss(w, x, s, bits, group_size):
     """
     x = np.asarray(x, np.float64)
     y_fp = x @ np.asarray(w, np.float64).T
-    y_q = (x / s[None, :]) @ pseudo_quantize(np.asarray(w, np.float32) * s[None, :], bits, group_size).astype(np.float64).T
+    w_q = pseudo_quantize(np.asarray(w, np.float32) * s[None, :], bits, group_size).astype(np.float64)
+    y_q = (x / s[None, :]) @ w_q.T
     return float(np.mean((y_q - y_fp) ** 2))
 
 
@@ -195,3 +198,143 @@ def joint_clip_search(w, x, bits, group_size, shrinks=tuple(1.0 - i / 20 for i i
                 if hi0 > lo0:
                     kept[n, gi] = (min(best_c[1], hi0) - max(best_c[0], lo0)) / (hi0 - lo0)
     return out, kept
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The α search on one block, and the loop over the blocks (minilm_edge.quant.awq.run_awq).
+#
+# Plain and slow: one sequence at a time, every loss on every calibration token, no clipping
+# inside the search, then the symmetric per-group clip search. The package's further switches
+# (AWQSettings search_clip, clip_two_sided, clip_joint_tokens, clip_all_tokens, search_tokens,
+# search_samples) change which tokens and clamp candidates it uses, not this method.
+
+ALPHAS = [i / 20 for i in range(20)]           # α = 0, 0.05, …, 0.95
+
+# One row per scale group: the op whose output is divided by s, the linears whose columns are
+# multiplied by s, the module whose output the loss compares, and which activation is their input.
+GROUPS = [
+    ("qkv", "input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attention",
+     "attn_in"),
+    ("o", "self_attn.v_proj", ["self_attn.o_proj"], "linear", "o_in"),
+    ("gate_up", "post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp", "mlp_in"),
+    ("down", "mlp.up_proj", ["mlp.down_proj"], "linear", "down_in"),
+]
+NOT_CLIPPED = ["self_attn.q_proj", "self_attn.k_proj"]   # their error passes through the softmax
+
+
+def attention_core(h, weights, p, cfg):
+    """q, k, v of h, RoPE, causal grouped-query attention over positions 0..T-1; o not applied.
+                                                                        h [T, D] -> [T, H·Dh]"""
+    T = h.shape[0]
+    H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    Dh = cfg.get("head_dim") or cfg["hidden_size"] // H
+    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    q = llama.linear(h, weights, p + "self_attn.q_proj", bias).reshape(T, H, Dh)
+    k = llama.linear(h, weights, p + "self_attn.k_proj", bias).reshape(T, Hkv, Dh)
+    v = llama.linear(h, weights, p + "self_attn.v_proj", bias).reshape(T, Hkv, Dh)
+    inv_freq = llama.rope_settings(cfg)
+    q, k = llama.rope(q, np.arange(T), inv_freq), llama.rope(k, np.arange(T), inv_freq)
+    return llama.attention(q, k, v).reshape(T, H * Dh)
+
+
+def block_parts(x, weights, i, cfg):
+    """Block i on one sequence, keeping every scale group's input.             x [T, D] -> dict
+
+    attn_in [T, D], o_in [T, H·Dh], mlp_in [T, D], down_in [T, F], out [T, D] (next block's input).
+    """
+    p = f"model.layers.{i}."
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    h = llama.rms_norm(x, weights[p + "input_layernorm.weight"], eps)
+    a = attention_core(h, weights, p, cfg)
+    x2 = x + a @ weights[p + "self_attn.o_proj.weight"].T
+    h2 = llama.rms_norm(x2, weights[p + "post_attention_layernorm.weight"], eps)
+    act = llama.silu(h2 @ weights[p + "mlp.gate_proj.weight"].T) * (h2 @ weights[p + "mlp.up_proj.weight"].T)
+    out = x2 + act @ weights[p + "mlp.down_proj.weight"].T
+    return {"attn_in": h, "o_in": a, "mlp_in": h2, "down_in": act, "out": out}
+
+
+def module_output(kind, x, weights, p, linears, cfg):
+    """What a group's loss compares: the attention through o, the MLP through down, or the linear."""
+    if kind == "attention":
+        return attention_core(x, weights, p, cfg) @ weights[p + "self_attn.o_proj.weight"].T
+    if kind == "mlp":
+        return llama.swiglu_mlp(x, weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"],
+                                weights[p + "mlp.down_proj.weight"])
+    return x @ weights[p + linears[0] + ".weight"].T
+
+
+def search_alpha(weights, p, linears, kind, xs, bits, group_size, cfg):
+    """The α of least loss for one scale group of one block, and the scales it gives.
+
+        L(α) = mean over tokens and outputs of ( M_q(X) − M(X) )²
+
+    M the module, X its input, M_q the same module with each linear W of the group replaced by
+    Q(W·diag(s))·diag(s)⁻¹ where s = awq_scales(mean_t |X|, α), kept in float32 as the package
+    keeps it. xs: the group's input on every calibration sequence, [T, K] each. Ties keep the
+    smaller α. Returns (α, s [K], the loss of every α on the grid).
+    """
+    x_mean = activation_mean(np.concatenate(xs))
+    y_fp = np.concatenate([module_output(kind, x, weights, p, linears, cfg) for x in xs])
+    losses = []
+    for alpha in ALPHAS:
+        s = awq_scales(x_mean, alpha).astype(np.float32)
+        trial = dict(weights)
+        for lin in linears:
+            trial[p + lin + ".weight"] = scaled_pseudo_quantize(weights[p + lin + ".weight"], s, bits, group_size)
+        y_q = np.concatenate([module_output(kind, x, trial, p, linears, cfg) for x in xs])
+        losses.append(float(np.mean((y_q.astype(np.float64) - y_fp) ** 2)))
+    best = int(np.argmin(losses))
+    return ALPHAS[best], awq_scales(x_mean, ALPHAS[best]).astype(np.float32), losses
+
+
+def awq_model(weights, cfg, ids, bits, group_size, clip=True):
+    """AWQ over every block. weights by Hugging Face name, calibration ids [n, T] ->
+    (new weights, per block {group: (α, the loss of every α)}; α None where nothing was folded).
+
+    Block by block: run block l with its full-precision weights on its full-precision inputs;
+    search each scale group's α on those inputs; fold every group's s (the op before ÷ s, the
+    group's columns × s), except where the op before's output is not the group's input (v -> o
+    under grouped-query attention); clip each linear but q and k by `clip_search` on its input
+    ÷ s; the next block's input is this block's full-precision output.
+    """
+    w = {name: np.asarray(t, np.float32) for name, t in weights.items()}
+    xs = [weights["model.embed_tokens.weight"][row].astype(np.float32) for row in np.asarray(ids)]
+    chosen = []
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        parts = [block_parts(x, weights, i, cfg) for x in xs]
+        found, scales = {}, {}
+        for name, prev, linears, kind, inp in GROUPS:
+            k_in = weights[p + linears[0] + ".weight"].shape[1]
+            scales[name] = np.ones(k_in, np.float32)
+            if weights[p + prev + ".weight"].shape[0] != k_in:
+                found[name] = (None, [])
+                continue
+            alpha, scales[name], losses = search_alpha(weights, p, linears, kind, [pt[inp] for pt in parts],
+                                                       bits, group_size, cfg)
+            found[name] = (alpha, losses)
+            fold(w, p + prev, [p + lin for lin in linears], scales[name])
+        if clip:
+            for name, _, linears, _, inp in GROUPS:
+                x = np.concatenate([pt[inp] for pt in parts]) / scales[name][None, :]
+                for lin in linears:
+                    if lin not in NOT_CLIPPED:
+                        w[p + lin + ".weight"], _ = clip_search(w[p + lin + ".weight"], x, bits, group_size)
+        chosen.append(found)
+        xs = [pt["out"] for pt in parts]
+    return w, chosen
+
+
+def fold(w, prev, linears, s):
+    """In place: the op before ÷ s (a norm, or a linear's rows and bias), the linears' columns × s."""
+    if w[prev + ".weight"].ndim == 1:
+        w[prev + ".weight"], new = fold_into_norm(w[prev + ".weight"], [w[n + ".weight"] for n in linears], s)
+    else:
+        w[prev + ".weight"], bias, new_w = fold_into_linear(w[prev + ".weight"], w.get(prev + ".bias"),
+                                                            w[linears[0] + ".weight"], s)
+        new = [new_w]
+        if bias is not None:
+            w[prev + ".bias"] = bias
+    for n, new_w in zip(linears, new):
+        w[n + ".weight"] = new_w
