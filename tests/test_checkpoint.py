@@ -41,7 +41,8 @@ BROKEN = {
     "hole": (hdr({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}), b"\0" * 8, None, "hole"),
     "truncated data": (hdr(GOOD), b"\0" * 5, None, "truncated"),
     "trailing bytes": (hdr(GOOD), b"\0" * 12, None, "unexplained"),
-    "extra key": (hdr({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}}), b"\0" * 8, None, "malformed"),
+    "extra key": (hdr({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}}), b"\0" * 8, None,
+                  "malformed"),
     "bad metadata": (hdr({"__metadata__": {"k": 1}, **GOOD}), b"\0" * 8, None, "__metadata__"),
 }
 

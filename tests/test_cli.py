@@ -15,20 +15,32 @@ def run(argv, capsys, monkeypatch, stdin=""):
     return code, out, err
 
 
+COMMANDS = ["chat", "generate", "pull", "import-gguf", "quantize", "bench", "eval", "export-awq", "inspect"]
+
+
 def test_help_everywhere_has_examples(capsys, monkeypatch):
-    for cmd in ["chat", "generate", "pull", "import-gguf"]:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    listed = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert f"\n    {cmd} " in listed or f"\n    {cmd}\n" in listed, cmd
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
-        assert "example" in capsys.readouterr().out
+        assert "example" in capsys.readouterr().out, cmd
 
 
 def test_scripted_chat_transcript(tiny_model_dir, capsys, monkeypatch):
     code, out, err = run(["chat", str(tiny_model_dir), "--max-new-tokens", "4", "--system", "be brief"],
                          capsys, monkeypatch, stdin="hello\n\n/reset\nthe capital\n")
     assert code == 0, err
-    lines = out.split("\n")
-    assert len(lines) == 3 and lines[-1] == ""          # two answers, each ended by a newline
+    import minilm_edge
+    model = minilm_edge.load(tiny_model_dir)
+    system = {"role": "system", "content": "be brief"}
+    first = model.chat([system, {"role": "user", "content": "hello"}], max_new_tokens=4)
+    second = model.chat([system, {"role": "user", "content": "the capital"}], max_new_tokens=4)  # after /reset
+    assert out == f"{first}\n{second}\n"                # two answers, each ended by a newline
     assert "(new conversation)" in err
 
 
@@ -49,7 +61,9 @@ def test_generate(tiny_model_dir, capsys, monkeypatch):
     code, out, _ = run(["generate", str(tiny_model_dir), "--prompt", "hello", "--chat", "--max-new-tokens",
                         "3", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--seed", "3"],
                        capsys, monkeypatch)
-    assert code == 0
+    sampled = minilm_edge.load(tiny_model_dir).generate("hello", chat=True, max_new_tokens=3, temperature=0.7,
+                                                         top_p=0.9, top_k=5, seed=3)
+    assert code == 0 and out == sampled + "\n"
 
 
 def one_line_error(code, err, expected_code, pattern):
@@ -92,25 +106,32 @@ def test_corrupt_weights_and_unknown_architecture(tmp_path, capsys, monkeypatch)
 def test_chat_empty_input_exits_cleanly(tiny_model_dir, capsys, monkeypatch):
     code, out, err = run(["chat", str(tiny_model_dir)], capsys, monkeypatch, stdin="\n  \n")
     assert code == 0 and out == ""
+    assert err.startswith("loaded ") and err.count("\n") == 1, err     # the load line, nothing else
 
 
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_model_dir, capsys, monkeypatch):
     """A KeyboardInterrupt during an answer ends that answer; the next line is still answered."""
-    import minilm_edge.runtime.generation as gen
-    real_ids = gen.Generation._ids
+    import minilm_edge
+    from minilm_edge.runtime.model import Model
+    real_forward = Model.forward
     calls = {"n": 0}
 
-    def interrupt_first(self):
+    def interrupt_first(self, *args, **kw):        # Ctrl-C lands in the first answer's prefill
         calls["n"] += 1
         if calls["n"] == 1:
-            yield from []
             raise KeyboardInterrupt
-        yield from real_ids(self)
+        return real_forward(self, *args, **kw)
 
-    monkeypatch.setattr(gen.Generation, "_ids", interrupt_first)
+    monkeypatch.setattr(Model, "forward", interrupt_first)
     code, out, err = run(["chat", str(tiny_model_dir), "--max-new-tokens", "3"], capsys, monkeypatch,
                          stdin="hello\nthe\n")
-    assert code == 0 and "(stopped)" in err and calls["n"] == 2
+    monkeypatch.undo()
+    # The stopped answer (empty) stays in the conversation, as the user saw it.
+    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""},
+                    {"role": "user", "content": "the"}]
+    expected = minilm_edge.load(tiny_model_dir).chat(conversation, max_new_tokens=3)
+    assert code == 0 and err.count("(stopped)") == 1 and calls["n"] > 1
+    assert out == expected + "\n"
 
 
 def test_bench_json(tmp_path, capsys, monkeypatch):

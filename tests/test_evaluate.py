@@ -1,4 +1,4 @@
-"""Perplexity and model comparison (minilm_edge.evaluate, DESIGN §7): equal to a hand computation from
+"""Perplexity and model comparison (runtime/evaluate.py, DESIGN §7): equal to a hand computation from
 `model.forward` on each window, windows and counts as documented, KL 0 against itself, and the
 `eval` command's output and one-line errors."""
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import minilm_edge
-from minilm_edge.runtime import evaluate
 from minilm_edge.app.cli import main
+from minilm_edge.runtime import evaluate
 from tinymodel import make_model_dir
 
 TEXT = ("The capital of France is Paris, and the capital of Italy is Rome. " * 6
@@ -96,7 +96,8 @@ def test_windows_and_partial_window():
 ])
 def test_counts(models, max_tokens, windows, scored, last):
     res = evaluate.perplexity(models[0], TEXT, ctx=8, max_tokens=max_tokens, progress=False)
-    assert (res["windows"], res["tokens_scored"], res["last_window"], res["tokens"]) == (windows, scored, last, max_tokens)
+    got = (res["windows"], res["tokens_scored"], res["last_window"], res["tokens"])
+    assert got == (windows, scored, last, max_tokens)
 
 
 def test_compare_self_is_zero_and_other_is_positive(models):

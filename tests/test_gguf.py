@@ -1,24 +1,24 @@
-"""import_gguf on a tiny GGUF written here with gguf.GGUFWriter, the way llama.cpp's converter does.
+"""formats/gguf.py: import_gguf on a tiny GGUF written here with gguf.GGUFWriter, the way llama.cpp's converter does.
 
 The weights are random HF-order arrays; q/k are stored in llama.cpp's RoPE row order and some
 tensors as Q8_0, so the import must undo the permutation, reverse the GGUF shapes and dequantize.
 """
 import json
 
+import gguf  # a dependency of minilm_edge (pyproject), so never skipped
 import numpy as np
 import pytest
+import safetensors.numpy
+from gguf import GGMLQuantizationType, TokenType
+from gguf.quants import dequantize, quantize
 from hypothesis import given, settings, strategies as st
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+from tokenizers.pre_tokenizers import ByteLevel
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGMLQuantizationType, TokenType  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402
-
-from minilm_edge.formats import gguf as gguf_import# noqa: E402
-from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError# noqa: E402
-from minilm_edge.formats.gguf import import_gguf# noqa: E402
+from minilm_edge.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
+from minilm_edge.formats import gguf as gguf_import
+from minilm_edge.formats.gguf import import_gguf
 
 # Tiny model: D hidden, F feed-forward, H heads, Hkv kv heads, Dh head dim, L layers.
 D, F, H, HKV, DH, L = 32, 64, 4, 2, 8, 2
@@ -166,6 +166,7 @@ def test_weights_come_back_in_hf_order_exactly(tiny, tmp_path):
 
 def test_float16_is_the_default_dtype(tiny, tmp_path):
     got = load_file(str(import_gguf(tiny[0], tmp_path / "model", progress=False) / "model.safetensors"))
+    assert set(got) == set(tiny[1])
     for name, want in tiny[1].items():
         np.testing.assert_array_equal(got[name], want.astype(np.float16), err_msg=name)
 
@@ -180,6 +181,7 @@ def test_output_weight_gives_an_untied_lm_head(tmp_path):
 @settings(max_examples=50, deadline=None)
 @given(n_head=st.integers(1, 6), half=st.integers(1, 8), cols=st.integers(1, 5))
 def test_unpermute_inverts_llamacpp_permute(n_head, half, cols):
+    # The private inverse is the unit: import_gguf covers it for this file's H and Hkv only.
     w = np.arange(n_head * 2 * half * cols, dtype=np.float32).reshape(n_head * 2 * half, cols)
     np.testing.assert_array_equal(gguf_import._unpermute_rope_rows(llamacpp_permute(w, n_head), n_head), w)
 
@@ -238,9 +240,12 @@ def test_tokenizer_config_has_template_and_special_strings(tiny_model_dir):
 
 
 def test_failure_midway_leaves_nothing(tiny, tmp_path, monkeypatch):
-    def boom(meta):  # the last file: tokenizer and weights are written by then
+    real_save_file = safetensors.numpy.save_file
+
+    def save_then_interrupt(*args, **kwargs):  # Ctrl-C once the tokenizer and the weights are written
+        real_save_file(*args, **kwargs)
         raise KeyboardInterrupt
-    monkeypatch.setattr(gguf_import, "_generation_config", boom)
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         import_gguf(tiny[0], tmp_path / "out" / "model", progress=False)
     assert list((tmp_path / "out").iterdir()) == []  # neither the model nor a temporary folder

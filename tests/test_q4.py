@@ -1,10 +1,11 @@
-"""minilm-q4 v1 format and RTN quantizer: properties, agreement with reference/q4.py, validation errors."""
+"""formats/q4.py, the minilm-q4 v1 format and RTN quantizer: properties, agreement with
+reference/q4.py, validation errors."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minilm_edge.formats import q4
 from minilm_edge.errors import QuantFormatError, UsageError
+from minilm_edge.formats import q4
 from reference import q4 as ref
 
 AWKWARD_N = [1, 2, 3, 5, 7, 15, 17, 31, 33]
@@ -71,15 +72,9 @@ def test_rtn_codes_in_range_and_error_at_most_half_scale(shape, bits, kind, seed
     assert np.all(err[inside] <= bound[inside])
 
 
-@SETTINGS
-@given(shape=shapes, kind=kinds, seed=st.integers(0, 2**32 - 1), data=st.data())
-def test_quantize_q4_matches_reference_with_salient(shape, kind, seed, data):
-    n, g, groups = shape
-    k = g * groups
-    w = weights(seed, n, k, g, kind)
-    m = data.draw(st.integers(0, min(k, 24)))
-    idx = None if m == 0 and data.draw(st.booleans()) else \
-        np.array(sorted(data.draw(st.sets(st.integers(0, k - 1), min_size=m, max_size=m))), np.int32)
+def quantize_both(w, g, idx):
+    """quantize_q4 and the reference on the same input; they must agree bit for bit."""
+    n, k = w.shape
     lin = q4.quantize_q4(w, g, idx)
     lin.validate(n, k)
     rq, rs, rz, ridx, rsw = ref.quantize_q4(w, g, idx)
@@ -87,12 +82,31 @@ def test_quantize_q4_matches_reference_with_salient(shape, kind, seed, data):
     assert np.array_equal(lin.zeros, rz)
     w_hat = q4.dequantize(lin)
     assert np.array_equal(w_hat, ref.dequantize_q4(rq, rs, rz, g, ridx, rsw))
-    if idx is not None and len(idx):
-        codes = q4.unpack_nibbles(lin.qweight)
-        assert np.array_equal(codes[:, idx], lin.zeros[:, idx // g])      # salient codes == zero point
-        assert np.array_equal(w_hat[:, idx], w[:, idx].astype(np.float16).astype(np.float32))
-    if idx is None:
-        assert np.array_equal(w_hat, q4.pseudo_quantize(w, 4, g))
+    return lin, w_hat
+
+
+@SETTINGS
+@given(shape=shapes, kind=kinds, seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_quantize_q4_matches_reference_with_salient(shape, kind, seed, data):
+    n, g, groups = shape
+    k = g * groups
+    w = weights(seed, n, k, g, kind)
+    m = data.draw(st.integers(1, min(k, 24)))
+    idx = np.array(sorted(data.draw(st.sets(st.integers(0, k - 1), min_size=m, max_size=m))), np.int32)
+    lin, w_hat = quantize_both(w, g, idx)
+    codes = q4.unpack_nibbles(lin.qweight)
+    assert np.array_equal(codes[:, idx], lin.zeros[:, idx // g])      # salient codes == zero point
+    assert np.array_equal(w_hat[:, idx], w[:, idx].astype(np.float16).astype(np.float32))
+
+
+@SETTINGS
+@given(shape=shapes, kind=kinds, seed=st.integers(0, 2**32 - 1), empty=st.booleans())
+def test_quantize_q4_matches_reference_without_salient(shape, kind, seed, empty):
+    n, g, groups = shape
+    w = weights(seed, n, g * groups, g, kind)
+    idx = np.zeros(0, np.int32) if empty else None                   # no salient channels, said two ways
+    _, w_hat = quantize_both(w, g, idx)
+    assert np.array_equal(w_hat, q4.pseudo_quantize(w, 4, g))
 
 
 @SETTINGS
