@@ -10,12 +10,21 @@ Library API (small and stable):
     minilm_edge.perplexity(model, text, ctx=2048) -> {"ppl", "nll", "tokens_scored", ...}
     minilm_edge.quantize(src_dir, out_dir, method="awq", calib=["docs.txt"], bits=4) -> out_dir
 """
-from .errors import (CheckpointError, ContextOverflowError, MiniLMError, ModelNotFoundError, PullError,
-                     QuantFormatError, TokenizerError, UnsupportedModelError, UsageError)
+from .errors import (
+    CheckpointError,
+    ContextOverflowError,
+    MiniLMError,
+    ModelNotFoundError,
+    PullError,
+    QuantFormatError,
+    TokenizerError,
+    UnsupportedModelError,
+    UsageError,
+)
+from .quant.quantize import quantize
 from .runtime.evaluate import perplexity
 from .runtime.generation import SamplingSettings
 from .runtime.model import Model, load
-from .quant.quantize import quantize
 from .version import __version__
 
 __all__ = [

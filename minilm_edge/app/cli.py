@@ -255,6 +255,7 @@ examples:
 
 def cmd_bench(args):
     import json
+
     from .bench import run
     from .store import resolve_model
     if args.threads is not None and args.threads < 1:
@@ -290,6 +291,7 @@ examples:
 def cmd_eval(args):
     import hashlib
     import json
+
     from ..runtime.config import load_config
     from ..runtime.evaluate import compare, perplexity, read_text
     from .store import resolve_model
@@ -394,6 +396,7 @@ examples:
 
 def cmd_inspect(args):
     import json
+
     from .describe import describe, format_text
     from .store import resolve_model
     info = describe(resolve_model(args.model_dir), layers=args.layers)

@@ -16,9 +16,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..formats.tensors import BLOCK_LINEARS, BLOCK_NORMS, GLOBAL_TENSORS, HEAD, TensorSource, block_linears, linear_format
-from ..runtime.config import load_config, read_json
 from ..errors import UnsupportedModelError
+from ..formats.tensors import (
+    BLOCK_LINEARS,
+    BLOCK_NORMS,
+    GLOBAL_TENSORS,
+    HEAD,
+    TensorSource,
+    block_linears,
+    linear_format,
+)
+from ..quant.awq import SCALE_GROUPS
+from ..runtime.config import load_config, read_json
 
 DENSE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
 # quantization_config keys shown by name, in this order; any other key is shown as stored.
@@ -104,11 +113,7 @@ def _config_blocks(qc: dict) -> dict:
 
 
 def _group_of(model_type: str) -> dict:
-    """linear short name -> AWQ scale group name, from the AWQ module's table (if it has one)."""
-    try:
-        from ..quant.awq import SCALE_GROUPS
-    except ImportError:
-        return {}
+    """linear short name -> AWQ scale group name, from the AWQ module's table."""
     return {lin: g.name for g in SCALE_GROUPS.get(model_type, ()) for lin in g.linears}
 
 

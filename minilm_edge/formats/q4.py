@@ -220,7 +220,7 @@ def _as_weight(w, group_size):
     return w
 
 
-def _fp16_scale(x, what):
+def fp16_scale(x, what):
     """Round scales to fp16 as stored; refuse values fp16 cannot hold."""
     with np.errstate(over="ignore"):
         s = x.astype(np.float16)
@@ -235,7 +235,7 @@ def rtn_codes(w: np.ndarray, bits: int, group_size: int):
     qmax = (1 << bits) - 1
     wg = w.reshape(n, k // group_size, group_size)                          # [N, G, g]
     lo, hi = wg.min(axis=2), wg.max(axis=2)                                 # [N, G]
-    scales = _fp16_scale(np.maximum(hi - lo, np.float32(SCALE_FLOOR)) / np.float32(qmax), "scales")
+    scales = fp16_scale(np.maximum(hi - lo, np.float32(SCALE_FLOOR)) / np.float32(qmax), "scales")
     s = scales.astype(np.float32)
     zeros = np.clip(-np.round(lo / s), 0, qmax)                             # [N, G]
     q = np.clip(np.round(wg / s[..., None]) + zeros[..., None], 0, qmax)    # [N, G, g]
@@ -304,7 +304,7 @@ def quantize_q8(w: np.ndarray, group_size: int) -> Q8Linear:
     n, k = w.shape
     wg = w.reshape(n, k // group_size, group_size)                          # [N, G, g]
     amax = np.abs(wg).max(axis=2)                                           # [N, G]
-    scales = _fp16_scale(np.maximum(amax, np.float32(SCALE_FLOOR)) / np.float32(Q8_MAX), "scales")
+    scales = fp16_scale(np.maximum(amax, np.float32(SCALE_FLOOR)) / np.float32(Q8_MAX), "scales")
     q = np.clip(np.round(wg / scales[..., None].astype(np.float32)), -Q8_MAX, Q8_MAX)
     return Q8Linear(q.reshape(n, k).astype(np.int8), scales, group_size)
 

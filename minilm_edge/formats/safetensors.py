@@ -51,8 +51,8 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path.name}: truncated safetensors file ({size} bytes)")
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{self.path.name}: truncated or corrupt safetensors file (header length {n}, file has {size} bytes)")
+                raise CheckpointError(f"{self.path.name}: truncated or corrupt safetensors file "
+                                      f"(header length {n}, file has {size} bytes)")
             raw = f.read(n)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._data_start = 8 + n

@@ -36,10 +36,10 @@ BLOCK_LINEARS = {
 BIASED = ("q", "k", "v")   # carry a bias when config.attention_bias (qwen2)
 
 
-def block_linears(cfg, i: int | None = None):
-    """Every block linear (of block i only, when given): (block, our name, tensor prefix, shape
-    [N, K]), blocks in order."""
-    for i in range(cfg.num_hidden_layers) if i is None else (i,):
+def block_linears(cfg, block: int | None = None):
+    """Every block linear (of `block` only, when given): (block index, our name, tensor prefix,
+    shape [N, K]), blocks in order."""
+    for i in range(cfg.num_hidden_layers) if block is None else (block,):
         for key, (name, shape) in BLOCK_LINEARS.items():
             yield i, key, name.format(i=i), shape(cfg)
 

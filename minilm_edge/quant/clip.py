@@ -165,11 +165,11 @@ def _candidate_steps(lo0, hi0, cand_lo, cand_hi, bits):
     without reducing the clamped group again: a group whose range was [lo0, hi0] has, clamped to
     [lo, hi], the range [min(max(lo0, lo), hi), min(max(hi0, lo), hi)].
                                       lo0, hi0 [N, G, 1]; cand_lo, cand_hi [C, N, G] -> 2 × [C, N, G]"""
-    from ..formats.q4 import SCALE_FLOOR as RANGE_FLOOR, _fp16_scale
+    from ..formats.q4 import SCALE_FLOOR as RANGE_FLOOR, fp16_scale
     qmax = np.float32((1 << bits) - 1)
     lo_c = np.minimum(np.maximum(lo0[..., 0], cand_lo), cand_hi)
     hi_c = np.minimum(np.maximum(hi0[..., 0], cand_lo), cand_hi)
-    step = _fp16_scale(np.maximum(hi_c - lo_c, np.float32(RANGE_FLOOR)) / qmax, "scales").astype(np.float32)
+    step = fp16_scale(np.maximum(hi_c - lo_c, np.float32(RANGE_FLOOR)) / qmax, "scales").astype(np.float32)
     zero = np.clip(-np.round(lo_c / step), 0, qmax)
     return step, zero
 

@@ -11,12 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import LlamaConfig
 from ..errors import CheckpointError
-from .linear import LINEAR_FORMATS, Linear, linear_class
 from ..formats.safetensors import to_float32
-from ..formats.tensors import (BIASED, GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_shape,
-                               linear_format)
+from ..formats.tensors import (
+    BIASED,
+    GLOBAL_TENSORS,
+    HEAD,
+    TensorSource,
+    block_linears,
+    block_norms,
+    check_shape,
+    linear_format,
+)
+from .config import LlamaConfig
+from .linear import LINEAR_FORMATS, Linear, linear_class
+
 
 @dataclasses.dataclass
 class BlockWeights:

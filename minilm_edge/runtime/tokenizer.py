@@ -14,8 +14,8 @@ import datetime
 import json
 from pathlib import Path
 
-from .config import read_json
 from ..errors import ModelNotFoundError, TokenizerError, UsageError
+from .config import read_json
 
 
 def _token_str(v):
