@@ -46,7 +46,7 @@ from . import llama
 
 
 def pseudo_quantize(w, bits, group_size):
-    """Round-to-nearest per (row, group), asymmetric min/max, then dequantize (DESIGN §4).
+    """Round-to-nearest per (row, group), asymmetric min/max, then dequantize (docs/DESIGN.md §4).
 
         scale = max(max − min, 1e-5) / (2^bits − 1)   (rounded to fp16, as stored)
         zero  = clamp(−round(min / scale), 0, 2^bits − 1)

@@ -18,11 +18,11 @@ from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-ORDER = [0, 2, 4, 6, 1, 3, 5, 7]      # DESIGN §3: nibble i of word c holds output channel 8c + ORDER[i]
+ORDER = [0, 2, 4, 6, 1, 3, 5, 7]      # docs/DESIGN.md §3: nibble i of word c holds output channel 8c + ORDER[i]
 
 
 def oracle_dequantize_awq(qweight, qzeros, scales):
-    """W [N, K] from AutoAWQ GEMM tensors, one element at a time, straight from DESIGN §3."""
+    """W [N, K] from AutoAWQ GEMM tensors, one element at a time, straight from docs/DESIGN.md §3."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
     g = k // scales.shape[0]
     nib = lambda word, i: (int(word) >> (4 * i)) & 0xF
@@ -49,7 +49,7 @@ def test_pack_unpack_round_trip_and_layout(c):
     words = pack_awq(c)
     assert words.dtype == np.int32 and words.shape == (c.shape[0], c.shape[1] // 8)
     assert np.array_equal(unpack_awq(words), c)
-    for r in range(c.shape[0]):                       # every word against the layout drawn in DESIGN §3
+    for r in range(c.shape[0]):                       # every word against the layout drawn in docs/DESIGN.md §3
         for w in range(words.shape[1]):
             expect = sum(int(c[r, 8 * w + ORDER[i]]) << (4 * i) for i in range(8))
             assert int(words[r, w]) & 0xFFFFFFFF == expect

@@ -1,4 +1,4 @@
-"""Perplexity and model comparison (runtime/evaluate.py, DESIGN §7): equal to a hand computation from
+"""Perplexity and model comparison (runtime/evaluate.py, docs/DESIGN.md §7): equal to a hand computation from
 `model.forward` on each window, windows and counts as documented, KL 0 against itself, and the
 `eval` command's output and one-line errors."""
 import json

@@ -11,7 +11,8 @@ order rotated every round, so a noisy neighbour or thermal drift hits every engi
 
 for every --threads value. One run = one process doing --reps-per-call repetitions (llama-bench
 warms up first; minilm_edge's bench has no warm-up, so its first repetition is cold and the median of
-3 drops it). Reported: medians over --runs rounds (at least 5 for a real result), as a markdown table with the ratio of each row to llama.cpp Q4_0 at the same thread count.
+3 drops it). Reported: medians over --runs rounds (at least 5 for a real result), as a markdown table
+with the ratio of each row to llama.cpp Q4_0 at the same thread count.
 
 Decode at the same depth: minilm_edge's bench decodes its 128 tokens after the 512-token prefill
 (a 512..640-token KV cache), so llama-bench runs with `-d 0,512`: its prefill is pp512 at depth 0
@@ -285,7 +286,8 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.runs < 1 or args.reps_per_call < 1 or args.prompt_tokens < 1 or args.new_tokens < 1 or any(t < 1 for t in args.threads):
+        counts = (args.runs, args.reps_per_call, args.prompt_tokens, args.new_tokens, *args.threads)
+        if min(counts) < 1:
             raise BenchError("--runs, --reps-per-call, --threads, --prompt-tokens and --new-tokens must be at least 1")
         if args.runs < 5:
             say(args, f"warning: --runs {args.runs} < 5: a smoke run, not a result")

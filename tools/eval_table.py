@@ -1,5 +1,5 @@
 """The perplexity table for BENCHMARKS.md: every model × data file × ctx, scored by
-`minilm_edge.evaluate` (DESIGN §7), printed as markdown with the exact command line that made it.
+`minilm_edge.evaluate` (docs/DESIGN.md §7), printed as markdown with the exact command line that made it.
 
     python tools/eval_table.py fp=smollm2-135m-instruct rtn-w4=/tmp/rtn-w4 \\
         --data /work/shared/data/wikitext2-test.txt --ctx 512 --max-tokens 16384 --baseline fp
@@ -50,9 +50,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import minilm_edge
-    from minilm_edge.runtime.evaluate import compare, perplexity, read_text
     from minilm_edge.app.describe import describe
     from minilm_edge.app.store import resolve_model
+    from minilm_edge.runtime.evaluate import compare, perplexity, read_text
 
     command = "python tools/eval_table.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     models = {label: resolve_model(path) for label, path in parse_models(args.models).items()}
@@ -92,13 +92,14 @@ def render(rows, baseline, args, command, version) -> str:
            "|---|---|---:|---:|---:|" + ("---:|" if kl else "") + "---:|---:|---:|---:|---:|"]
     for r in rows:
         delta = r["ppl"] - base[(r["data"], r["ctx"])] if (r["data"], r["ctx"]) in base else float("nan")
-        kl_cell = (f" | {r['kl_mean']:.4f}" if "kl_mean" in r else " | 0" if r["label"] == baseline else " | -") if kl else ""
+        kl_value = f"{r['kl_mean']:.4f}" if "kl_mean" in r else "0" if r["label"] == baseline else "-"
+        kl_cell = f" | {kl_value}" if kl else ""
         out.append(f"| {r['label']} | {Path(r['data']).name} | {r['ctx']} | {r['ppl']:.2f} | {delta:+.2f}{kl_cell} "
                    f"| {r['tokens_scored']:,} | {r['linear_bpw']:.3f} | {r['file_bpw']:.2f} "
                    f"| {r['weights_bytes'] / 2**20:.1f} MiB | {r['seconds']:.0f} |")
     scope = (f"the first {args.max_tokens:,} tokens" if args.max_tokens else "the whole text")
     data = "; ".join(sorted({f"{Path(r['data']).name} sha256 {r['data_sha256'][:12]}…" for r in rows}))
-    out += ["", f"Protocol (DESIGN §7): each file read as is and tokenized once ({scope}), cut into "
+    out += ["", f"Protocol (docs/DESIGN.md §7): each file read as is and tokenized once ({scope}), cut into "
             "non-overlapping windows of ctx tokens, each from an empty context; every predicted token "
             "scored (ctx − 1 per window; a final shorter window scored the same way); ppl = exp(mean NLL). "
             f"Data: {data}. minilm_edge {version}, {datetime.date.today().isoformat()}."

@@ -275,7 +275,7 @@ def cmd_bench(args):
 
 # ---- eval
 EVAL_HELP = """\
-Perplexity of a model on a text file (DESIGN §7): the file is read as is, tokenized once, cut into
+Perplexity of a model on a text file (docs/DESIGN.md §7): the file is read as is, tokenized once, cut into
 non-overlapping windows of --ctx tokens (each from an empty context; a final shorter window is
 scored too), and exp(mean negative log-likelihood) over every predicted token is reported with the
 number of tokens scored. With --baseline, both models are scored on the same tokens and the

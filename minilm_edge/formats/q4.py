@@ -1,4 +1,4 @@
-"""The native int4 weight format "minilm-q4" v1, declared once (DESIGN §3), and its RTN quantizer (§4).
+"""The native int4 weight format "minilm-q4" v1, declared once (docs/DESIGN.md §3), and its RTN quantizer (§4).
 
 Shape vocabulary: a linear layer maps x [K] -> y [N] with weight W [N, K]; g is the group size (a
 group is g consecutive input channels of one output row), G = K // g, m = number of salient columns.
@@ -16,7 +16,7 @@ Dequantization (q = 4-bit code):
 The codes of salient columns equal the zero point, so the int4 part contributes exactly 0 there and a
 kernel adds `salient_w @ x[salient_idx]` (fused mixed precision).
 
-Nibble order (the on-disk order of DESIGN §3, kept: the kernels read it as is, see below):
+Nibble order (the on-disk order of docs/DESIGN.md §3, kept: the kernels read it as is, see below):
 
     byte j of row n:   bit 7 ... 4 | 3 ... 0
                        q[n, 2j+1]  | q[n, 2j]        (low nibble = even input channel)
@@ -29,8 +29,8 @@ odd entries (K floats, negligible next to N·K/2 weight bytes). That costs nothi
 interleaved order runs as fast as a "first half / second half" order would, and no repack is needed.
 
 Cost: bits per weight = 4 + (16 + 8)/g for fp16 scale + uint8 zero (4.375 at g = 64, 4.1875 at
-g = 128); DESIGN §3 counts a 4-bit zero (4 + 20/g), as it would be if zeros were packed. Salient
-columns add 16·m/K.
+g = 128); a packed 4-bit zero, as AutoAWQ's qzeros, would give 4 + 20/g (docs/DESIGN.md §3.1).
+Salient columns add 16·m/K.
 
 Group sizes: 32, 64 or 128 (`GROUP_SIZES`). Every group is a whole number of 16-byte vectors (32
 codes), which the kernels rely on; `choose_group_size` picks the largest that divides K.

@@ -1,5 +1,5 @@
 """AWQ: activation-aware weight quantization (Lin et al. 2024, "AWQ: Activation-aware Weight
-Quantization for LLM Compression and Acceleration", MLSys), as DESIGN §5 specifies it.
+Quantization for LLM Compression and Acceleration", MLSys), as docs/DESIGN.md §5 specifies it.
 
 The idea: a few input channels of each linear carry much larger activations than the rest, and the
 rounding error of the weights that meet them dominates the output error. Multiplying those weight
@@ -16,7 +16,7 @@ The scale per channel is searched, per group of linears sharing one input, to mi
     x_mean   mean_t |X[t, j]| over all calibration tokens  (the activation statistic)
     w_mean   mean over rows of |W| / max|W| of its (row, group)   (duo form only)
     α        on the grid 0, 0.05, …, 0.95 (α = 0 gives s = 1: plain RTN is always a candidate)
-    Q        the int4 (or int3) per-group min/max round-to-nearest quantizer of q4.py (DESIGN §4)
+    Q        the int4 (or int3) per-group min/max round-to-nearest quantizer of q4.py (docs/DESIGN.md §4)
 
 The "·X … W·X" part is measured through the module the group feeds, not the linear alone: the whole
 attention (RoPE, causal mask, GQA, then o) for q/k/v, the whole SwiGLU MLP for gate/up, the single
@@ -32,13 +32,14 @@ states; the attention's scale loss is measured on the first `search_samples` sam
 sequences), the MLP's and single linears' on `search_tokens` tokens drawn from every sample, the
 statistic and the clip search over all tokens.
 
-Choices beyond DESIGN §5, each measured better on the validation split (BENCHMARKS.md) and each
-switched off by an AWQSettings field: the clip search on every calibration token through per-group
-second moments (clip_all_tokens; otherwise ~512 random tokens plus every sample's attention sink);
-the token-wise losses on tokens from every sample (search_tokens); the two-sided clamps
-(clip_two_sided); each α's loss measured on the weights clipped as they will be stored
-(search_clip: the symmetric clip search inside the scale search); and the clamps of a row's groups
-chosen together on the row's whole output error (clip_joint_tokens, clip_sweeps).
+Choices beyond the paper and the first specification (docs/DESIGN.md §5 lists them), each measured
+better on the validation split (BENCHMARKS.md) and each switched off by an AWQSettings field: the
+clip search on every calibration token through per-group second moments (clip_all_tokens; otherwise
+~512 random tokens plus every sample's attention sink); the token-wise losses on tokens from every
+sample (search_tokens); the two-sided clamps (clip_two_sided); each α's loss measured on the weights
+clipped as they will be stored (search_clip: the symmetric clip search inside the scale search); and
+the clamps of a row's groups chosen together on the row's whole output error (clip_joint_tokens,
+clip_sweeps).
 
 Which norm or linear feeds which linears is per-architecture knowledge, kept in one table
 (`SCALE_GROUPS`). Everything here is pure functions on NumPy arrays; `run_awq` orchestrates.

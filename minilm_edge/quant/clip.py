@@ -1,4 +1,4 @@
-"""The clip search of AWQ (DESIGN §5): after the scales are folded, each (row, group) of a linear's
+"""The clip search of AWQ (docs/DESIGN.md §5): after the scales are folded, each (row, group) of a linear's
 weights is clamped to the range that least changes the group's partial dot products on the
 calibration tokens, since a min/max quantizer spends its 2^bits levels on the group's extremes.
 
@@ -6,7 +6,7 @@ calibration tokens, since a min/max quantizer spends its 2^bits levels on the gr
 
     w        one row's weights of the group, already × s                        [g]
     x        the linear's input on calibration tokens, already ÷ s              [tokens, g]
-    Q        the per-group min/max round-to-nearest quantizer of q4.py (DESIGN §4)
+    Q        the per-group min/max round-to-nearest quantizer of q4.py (docs/DESIGN.md §4)
     lo, hi   the symmetric clamps [−r·max|w|, r·max|w|], r in CLIP_SHRINKS, and with two_sided
              every [a·min w, b·max w], a, b in CLIP_SHRINKS (the quantizer is min/max, not
              symmetric, so each end can be cut on its own; the symmetric candidates stay, so the
@@ -59,7 +59,7 @@ def clip_search(w: np.ndarray, x: np.ndarray | None, bits: int, group_size: int,
     """Per (row, group) clamp of the weights minimising the error of the group's partial dot
     products  e = mean_t ( Σ_{k∈group} (Q(clamp(w, lo, hi))[n, k] − w[n, k]) · x[t, k] )².
 
-    The candidates (DESIGN §5): the symmetric clamps lo = −r·max|w|, hi = r·max|w| for the shrink
+    The candidates (docs/DESIGN.md §5): the symmetric clamps lo = −r·max|w|, hi = r·max|w| for the shrink
     factors r in CLIP_SHRINKS. With two_sided, also every pair lo = a·min w, hi = b·max w (a, b in
     CLIP_SHRINKS): the quantizer is asymmetric (min/max), so each end of the range can be cut on its
     own; the symmetric candidates stay, so the choice is never worse than the symmetric search's.

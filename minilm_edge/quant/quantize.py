@@ -1,6 +1,6 @@
 """Write a quantized model folder (minilm-q4 v1) from a full-precision one.
 
-`quantize(src, out, method="rtn")` rounds every block linear to int4 per group (q4.py, DESIGN §4);
+`quantize(src, out, method="rtn")` rounds every block linear to int4 per group (q4.py, docs/DESIGN.md §4);
 `method="awq"` first transforms the full-precision weights with AWQ (awq.py: scales folded into the
 norms and previous linears, clipped ranges, optional fp16 salient channels) on calibration tokens
 (calibration.py: text files or self-generated), then hands them to the same writer.

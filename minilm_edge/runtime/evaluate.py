@@ -1,4 +1,4 @@
-"""Perplexity of a model on a text, and the comparison of two models on the same tokens (DESIGN §7).
+"""Perplexity of a model on a text, and the comparison of two models on the same tokens (docs/DESIGN.md §7).
 
 Protocol (as the AWQ paper's WikiText evaluation, with the two choices it leaves open made explicit):
 - The text is used as is: a file is read as bytes and decoded as UTF-8, with no newline translation
