@@ -1,4 +1,4 @@
-"""The AutoAWQ "GEMM" int4 layout (DESIGN §3 interchange), declared once, and conversion to and from
+"""The AutoAWQ "GEMM" int4 layout (docs/DESIGN.md §3 interchange), declared once, and conversion to and from
 the native minilm-q4 layout (q4.py), so AutoAWQ checkpoints run here and ours run in AutoAWQ,
 transformers and vLLM.
 
