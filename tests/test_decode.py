@@ -1,15 +1,17 @@
-"""The one-call decode step (decode.py) against the Python path, on int4 tiny models."""
+"""The one-call decode step (kernels/decode_step.py, planned by runtime/decode.py) against the Python
+path, on int4 tiny models; its attention parts and the spin barrier it relies on."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 from numba import prange
 
 import minilm_edge
-from minilm_edge.runtime.decode import _attend_part, _merge_parts
-from minilm_edge.kernels.quant_i8_matmul import VNNI
+from minilm_edge.errors import UsageError
+from minilm_edge.kernels.decode_step import attend_part, merge_parts
 from minilm_edge.kernels.policy import kernel, parallel_kernel, threads
-from minilm_edge.quant.quantize import quantize
+from minilm_edge.kernels.quant_i8_matmul import VNNI
 from minilm_edge.kernels.sync import atomic_add, atomic_load, barrier
+from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
 QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -28,9 +30,10 @@ def salient_hook(layer, name, w):
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_one_call_decode_matches_prefill(tmp_path, variant, hook, n_threads):
     src, cfg, _ = make_model_dir(tmp_path / "src", **{**QUANTIZABLE, **variant})
-    model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False, linear_hook=hook,
-                                      quantize_head="int8"), int8_activations=False)   # the exact prefill
-    assert model._plan is not None
+    model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False,
+                                      linear_hook=hook, quantize_head="int8"),
+                             int8_activations=False)   # the exact prefill
+    assert model.decode_plan is not None and model.fused_decode
     ids = np.random.default_rng(3).integers(0, cfg["vocab_size"], 30)
     full = model.forward(ids)                               # prefill path: per-layer Python calls
     cache = model.new_cache(40)
@@ -49,18 +52,19 @@ def test_int8_decode_matches_int8_prefill(tmp_path, hook, n_threads):
     src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False,
                                       linear_hook=hook))
-    assert model._plan is not None and model._plan.int8 and model._plan.int8_ok
+    assert model.fused_decode and model.decode_plan.int8 and model.decode_plan.int8_ok
     ids = np.random.default_rng(4).integers(0, cfg["vocab_size"], 30)
     full = model.hidden_states(ids)                         # T = 30: the int8 prefill kernels
     cache = model.new_cache(40)
     with threads(n_threads):
         steps = np.concatenate([model.hidden_states([t], cache) for t in ids])
     np.testing.assert_allclose(steps, full, atol=2e-4)
-    plan, model._plan = model._plan, None                   # the same steps through Q4.matvec
+    model.fused_decode = False                              # the same steps through Q4.matvec
     cache = model.new_cache(40)
     no_plan = np.concatenate([model.hidden_states([t], cache) for t in ids])
-    model._plan = plan
+    model.fused_decode = True
     np.testing.assert_allclose(no_plan, full, atol=2e-4)
+    assert not np.array_equal(no_plan, steps)               # the A/B did take the other path
     f32 = minilm_edge.load(tmp_path / "q", int8_activations=False).hidden_states(ids)
     rel = np.linalg.norm(full - f32) / np.linalg.norm(f32)
     assert 1e-4 < rel < 0.1                                 # int8 activations do change the numbers, a little
@@ -68,7 +72,10 @@ def test_int8_decode_matches_int8_prefill(tmp_path, hook, n_threads):
 
 def test_plan_only_for_all_int4_models(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    assert minilm_edge.load(src)._plan is None
+    model = minilm_edge.load(src)
+    assert model.decode_plan is None and not model.fused_decode
+    with pytest.raises(UsageError, match="fused decode needs every block linear in int4"):
+        model.fused_decode = True
 
 
 @parallel_kernel()
@@ -127,10 +134,10 @@ def test_attention_parts_joined_are_softmax_attention(n, dh, rep, parts, seed, s
     po = np.zeros((parts, H, dh), np.float32)
     scale = np.float32(1 / np.sqrt(dh))
     for t in range(parts):
-        _attend_part(q, 0, rep, dh, k, v, 0, 0, scale, s, pm[t], pl[t], po[t])     # kv head 0: nothing
-        _attend_part(q, 1, rep, dh, k, v, n * t // parts, n * (t + 1) // parts, scale, s, pm[t], pl[t], po[t])
+        attend_part(q, 0, rep, dh, k, v, 0, 0, scale, s, pm[t], pl[t], po[t])     # kv head 0: nothing
+        attend_part(q, 1, rep, dh, k, v, n * t // parts, n * (t + 1) // parts, scale, s, pm[t], pl[t], po[t])
     out = np.empty(H * dh, np.float32)
-    _merge_parts(parts, H, dh, pm, pl, po, out)
+    merge_parts(parts, H, dh, pm, pl, po, out)
     for r in range(rep):
         h = rep + r
         z = (k[:n].astype(np.float64) @ q[h * dh:(h + 1) * dh]) * scale

@@ -2,35 +2,20 @@
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from kernel_cases import EPS32, int4_layer, ref_args
 
-from minilm_edge.kernels import quant_f32 as kq, simd
-from minilm_edge.formats import q4
 from minilm_edge.errors import UsageError
+from minilm_edge.formats import q4
+from minilm_edge.kernels import quant_f32 as kq, simd
 from minilm_edge.kernels.policy import kernel, threads
 from reference import q4 as ref
 
 AWKWARD_N = [1, 2, 3, 5, 7, 15, 17, 31, 33, 64]
-EPS32 = float(np.finfo(np.float32).eps)
 # A float32 dot product of length K in any summation order is within ~K*eps of sum |w_k x_k|; the
 # kernels sum in 16 lanes then a tree, so the factor is far smaller in practice. 64 eps is roomy for
 # K <= 512 lanes-per-lane depth and still catches any wrong index (errors of order |w x| itself).
 DOT_RTOL = 64 * EPS32
 SETTINGS = settings(max_examples=30, deadline=None)
-
-
-def _layer(seed, n, g, groups, m, kind):
-    rng = np.random.default_rng(seed)
-    k = g * groups
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    if kind == "mixed":
-        w *= (10.0 ** rng.integers(-4, 3, (n, groups))).repeat(g, axis=1).astype(np.float32)
-        w[:, :g] = 0.25                                                      # a constant group
-    idx = np.sort(rng.choice(k, size=m, replace=False)).astype(np.int32) if m >= 0 else None
-    return q4.quantize_q4(w, g, idx)
-
-
-def _ref_args(lin):
-    return (lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.salient_idx, lin.salient_w)
 
 
 def _dot_bound(lin, X):
@@ -55,7 +40,7 @@ layers = st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(AWKWARD_N), st.sam
 
 def _make(params):
     seed, n, g, groups, m, kind = params
-    return _layer(seed, n, g, groups, min(m, g * groups), kind), np.random.default_rng(seed + 1)
+    return int4_layer(seed, n, g, groups, min(m, g * groups), kind), np.random.default_rng(seed + 1)
 
 
 @SETTINGS
@@ -64,7 +49,7 @@ def test_matvec_q4_f32_matches_reference(params):
     lin, rng = _make(params)
     x = rng.standard_normal(lin.shape[1]).astype(np.float32)
     y = kq.matvec_q4_f32(kq.prepare_q4(lin), x)
-    y_ref = ref.matvec_q4(*_ref_args(lin), x)
+    y_ref = ref.matvec_q4(*ref_args(lin), x)
     assert np.all(np.abs(y - y_ref) <= _dot_bound(lin, x))
 
 
@@ -74,7 +59,7 @@ def test_matmul_q4_f32_matches_reference(params, t):
     lin, rng = _make(params)
     X = rng.standard_normal((t, lin.shape[1])).astype(np.float32)
     Y = kq.matmul_q4_f32(kq.prepare_q4(lin), X)
-    assert np.all(np.abs(Y - ref.matmul_q4(*_ref_args(lin), X)) <= _dot_bound(lin, X))
+    assert np.all(np.abs(Y - ref.matmul_q4(*ref_args(lin), X)) <= _dot_bound(lin, X))
 
 
 @SETTINGS
@@ -94,7 +79,7 @@ def test_q8_kernels_match_reference(seed, n, g, groups, t):
 
 
 def test_matmul_spans_several_tiles_and_threads_agree():
-    lin = _layer(7, kq.TILE_ROWS * 2 + 3, 64, 3, 9, "normal")
+    lin = int4_layer(7, kq.TILE_ROWS * 2 + 3, 64, 3, 9, "normal")
     p = kq.prepare_q4(lin)
     rng = np.random.default_rng(3)
     x = rng.standard_normal(lin.shape[1]).astype(np.float32)
@@ -104,11 +89,11 @@ def test_matmul_spans_several_tiles_and_threads_agree():
     with threads(2):
         y2 = kq.matvec_q4_f32(p, x)
     assert np.array_equal(y1, y2)                                  # rows are independent of threads
-    assert np.all(np.abs(kq.matmul_q4_f32(p, X) - ref.matmul_q4(*_ref_args(lin), X)) <= _dot_bound(lin, X))
+    assert np.all(np.abs(kq.matmul_q4_f32(p, X) - ref.matmul_q4(*ref_args(lin), X)) <= _dot_bound(lin, X))
 
 
 def test_prepare_shares_weight_buffers_and_pads_salient():
-    lin = _layer(1, 5, 32, 2, 3, "normal")
+    lin = int4_layer(1, 5, 32, 2, 3, "normal")
     p = kq.prepare_q4(lin)
     assert np.shares_memory(p.qweight, lin.qweight) and np.shares_memory(p.zeros, lin.zeros)
     assert p.scales.dtype == np.float32 and p.sal_w.shape == (5, 16) and p.n_salient == 3
@@ -116,14 +101,14 @@ def test_prepare_shares_weight_buffers_and_pads_salient():
 
 
 def test_nan_propagates():
-    lin = _layer(2, 3, 32, 1, 0, "normal")
+    lin = int4_layer(2, 3, 32, 1, 0, "normal")
     x = np.ones(32, np.float32)
     x[5] = np.nan
     assert np.all(np.isnan(kq.matvec_q4_f32(kq.prepare_q4(lin), x)))
 
 
 def test_wrappers_check_arguments():
-    p = kq.prepare_q4(_layer(0, 4, 32, 2, 0, "normal"))
+    p = kq.prepare_q4(int4_layer(0, 4, 32, 2, 0, "normal"))
     with pytest.raises(UsageError, match="x: expected contiguous float32"):
         kq.matvec_q4_f32(p, np.zeros(64, np.float64))
     with pytest.raises(UsageError, match="x: expected contiguous float32"):

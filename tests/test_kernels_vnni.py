@@ -1,76 +1,24 @@
-"""int4 x int8 and int8 x int8 VNNI prefill kernels (kernels_vnni) against their NumPy twins
+"""int4 x int8 and int8 x int8 VNNI prefill kernels (kernels/quant_i8_matmul) against their NumPy twins
 (reference/q4.py), and the int4 twin against the exact float product, over ragged shapes."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from kernel_cases import EPILOGUE_RTOL, EPS32, activations, epilogue_bound, int4_layer, ref_args
 
-from minilm_edge.kernels import quant_f32 as kq
-from minilm_edge.kernels import quant_i8_matmul as kv
-from minilm_edge.formats import q4
 from minilm_edge.errors import UsageError
-from minilm_edge.runtime.linear import Q4, Q8
+from minilm_edge.formats import q4
+from minilm_edge.kernels import quant_f32 as kq, quant_i8_matmul as kv
 from minilm_edge.kernels.policy import threads
+from minilm_edge.runtime.linear import Q4, Q8
 from reference import q4 as ref
 
 pytestmark = pytest.mark.skipif(not kv.VNNI, reason="this CPU (or NUMBA_CPU_FEATURES) lacks AVX512-VNNI: "
                                                     "matmul_q4_i8 is never used here, the float32 path is")
 
-EPS32 = float(np.finfo(np.float32).eps)
-# Kernel vs twin: the integer dots are exact, so only the float epilogue differs: per block one
-# product sw*sx and one fma, then nb + G terms summed in float32. 64 eps of the magnitude those sums
-# pass through is roomy for K <= 512 and still catches any wrong index, scale or block.
-EPILOGUE_RTOL = 64 * EPS32
 SETTINGS = settings(max_examples=40, deadline=None)
 # N: not a multiple of 16 or of the 32-row tile, one tile, several tiles; T: ragged to the 6-token tile
 AWKWARD_N = [1, 3, 7, 16, 17, 31, 33, 64, 65, 100]
 AWKWARD_T = [1, 2, 3, 5, 6, 7, 11, 13, 17]
-
-
-def _layer(seed, n, g, groups, m, kind):
-    rng = np.random.default_rng(seed)
-    k = g * groups
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    if kind == "mixed":                                  # groups from 1e-4 to 1e2, one constant group
-        w *= (10.0 ** rng.integers(-4, 3, (n, groups))).repeat(g, axis=1).astype(np.float32)
-        w[:, :g] = 0.25
-    idx = np.sort(rng.choice(k, size=m, replace=False)).astype(np.int32) if m >= 0 else None
-    return q4.quantize_q4(w, g, idx)
-
-
-def _activations(rng, t, k, kind):
-    X = rng.standard_normal((t, k)).astype(np.float32)
-    if kind == "outliers":                               # LLM-like: a few channels 100x the rest
-        X[:, rng.choice(k, size=max(1, k // 50), replace=False)] *= 100.0
-    elif kind == "blocks":                               # block magnitudes 1e-6..1e3, a zero block, a zero token
-        X *= (10.0 ** rng.integers(-6, 4, (t, k // 32))).repeat(32, axis=1).astype(np.float32)
-        X[:, 32:64] = 0.0
-        X[t // 2] = 0.0
-    elif kind == "zero":
-        X[:] = 0.0
-    return X
-
-
-def _ref_args(lin):
-    return (lin.qweight, lin.scales, lin.zeros, lin.group_size, lin.salient_idx, lin.salient_w)
-
-
-def _epilogue_bound(lin, X, block):
-    """EPILOGUE_RTOL * sum_b sw sx (sum_k q |qx| + zw sum_k |qx|) (+ |salient w x|): the magnitude the
-    kernel's float sums pass through, per output [T, N]."""
-    Xz = np.array(X)
-    if lin.n_salient:
-        Xz[:, lin.salient_idx] = 0.0
-    qx, sx = ref.quantize_activations_i8(Xz, block)
-    q = q4.unpack_nibbles(lin.qweight).astype(np.float64)
-    mag = np.zeros((X.shape[0], lin.shape[0]))
-    for b in range(X.shape[1] // block):
-        cols, gi = slice(b * block, (b + 1) * block), b * block // lin.group_size
-        aq = np.abs(qx[:, cols]).astype(np.float64)
-        part = aq @ q[:, cols].T + np.outer(aq.sum(axis=1), lin.zeros[:, gi])
-        mag += sx[:, b:b + 1] * lin.scales[:, gi].astype(np.float64) * part
-    if lin.n_salient:
-        mag += np.abs(X[:, lin.salient_idx]).astype(np.float64) @ np.abs(lin.salient_w.astype(np.float64)).T
-    return EPILOGUE_RTOL * mag + 1e-30
 
 
 def _natural_order(qx):
@@ -90,18 +38,18 @@ layers = st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(AWKWARD_N), st.sam
 def test_matmul_q4_i8_matches_reference(params, t, xkind, block):
     seed, n, g, groups, m, kind = params
     block = min(block, g)
-    lin = _layer(seed, n, g, groups, min(m, g * groups), kind)
-    X = _activations(np.random.default_rng(seed + 1), t, lin.shape[1], xkind)
+    lin = int4_layer(seed, n, g, groups, min(m, g * groups), kind)
+    X = activations(np.random.default_rng(seed + 1), t, lin.shape[1], xkind)
     Y = kv.matmul_q4_i8(kq.prepare_q4(lin), X, block=block)
-    Y_ref = ref.matmul_q4_i8(*_ref_args(lin), X, block)
-    assert np.all(np.abs(Y.astype(np.float64) - Y_ref) <= _epilogue_bound(lin, X, block))
+    Y_ref = ref.matmul_q4_i8(*ref_args(lin), X, block)
+    assert np.all(np.abs(Y.astype(np.float64) - Y_ref) <= epilogue_bound(lin, X, block))
 
 
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1), t=st.sampled_from(AWKWARD_T), blocks=st.integers(1, 8),
        block=st.sampled_from([32, 64]), xkind=st.sampled_from(["normal", "outliers", "blocks", "zero"]))
 def test_activation_quantization_is_the_reference_bit_for_bit(seed, t, blocks, block, xkind):
-    X = _activations(np.random.default_rng(seed), t, 64 * blocks, xkind)
+    X = activations(np.random.default_rng(seed), t, 64 * blocks, xkind)
     qx, sx, zt = kv.quantize_activations(X, group_size=64, block=block)
     qx_ref, sx_ref = ref.quantize_activations_i8(X, block)
     assert qx.shape[0] % kv.TILE_TOKENS == 0 and not qx[t:].any() and not sx[t:].any()
@@ -121,16 +69,16 @@ def test_reference_i8_is_within_int8_rounding_of_the_float_product(params, t, xk
     (|X - sx qx| <= sx/2 up to the rounding of 1/sx), plus the float32 rounding of both results."""
     seed, n, g, groups, m, kind = params
     block = min(block, g)
-    lin = _layer(seed, n, g, groups, min(m, g * groups), kind)
-    X = _activations(np.random.default_rng(seed + 1), t, lin.shape[1], xkind)
-    Y_i8 = ref.matmul_q4_i8(*_ref_args(lin), X, block).astype(np.float64)
-    Y = ref.matmul_q4(*_ref_args(lin), X).astype(np.float64)
+    lin = int4_layer(seed, n, g, groups, min(m, g * groups), kind)
+    X = activations(np.random.default_rng(seed + 1), t, lin.shape[1], xkind)
+    Y_i8 = ref.matmul_q4_i8(*ref_args(lin), X, block).astype(np.float64)
+    Y = ref.matmul_q4(*ref_args(lin), X).astype(np.float64)
     Xz = np.array(X)
     if lin.n_salient:
         Xz[:, lin.salient_idx] = 0.0                      # salient channels are exact (float) in both
     _, sx = ref.quantize_activations_i8(Xz, block)
     err_x = np.repeat(sx, block, axis=1).astype(np.float64) / 2 + 4 * EPS32 * np.abs(Xz)    # [T, K]
-    W = np.abs(ref.dequantize_q4(*_ref_args(lin))).astype(np.float64)
+    W = np.abs(ref.dequantize_q4(*ref_args(lin))).astype(np.float64)
     if lin.n_salient:
         W[:, lin.salient_idx] = 0.0
     bound = err_x @ W.T + EPS32 * (np.abs(Y) + np.abs(Y_i8)) + 1e-30
@@ -146,7 +94,7 @@ def test_matmul_q8_i8_matches_reference(seed, n, g, groups, t, xkind):
     w = rng.standard_normal((n, g * groups)).astype(np.float32)
     w[:, :g] *= 1e-3                                                       # a group of tiny weights
     lin = q4.quantize_q8(w, g)
-    X = _activations(rng, t, g * groups, xkind)
+    X = activations(rng, t, g * groups, xkind)
     Y = kv.matmul_q8_i8(kq.prepare_q8(lin), X)
     Y_ref = ref.matmul_q8_i8(lin.qweight, lin.scales, g, X, kv.ACT_BLOCK)
     qx, sx = ref.quantize_activations_i8(X, kv.ACT_BLOCK)
@@ -161,17 +109,17 @@ def test_matmul_q8_i8_matches_reference(seed, n, g, groups, t, xkind):
 def test_int8_error_is_small_on_typical_activations():
     """Not just within the worst case: on Gaussian activations the rounding errors (uniform in
     +-sx/2, sx ~ 2.2 sigma / 127 for 32 channels) average out to ~0.5% of the product (measured 0.53%)."""
-    lin = _layer(5, 256, 64, 9, 0, "normal")
-    X = _activations(np.random.default_rng(6), 32, lin.shape[1], "normal")
+    lin = int4_layer(5, 256, 64, 9, 0, "normal")
+    X = activations(np.random.default_rng(6), 32, lin.shape[1], "normal")
     Y = kv.matmul_q4_i8(kq.prepare_q4(lin), X)
-    Y_ref = ref.matmul_q4(*_ref_args(lin), X)
+    Y_ref = ref.matmul_q4(*ref_args(lin), X)
     assert np.linalg.norm(Y - Y_ref) / np.linalg.norm(Y_ref) < 0.01
 
 
 def test_nan_or_inf_in_a_token_makes_that_token_nan_only():
-    lin = _layer(2, 40, 32, 2, 0, "normal")
+    lin = int4_layer(2, 40, 32, 2, 0, "normal")
     p = kq.prepare_q4(lin)
-    X = _activations(np.random.default_rng(0), 8, 64, "normal")
+    X = activations(np.random.default_rng(0), 8, 64, "normal")
     clean = kv.matmul_q4_i8(p, X)
     X[2, 5], X[6, 40] = np.nan, np.inf
     Y = kv.matmul_q4_i8(p, X)
@@ -181,19 +129,20 @@ def test_nan_or_inf_in_a_token_makes_that_token_nan_only():
 
 
 def test_threads_agree_and_rows_span_tiles():
-    lin = _layer(7, 3 * kv.TILE_ROWS + 5, 64, 3, 9, "normal")
+    lin = int4_layer(7, 3 * kv.TILE_ROWS + 5, 64, 3, 9, "normal")
     p = kq.prepare_q4(lin)
-    X = _activations(np.random.default_rng(3), 4 * kv.TILE_TOKENS + 1, lin.shape[1], "outliers")
+    X = activations(np.random.default_rng(3), 4 * kv.TILE_TOKENS + 1, lin.shape[1], "outliers")
     with threads(1):
         y1 = kv.matmul_q4_i8(p, X)
     with threads(2):
         y2 = kv.matmul_q4_i8(p, X)
     assert np.array_equal(y1, y2)                                  # rows are independent of threads
-    assert np.all(np.abs(y1 - ref.matmul_q4_i8(*_ref_args(lin), X, kv.ACT_BLOCK)) <= _epilogue_bound(lin, X, kv.ACT_BLOCK))
+    y_ref = ref.matmul_q4_i8(*ref_args(lin), X, kv.ACT_BLOCK)
+    assert np.all(np.abs(y1 - y_ref) <= epilogue_bound(lin, X, kv.ACT_BLOCK))
 
 
 def test_wrapper_checks_arguments_and_writes_into_out():
-    p = kq.prepare_q4(_layer(0, 4, 32, 2, 0, "normal"))
+    p = kq.prepare_q4(int4_layer(0, 4, 32, 2, 0, "normal"))
     with pytest.raises(UsageError, match=r"X: expected float32 \[T, 64\]"):
         kv.matmul_q4_i8(p, np.zeros((2, 32), np.float32))
     with pytest.raises(UsageError, match="activation block 64 must"):
@@ -211,16 +160,16 @@ def test_wrapper_checks_arguments_and_writes_into_out():
 def test_q8_linear_dispatches_by_token_count_and_switch():
     lin = q4.quantize_q8(np.random.default_rng(0).standard_normal((40, 128)).astype(np.float32), 64)
     layer = Q8(lin)
-    X = _activations(np.random.default_rng(1), kv.INT8_MIN_TOKENS, 128, "normal")
+    X = activations(np.random.default_rng(1), kv.INT8_MIN_TOKENS, 128, "normal")
     assert np.array_equal(layer.matmul(X), kv.matmul_q8_i8(layer.p, X))
     layer.int8_activations = False
     assert np.array_equal(layer.matmul(X), kq.matmul_q8_f32(layer.p, X))
 
 
 def test_q4_linear_dispatches_by_token_count_switch_and_cpu(monkeypatch):
-    lin = _layer(4, 48, 64, 3, 5, "normal")
+    lin = int4_layer(4, 48, 64, 3, 5, "normal")
     layer = Q4(lin)
-    X = _activations(np.random.default_rng(1), kv.INT8_MIN_TOKENS, lin.shape[1], "normal")
+    X = activations(np.random.default_rng(1), kv.INT8_MIN_TOKENS, lin.shape[1], "normal")
     assert np.array_equal(layer.matmul(X), kv.matmul_q4_i8(layer.p, X))
     few = X[: kv.INT8_MIN_TOKENS - 1]
     assert np.array_equal(layer.matmul(few), kq.matmul_q4_f32(layer.p, few))

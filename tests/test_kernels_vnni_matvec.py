@@ -1,18 +1,16 @@
-"""The decode int4 x int8 VNNI matvec (kernels_vnni_matvec) against its NumPy twin
+"""The decode int4 x int8 VNNI matvec (kernels/quant_i8_matvec) against its NumPy twin
 (reference/q4.matmul_q4_i8, one token), over ragged shapes: rows odd and even, K with every chunk tail (K % 128
 in 0, 32, 64, 96), all group sizes, salient sets from none to many, extreme and constant groups."""
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from kernel_cases import activations, epilogue_bound, int4_layer, ref_args
 
-from minilm_edge.kernels import quant_f32 as kq
-from minilm_edge.kernels import quant_i8_matmul as kv
-from minilm_edge.kernels import quant_i8_matvec as km
-from minilm_edge.formats import q4
 from minilm_edge.errors import UsageError
+from minilm_edge.formats import q4
+from minilm_edge.kernels import quant_f32 as kq, quant_i8_matmul as kv, quant_i8_matvec as km
 from minilm_edge.kernels.policy import threads
 from reference import q4 as ref
-from test_kernels_vnni import _activations, _epilogue_bound, _layer, _ref_args
 
 pytestmark = pytest.mark.skipif(not kv.VNNI, reason="this CPU (or NUMBA_CPU_FEATURES) lacks AVX512-VNNI: "
                                                     "the int8 matvec is never used here, the float32 one is")
@@ -28,11 +26,11 @@ layers = st.tuples(st.integers(0, 2**32 - 1), st.sampled_from(AWKWARD_N), st.sam
 @given(params=layers, xkind=st.sampled_from(["normal", "outliers", "blocks", "zero"]))
 def test_matvec_q4_i8_matches_reference(params, xkind):
     seed, n, g, groups, m, kind = params
-    lin = _layer(seed, n, g, groups, min(m, g * groups), kind)
-    x = _activations(np.random.default_rng(seed + 1), 2, lin.shape[1], xkind)[:1]     # [1, K]
+    lin = int4_layer(seed, n, g, groups, min(m, g * groups), kind)
+    x = activations(np.random.default_rng(seed + 1), 2, lin.shape[1], xkind)[:1]     # [1, K]
     y = km.matvec_q4_i8(kq.prepare_q4(lin), x[0])
-    y_ref = ref.matmul_q4_i8(*_ref_args(lin), x, kv.ACT_BLOCK)[0]
-    assert np.all(np.abs(y.astype(np.float64) - y_ref) <= _epilogue_bound(lin, x, kv.ACT_BLOCK)[0])
+    y_ref = ref.matmul_q4_i8(*ref_args(lin), x, kv.ACT_BLOCK)[0]
+    assert np.all(np.abs(y.astype(np.float64) - y_ref) <= epilogue_bound(lin, x, kv.ACT_BLOCK)[0])
 
 
 @SETTINGS
@@ -43,11 +41,11 @@ def test_vector_quantization_is_the_prefill_quantization_bit_for_bit(seed, block
     decoded token and the same token in a prompt see the same activations), zero-padded."""
     k = -(-32 * blocks // g) * g
     rng = np.random.default_rng(seed)
-    x = _activations(rng, 2, k, xkind)[0]
+    x = activations(rng, 2, k, xkind)[0]
     sal = np.sort(rng.choice(k, size=min(m, k), replace=False)).astype(np.int64)
     s = km.VecScratch(k + 256)                                     # a bigger buffer, as in decode
     s.qe[:], s.qo[:], s.sxl[:], s.nzt[:] = 7, 7, np.nan, np.nan      # stale values must not survive
-    km._quantize_vec(x, sal, sal.size, g, s.xz, s.qe, s.qo, s.sxl, s.nzt)
+    km.quantize_vec(x, sal, sal.size, g, s.xz, s.qe, s.qo, s.sxl, s.nzt)
     xz = x.copy()
     xz[sal] = 0.0
     qx_ref, sx_ref = ref.quantize_activations_i8(xz[None], kv.ACT_BLOCK)
@@ -59,8 +57,8 @@ def test_vector_quantization_is_the_prefill_quantization_bit_for_bit(seed, block
 
 
 def test_nan_or_inf_in_x_makes_every_output_nan():
-    p = kq.prepare_q4(_layer(2, 40, 64, 3, 0, "normal"))
-    x = _activations(np.random.default_rng(0), 2, p.shape[1], "normal")[0]
+    p = kq.prepare_q4(int4_layer(2, 40, 64, 3, 0, "normal"))
+    x = activations(np.random.default_rng(0), 2, p.shape[1], "normal")[0]
     for bad in (np.nan, np.inf):
         xb = x.copy()
         xb[70] = bad
@@ -70,29 +68,29 @@ def test_nan_or_inf_in_x_makes_every_output_nan():
 def test_threads_agree_and_stacked_rows_are_addressed_by_offset():
     """Rows are independent of the thread split, and a weight seen as [rows, ·] of a bigger stack
     gives the same rows as the linear alone."""
-    lin = _layer(7, 301, 64, 9, 9, "mixed")
+    lin = int4_layer(7, 301, 64, 9, 9, "mixed")
     p = kq.prepare_q4(lin)
-    x = _activations(np.random.default_rng(3), 2, p.shape[1], "outliers")[0]
+    x = activations(np.random.default_rng(3), 2, p.shape[1], "outliers")[0]
     with threads(1):
         y1 = km.matvec_q4_i8(p, x)
     with threads(2):
         y2 = km.matvec_q4_i8(p, x)
     assert np.array_equal(y1, y2)
-    y_ref = ref.matmul_q4_i8(*_ref_args(lin), x[None], kv.ACT_BLOCK)[0]
-    assert np.all(np.abs(y1 - y_ref) <= _epilogue_bound(lin, x[None], kv.ACT_BLOCK)[0])
+    y_ref = ref.matmul_q4_i8(*ref_args(lin), x[None], kv.ACT_BLOCK)[0]
+    assert np.all(np.abs(y1 - y_ref) <= epilogue_bound(lin, x[None], kv.ACT_BLOCK)[0])
 
 
 def test_int8_matvec_error_is_small_on_typical_activations():
     """Against the exact float product, not the twin: ~0.5% on Gaussian activations, as in prefill."""
-    lin = _layer(5, 256, 64, 9, 0, "normal")
-    x = _activations(np.random.default_rng(6), 2, lin.shape[1], "normal")[0]
+    lin = int4_layer(5, 256, 64, 9, 0, "normal")
+    x = activations(np.random.default_rng(6), 2, lin.shape[1], "normal")[0]
     y = km.matvec_q4_i8(kq.prepare_q4(lin), x)
-    y_ref = ref.matvec_q4(*_ref_args(lin), x)
+    y_ref = ref.matvec_q4(*ref_args(lin), x)
     assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 0.01
 
 
 def test_wrapper_checks_arguments():
-    p = kq.prepare_q4(_layer(0, 4, 32, 2, 0, "normal"))
+    p = kq.prepare_q4(int4_layer(0, 4, 32, 2, 0, "normal"))
     with pytest.raises(UsageError, match=r"x: expected contiguous float32 \[64\]"):
         km.matvec_q4_i8(p, np.zeros(32, np.float32))
     with pytest.raises(UsageError, match="group size dividing or a multiple of 128"):

@@ -12,12 +12,13 @@ high codes that meet x_odd[j:j+16] - no shuffles per weight, and no repack of th
 
 Why explicit vectors: written as plain loops, LLVM either left the 32-iteration group loop scalar
 (runtime trip counts), or vectorised across groups with gathers, and it always reduced each group's
-dot product horizontally before multiplying by the scale. Measured on this machine (3072x576, g=64,
-1 thread, weights hot in cache): plain loops 4-8 GB/s of packed weights; the vector form below 12 GB/s.
+dot product horizontally before multiplying by the scale (BENCHMARKS.md has the numbers).
 The vector form keeps a 16-lane accumulator per row across all groups (acc += s_g * d_g, lane-wise)
 and reduces once per row. `F32x16` is an LLVM `<16 x float>`: on AVX-512 one zmm register, on AVX2
 two ymm - LLVM legalises it, so the code stays portable.
 
+Rows go in pairs (`dot2_q4_f32`, shared with the one-call decode step): two rows with separate
+accumulators keep 8 FMA chains in flight instead of one latency-bound chain.
 Per 16 packed bytes (32 weights) the inner loop is: vpmovzxbd (load + widen to 16 x i32), vpandd,
 vpsrld, 2 x vcvtdq2ps, 2 x vfmadd. Check with
 `_matvec_q4_f32.inspect_asm(_matvec_q4_f32.signatures[0])`.
@@ -39,9 +40,9 @@ import numpy as np
 from numba import prange
 
 from ..errors import UsageError
-from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_splat, v_store, v_unpack_q4, v_zeros
-from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from ..formats.q4 import Q4Linear, Q8Linear
+from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_splat, v_store, v_unpack_q4, v_zeros
 
 # ----------------------------------------------------------------------------------------------
 # Runtime forms, built once at load
@@ -118,9 +119,10 @@ def prepare_q8(q8: Q8Linear) -> Q8Prepared:
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
-    """Per-call prologue of the int4 matvec: x's even/odd halves, per-group sums
-    for the zero points, the salient entries. Writes into the given scratch (no allocation)."""
+def split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
+    """The per-call prologue of the int4 matvec: x's even/odd halves, per-group sums for the zero
+    points, the salient entries. Writes into the given scratch (no allocation).
+    x [K] -> x_even, x_odd [≥ K/2], x_sum [≥ G], x_sal [m16]."""
     half = x.shape[0] // 2
     for j in range(half):
         x_even[j] = x[2 * j]
@@ -134,34 +136,63 @@ def _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal):
         x_sal[i] = x[sal_idx[i]]
 
 
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot2_q4_f32(qw, sc, z, sw, ra, rb, group_size, x_even, x_odd, x_sum, x_sal):
+    """Rows ra and rb of the int4 matvec (module docstring), from x's prologue (`split_x`): (y_a, y_b).
+
+    qw [rows, K/2], sc and z [rows, G], sw [rows, m16], C-contiguous (a stack [L, N, ·] passes its
+    (L, N) axes merged). Rows are addressed by offset, never sliced, and the function is inlined
+    (policy.kernel: a call or a slice per row costs reference-count updates on every array).
+    One row alone is one chain of dependent FMAs (latency-bound); two rows with separate
+    accumulators for the low and high nibbles give 8 independent chains and share every x load.
+    A row's result does not depend on its partner: ra == rb gives a single row.
+    """
+    half, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
+    h = group_size // 2                     # packed bytes per group (a multiple of 16)
+    wa, wb = ra * half, rb * half
+    acc_a, acc_a2, acc_b, acc_b2 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+    zt_a = np.float32(0.0)
+    zt_b = np.float32(0.0)
+    for g in range(G):
+        da, ea, db, eb = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        for o in range(g * h, g * h + h, LANES):
+            xe = v_load(x_even, o)
+            xo = v_load(x_odd, o)
+            lo, hi = v_unpack_q4(qw, wa + o)
+            da = v_fma(lo, xe, da)
+            ea = v_fma(hi, xo, ea)
+            lo, hi = v_unpack_q4(qw, wb + o)
+            db = v_fma(lo, xe, db)
+            eb = v_fma(hi, xo, eb)
+        s_a, s_b = sc[ra, g], sc[rb, g]
+        va, vb = v_splat(s_a), v_splat(s_b)
+        acc_a = v_fma(va, da, acc_a)
+        acc_a2 = v_fma(va, ea, acc_a2)
+        acc_b = v_fma(vb, db, acc_b)
+        acc_b2 = v_fma(vb, eb, acc_b2)
+        zt_a += s_a * np.float32(z[ra, g]) * x_sum[g]
+        zt_b += s_b * np.float32(z[rb, g]) * x_sum[g]
+    for i in range(0, m16, LANES):
+        xs = v_load(x_sal, i)
+        acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)
+        acc_b = v_fma(v_load(sw, rb * m16 + i), xs, acc_b)
+    return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
+
 
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
 def _matvec_q4_f32(qweight, scales, zeros, group_size, sal_idx, sal_w, x, out):
-    """out[n] = sum_k W[n, k] x[k] for W in minilm-q4 form; rows split across threads."""
-    n_rows, half = qweight.shape
-    n_groups = scales.shape[1]
-    h = group_size // 2                     # packed bytes per group (a multiple of 16)
-    x_even = np.empty(half, np.float32)     # [K/2] x[0::2] meets the low nibbles
-    x_odd = np.empty(half, np.float32)      # [K/2] x[1::2] meets the high nibbles
-    x_sum = np.empty(n_groups, np.float32)  # [G] per-group sums of x for the zero points
+    """out[n] = sum_k W[n, k] x[k] for W in minilm-q4 form; row pairs split across threads."""
+    n, half = qweight.shape
+    x_even = np.empty(half, np.float32)             # [K/2] x[0::2] meets the low nibbles
+    x_odd = np.empty(half, np.float32)              # [K/2] x[1::2] meets the high nibbles
+    x_sum = np.empty(scales.shape[1], np.float32)   # [G] per-group sums of x for the zero points
     x_sal = np.empty(sal_idx.shape[0], np.float32)  # [m16]
-    _split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal)
-    for n in prange(n_rows):
-        row = qweight[n]
-        acc = v_zeros()
-        zero_term = np.float32(0.0)
-        for g in range(n_groups):
-            d = v_zeros()
-            for o in range(g * h, g * h + h, LANES):
-                lo, hi = v_unpack_q4(row, o)
-                d = v_fma(lo, v_load(x_even, o), d)
-                d = v_fma(hi, v_load(x_odd, o), d)
-            acc = v_fma(v_splat(scales[n, g]), d, acc)
-            zero_term += scales[n, g] * np.float32(zeros[n, g]) * x_sum[g]
-        w_sal = sal_w[n]
-        for i in range(0, sal_idx.shape[0], LANES):
-            acc = v_fma(v_load(w_sal, i), v_load(x_sal, i), acc)
-        out[n] = v_hsum(acc) - zero_term
+    split_x(x, group_size, sal_idx, x_even, x_odd, x_sum, x_sal)
+    for i in prange((n + 1) // 2):
+        a, b = 2 * i, min(2 * i + 1, n - 1)         # odd N: the last row pairs with itself
+        ya, yb = dot2_q4_f32(qweight, scales, zeros, sal_w, a, b, group_size, x_even, x_odd, x_sum, x_sal)
+        out[a] = ya
+        out[b] = yb
 
 
 @kernel(fastmath=FASTMATH_REDUCE)

@@ -1,14 +1,12 @@
 """Decode int4 x int8 matvec on AVX-512 VNNI: `matvec_q4_i8`.
 
-The arithmetic of the prefill kernel of kernels_vnni.py (activations quantized to int8 per block of
+The arithmetic of the prefill kernel of quant_i8_matmul.py (activations quantized to int8 per block of
 B = 32 channels, integer dot products by `vpdpbusd`, weight and activation scales applied in float),
 shaped for ONE token: no weight tile to unpack and share between tokens, so each weight row is read
 once, straight from its packed bytes, 64 bytes at a time. That is the whole point: the float32
-decode kernel (kernels_q4._matvec_q4_f32) needs ~10 instructions per 16 packed bytes to widen,
+decode kernel (quant_f32.dot2_q4_f32) needs ~10 instructions per 16 packed bytes to widen,
 convert and multiply the nibbles; here 64 packed bytes (128 weights) take a mask, a shift and two
-`vpdpbusd`. Measured (BENCHMARKS.md; 1 core, rows in cache, 256 x 576, g = 64): 18 GB/s of packed
-weights against 10 for the float32 kernel; 2 threads over the 30 MB gate|up stack of SmolLM2, 24.5
-against 16.6 GB/s.
+`vpdpbusd` (BENCHMARKS.md compares the two).
 
 Shapes: W [N, K], x [K], g = group size, G = K // g, B = ACT_BLOCK; a "chunk" = 64 packed bytes =
 128 channels = 16 i32 lanes of 8 channels each.
@@ -24,18 +22,19 @@ Every lane's octet lies inside one activation block and one weight group (g % 12
 
 with sx_lanes (each lane's activation scale) prepared once per call and sw_lanes (each lane's weight
 scale) made from the row's scales (`_lane_scales`). The zero points, per row, at the end, 16 groups
-at a time: acc -= sw[g] zw[g] zt[g], zt[g] = sum_{b in g} sx[b] sum_{k in b} qx[k] (kernels_vnni's
+at a time: acc -= sw[g] zw[g] zt[g], zt[g] = sum_{b in g} sx[b] sum_{k in b} qx[k] (quant_i8_matmul's
 zt). Salient columns are zeroed before quantizing and added in float32:
 
     y[n] = sum_b sw[n, g(b)] sx[b] ( sum_{k in b} q[n, k] qx[k] - zw[n, g(b)] sum_{k in b} qx[k] )
            + salient_w[n] . x[salient_idx]
 
 which is reference/q4.matmul_q4_i8 for one token. Rows come in pairs (two accumulation chains
-sharing every activation load). The quantization of x is bit-identical to
-kernels_vnni._quantize_x_i8: a decoded token meets the int8 activations it would meet in a prompt.
+sharing every activation load; `dot2_q4_i8`, shared with the one-call decode step). The
+quantization of x is bit-identical to quant_i8_matmul._quantize_x_i8: a decoded token meets the
+int8 activations it would meet in a prompt.
 
 Not here: an int8 x int8 twin for the int8 lm_head. It measured slower than the float32 int8 kernel
-on the 28 MB head (3.3 vs 1.6 ms, 1 thread), which already runs at memory speed.
+(quant_f32.matvec_q8_f32), which already runs at memory speed on the head.
 """
 from __future__ import annotations
 
@@ -46,10 +45,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import UsageError
-from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_mul, v_splat, v_zeros
+from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, _check_out, _check_vec
 from .quant_i8_matmul import ACT_BLOCK, VNNI, i32x16, v_absmax, v_hmax
-from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_mul, v_splat, v_zeros
 
 CHUNK = 64                                   # packed bytes of weights per chunk (one zmm)
 CHUNK_CHANNELS = 2 * CHUNK                   # input channels per chunk
@@ -116,7 +115,7 @@ def v_dot_q4_i8(typingctx, w, w_off, n, qe, qo, x_off):
 def v_quantize_split(typingctx, x, off, inv, qe, qo, q_off):
     """The 32 channels x[off : off+32] -> rint(x · inv) as int8, even channels to qe[q_off : +16],
     odd channels to qo[q_off : +16]; returns the sum of the 32 codes. The caller guarantees
-    |x · inv| <= 127.5. Same operations as kernels_vnni.v_quantize_i8 (fmul, rint), so the same codes."""
+    |x · inv| <= 127.5. Same operations as quant_i8_matmul.v_quantize_i8 (fmul, rint), so the same codes."""
     def codegen(context, builder, sig, args):
         x_t, off_t, inv_t, qe_t, qo_t, qoff_t = sig.args
         v32 = ir.VectorType(ir.FloatType(), 2 * LANES)
@@ -201,8 +200,8 @@ def padded(n: int, m: int) -> int:
 
 
 @kernel()
-def _quantize_vec(x, sal_idx, n_sal, group_size, xz, qe, qo, sxl, nzt):
-    """x float32 [K] -> its int8 activations, as kernels_vnni._quantize_x_i8 makes them for one
+def quantize_vec(x, sal_idx, n_sal, group_size, xz, qe, qo, sxl, nzt):
+    """x float32 [K] -> its int8 activations, as quant_i8_matmul._quantize_x_i8 makes them for one
     token (the same operations, no fastmath: bit-identical codes and scales):
 
         qe[k/2], qo[k/2]: the codes of the even and odd channels    [≥ padded(K/2, 64)] int8
@@ -236,7 +235,7 @@ def _quantize_vec(x, sal_idx, n_sal, group_size, xz, qe, qo, sxl, nzt):
 
 
 @kernel()
-def _salient_x(x, sal_idx, x_sal):
+def salient_x(x, sal_idx, x_sal):
     for i in range(sal_idx.shape[0]):
         x_sal[i] = x[sal_idx[i]]
 
@@ -269,16 +268,15 @@ def _lane_scales(sc, r, g0, gpc, gidx, G):
 
 
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
-def _q4_i8_row2(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
+def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     """Rows ra and rb of the int4 x int8 product (module docstring): (y_a, y_b).
 
     qw [rows, K/2], sc and z [rows, G], sw [rows, m16], C-contiguous (a stack [L, N, ·] passes
     its (L, N) axes merged). gpc: groups per chunk (1 when g >= 128); gidx, g0s: `group_index`.
 
-    Shaped by measurement (hot weights, 1 thread, 256 x 576, g = 64): rows are addressed by
-    offset, never sliced (a slice per row costs reference-count calls on every array, more than
-    the row's arithmetic); every chunk runs masked (a last half chunk as a separate branch made
-    Numba keep reference-count calls there: 4x slower per row); `inline`, for the same reason.
+    Rows are addressed by offset, never sliced, and the function is inlined (policy.kernel: a call
+    or a slice per row costs reference-count updates on every array). Every chunk runs masked: a
+    last half chunk as a separate branch made Numba keep reference-count calls there.
     """
     nbytes, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
     wa, wb = ra * nbytes, rb * nbytes
@@ -307,7 +305,7 @@ def _matvec_q4_i8(qweight, scales, zeros, gpc, gidx, g0s, sal_w, qe, qo, sxl, nz
     n = qweight.shape[0]
     for i in prange((n + 1) // 2):
         a, b = 2 * i, min(2 * i + 1, n - 1)
-        ya, yb = _q4_i8_row2(qweight, scales, zeros, sal_w, a, b, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal)
+        ya, yb = dot2_q4_i8(qweight, scales, zeros, sal_w, a, b, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal)
         out[a] = ya
         out[b] = yb
 
@@ -317,7 +315,7 @@ def _matvec_q4_i8(qweight, scales, zeros, gpc, gidx, g0s, sal_w, qe, qo, sxl, nz
 
 
 class VecScratch:
-    """The per-call buffers of `_quantize_vec` for inputs of up to k channels."""
+    """The per-call buffers of `quantize_vec` for inputs of up to k channels."""
 
     def __init__(self, k: int, m16: int = 0):
         self.xz = np.empty(k, np.float32)                               # [K]
@@ -345,8 +343,8 @@ def matvec_q4_i8(p: Q4Prepared, x: np.ndarray, out: np.ndarray | None = None) ->
         raise UsageError(f"int8-activation matvec needs group size and K multiples of {ACT_BLOCK}, and a "
                          f"group size dividing or a multiple of {CHUNK_CHANNELS}; got g={p.group_size}, K={k}")
     s = VecScratch(k, p.sal_idx.shape[0])
-    _quantize_vec(x, p.sal_idx, p.n_salient, p.group_size, s.xz, s.qe, s.qo, s.sxl, s.nzt)
-    _salient_x(x, p.sal_idx, s.x_sal)
+    quantize_vec(x, p.sal_idx, p.n_salient, p.group_size, s.xz, s.qe, s.qo, s.sxl, s.nzt)
+    salient_x(x, p.sal_idx, s.x_sal)
     _matvec_q4_i8(p.qweight, p.scales, p.zeros, *group_index(p.group_size, k), p.sal_w,
                   s.qe, s.qo, s.sxl, s.nzt, s.x_sal, out)
     return out

@@ -12,16 +12,15 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from ..errors import ContextOverflowError, UsageError
 from ..kernels import ops_f32 as kernels
+from ..kernels.policy import blas_threads
+from ..kernels.quant_i8_matmul import use_int8_activations
 from .checkpoint import Weights, load_weights
 from .config import LlamaConfig, load_config, read_json
-from ..errors import ContextOverflowError, UsageError
 from .decode import build_plan
-from ..kernels.quant_i8_matmul import use_int8_activations
 from .linear import fuse_rows
-from ..kernels.policy import blas_threads
 from .tokenizer import Tokenizer
-
 
 BLAS_PARALLEL_MIN_TOKENS = 64   # tokens per forward call from which BLAS gets more than one thread
 
@@ -98,6 +97,7 @@ class Model:
         # become views into its stacked weights. Otherwise, per block, q|k|v and gate|up are fused
         # into one linear where the format allows (fewer calls per token), else None.
         self._plan = build_plan(config, weights.blocks)
+        self._fused_decode = self._plan is not None
         if self._plan is not None:
             self._fused = self._use_plan_views()
             if weights.source is not None:
@@ -115,10 +115,29 @@ class Model:
             b.gate, b.up = p.gate_up.layer(l, 0, F), p.gate_up.layer(l, F)
         return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
 
+    @property
+    def decode_plan(self):
+        """The one-call decode plan (decode.DecodePlan: stacked int4 weights and step buffers), or
+        None when the blocks are not all int4 or their stacks do not line up."""
+        return self._plan
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether a one-token forward runs through `decode_plan` (True by default where there is
+        one). Set False to decode through the per-linear path, the same arithmetic kernel by
+        kernel (an A/B reference); True needs a plan."""
+        return self._fused_decode
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool) -> None:
+        if on and self._plan is None:
+            raise UsageError("fused decode needs every block linear in int4 (minilm-q4) with stackable shapes")
+        self._fused_decode = bool(on)
+
     def set_int8_activations(self, on: bool) -> None:
         """Multiply int4 linears (prefill and decode) and int8 ones (prefill) with int8 activations on
-        AVX512-VNNI (on: the default; used where the CPU has it: kernels_vnni.use_int8_activations,
-        kernels_vnni_matvec.supports_i8) or in float32 (off: the accuracy reference)."""
+        AVX512-VNNI (on: the default; used where the CPU has it: quant_i8_matmul.use_int8_activations,
+        quant_i8_matvec.supports_i8) or in float32 (off: the accuracy reference)."""
         from .linear import Q4, Q8
         blocks = self.weights.blocks
         linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
@@ -164,7 +183,7 @@ class Model:
             raise ContextOverflowError(
                 f"{cache.length} tokens in context + {len(ids)} new exceed the context size {cache.max_len}")
         # Big products (prefill) get every BLAS thread when BLAS does them; otherwise BLAS gets one,
-        # so that its pool and Numba's do not take turns on the same cores (numba_policy.blas_threads):
+        # so that its pool and Numba's do not take turns on the same cores (policy.blas_threads):
         # small calls, and int8 prefill, where BLAS does only attention (2 threads, 512 tokens,
         # SmolLM2 int4: 717 tokens/s with one BLAS thread, 327 with two).
         blas_big = len(ids) >= BLAS_PARALLEL_MIN_TOKENS and not (
@@ -182,7 +201,7 @@ class Model:
         angle = np.arange(p0, p0 + T, dtype=np.float64)[:, None] * self._inv_freq[None, :]
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [T, Dh/2]
         x = self.weights.embed[ids].astype(np.float32)                     # [T, D]
-        if T == 1 and self._plan is not None:
+        if T == 1 and self._fused_decode:
             self._plan.run(x[0], cache, p0, cos[0], sin[0])
             cache.tokens.append(int(ids[0]))
             return x
