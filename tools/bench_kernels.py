@@ -8,10 +8,10 @@ for the prefill matmuls GFLOP/s (= 2 x GMAC/s).
 GB/s = bytes the kernel reads per call (packed codes + float32 scales + uint8 zeros [+ salient]) /
 time per call. "hot": the same matrix every call (it stays in L2/L3 - an upper bound set by compute);
 "cold": calls cycle through copies totalling > 2x L3, as in a real decode pass over all layers.
-Decode rows: the float32 matvecs (kernels_q4) and, on VNNI, the int4 x int8-activation one
-(kernels_vnni_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32 (dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x
+Decode rows: the float32 matvecs (kernels/quant_f32) and, on VNNI, the int4 x int8-activation one
+(kernels/quant_i8_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32 (dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x
 VNNI, only where the CPU has it) and a float32 BLAS product, at T = 16, 128, 512 tokens; BLAS gets
-as many threads as Numba (numba_policy.blas_threads), as in model.forward.
+as many threads as Numba (kernels/policy.blas_threads), as in model.forward.
 The reference point is a float32 matvec (same Numba vector code, float32 weights) on a cold matrix
 set: the machine's memory bandwidth as a Numba kernel sees it.
 
@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from numba import prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without install
-from minilm_edge.kernels import quant_f32 as kq, simd
-from minilm_edge.kernels import quant_i8_matmul as kv
-from minilm_edge.kernels import quant_i8_matvec as km
 from minilm_edge.formats import q4
+from minilm_edge.kernels import quant_f32 as kq, quant_i8_matmul as kv, quant_i8_matvec as km, simd
 from minilm_edge.kernels.policy import FASTMATH_REDUCE, blas_threads, parallel_kernel, threads
 
 # name, N, K, group size (SmolLM2-135M: hidden 576, intermediate 1536, vocab 49152)

@@ -18,6 +18,7 @@ Shapes: wg [N, G, g] the weights by (row, group); lo, hi, step, zero [C, N, G]; 
 from __future__ import annotations
 
 import numpy as np
+
 from .policy import kernel
 
 

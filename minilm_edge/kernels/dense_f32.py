@@ -1,7 +1,7 @@
 """Numba kernels for dense weights (float16 or float32) with float32 activations.
 
 Decode matvecs are Numba kernels (rows split across threads) rather than BLAS gemv, so that one
-thread pool does the parallel work of a decode step (see numba_policy.blas_threads).
+thread pool does the parallel work of a decode step (see policy.blas_threads).
 
 float16 (fp16 checkpoints, the fp16 lm_head):
 
@@ -21,8 +21,8 @@ from llvmlite import ir
 from numba import prange
 from numba.extending import intrinsic
 
-from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_zeros
 from .policy import FASTMATH_REDUCE, parallel_kernel
+from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_zeros
 
 _VH = ir.VectorType(ir.HalfType(), LANES)
 _VF = ir.VectorType(ir.FloatType(), LANES)

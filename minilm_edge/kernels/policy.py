@@ -14,10 +14,9 @@ The thread count is set at the API edge with `threads(n)` and restored afterward
 touches environment variables.
 
 BLAS (numpy's OpenBLAS) has its own thread pool. Two pools that spin-wait on 2 cores steal each
-other's time slices: measured here under load, a 35-token prefill took 7.5 s with 2 BLAS threads and
-0.75 s with 1. So each forward call says how many BLAS threads it wants (`blas_threads`): all of
-them for large matrix products (prefill), one for small ones, where Numba kernels do the parallel
-work. threadpoolctl finds the BLAS library numpy loaded and sets its threads (about 1 µs a call).
+other's time slices (ten times slower prefills were seen; BENCHMARKS.md). So each forward call
+says how many BLAS threads it wants (`blas_threads`): all of them for large matrix products
+(prefill), one for small ones, where Numba kernels do the parallel work. threadpoolctl finds the BLAS library numpy loaded and sets its threads (about 1 µs a call).
 """
 from __future__ import annotations
 
@@ -32,9 +31,13 @@ FASTMATH_REDUCE = {"reassoc", "contract", "arcp", "nsz"}
 
 def kernel(fastmath=False, inline=False):
     """Decorator for a serial leaf kernel. `inline`: inlined into its callers by Numba itself
-    (inline="always"), for small row kernels called once per row: a call that LLVM does not inline
-    updates the reference count of every array argument on entry and exit (two atomic operations
-    each), which costs more than the row's arithmetic."""
+    (inline="always"), for small row kernels called once per row.
+
+    Why: a call that is not inlined updates the reference count of every array argument on entry
+    and exit (two atomic operations each; a record's (namedtuple's) arrays count one by one), and
+    so does slicing an array (`w[n]`). Per row that costs more than the row's arithmetic: row
+    kernels address rows by offset into the whole array, are inlined, and callers put the row
+    loop inside one call per range of rows. Other kernels cite this docstring."""
     return numba.njit(cache=True, nogil=True, fastmath=fastmath, inline="always" if inline else "never")
 
 

@@ -1,5 +1,5 @@
 """Prefill int4 x int8 matmul on AVX-512 VNNI: `matmul_q4_i8`, the compute-bound twin of
-kernels_q4.matmul_q4_f32 (same weights, `Q4Prepared`), in the manner of llama.cpp's Q4 x Q8_0; and
+quant_f32.matmul_q4_f32 (same weights, `Q4Prepared`), in the manner of llama.cpp's Q4 x Q8_0; and
 `matmul_q8_i8`, the same for the int8 lm_head (`Q8Prepared`, codes offset by 128, zero point 128).
 
 Shapes: W [N, K] (out, in), X [T, K], g = group size, G = K // g, B = activation block (divides g),
@@ -45,9 +45,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from ..errors import UsageError
-from .simd import LANES, _elem_ptr, f32x16, v_zeros
-from .quant_f32 import Q4Prepared, Q8Prepared, _check_mat, _check_out
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .quant_f32 import Q4Prepared, Q8Prepared, _check_mat, _check_out
+from .simd import LANES, _elem_ptr, f32x16, v_zeros
 
 
 def _jit_target_has_vnni() -> bool:
@@ -60,7 +60,7 @@ def _jit_target_has_vnni() -> bool:
 
 
 VNNI = _jit_target_has_vnni()
-INT8_MIN_TOKENS = 4      # from this many tokens per call, int8 activations (measured: tools/KERNEL_NOTES.md)
+INT8_MIN_TOKENS = 4      # from this many tokens per call, int8 activations (BENCHMARKS.md: where they win)
 ACT_BLOCK = 32           # B: input channels per activation scale (llama.cpp Q8_0); divides every g
 
 ROW_VECS = 2                          # row vectors of 16 rows in a register tile
@@ -78,7 +78,7 @@ def use_int8_activations(n_tokens: int) -> bool:
 # Register-tile vocabulary: a tile is a tuple of ROW_VECS x TILE_TOKENS 16-lane vectors, entry
 # [v * TILE_TOKENS + t] for rows 16v..16v+15 of the weight tile and token t of the token tile. The
 # Python loops below unroll at compile time; LLVM keeps the tuples in zmm registers. As in
-# kernels_q4, no bounds checks: the kernel passes offsets the wrapper validated.
+# simd.py, no bounds checks: the kernel passes offsets the wrapper validated.
 
 _I32 = ir.IntType(32)
 _VI32 = ir.VectorType(_I32, LANES)

@@ -112,9 +112,9 @@ def _optional(src, name):
 
 class Q4(Linear):
     """minilm-q4 v1 int4 weights (q4.py). With int8 activations on VNNI (the default where the CPU
-    has it): decode the int4 x int8 matvec (kernels_vnni_matvec.py), prefill the int4 x int8 matmul
-    (kernels_vnni.py) where `use_int8_activations` says so. Otherwise float32: the fused int4 matvec
-    (kernels_q4.py), and dequantized tiles × BLAS for prefill.
+    has it): decode the int4 x int8 matvec (kernels/quant_i8_matvec.py), prefill the int4 x int8 matmul
+    (kernels/quant_i8_matmul.py) where `use_int8_activations` says so. Otherwise float32: the fused int4 matvec
+    (kernels/quant_f32.py), and dequantized tiles × BLAS for prefill.
 
     `int8_activations = False` forces the float32 prefill (the accuracy reference); see
     Model.set_int8_activations.
@@ -151,8 +151,8 @@ class Q4(Linear):
         return cls(q4)
 
     def matvec(self, x):
-        from ..kernels.quant_i8_matvec import matvec_q4_i8, supports_i8
         from ..kernels.quant_i8_matmul import VNNI
+        from ..kernels.quant_i8_matvec import matvec_q4_i8, supports_i8
         if self.int8_activations and VNNI and supports_i8(self.p.group_size, self.shape[1]):
             return matvec_q4_i8(self.p, x)
         from ..kernels.quant_f32 import matvec_q4_f32
@@ -189,7 +189,7 @@ class Q4(Linear):
 class Q8(Linear):
     """Symmetric int8 weights with per-(row, group) scales (q4.Q8Linear): the optional lm_head format.
     Prefill (and perplexity's head) multiply with int8 activations where `use_int8_activations` says
-    so (kernels_vnni.py), else dequantized tiles × BLAS; `int8_activations` as in Q4."""
+    so (kernels/quant_i8_matmul.py), else dequantized tiles × BLAS; `int8_activations` as in Q4."""
     kind = "q8"
 
     def __init__(self, q8):
