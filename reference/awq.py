@@ -1,4 +1,4 @@
-"""Reference (plain NumPy, written to be read) for the AWQ formulas of minilm_edge.awq.
+"""Reference (plain NumPy, written to be read) for the AWQ formulas of minilm_edge/quant/awq.py.
 
 Never imports minilm_edge. W [N, K] out x in, X [T, K] activations, g group size, s [K] scales.
 

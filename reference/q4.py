@@ -1,7 +1,8 @@
 """Reference (plain NumPy) for the int4 format minilm-q4 v1 and the int8 head format.
 
-The oracle for minilm_edge.q4 and minilm_edge.kernels_q4. It takes raw arrays, never the library's
-dataclasses, and never imports minilm_edge. Written for reading, not speed: one group at a time.
+The oracle for minilm_edge/formats/q4.py and the int4 kernels (minilm_edge/kernels/quant_*.py). It
+takes raw arrays, never the library's dataclasses, and never imports minilm_edge. Written for
+reading, not speed: one group at a time.
 
 W [N, K] out x in; g group size; G = K // g; q the integer codes.
 
@@ -11,7 +12,7 @@ int4 (asymmetric, per row and group):
     salient columns: W[:, salient_idx[i]] = salient_w[:, i]
 int8 (symmetric, per row and group):
     W[n, k] = q[n, k] * scales[n, k // g],  q in -127..127
-int4 weights x int8 activations (the prefill kernel minilm_edge.kernels_vnni): X quantized per token
+int4 weights x int8 activations (the prefill kernel minilm_edge/kernels/quant_i8_matmul.py): X quantized per token
 and block of B channels, integer dots, scales applied per block (see matmul_q4_i8).
 """
 import numpy as np

@@ -9,9 +9,10 @@ GB/s = bytes the kernel reads per call (packed codes + float32 scales + uint8 ze
 time per call. "hot": the same matrix every call (it stays in L2/L3 - an upper bound set by compute);
 "cold": calls cycle through copies totalling > 2x L3, as in a real decode pass over all layers.
 Decode rows: the float32 matvecs (kernels/quant_f32) and, on VNNI, the int4 x int8-activation one
-(kernels/quant_i8_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32 (dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x
-VNNI, only where the CPU has it) and a float32 BLAS product, at T = 16, 128, 512 tokens; BLAS gets
-as many threads as Numba (kernels/policy.blas_threads), as in model.forward.
+(kernels/quant_i8_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32
+(dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x VNNI, only where the CPU has it)
+and a float32 BLAS product, at T = 16, 128, 512 tokens; BLAS gets as many threads as Numba
+(kernels/policy.blas_threads), as in model.forward.
 The reference point is a float32 matvec (same Numba vector code, float32 weights) on a cold matrix
 set: the machine's memory bandwidth as a Numba kernel sees it.
 
@@ -100,26 +101,33 @@ def variants(quick):
             temp = "cold" if cold else "hot"
             nb = _q4_layer(0, n, k, g).nbytes
             objs = _copies(lambda i: _q4_layer(i, n, k, g), nb, cold)
-            out.append(("matvec_q4_f32", name, temp, lambda p, x=x, y=y: kq.matvec_q4_f32(p, x, y), objs, nb, 2 * n * k))
+            out.append(("matvec_q4_f32", name, temp, lambda p, x=x, y=y: kq.matvec_q4_f32(p, x, y),
+                        objs, nb, 2 * n * k))
             if kv.VNNI:
-                out.append(("matvec_q4_i8", name, temp, lambda p, x=x, y=y: km.matvec_q4_i8(p, x, y), objs, nb, 2 * n * k))
+                out.append(("matvec_q4_i8", name, temp, lambda p, x=x, y=y: km.matvec_q4_i8(p, x, y),
+                            objs, nb, 2 * n * k))
             if name in ("head", "q/o"):
                 nb8 = _q8_layer(0, n, k, g).nbytes
                 objs8 = _copies(lambda i: _q8_layer(i, n, k, g), nb8, cold)
-                out.append(("matvec_q8_f32", name, temp, lambda p, x=x, y=y: kq.matvec_q8_f32(p, x, y), objs8, nb8, 2 * n * k))
+                out.append(("matvec_q8_f32", name, temp, lambda p, x=x, y=y: kq.matvec_q8_f32(p, x, y),
+                            objs8, nb8, 2 * n * k))
             nbf = n * k * 4
             objsf = _copies(lambda i: np.random.default_rng(i).standard_normal((n, k)).astype(np.float32), nbf, cold)
-            out.append(("matvec_f32 (ref)", name, temp, lambda w, x=x, y=y: _matvec_f32(w, x, y), objsf, nbf, 2 * n * k))
+            out.append(("matvec_f32 (ref)", name, temp, lambda w, x=x, y=y: _matvec_f32(w, x, y),
+                        objsf, nbf, 2 * n * k))
         if name in ("q/o", "qkv", "gate_up", "down"):
             for t in (16, 128, 512):
                 X = np.random.default_rng(1).standard_normal((t, k)).astype(np.float32)
                 Y = np.empty((t, n), np.float32)
                 p = _q4_layer(0, n, k, g)
-                out.append((f"matmul_q4_f32 T={t}", name, "hot", lambda p, X=X, Y=Y: kq.matmul_q4_f32(p, X, Y), [p], p.nbytes, 2 * n * k * t))
+                out.append((f"matmul_q4_f32 T={t}", name, "hot", lambda p, X=X, Y=Y: kq.matmul_q4_f32(p, X, Y),
+                            [p], p.nbytes, 2 * n * k * t))
                 if kv.VNNI:
-                    out.append((f"matmul_q4_i8 T={t}", name, "hot", lambda p, X=X, Y=Y: kv.matmul_q4_i8(p, X, Y), [p], p.nbytes, 2 * n * k * t))
+                    out.append((f"matmul_q4_i8 T={t}", name, "hot", lambda p, X=X, Y=Y: kv.matmul_q4_i8(p, X, Y),
+                                [p], p.nbytes, 2 * n * k * t))
                 W = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
-                out.append((f"matmul_f32 BLAS T={t}", name, "hot", lambda w, X=X: X @ w.T, [W], W.nbytes, 2 * n * k * t))
+                out.append((f"matmul_f32 BLAS T={t}", name, "hot", lambda w, X=X: X @ w.T,
+                            [W], W.nbytes, 2 * n * k * t))
     return out
 
 
@@ -129,10 +137,10 @@ def run(thread_counts, rounds, min_time, quick):
     for th in thread_counts:
         with threads(th):
             blas_threads(th)
-            for kernel, shape, temp, fn, objs, nb, fl in vs:     # warm up (JIT, page faults)
+            for _, _, _, fn, objs, _, _ in vs:                  # warm up (JIT, page faults)
                 fn(objs[0])
             for _ in range(rounds):                             # interleave variants round by round
-                for kernel, shape, temp, fn, objs, nb, fl in vs:
+                for kernel, shape, temp, fn, objs, _, _ in vs:
                     times.setdefault((kernel, shape, temp, th), []).append(_time_per_call(fn, objs, min_time))
     rows = []
     for (kernel, shape, temp, th), ts in times.items():

@@ -1,5 +1,5 @@
 """The perplexity table for BENCHMARKS.md: every model × data file × ctx, scored by
-`minilm_edge.evaluate` (docs/DESIGN.md §7), printed as markdown with the exact command line that made it.
+`minilm_edge.perplexity` (docs/DESIGN.md §7), printed as markdown with the exact command line that made it.
 
     python tools/eval_table.py fp=smollm2-135m-instruct rtn-w4=/tmp/rtn-w4 \\
         --data /work/shared/data/wikitext2-test.txt --ctx 512 --max-tokens 16384 --baseline fp

@@ -70,7 +70,7 @@ KNOWN_MODELS = {
 class PreparedModel:
     """A model the store makes itself from a known one (its AWQ int4 version, say), on first use."""
     base: str        # a KNOWN_MODELS name
-    quantize: dict   # keyword arguments of minilm_edge.quantize.quantize
+    quantize: dict   # keyword arguments of minilm_edge.quantize
 
 
 PREPARED_MODELS = {

@@ -16,7 +16,8 @@ touches environment variables.
 BLAS (numpy's OpenBLAS) has its own thread pool. Two pools that spin-wait on 2 cores steal each
 other's time slices (ten times slower prefills were seen; BENCHMARKS.md). So each forward call
 says how many BLAS threads it wants (`blas_threads`): all of them for large matrix products
-(prefill), one for small ones, where Numba kernels do the parallel work. threadpoolctl finds the BLAS library numpy loaded and sets its threads (about 1 µs a call).
+(prefill), one for small ones, where Numba kernels do the parallel work. threadpoolctl finds the
+BLAS library numpy loaded and sets its threads (about 1 µs a call).
 """
 from __future__ import annotations
 

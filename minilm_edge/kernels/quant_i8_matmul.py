@@ -283,7 +283,8 @@ def v_store_octets_i8(typingctx, w0, w1, wq, off_even, off_odd):
             mask = [src + 4 * lane + parity + i for lane in range(LANES) for src, i in
                     ((0, 0), (0, 2), (4 * LANES, 0), (4 * LANES, 2))]
             v = builder.xor(builder.shuffle_vector(b0, b1, ir.Constant(ir.VectorType(_I32, 4 * LANES), mask)), flip)
-            builder.store(builder.bitcast(v, _VI32), _elem_ptr(context, builder, wq_t, args[2], off_t, off, _VI32), align=4)
+            dst = _elem_ptr(context, builder, wq_t, args[2], off_t, off, _VI32)
+            builder.store(builder.bitcast(v, _VI32), dst, align=4)
         return context.get_dummy_value()
     return types.none(w0, w1, wq, off_even, off_odd), codegen
 
@@ -334,8 +335,10 @@ def v_quantize_i8(typingctx, x, off, inv, q):
         rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF]), "llvm.rint.v16f32")
         codes = builder.fptosi(builder.call(rint, [builder.fmul(v, inv)]), _VI32)
         perm = builder.shuffle_vector(codes, codes, ir.Constant(_VI32, _OCTET_ORDER))
-        builder.store(builder.trunc(perm, _VI8), _elem_ptr(context, builder, q_t, args[3], off_t, args[1], _VI8), align=1)
-        add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_VI32]), "llvm.vector.reduce.add.v16i32")
+        dst = _elem_ptr(context, builder, q_t, args[3], off_t, args[1], _VI8)
+        builder.store(builder.trunc(perm, _VI8), dst, align=1)
+        add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_VI32]),
+                                             "llvm.vector.reduce.add.v16i32")
         return builder.call(add, [codes])
     return types.int32(x, off, inv, q), codegen
 

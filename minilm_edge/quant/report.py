@@ -5,7 +5,7 @@ Per block: the chosen α of each scale group with the loss of the identity (plai
 chosen scales; the most active input channels and which were kept in fp16; the share of each
 group's weight range that the clip kept; the relative output error of RTN vs AWQ on the clip
 tokens. Overall: bits per weight and file size; with an evaluation text, the perplexity of the
-source, RTN and AWQ models on it (minilm_edge.evaluate).
+source, RTN and AWQ models on it (runtime/evaluate.py).
 """
 from __future__ import annotations
 
@@ -78,11 +78,8 @@ def _size_summary(folder, cfg, res, qconfig):
 def _evaluate(folder, src_dir, cfg, qconfig, rtn_tensors, text, ctx, max_tokens, progress):
     if text is None:
         return None
-    try:
-        from ..runtime.evaluate import perplexity
-    except ImportError:
-        return {"error": "minilm_edge.evaluate is not available in this version: no perplexities"}
     from ..formats.folder import write_model_folder
+    from ..runtime.evaluate import perplexity
     from ..runtime.model import load
     kw = dict(ctx=ctx, max_tokens=max_tokens, progress=progress)
     out = {"ctx": ctx, "max_tokens": max_tokens}

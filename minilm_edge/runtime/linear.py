@@ -77,7 +77,7 @@ class DenseF32(Linear):
 
 class DenseF16(Linear):
     """W float16 [N, K], kept fp16 in RAM (often a memory-mapped view): decode widens 16 weights at a
-    time inside the matvec (kernels_dense.py), prefill widens row tiles for BLAS."""
+    time inside the matvec (kernels/dense_f32.py), prefill widens row tiles for BLAS."""
     kind = "f16"
 
     def __init__(self, w: np.ndarray):
@@ -228,7 +228,7 @@ class Q8(Linear):
 
 
 class AWQGemm(Q4):
-    """AutoAWQ "GEMM" int4 tensors (awq_format.py: qweight int32 [K, N/8], qzeros int32 [K/g, N/8],
+    """AutoAWQ "GEMM" int4 tensors (formats/awq_gemm.py: qweight int32 [K, N/8], qzeros int32 [K/g, N/8],
     scales fp16 [K/g, N]), converted once at load into the native Q4Linear; from then on it is a Q4
     (same kernels, same fusion, kind "q4"). Conversion is exact: codes, zeros and scales are moved."""
 
