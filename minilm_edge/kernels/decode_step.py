@@ -277,7 +277,11 @@ if VNNI:
                                 p.qe, p.qo, p.sxl, p.nzt, p.xsal)
             _put(mode, out, i, ra, rb, ya, yb, st.bias)
 else:
-    _rows_i8 = None         # never called: i8 is False without VNNI (DecodePlan.int8_ok)
+    @kernel()
+    def _rows_i8(mode, st, base, up, i0, i1, p, out):
+        """Never called without VNNI (DecodePlan.int8_ok is False, so i8 is too), but `_rows`
+        names it in a branch, and Numba types both branches: a function that does nothing."""
+        return
 
 
 @kernel(fastmath=FASTMATH_REDUCE)

@@ -51,11 +51,18 @@ from .simd import LANES, _elem_ptr, f32x16, v_zeros
 
 
 def _jit_target_has_vnni() -> bool:
-    """True when Numba compiles for a CPU with AVX512-VNNI (its own rule: NUMBA_CPU_FEATURES if set,
-    else the host's features, as numba.core.codegen.JITCPUCodegen decides)."""
+    """True when Numba compiles for a CPU with AVX512-VNNI, by Numba's own rule
+    (numba.core.codegen.JITCPUCodegen): NUMBA_CPU_FEATURES when set; else, with NUMBA_CPU_NAME set
+    to a CPU other than the host, that CPU's features, which LLVM does not list: taken as
+    having no VNNI (the float32 kernels run everywhere); else the host's features."""
     from numba.core import config
     from numba.core.codegen import get_host_cpu_features
-    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    if config.CPU_FEATURES is not None:
+        features = config.CPU_FEATURES
+    elif config.CPU_NAME not in (None, "host"):
+        features = ""
+    else:
+        features = get_host_cpu_features()
     return "+avx512vnni" in features.split(",")
 
 
