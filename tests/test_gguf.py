@@ -181,9 +181,9 @@ def test_output_weight_gives_an_untied_lm_head(tmp_path):
 @settings(max_examples=50, deadline=None)
 @given(n_head=st.integers(1, 6), half=st.integers(1, 8), cols=st.integers(1, 5))
 def test_unpermute_inverts_llamacpp_permute(n_head, half, cols):
-    # The private inverse is the unit: import_gguf covers it for this file's H and Hkv only.
+    # The inverse over many head counts; import_gguf covers it for this file's H and Hkv only.
     w = np.arange(n_head * 2 * half * cols, dtype=np.float32).reshape(n_head * 2 * half, cols)
-    np.testing.assert_array_equal(gguf_import._unpermute_rope_rows(llamacpp_permute(w, n_head), n_head), w)
+    np.testing.assert_array_equal(gguf_import.unpermute_rope_rows(llamacpp_permute(w, n_head), n_head), w)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ the result is exactly the weights llama.cpp computes with, stored in a float for
 
 Two places where GGUF differs from HF and the import must undo it exactly:
 - q/k row order: llama.cpp's converter reorders the rows of q_proj and k_proj for its RoPE layout
-  (see `_unpermute_rope_rows`).
+  (see `unpermute_rope_rows`).
 - shapes: GGUF lists dimensions fastest-first (`tensor.shape` is [K, N] for an [N, K] matrix);
   `tensor.data` is already the row-major numpy view, [N, K].
 
@@ -225,7 +225,7 @@ def _rope_scaling(meta: dict) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------------
-def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order so that RoPE is HF's rotate-half.
 
     HF's rotate-half pairs dimension j of a head with j + Dh/2; llama.cpp's RoPE pairs adjacent
@@ -289,7 +289,7 @@ def _convert_tensors(reader, dims: dict, dtype, progress: bool) -> dict[str, np.
             raise UnsupportedModelError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, "
                                         f"which the gguf package cannot dequantize") from err
         if perm is not None:
-            w = _unpermute_rope_rows(w, dims["H"] if perm == "q" else dims["Hkv"])
+            w = unpermute_rope_rows(w, dims["H"] if perm == "q" else dims["Hkv"])
         out[hf] = _cast(w, dtype, t.name)
     return out
 
