@@ -1,6 +1,8 @@
 """Quantized model folders: RTN quantize, load, run; the result equals the reference forward pass on
 weights dequantized by the reference twins (reference/q4.py), which never touch minilm_edge."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -187,3 +189,47 @@ def test_a_killed_quantizes_folder_is_removed_by_the_next_one(tmp_path):
     out = write_model_folder(tmp_path / "src", tmp_path / "out", {"a": np.zeros(2, np.float32)}, {})
     assert out.is_dir() and not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.tmp-%d-busy" % os.getppid(), "out", "src"])
+
+
+def test_a_copied_file_that_links_out_of_the_folder_is_refused_before_any_work(tmp_path):
+    # Hostile input: special_tokens_map.json links to a file outside the model folder (think
+    # /proc/self/environ); its content must not end up in the output folder people share.
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("HF_TOKEN=hf_do_not_leak\n")
+    (src / "special_tokens_map.json").symlink_to(secret)
+    with pytest.raises(minilm_edge.CheckpointError, match="special_tokens_map.json"):
+        quantize(src, tmp_path / "out", method="rtn", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.txt", "src"]    # nothing written
+
+
+def test_a_hugging_face_cache_snapshot_is_copied_through_its_links(tmp_path):
+    # The Hub's cache keeps snapshots/REV/NAME as links to ../../blobs/HASH: those are followed,
+    # and the output holds the files themselves.
+    made, _, _ = make_model_dir(tmp_path / "made", **QUANTIZABLE)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    for f in made.iterdir():
+        blob = repo / "blobs" / f"hash-{f.name}"
+        f.rename(blob)
+        (snap / f.name).symlink_to(f"../../blobs/{blob.name}")
+    out = quantize(snap, tmp_path / "out", method="rtn", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert not (out / name).is_symlink()
+        assert (out / name).read_bytes() == (snap / name).read_bytes()
+
+
+def test_every_file_of_a_quantized_folder_gets_the_same_ordinary_mode(tmp_path):
+    # safetensors creates model.safetensors 0600: another account on the PC could not read a model
+    # the store shares, while every other file of the folder is readable.
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    old = os.umask(0o022)
+    try:
+        out = quantize(src, tmp_path / "out", method="rtn", progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644}, modes

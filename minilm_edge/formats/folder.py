@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 
 # Files copied verbatim so the output is a complete model folder.
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
@@ -32,10 +32,14 @@ def output_tempdir(out_dir: Path, tag: str) -> Path:
     by one account is often served by another."""
     remove_stale_tempdirs(out_dir.parent, out_dir.name)
     tmp = Path(tempfile.mkdtemp(prefix=tempdir_prefix(out_dir.name, tag), dir=out_dir.parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def _umask() -> int:
+    umask = os.umask(0o022)             # the only way to read it is to set it
+    os.umask(umask)
+    return umask
 
 
 def tempdir_prefix(name: str, tag: str) -> str:
@@ -91,6 +95,28 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def copied_files(src_dir: Path) -> dict:
+    """The files of `src_dir` an output folder gets a copy of (COPIED_FILES that exist), each
+    resolved: {name: path}. A link is followed only to a regular file inside the folder or, for
+    a Hugging Face cache snapshot (snapshots/REV/NAME -> ../../blobs/HASH), in its repo's blobs/;
+    one anywhere else is refused: a folder whose special_tokens_map.json links to /proc/self/environ
+    would otherwise put the process environment into a model people share. Cheap: callers check
+    it before long work."""
+    src_dir = Path(src_dir)
+    root = src_dir.resolve()
+    roots = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    found = {}
+    for name in COPIED_FILES:
+        if not os.path.lexists(src_dir / name):
+            continue
+        target = (src_dir / name).resolve()
+        if not target.is_file() or not any(target.is_relative_to(r) for r in roots):
+            raise CheckpointError(f"{src_dir / name} is not a regular file inside the model folder "
+                                  f"(it leads to {target}); copy the file itself into the folder")
+        found[name] = target
+    return found
+
+
 def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict, before_rename=None) -> Path:
     """Write tensors + config + copied tokenizer files into a temp folder, then rename it to out_dir.
 
@@ -106,10 +132,11 @@ def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict
         # would be read back transposed. Every tensor goes out in C order.
         tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # safetensors creates the file 0600; the folder is shared like any other (output_tempdir).
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        for name in COPIED_FILES:
-            if (src_dir / name).is_file():
-                shutil.copy2(src_dir / name, tmp / name)
+        for name, path in copied_files(src_dir).items():
+            shutil.copyfile(path, tmp / name)
         if before_rename is not None:
             before_rename(tmp)
         if out_dir.exists():

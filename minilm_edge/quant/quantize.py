@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..formats.folder import check_out_dir, write_model_folder
+from ..formats.folder import check_out_dir, copied_files, write_model_folder
 from ..formats.q4 import GROUP_SIZES, choose_group_size
 from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms
 from ..runtime.config import load_config
@@ -77,6 +77,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--samples must be ≥ 1 and --seq-len ≥ 2, got {samples} and {seq_len}")
     check_out_dir(out_dir)
     cfg = load_config(src_dir)
+    copied_files(src_dir)                                  # before any work: links that leave the folder
     if cfg.quantization:
         raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
     for _, _, _, (_, k) in block_linears(cfg, 0):      # fail before any work if a layer can't be stored
