@@ -145,6 +145,21 @@ def test_missing_folder_and_config(tmp_path):
     ({"num_key_value_heads": 3}, "not a multiple"),
     ({"hidden_size": "wide"}, "wrong type"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    # malformed values that used to surface as untyped internal errors
+    ({"num_attention_heads": 0}, "num_attention_heads"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"rope_scaling": "llama3"}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 0, "low_freq_factor": 1, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 8192}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 8192}}, "rope_scaling"),
+    ({"model_type": ["llama"]}, "model_type"),
+    ({"model_type": "mistral", "sliding_window": "wide"}, "sliding_window"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rope_theta": float("inf")}, "rope_theta"),
+    ({"eos_token_id": "end"}, "eos_token_id"),
 ])
 def test_unsupported_configs(tmp_path, change, msg):
     path, cfg, _ = make_model_dir(tmp_path / "m")

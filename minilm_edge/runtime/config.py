@@ -67,18 +67,21 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
         mt = d.get("model_type")
-        if mt not in ARCHITECTURES:
+        if not isinstance(mt, str) or mt not in ARCHITECTURES:
             raise UnsupportedModelError(
                 f"model_type {mt!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
         if mt == "mistral" and d.get("sliding_window") not in (None, 0):
             max_pos = d.get("max_position_embeddings", 0)
+            if not isinstance(d["sliding_window"], int) or not isinstance(max_pos, int):
+                raise UnsupportedModelError(
+                    f"config.json: sliding_window must be an integer, got {d['sliding_window']!r}")
             if d["sliding_window"] < max_pos:
                 raise UnsupportedModelError(
                     f"mistral with sliding_window={d['sliding_window']} < context {max_pos} "
                     "is not supported (only full attention is implemented)")
         try:
             D, H = int(d["hidden_size"]), int(d["num_attention_heads"])
-            Hkv = int(d.get("num_key_value_heads") or H)
+            Hkv = H if d.get("num_key_value_heads") is None else int(d["num_key_value_heads"])
             cfg = cls(
                 model_type=mt,
                 vocab_size=int(d["vocab_size"]),
@@ -87,7 +90,7 @@ class LlamaConfig:
                 num_hidden_layers=int(d["num_hidden_layers"]),
                 num_attention_heads=H,
                 num_key_value_heads=Hkv,
-                head_dim=int(d.get("head_dim") or D // H),
+                head_dim=int(d.get("head_dim") or (D // H if H > 0 else 0)),   # H ≤ 0: _check says so
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=_rope_theta(d),
                 rope_scaling=_rope_scaling(d),
@@ -95,7 +98,7 @@ class LlamaConfig:
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=ARCHITECTURES[mt] or bool(d.get("attention_bias", False)),
                 bos_token_id=d.get("bos_token_id"),
-                eos_token_ids=_as_id_tuple(d.get("eos_token_id")),
+                eos_token_ids=_as_id_tuple(d.get("eos_token_id"), "eos_token_id"),
                 quantization=d.get("quantization_config"),
             )
         except KeyError as e:
@@ -119,6 +122,9 @@ class LlamaConfig:
             raise UnsupportedModelError(f"config.json: head_dim={self.head_dim} must be even for RoPE")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise UnsupportedModelError(f"config.json: rope_theta={self.rope_theta} must be positive")
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            # eps ≤ 0 divides a zero row by zero; NaN makes every logit NaN: a silent wrong answer.
+            raise UnsupportedModelError(f"config.json: rms_norm_eps={self.rms_norm_eps} must be a positive number")
 
 
 def _rope_theta(d: dict) -> float:
@@ -131,25 +137,38 @@ def _rope_scaling(d: dict) -> RopeScaling | None:
     rs = d.get("rope_scaling") or d.get("rope_parameters") or None
     if not rs:
         return None
+    if not isinstance(rs, dict):
+        raise UnsupportedModelError(f"config.json: rope_scaling must be an object, got {rs!r}")
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return None
     if kind == "llama3":
-        return RopeScaling(
+        scaling = RopeScaling(
             factor=float(rs["factor"]),
             low_freq_factor=float(rs["low_freq_factor"]),
             high_freq_factor=float(rs["high_freq_factor"]),
             original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
         )
+        # runtime/model.rope_inv_freq divides by factor, by each freq factor and by their difference
+        numbers = (scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor)
+        if not (all(math.isfinite(v) and v > 0 for v in numbers)
+                and scaling.high_freq_factor > scaling.low_freq_factor
+                and scaling.original_max_position_embeddings > 0):
+            raise UnsupportedModelError(
+                "config.json: rope_scaling (llama3) needs factor, low_freq_factor and "
+                "original_max_position_embeddings > 0 and high_freq_factor > low_freq_factor, got "
+                f"{scaling.factor}, {scaling.low_freq_factor}, {scaling.original_max_position_embeddings}, "
+                f"{scaling.high_freq_factor}")
+        return scaling
     raise UnsupportedModelError(f"rope_scaling type {kind!r} is not supported (only default and llama3)")
 
 
-def _as_id_tuple(v) -> tuple[int, ...]:
-    if v is None:
-        return ()
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
-    return (int(v),)
+def _as_id_tuple(v, name: str) -> tuple[int, ...]:
+    """A token id or a list of them (None: none); anything else is refused, naming the field."""
+    ids = () if v is None else tuple(v) if isinstance(v, (list, tuple)) else (v,)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise UnsupportedModelError(f"config.json: {name} must be a token id or a list of them, got {v!r}")
+    return ids
 
 
 def read_json(path: Path, what: str) -> dict:
