@@ -143,3 +143,46 @@ def test_bench_json(tmp_path, capsys, monkeypatch):
     for key in ("load_s", "time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb",
                 "weight_bytes_per_token", "memory_bandwidth_gb_s", "fraction_of_floor"):
         assert res[key] > 0, key
+
+
+def test_a_negative_seed_is_a_bad_flag(tiny_model_dir, capsys, monkeypatch):
+    code, out, err = run(["generate", str(tiny_model_dir), "--prompt", "hi", "--seed", "-1"], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "seed" in err
+
+
+def test_a_bad_generation_config_is_the_model_folders_fault(tiny_model_dir, capsys, monkeypatch):
+    # exit 1 (a model-folder problem), not 2: no flag was wrong
+    (tiny_model_dir / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": "x"}))
+    code, out, err = run(["generate", str(tiny_model_dir), "--prompt", "hi"], capsys, monkeypatch)
+    assert code == 1 and out == ""
+    assert _error_lines(err) == [l for l in err.splitlines() if "generation_config.json" in l]
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(tiny_model_dir, capsys, monkeypatch):
+    # argv bytes that are not UTF-8 arrive as lone surrogates (Python's surrogateescape)
+    code, out, err = run(["generate", str(tiny_model_dir), "--prompt", "caf\udce9"], capsys, monkeypatch)
+    assert code == 2 and out == ""
+    assert _error_lines(err) == [l for l in err.splitlines() if "not valid UTF-8" in l]
+
+
+def _error_lines(err):
+    lines = [l for l in err.splitlines() if "error" in l]
+    assert len(lines) == 1, err                                 # one line, whatever else was said
+    return lines
+
+
+class _Terminal(io.TextIOWrapper):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stdin, code, answered", [(_Terminal, 0, True), (io.TextIOWrapper, 2, False)])
+def test_a_chat_line_that_is_not_utf8(tiny_model_dir, capsys, monkeypatch, stdin, code, answered):
+    # In a terminal the line gets a one-line error and the conversation goes on ("hello" is
+    # answered); from a pipe it is a usage error (exit 2). Never an internal error.
+    monkeypatch.setattr("sys.stdin", stdin(io.BytesIO(b"caf\xe9\nhello\n"), encoding="utf-8"))
+    assert main(["chat", str(tiny_model_dir), "--max-new-tokens", "3"]) == code
+    out, err = capsys.readouterr()
+    assert _error_lines(err) == [l for l in err.splitlines() if "not valid UTF-8" in l]
+    assert bool(out.replace("> ", "").strip()) is answered        # the terminal prints "> " prompts

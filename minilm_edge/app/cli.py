@@ -52,7 +52,8 @@ def _check_sampling_flags(args):
     """Fail on bad generation flags before spending time on loading a model."""
     from ..runtime.generation import SamplingSettings
     given = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()))
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                 stop=tuple(args.stop or ()))
     SamplingSettings(**{k: v for k, v in given.items() if v is not None})
     if args.ctx is not None and args.ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {args.ctx}")
@@ -98,6 +99,10 @@ def cmd_chat(args):
     model = _load(args.model_dir)
     session = model.chat_session(system=args.system, settings=_settings(model, args), max_context=args.ctx)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        # A line that is not UTF-8 reaches the tokenizer (a one-line error for that turn) instead
+        # of ending the chat with a decoding error and losing the conversation.
+        sys.stdin.reconfigure(errors="surrogateescape")
     if interactive:
         print("chat: /reset to start over, /exit or Ctrl-D to quit, Ctrl-C stops an answer", file=sys.stderr)
     while True:

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..errors import ContextOverflowError, UsageError
+from ..errors import ContextOverflowError, UnsupportedModelError, UsageError
 from .tokenizer import TextStream
 
 
@@ -35,6 +35,8 @@ class SamplingSettings:
             (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
              f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty"),
+            (self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+             f"seed must be a whole number ≥ 0, got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -43,16 +45,21 @@ class SamplingSettings:
 
 def settings_from_generation_config(gen: dict, **overrides) -> SamplingSettings:
     """Defaults from the model's generation_config.json (HF semantics: no do_sample means greedy),
-    then explicit overrides (None values are ignored)."""
+    then explicit overrides (None values are ignored). A bad value in the file is the model
+    folder's fault (UnsupportedModelError), a bad override the caller's (UsageError)."""
     base = {}
-    if gen.get("do_sample"):
-        base["temperature"] = float(gen.get("temperature", 1.0))
-        base["top_k"] = int(gen.get("top_k", 50) or 0)
-        base["top_p"] = float(gen.get("top_p", 1.0))
-    if gen.get("repetition_penalty"):
-        base["repetition_penalty"] = float(gen["repetition_penalty"])
-    if gen.get("max_new_tokens"):
-        base["max_new_tokens"] = int(gen["max_new_tokens"])
+    try:
+        if gen.get("do_sample"):
+            base["temperature"] = float(gen.get("temperature", 1.0))
+            base["top_k"] = int(gen.get("top_k", 50) or 0)
+            base["top_p"] = float(gen.get("top_p", 1.0))
+        if gen.get("repetition_penalty"):
+            base["repetition_penalty"] = float(gen["repetition_penalty"])
+        if gen.get("max_new_tokens"):
+            base["max_new_tokens"] = int(gen["max_new_tokens"])
+        SamplingSettings(**base)
+    except (UsageError, TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"generation_config.json: {e}") from None
     base.update({k: v for k, v in overrides.items() if v is not None})
     if "stop" in base:
         base["stop"] = tuple(base["stop"])

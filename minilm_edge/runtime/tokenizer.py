@@ -47,6 +47,11 @@ class Tokenizer:
 
     # ---- ids <-> text
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:      # lone surrogates: bytes that were not UTF-8 (argv, stdin)
+            raise UsageError("the text is not valid UTF-8 (it holds bytes that decode to no "
+                             "character); save or type it as UTF-8") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
