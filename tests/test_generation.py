@@ -181,6 +181,12 @@ def test_chat_template_from_jinja_file_and_named_list(tmp_path):
     "{% set x = messages.append({'role': 'x'}) %}",
     "{{ raise_exception('no system role') }}",
     "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}",
+    # resource bombs: each used to run for minutes or take gigabytes; now refused at once
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{% set x = 'a' * 10**9 %}{{ x | length }}",
+    "{% set x = [0] * 10**9 %}{{ x | length }}",
+    "{{ 2 ** 100000000 }}",
+    "{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}",
 ])
 def test_untrusted_chat_templates_are_sandboxed(tmp_path, evil):
     path, _, _ = make_model_dir(tmp_path / "m")

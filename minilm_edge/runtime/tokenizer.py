@@ -73,9 +73,16 @@ class Tokenizer:
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         try:
-            return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            pieces, size = [], 0
+            for piece in self._template.generate(
+                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+                    range=_bounded_range(TEMPLATE_MAX_LOOPS)):
+                size += len(piece)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise TokenizerError(f"the chat template writes more than {TEMPLATE_MAX_CHARS:,} characters")
+                pieces.append(piece)
+            return "".join(pieces)
         except TokenizerError:
             raise
         except Exception as e:   # SecurityError, UndefinedError, TypeError from a broken template
@@ -98,9 +105,44 @@ def _chat_template(model_dir: Path, tcfg: dict):
     return tpl if isinstance(tpl, str) and tpl else None
 
 
+# A chat template comes with a downloaded model: untrusted code. Jinja2's sandbox keeps it from
+# reaching Python; these bound what it may cost. A real template writes the conversation once and
+# loops over the messages: a few characters per character of input, a handful of loops.
+TEMPLATE_MAX_CHARS = 4 << 20        # characters a render may write, or a string or list it may build
+TEMPLATE_MAX_LOOPS = 1 << 20        # iterations of range() in one render, nested loops counted in full
+TEMPLATE_MAX_EXPONENT = 1024        # `**` beyond this builds numbers of millions of digits
+
+
+def _bounded_range(budget: int):
+    """range() for one render, refusing once the render's iterations would pass `budget`."""
+    left = [budget]
+
+    def bounded(*args):
+        r = range(*args)
+        left[0] -= len(r)
+        if left[0] < 0:
+            raise TokenizerError(f"the chat template loops more than {budget:,} times")
+        return r
+    return bounded
+
+
 def _compile_template(source: str):
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                            and len(seq) * n > TEMPLATE_MAX_CHARS):
+                        raise TokenizerError(f"the chat template builds a sequence of more than "
+                                             f"{TEMPLATE_MAX_CHARS:,} items")
+            if operator == "**" and isinstance(right, (int, float)) and abs(right) > TEMPLATE_MAX_EXPONENT:
+                raise TokenizerError(f"the chat template raises to a power over {TEMPLATE_MAX_EXPONENT}")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message):
         raise TokenizerError(f"the chat template refused the conversation: {message}")
@@ -112,7 +154,7 @@ def _compile_template(source: str):
     def strftime_now(fmt):
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
