@@ -198,3 +198,23 @@ def test_untrusted_chat_templates_are_sandboxed(tmp_path, evil):
     with pytest.raises(minilm_edge.TokenizerError):
         model.tokenizer.render_chat(msgs)
     assert msgs == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("where", ["weight", "rms_norm_eps"])
+def test_non_finite_numbers_are_an_error_not_a_silent_answer(tmp_path, where):
+    # A NaN weight (or eps) made every logit NaN: greedy chat answered nothing and exited 0,
+    # perplexity printed nan. Both are now a typed error naming the cause.
+    from safetensors.numpy import load_file, save_file
+    path, cfg, _ = make_model_dir(tmp_path / "m")
+    if where == "weight":
+        w = load_file(str(path / "model.safetensors"))
+        w["model.layers.0.mlp.down_proj.weight"][0, 0] = np.nan
+        save_file(w, str(path / "model.safetensors"))
+        model = minilm_edge.load(path)
+    else:
+        model = minilm_edge.load(path)
+        model.config.__dict__["rms_norm_eps"] = float("nan")      # config.json refuses it (test_checkpoint)
+    with pytest.raises(minilm_edge.CheckpointError, match="non-finite"):
+        model.generate("hello", max_new_tokens=3)
+    with pytest.raises(minilm_edge.CheckpointError, match="non-finite"):
+        minilm_edge.perplexity(model, "hello world " * 20, ctx=16)

@@ -163,6 +163,7 @@ def _valid(n=3, k=64, g=32, m=2):
     (dict(salient_idx=np.array([0, 3], np.int64)), "salient_idx: expected dtype int32"),
     (dict(salient_w=np.zeros((3, 2), np.float32)), "salient_w: expected dtype float16"),
     (dict(salient_w=None), "give both or neither"),
+    (dict(salient_w=np.full((3, 2), np.nan, np.float16)), "salient_w: expected finite"),
 ])
 def test_q4linear_validation_names_tensor(change, message):
     args = _valid()

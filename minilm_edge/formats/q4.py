@@ -142,6 +142,8 @@ class Q4Linear:
             raise QuantFormatError("salient_idx: expected a 1-D int32 array [m]")
         _check("salient_idx", idx, np.int32, (len(idx),))
         _check("salient_w", self.salient_w, np.float16, (n, len(idx)))
+        if not np.all(np.isfinite(self.salient_w)):
+            raise QuantFormatError("salient_w: expected finite values, got inf or nan")
         if len(idx) and (idx[0] < 0 or idx[-1] >= k or np.any(np.diff(idx) <= 0)):
             raise QuantFormatError(
                 f"salient_idx: expected sorted unique channels in [0, {k}), got "

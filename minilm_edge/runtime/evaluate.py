@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 
 TOKEN_CHUNK = 128        # tokens per lm_head call: [128, 49152] float64 = 50 MB per array
 
@@ -170,10 +170,18 @@ def perplexity(model, text: str, *, ctx: int = 2048, max_tokens: int | None = No
                 bar.update(len(targets))
     finally:
         bar.close()
-    nll = total / scored
+    nll = finite_nll(total / scored, model)
     return {"ppl": math.exp(nll), "nll": nll, "tokens_scored": scored, "windows": len(spans),
             "ctx": ctx, "tokens": len(ids), "last_window": spans[-1][1] - spans[-1][0],
             "seconds": time.perf_counter() - t0}
+
+
+def finite_nll(nll: float, model) -> float:
+    """nll itself; a NaN or infinite one means non-finite weights or config, not a perplexity."""
+    if not math.isfinite(nll):
+        raise CheckpointError(f"{model.path or 'the model'} computed a non-finite log-likelihood ({nll}): "
+                              "its weights or config.json hold NaN or infinite numbers")
+    return nll
 
 
 def compare(model, baseline, text: str, *, ctx: int = 2048, max_tokens: int | None = None,
@@ -209,7 +217,7 @@ def compare(model, baseline, text: str, *, ctx: int = 2048, max_tokens: int | No
                 bar.update(len(targets))
     finally:
         bar.close()
-    nll_m, nll_b = nll_m / scored, nll_b / scored
+    nll_m, nll_b = finite_nll(nll_m / scored, model), finite_nll(nll_b / scored, baseline)
     ppl_m, ppl_b = math.exp(nll_m), math.exp(nll_b)
     return {"ppl": ppl_m, "nll": nll_m, "baseline_ppl": ppl_b, "baseline_nll": nll_b,
             "ppl_diff": ppl_m - ppl_b, "ppl_ratio": ppl_m / ppl_b, "kl_mean": kl / scored,

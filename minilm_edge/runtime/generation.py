@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from ..errors import ContextOverflowError, UnsupportedModelError, UsageError
+from ..errors import CheckpointError, ContextOverflowError, UnsupportedModelError, UsageError
 from .tokenizer import TextStream
 
 
@@ -128,6 +128,15 @@ def sample_rows(logits: np.ndarray, temperature: float, top_p: float, rng) -> np
     return order[np.arange(B), j]
 
 
+def _finite(logits: np.ndarray, model) -> np.ndarray:
+    """logits as they are; NaN or infinite ones (non-finite weights, a NaN rms_norm_eps) would be
+    sampled into a silent wrong answer: a typed error instead."""
+    if not np.isfinite(logits).all():
+        raise CheckpointError(f"{model.path or 'the model'} computed non-finite logits: its weights or "
+                              "config.json hold NaN or infinite numbers")
+    return logits
+
+
 class Generation:
     """An iterator of text pieces; after it ends, `finish_reason`, `token_ids` and `text` are set.
 
@@ -155,7 +164,7 @@ class Generation:
         eos = m.eos_ids()
         sampler = Sampler(s)
         history = list(cache.tokens[:cache.length]) if s.repetition_penalty != 1.0 else []
-        logits = m.forward(self.prompt_ids, cache, last_only=True)[0]
+        logits = _finite(m.forward(self.prompt_ids, cache, last_only=True)[0], m)
         history += self.prompt_ids
         for _ in range(s.max_new_tokens):
             nxt = sampler(logits, history)
@@ -167,8 +176,9 @@ class Generation:
                 return
             yield nxt
             history.append(nxt)
-            logits = m.forward([nxt], cache, last_only=True)[0]
+            logits = _finite(m.forward([nxt], cache, last_only=True)[0], m)
         self.finish_reason = "length"
+
 
     def _run(self):
         stream = TextStream(self.model.tokenizer)
