@@ -116,6 +116,14 @@ def test_sharded_checkpoint_with_index(tmp_path):
     np.testing.assert_array_equal(minilm_edge.load(path).forward([3, 4, 5]), whole)
 
 
+@pytest.mark.parametrize("weight_map", [["model.safetensors"], {"a": 3}, {"a": ["model.safetensors"]}])
+def test_malformed_index_is_a_checkpoint_error(tmp_path, weight_map):
+    path, _, _ = make_model_dir(tmp_path / "m")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        minilm_edge.load(path)
+
+
 def test_index_cannot_escape_the_folder(tmp_path):
     path, _, w = make_model_dir(tmp_path / "m")
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../evil.safetensors"}}))
@@ -160,6 +168,7 @@ def test_missing_folder_and_config(tmp_path):
     ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
     ({"rope_theta": float("inf")}, "rope_theta"),
     ({"eos_token_id": "end"}, "eos_token_id"),
+    ({"quantization_config": "awq"}, "quantization_config"),
 ])
 def test_unsupported_configs(tmp_path, change, msg):
     path, cfg, _ = make_model_dir(tmp_path / "m")

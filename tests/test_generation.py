@@ -218,3 +218,13 @@ def test_non_finite_numbers_are_an_error_not_a_silent_answer(tmp_path, where):
         model.generate("hello", max_new_tokens=3)
     with pytest.raises(minilm_edge.CheckpointError, match="non-finite"):
         minilm_edge.perplexity(model, "hello world " * 20, ctx=16)
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_a_tokenizer_error(tmp_path):
+    path, _, _ = make_model_dir(tmp_path / "m")
+    tc = json.loads((path / "tokenizer_config.json").read_text())
+    del tc["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(tc))
+    (path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\xfe")
+    with pytest.raises(minilm_edge.TokenizerError, match="chat_template.jinja"):
+        minilm_edge.load(path)

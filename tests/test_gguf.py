@@ -80,19 +80,24 @@ Q8_TENSORS = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weig
               "model.layers.1.self_attn.k_proj.weight"}
 
 
-def write_tiny_gguf(path, *, tied=True, arch="llama", pre="smollm", add_bos=False, skip=(), extra=None):
+def write_tiny_gguf(path, *, tied=True, arch="llama", pre="smollm", add_bos=False, skip=(), extra=None,
+                    counts=None):
     """Write the tiny model as llama.cpp would; return the HF-order weights the import must give back.
 
-    `skip`: GGUF tensor names left out; `extra(writer)`: adds keys or tensors of a test's own.
+    `skip`: GGUF tensor names left out; `extra(writer)`: adds keys or tensors of a test's own;
+    `counts`: {key after "llama.": value} written instead of the model's own (an int as uint64,
+    anything else as a string), for hostile metadata.
     """
     weights = hf_weights(tied)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(L)
+    own = {"block_count": L, "embedding_length": D, "feed_forward_length": F,
+           "attention.head_count": H, "attention.head_count_kv": HKV} | (counts or {})
+    for key, value in own.items():
+        if isinstance(value, int):
+            w.add_uint64(f"llama.{key}", value)
+        else:
+            w.add_string(f"llama.{key}", str(value))
     w.add_context_length(CONTEXT)
-    w.add_embedding_length(D)
-    w.add_feed_forward_length(F)
-    w.add_head_count(H)
-    w.add_head_count_kv(HKV)
     w.add_rope_dimension_count(DH)
     w.add_rope_freq_base(50000.0)
     w.add_layer_norm_rms_eps(1e-5)
@@ -327,3 +332,16 @@ def test_linear_rope_scaling_reaches_the_config(tmp_path):
 def test_bad_dtype(tiny, tmp_path):
     with pytest.raises(UsageError, match="dtype"):
         import_gguf(tiny[0], tmp_path / "model", dtype="int8", progress=False)
+
+
+@pytest.mark.parametrize("counts, key", [
+    ({"block_count": 10**9}, "block_count"),              # used to cost 28 s and 2.1 GB before failing
+    ({"attention.head_count": 0}, "head_count"),
+    ({"attention.head_count_kv": 0}, "head_count_kv"),
+    ({"embedding_length": "abc"}, "embedding_length"),
+])
+def test_hostile_counts_are_refused_before_anything_is_sized_by_them(tmp_path, counts, key):
+    write_tiny_gguf(tmp_path / "h.gguf", counts=counts)
+    with pytest.raises(CheckpointError, match=key):
+        import_gguf(tmp_path / "h.gguf", tmp_path / "model", progress=False)
+    assert not (tmp_path / "model").exists()

@@ -233,3 +233,11 @@ def test_every_file_of_a_quantized_folder_gets_the_same_ordinary_mode(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert modes["model.safetensors"] == 0o644
     assert set(modes.values()) == {0o644}, modes
+
+
+def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path):
+    # It used to fail only when the folder was written, after quantizing (minutes, for AWQ).
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(minilm_edge.UsageError, match="is a file"):
+        quantize(src, tmp_path / "a-file" / "out", method="awq", progress=False)

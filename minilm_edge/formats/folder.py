@@ -20,8 +20,18 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"
 
 
 def check_out_dir(out_dir: Path) -> None:
+    """Fail now, not after minutes of work, if `out_dir` cannot become the output folder: it exists
+    and is not an empty folder, or its nearest existing ancestor is a file or cannot be written."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UsageError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
+    parent = out_dir.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot create {out_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot create {out_dir}: {parent} is not writable (read-only disk or no permission)")
 
 
 def output_tempdir(out_dir: Path, tag: str) -> Path:

@@ -62,6 +62,7 @@ TENSOR_TABLE = {
     "blk.{i}.ffn_down.weight": ("model.layers.{i}.mlp.down_proj.weight", ("D", "F"), None),
 }
 OPTIONAL_TENSORS = {"output.weight"}
+BLOCK_TENSORS = [name for name in TENSOR_TABLE if "{i}" in name]        # per block
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(.+)")
 
 
@@ -100,7 +101,7 @@ def _write_model_dir(reader, meta: dict, folder: Path, dtype: str, progress: boo
 
     # The tokenizer first: it is quick, and an unsupported vocabulary should fail before the weights.
     _build_tokenizer(meta).save(str(folder / "tokenizer.json"))
-    dims = _dims(meta)
+    dims = _dims(meta, len(reader.tensors))
     tensors = _convert_tensors(reader, dims, DTYPES[dtype], progress)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(folder / "model.safetensors", 0o644)  # safetensors creates it owner-only
@@ -162,21 +163,33 @@ def _require(meta: dict, key: str):
     return meta[key]
 
 
-def _dims(meta: dict) -> dict:
-    """The shape vocabulary's values for this model."""
-    d, h = int(_require(meta, "llama.embedding_length")), int(_require(meta, "llama.attention.head_count"))
-    hkv = int(meta.get("llama.attention.head_count_kv", h))
-    dh = int(meta.get("llama.attention.key_length", d // h))
-    if int(meta.get("llama.attention.value_length", dh)) != dh:
+def _count(meta: dict, key: str, default=None) -> int:
+    """A positive whole number from the metadata (a count or a size), or a CheckpointError naming it."""
+    v = _require(meta, key) if default is None else meta.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+        raise CheckpointError(f"GGUF metadata {key} must be a positive whole number, got {v!r}")
+    return int(v)
+
+
+def _dims(meta: dict, n_tensors: int) -> dict:
+    """The shape vocabulary's values for this model; counts checked before anything is sized by
+    them (a 370 KB file claiming a billion blocks must not cost a billion of anything)."""
+    d, h = _count(meta, "llama.embedding_length"), _count(meta, "llama.attention.head_count")
+    hkv = _count(meta, "llama.attention.head_count_kv", h)
+    dh = _count(meta, "llama.attention.key_length", max(d // h, 1))
+    if _count(meta, "llama.attention.value_length", dh) != dh:
         raise UnsupportedModelError("key and value head sizes differ; Llama models use one head_dim")
-    if int(meta.get("llama.rope.dimension_count", dh)) != dh:
+    if _count(meta, "llama.rope.dimension_count", dh) != dh:
         raise UnsupportedModelError("RoPE covers only part of each head (partial rotary); not a Llama model")
     if h % hkv:
         raise CheckpointError(f"head_count {h} is not a multiple of head_count_kv {hkv}")
-    vocab = meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
-    return {"V": int(vocab), "D": d, "F": int(_require(meta, "llama.feed_forward_length")),
-            "H": h, "Hkv": hkv, "Dh": dh, "QD": h * dh, "KD": hkv * dh,
-            "L": int(_require(meta, "llama.block_count"))}
+    n_blocks = _count(meta, "llama.block_count")
+    if n_blocks * len(BLOCK_TENSORS) > n_tensors:
+        raise CheckpointError(f"GGUF metadata llama.block_count is {n_blocks}, but the file holds only "
+                              f"{n_tensors} tensors ({len(BLOCK_TENSORS)} per block)")
+    vocab = _count(meta, "llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())) or None)
+    return {"V": vocab, "D": d, "F": _count(meta, "llama.feed_forward_length"),
+            "H": h, "Hkv": hkv, "Dh": dh, "QD": h * dh, "KD": hkv * dh, "L": n_blocks}
 
 
 def _hf_config(meta: dict, dims: dict, *, tie_word_embeddings: bool, dtype: str) -> dict:

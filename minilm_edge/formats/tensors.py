@@ -82,6 +82,8 @@ class TensorSource:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, ValueError, KeyError, TypeError):
                 raise CheckpointError(f"{index} is not a valid safetensors index") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
             names = sorted(set(weight_map.values()))
         else:
             names = sorted(p.name for p in model_dir.glob("*.safetensors"))

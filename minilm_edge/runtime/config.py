@@ -105,6 +105,9 @@ class LlamaConfig:
             raise UnsupportedModelError(f"config.json lacks the required field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise UnsupportedModelError(f"config.json has a field of the wrong type: {e}") from None
+        if cfg.quantization is not None and not isinstance(cfg.quantization, dict):
+            raise UnsupportedModelError(
+                f"config.json: quantization_config must be an object, got {cfg.quantization!r}")
         cfg._check()
         return cfg
 

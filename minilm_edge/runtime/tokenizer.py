@@ -101,7 +101,10 @@ def _chat_template(model_dir: Path, tcfg: dict):
     if tpl is None:
         jinja = model_dir / "chat_template.jinja"
         if jinja.is_file():
-            tpl = jinja.read_text(encoding="utf-8")
+            try:
+                tpl = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{jinja} cannot be read as UTF-8 text: {e}") from None
     return tpl if isinstance(tpl, str) and tpl else None
 
 
