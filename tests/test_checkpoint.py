@@ -184,3 +184,27 @@ def test_config_missing_field(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="hidden_size"):
         minilm_edge.load(path)
+
+
+def test_a_config_claiming_more_blocks_than_the_weights_hold_is_refused_at_once(tmp_path):
+    # inspect spent 66 s and 2.7 GB on num_hidden_layers = 1e6 before this check
+    from minilm_edge.app.describe import describe
+    path, cfg, _ = make_model_dir(tmp_path / "m")
+    cfg["num_hidden_layers"] = 10**6
+    (path / "config.json").write_text(json.dumps(cfg))
+    for open_it in (minilm_edge.load, describe):
+        with pytest.raises(CheckpointError, match=r"num_hidden_layers = 1000000, but the weights hold 2 blocks"):
+            open_it(path)
+
+
+def test_the_default_context_is_bounded_and_a_cache_too_large_is_a_usage_error(tmp_path):
+    # max_position_embeddings 1e12 (a hostile or merely huge config): the default context stays
+    # within DEFAULT_CONTEXT, and asking for all of it is a typed error, not ENOMEM.
+    from minilm_edge.runtime.model import DEFAULT_CONTEXT
+    path, cfg, _ = make_model_dir(tmp_path / "m")
+    cfg["max_position_embeddings"] = 10**12
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = minilm_edge.load(path)
+    assert model.new_cache().max_len == DEFAULT_CONTEXT
+    with pytest.raises(minilm_edge.UsageError, match="cannot be allocated"):
+        model.new_cache(10**12)

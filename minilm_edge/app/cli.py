@@ -36,7 +36,7 @@ def _sampling_flags():
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop when this text appears (repeatable; not printed)")
     g.add_argument("--ctx", type=int, metavar="N",
-                   help="context size in tokens (default: the model's maximum)")
+                   help="context size in tokens (default: the model's maximum, at most 32768)")
     return p
 
 

@@ -24,6 +24,7 @@ from ..formats.tensors import (
     HEAD,
     TensorSource,
     block_linears,
+    check_block_count,
     linear_format,
 )
 from ..quant.awq import SCALE_GROUPS
@@ -122,6 +123,7 @@ def describe(model_dir, layers: bool = False) -> dict:
     cfg = load_config(model_dir)
     raw_cfg = read_json(model_dir / "config.json", "config.json")
     src = TensorSource(model_dir)
+    check_block_count(src, cfg)
     qc = dict(cfg.quantization or {})
     weight_bytes = sum(Path(st.path).stat().st_size for st in src.files.values())
     dtypes: dict[str, int] = {}

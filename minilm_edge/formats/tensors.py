@@ -50,6 +50,16 @@ def block_norms(cfg, i):
         yield key, name.format(i=i), shape(cfg)
 
 
+def check_block_count(src, cfg) -> None:
+    """config.json's num_hidden_layers against the blocks the weights hold, before anything is
+    built per block: a config claiming a million layers must not cost a million of anything."""
+    name = BLOCK_NORMS["attn_norm"][0]
+    if name.format(i=cfg.num_hidden_layers - 1) not in src:
+        held = sum(1 for i in range(len(src.where)) if name.format(i=i) in src)
+        raise CheckpointError(f"config.json says num_hidden_layers = {cfg.num_hidden_layers}, but the "
+                              f"weights hold {held} blocks (no {name.format(i=cfg.num_hidden_layers - 1)!r})")
+
+
 def linear_format(src, prefix: str) -> str | None:
     """How the linear `prefix` is stored, told from the tensor names present (one place decides;
     runtime/linear.py maps each to a class, app/describe.py reports it):

@@ -20,7 +20,7 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
     from ..formats.folder import check_out_dir, write_model_folder
     from ..formats.q4 import Q4Linear
     from ..formats.safetensors import to_float32
-    from ..formats.tensors import TensorSource, block_linears
+    from ..formats.tensors import TensorSource, block_linears, check_block_count
     from ..runtime.config import load_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -31,6 +31,7 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
         what = "an AutoAWQ model already" if qc.get("quant_method") == QUANT_METHOD else "not a minilm-q4 model"
         raise UsageError(f"{model_dir} is {what}; export-awq takes a folder written by `quantize`")
     src = TensorSource(model_dir)
+    check_block_count(src, cfg)
     if "lm_head.qweight" in src:
         raise UsageError("lm_head is quantized, but AutoAWQ keeps lm_head in fp16; "
                          "quantize without --quantize-head to export")

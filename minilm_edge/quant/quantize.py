@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import UsageError
 from ..formats.folder import check_out_dir, copied_files, write_model_folder
 from ..formats.q4 import GROUP_SIZES, choose_group_size
-from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms
+from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_block_count
 from ..runtime.config import load_config
 from ..version import __version__
 
@@ -90,6 +90,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         eval_text = read_text(eval_data)
         eval_ctx = min(eval_ctx, cfg.max_position_embeddings)     # recorded in the report
     src = TensorSource(src_dir)
+    check_block_count(src, cfg)
     fp, salient, awq_res, calib_set = None, None, None, None
     if method == "awq":
         fp, salient, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)

@@ -20,6 +20,7 @@ from ..formats.tensors import (
     TensorSource,
     block_linears,
     block_norms,
+    check_block_count,
     check_shape,
     linear_format,
 )
@@ -70,6 +71,7 @@ def load_embedding(src: TensorSource, cfg: LlamaConfig) -> np.ndarray:
 
 def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
     src = TensorSource(model_dir)
+    check_block_count(src, cfg)
     embed = load_embedding(src, cfg)
     norm_name, norm_shape = GLOBAL_TENSORS["norm"]
     linears = [{} for _ in range(cfg.num_hidden_layers)]

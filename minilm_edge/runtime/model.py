@@ -23,6 +23,10 @@ from .linear import fuse_rows
 from .tokenizer import Tokenizer
 
 BLAS_PARALLEL_MIN_TOKENS = 64   # tokens per forward call from which BLAS gets more than one thread
+# The context a chat gets when none is asked for: the model's, up to this many positions. A model
+# trained for 128k positions would otherwise reserve a KV cache of gigabytes for every session (and
+# a config.json claiming 1e9 positions would end in ENOMEM); --ctx asks for more.
+DEFAULT_CONTEXT = 32768
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -153,10 +157,19 @@ class Model:
 
     # ---- forward
     def new_cache(self, max_len: int | None = None) -> KVCache:
-        n = self.config.max_position_embeddings if max_len is None else int(max_len)
-        if not 0 < n <= self.config.max_position_embeddings:
-            raise UsageError(f"context length must be 1..{self.config.max_position_embeddings}, got {n}")
-        return KVCache(self.config, n)
+        """A KV cache for `max_len` positions; None: the model's context, at most DEFAULT_CONTEXT
+        (a larger one is asked for explicitly: its cache may not fit in memory)."""
+        limit = self.config.max_position_embeddings
+        n = min(limit, DEFAULT_CONTEXT) if max_len is None else int(max_len)
+        if not 0 < n <= limit:
+            raise UsageError(f"context length must be 1..{limit}, got {n}")
+        try:
+            return KVCache(self.config, n)
+        except (MemoryError, OSError) as e:           # mmap's ENOMEM, or a refused np.zeros
+            c = self.config
+            gb = 2 * c.num_hidden_layers * c.num_key_value_heads * n * c.head_dim * 4 / 1e9
+            raise UsageError(f"a KV cache of {n} positions ({gb:.1f} GB) cannot be allocated ({e}); "
+                             "choose a smaller context (--ctx)") from None
 
     def forward(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """Logits of the given tokens, appended after what `cache` holds.      [T] -> [T, V] float32
