@@ -23,9 +23,9 @@ from .linear import fuse_rows
 from .tokenizer import Tokenizer
 
 BLAS_PARALLEL_MIN_TOKENS = 64   # tokens per forward call from which BLAS gets more than one thread
-# The context a chat gets when none is asked for: the model's, up to this many positions. A model
-# trained for 128k positions would otherwise reserve a KV cache of gigabytes for every session (and
-# a config.json claiming 1e9 positions would end in ENOMEM); --ctx asks for more.
+# The context a chat gets when none is asked for: the model's, up to this many positions. The cache
+# is mapped lazily, but its address space must exist: a config.json claiming 1e9 positions ended in
+# ENOMEM, and a 128k-position model would map gigabytes per session. --ctx asks for more.
 DEFAULT_CONTEXT = 32768
 
 
