@@ -247,6 +247,22 @@ def test_unreachable_endpoint_is_detected_quickly(tmp_path, local_endpoint):
     assert calls == ["someone/tiny-llama"] and (tmp_path / "dest" / "model.safetensors").is_file()
 
 
+def test_a_hub_client_error_is_reported_on_one_line(tmp_path, local_endpoint, monkeypatch):
+    set_port, _ = local_endpoint
+
+    def failing(repo_id, local_dir, **kwargs):
+        raise OSError("404 Client Error.\n\nRepository Not Found for url: https://hub/x.\nPlease check.")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", failing)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        set_port(s.getsockname()[1])
+        with pytest.raises(PullError) as e:
+            store.fetch_from_hub("someone/tiny-llama", tmp_path / "dest", progress=False, timeout=2.0)
+    assert "\n" not in str(e.value) and "Repository Not Found" in str(e.value)
+
+
 def test_offline_mode_skips_the_hub(tmp_path, monkeypatch):
     from huggingface_hub import constants
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -279,20 +295,22 @@ def _dead_pid():
 
 @pytest.mark.skipif(os.name == "nt", reason="the stale-folder check uses os.kill(pid, 0), POSIX only")
 def test_a_killed_pulls_folder_is_removed_by_the_next_pull(tmp_path, hub):
-    # SIGKILL or a power cut leaves the hidden temporary folder; the next pull of that name removes
-    # it, but not one whose process still runs (a concurrent pull), nor anything else hidden there.
+    # SIGKILL or a power cut leaves the hidden temporary folder; the next pull into the store removes
+    # it, whatever model it was for, but not one whose process still runs (a concurrent pull), nor
+    # anything else hidden there.
     models = tmp_path / "models"
-    stale = models / f".someone--tiny-llama.pull-{_dead_pid()}-abc_12"
+    stale = [models / f".someone--tiny-llama.pull-{_dead_pid()}-abc_12",
+             models / f".another.pull-{_dead_pid()}-abc"]                # another model's
     live = models / f".someone--tiny-llama.pull-{os.getppid()}-xyz"
-    other = [models / ".someone--tiny-llama.pull-notapid", models / f".another.pull-{_dead_pid()}-abc"]
+    other = [models / ".someone--tiny-llama.pull-notapid", models / ".cache"]
     recent = models / f".someone--tiny-llama.pull-{_dead_pid()}-new"     # maybe another container's
-    for d in (stale, live, recent, *other):
+    for d in (*stale, live, recent, *other):
         (d / "hub").mkdir(parents=True)
         (d / "hub" / "model.safetensors").write_bytes(b"partial")
         if d is not recent:
             _age(d, 3600)
     pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=hub)
-    assert not stale.exists()
+    assert not any(d.exists() for d in stale)
     assert live.exists() and recent.exists() and all(d.exists() for d in other)
 
 

@@ -113,7 +113,7 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
         return _stored(target)
     models.mkdir(parents=True, exist_ok=True)
     fetch_hub = fetch_hub or functools.partial(fetch_from_hub, progress=progress)
-    remove_stale_tempdirs(models, name)            # left by a pull that was killed
+    remove_stale_tempdirs(models, None)            # left by any pull or prepare that was killed
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=models) as work:
         work = Path(work)
         _say(progress, f"pull {name_or_repo}: trying the Hugging Face Hub ({repo})")
@@ -263,7 +263,8 @@ def fetch_from_hub(repo_id: str, dest: Path, *, progress: bool = True, timeout: 
         snapshot_download(repo_id, local_dir=dest, allow_patterns=HUB_ALLOW, ignore_patterns=HUB_IGNORE,
                           etag_timeout=timeout, tqdm_class=None if progress else Quiet)
     except Exception as err:  # its error types differ between huggingface_hub versions: all mean "no"
-        raise PullError(f"Hugging Face Hub download of {repo_id} failed: {err}") from err
+        detail = " ".join(str(err).split())       # the Hub client's messages span several lines
+        raise PullError(f"Hugging Face Hub download of {repo_id} failed: {detail}") from err
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping for local_dir
 
 

@@ -59,8 +59,9 @@ def tempdir_prefix(name: str, tag: str) -> str:
 STALE_AFTER_S = 600      # a temporary folder untouched this long, whose process is gone, is stale
 
 
-def remove_stale_tempdirs(parent: Path, name: str) -> list:
-    """Remove the temporary folders `.NAME.TAG-PID-*` in `parent` whose process PID is gone and in
+def remove_stale_tempdirs(parent: Path, name: str | None) -> list:
+    """Remove the temporary folders `.NAME.TAG-PID-*` (of any NAME when `name` is None: the
+    store's own folder, where only we write) in `parent` whose process PID is gone and in
     which nothing changed for STALE_AFTER_S: what a run killed without a chance to clean up
     (SIGKILL, power loss) left, often hundreds of MB in a hidden folder. A folder whose process
     still runs (another quantize or pull of the same name) is left alone; the quiet time guards a
@@ -69,7 +70,8 @@ def remove_stale_tempdirs(parent: Path, name: str) -> list:
     a process exists.                                                  -> the folders removed"""
     if os.name == "nt" or not Path(parent).is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(name)}\.[a-z]+-(\d+)-[A-Za-z0-9_]+")
+    stem = r"[^/]+" if name is None else re.escape(name)
+    pattern = re.compile(rf"\.{stem}\.[a-z]+-(\d+)-[A-Za-z0-9_]+")
     removed = []
     for p in Path(parent).iterdir():
         m = pattern.fullmatch(p.name)
