@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import UnsupportedModelError
+from ..errors import QuantFormatError, UnsupportedModelError
 from ..formats.tensors import (
     BLOCK_LINEARS,
     BLOCK_NORMS,
@@ -47,16 +47,26 @@ def _linear_info(src: TensorSource, prefix: str, shape: tuple, bits: int | None)
     fmt = linear_format(src, prefix) or "missing"
     stored = sum(_tensor_bytes(src, t) for t in src.where if t.startswith(prefix + ".") and t != prefix + ".bias")
     info = {"format": fmt, "shape": [n, k], "bpw": round(8 * stored / (n * k), 4), "bytes": stored}
+    scales = src.raw(prefix + ".scales")[0] if prefix + ".scales" in src else None
+    if fmt in ("q4", "awq_gemm", "q8") and (scales is None or scales.ndim != 2):
+        raise QuantFormatError(f"{prefix}.scales: expected a 2-D array, got "
+                               f"{'none' if scales is None else list(scales.shape)}")
     if fmt in ("q4", "awq_gemm"):
-        scales = src.raw(prefix + ".scales")[0]
         groups = scales.shape[1] if fmt == "q4" else scales.shape[0]
         info.update(bits=bits or 4, group_size=k // groups if groups else None,
                     salient=int(src.raw(prefix + ".salient_idx")[0].shape[0]) if prefix + ".salient_idx" in src else 0)
     elif fmt == "q8":
-        info.update(bits=8, group_size=k // src.raw(prefix + ".scales")[0].shape[1], salient=0)
+        info.update(bits=8, group_size=k // scales.shape[1] if scales.shape[1] else None, salient=0)
     else:
         info.update(bits=DENSE_BITS.get(fmt.upper()), group_size=None, salient=0)
     return info
+
+
+def _names(value) -> list | None:
+    """config.json's `architectures` (class names, informative only) as a list of strings."""
+    if value is None:
+        return None
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def parameter_count(cfg) -> int:
@@ -142,7 +152,7 @@ def describe(model_dir, layers: bool = False) -> dict:
     info = {
         "path": str(model_dir.resolve()),
         "architecture": {
-            "model_type": cfg.model_type, "architectures": raw_cfg.get("architectures"),
+            "model_type": cfg.model_type, "architectures": _names(raw_cfg.get("architectures")),
             "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.intermediate_size, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,

@@ -366,12 +366,17 @@ def _build_tokenizer(meta: dict):
     if len(vocab) != len(tokens):
         raise CheckpointError("GGUF vocabulary has duplicate token strings; ids would be ambiguous")
     merges = [tuple(m.split(" ")) for m in _require(meta, "tokenizer.ggml.merges")]
-    bad = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab), None)
+    bad = next((m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab
+                or m[0] + m[1] not in vocab), None)
     if bad is not None:
-        raise CheckpointError(f"GGUF merge {' '.join(bad)!r} is not a pair of vocabulary tokens")
-
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
-                               byte_fallback=False, ignore_merges=False))
+        raise CheckpointError(f"GGUF merge {' '.join(bad)!r} is not a pair of vocabulary tokens whose join is one")
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, fuse_unk=False,
+                                   byte_fallback=False, ignore_merges=False))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:      # tokenizers reports some bad vocabularies as a Rust panic (a BaseException)
+        raise CheckpointError(f"GGUF vocabulary and merges do not make a BPE tokenizer: {e}") from None
     tok.normalizer = None
     tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
