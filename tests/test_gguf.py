@@ -345,3 +345,19 @@ def test_hostile_counts_are_refused_before_anything_is_sized_by_them(tmp_path, c
     with pytest.raises(CheckpointError, match=key):
         import_gguf(tmp_path / "h.gguf", tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_tensor_that_is_not_finite_is_refused(tmp_path, monkeypatch):
+    import sys
+    here = sys.modules[__name__]
+    original = here.hf_weights
+
+    def with_nan(tied):
+        w = original(tied)
+        w["model.layers.0.mlp.up_proj.weight"][0, 0] = np.nan
+        return w
+    monkeypatch.setattr(here, "hf_weights", with_nan)
+    write_tiny_gguf(tmp_path / "n.gguf")
+    with pytest.raises(CheckpointError, match="blk.0.ffn_up.weight holds NaN"):
+        import_gguf(tmp_path / "n.gguf", tmp_path / "model", progress=False)
+    assert not (tmp_path / "model").exists()

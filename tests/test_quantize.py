@@ -241,3 +241,14 @@ def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(minilm_edge.UsageError, match="is a file"):
         quantize(src, tmp_path / "a-file" / "out", method="awq", progress=False)
+
+
+def test_a_source_weight_that_is_not_finite_is_refused_before_quantizing(tmp_path):
+    from safetensors.numpy import save_file
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    w = load_file(str(src / "model.safetensors"))
+    w["model.layers.1.self_attn.v_proj.weight"][3, 5] = np.inf
+    save_file(w, str(src / "model.safetensors"))
+    with pytest.raises(minilm_edge.CheckpointError, match="v_proj.weight' holds NaN or infinite"):
+        quantize(src, tmp_path / "out", method="rtn", progress=False)
+    assert not (tmp_path / "out").exists()

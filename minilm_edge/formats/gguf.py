@@ -301,6 +301,8 @@ def _convert_tensors(reader, dims: dict, dtype, progress: bool) -> dict[str, np.
         except NotImplementedError as err:
             raise UnsupportedModelError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, "
                                         f"which the gguf package cannot dequantize") from err
+        if not np.isfinite(w).all():
+            raise CheckpointError(f"GGUF tensor {t.name} holds NaN or infinite numbers")
         if perm is not None:
             w = unpermute_rope_rows(w, dims["H"] if perm == "q" else dims["Hkv"])
         out[hf] = _cast(w, dtype, t.name)

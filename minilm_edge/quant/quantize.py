@@ -91,6 +91,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         eval_ctx = min(eval_ctx, cfg.max_position_embeddings)     # recorded in the report
     src = TensorSource(src_dir)
     check_block_count(src, cfg)
+    src.check_finite()
     fp, salient, awq_res, calib_set = None, None, None, None
     if method == "awq":
         fp, salient, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
