@@ -361,3 +361,14 @@ def test_a_tensor_that_is_not_finite_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="blk.0.ffn_up.weight holds NaN"):
         import_gguf(tmp_path / "n.gguf", tmp_path / "model", progress=False)
     assert not (tmp_path / "model").exists()
+
+
+def test_too_little_free_space_is_refused_before_importing(tmp_path, monkeypatch):
+    import collections
+    import shutil as shutil_module
+    write_tiny_gguf(tmp_path / "t.gguf")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(UsageError, match="needs about"):
+        import_gguf(tmp_path / "t.gguf", tmp_path / "model", progress=False)
+    assert not (tmp_path / "model").exists()

@@ -252,3 +252,14 @@ def test_a_source_weight_that_is_not_finite_is_refused_before_quantizing(tmp_pat
     with pytest.raises(minilm_edge.CheckpointError, match="v_proj.weight' holds NaN or infinite"):
         quantize(src, tmp_path / "out", method="rtn", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_too_little_free_space_is_refused_before_quantizing(tmp_path, monkeypatch):
+    import collections
+    import shutil as shutil_module
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(minilm_edge.UsageError, match="needs about .* MiB free"):
+        quantize(src, tmp_path / "out", method="awq", seq_len=64, samples=2, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -34,6 +34,18 @@ def check_out_dir(out_dir: Path) -> None:
         raise UsageError(f"cannot create {out_dir}: {parent} is not writable (read-only disk or no permission)")
 
 
+def check_free_space(out_dir: Path, need_bytes: int) -> None:
+    """Fail now, not after minutes of work, if the disk that will hold `out_dir` has less free space
+    than the output's estimated size (`need_bytes`, an upper bound the caller computes)."""
+    place = Path(out_dir).absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free < need_bytes:
+        raise UsageError(f"{out_dir} needs about {need_bytes / 2**20:,.0f} MiB, but {place} has "
+                         f"{free / 2**20:,.0f} MiB free; free some space or write elsewhere")
+
+
 def output_tempdir(out_dir: Path, tag: str) -> Path:
     """A hidden folder beside out_dir to write an output into, renamed to out_dir when complete:
     `.NAME.TAG-PID-random`, so that a later run can tell it from a live one's and remove it if

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
-from .folder import output_tempdir
+from .folder import check_free_space, output_tempdir
 
 ARCH = "llama"
 
@@ -79,6 +79,8 @@ def import_gguf(gguf_path, out_dir, *, dtype: str = "float16", progress: bool = 
         raise UsageError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
     reader = _open_gguf(Path(gguf_path))
     meta = _read_meta(reader)
+    n_values = sum(int(np.prod([int(n) for n in t.shape], dtype=np.int64)) for t in reader.tensors)
+    check_free_space(out_dir, n_values * np.dtype(DTYPES[dtype]).itemsize)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_tempdir(out_dir, "importing")
     try:

@@ -17,7 +17,7 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
 
     Returns (out_dir, {layer prefix: original group size} of the layers that were re-grouped).
     """
-    from ..formats.folder import check_out_dir, write_model_folder
+    from ..formats.folder import check_free_space, check_out_dir, write_model_folder
     from ..formats.q4 import Q4Linear
     from ..formats.safetensors import to_float32
     from ..formats.tensors import TensorSource, block_linears, check_block_count
@@ -32,6 +32,8 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
         raise UsageError(f"{model_dir} is {what}; export-awq takes a folder written by `quantize`")
     src = TensorSource(model_dir)
     check_block_count(src, cfg)
+    # AutoAWQ keeps what is not quantized in fp16: at most twice the bytes of the native folder.
+    check_free_space(out_dir, 2 * sum(Path(st.path).stat().st_size for st in src.files.values()))
     if "lm_head.qweight" in src:
         raise UsageError("lm_head is quantized, but AutoAWQ keeps lm_head in fp16; "
                          "quantize without --quantize-head to export")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from ..formats.folder import check_out_dir, copied_files, write_model_folder
+from ..formats.folder import check_free_space, check_out_dir, copied_files, write_model_folder
 from ..formats.q4 import GROUP_SIZES, choose_group_size
 from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_block_count
 from ..runtime.config import load_config
@@ -92,6 +92,11 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     src = TensorSource(src_dir)
     check_block_count(src, cfg)
     src.check_finite()
+    # An upper bound of the output: every tensor in fp16 (int4 linears take about a quarter of
+    # that), plus a quantized head stored beside a tied embedding.
+    numel = sum(int(np.prod(src.raw(n)[0].shape, dtype=np.int64)) for n in src.where)
+    head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings else 0
+    check_free_space(out_dir, 2 * numel + head)
     fp, salient, awq_res, calib_set = None, None, None, None
     if method == "awq":
         fp, salient, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
