@@ -25,21 +25,24 @@ def check_out_dir(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UsageError(f"{out_dir} exists and is not an empty folder; choose a new output folder")
-    parent = out_dir.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _nearest_existing(out_dir.absolute().parent)
     if not parent.is_dir():
         raise UsageError(f"cannot create {out_dir}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot create {out_dir}: {parent} is not writable (read-only disk or no permission)")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists: where a folder to be made would live."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_free_space(out_dir: Path, need_bytes: int) -> None:
     """Fail now, not after minutes of work, if the disk that will hold `out_dir` has less free space
     than the output's estimated size (`need_bytes`, an upper bound the caller computes)."""
-    place = Path(out_dir).absolute()
-    while not place.exists() and place != place.parent:
-        place = place.parent
+    place = _nearest_existing(Path(out_dir).absolute())
     free = shutil.disk_usage(place).free
     if free < need_bytes:
         raise UsageError(f"{out_dir} needs about {need_bytes / 2**20:,.0f} MiB, but {place} has "

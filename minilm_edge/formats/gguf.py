@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
-from .folder import check_free_space, output_tempdir
+from .folder import check_free_space, check_out_dir, output_tempdir
 
 ARCH = "llama"
 
@@ -75,8 +75,7 @@ def import_gguf(gguf_path, out_dir, *, dtype: str = "float16", progress: bool = 
     if dtype not in DTYPES:
         raise UsageError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UsageError(f"{out_dir} already exists and is not an empty folder; choose a new output folder")
+    check_out_dir(out_dir)
     reader = _open_gguf(Path(gguf_path))
     meta = _read_meta(reader)
     n_values = sum(int(np.prod([int(n) for n in t.shape], dtype=np.int64)) for t in reader.tensors)
