@@ -39,3 +39,8 @@ class PullError(MiniLMError):
 
 class QuantFormatError(CheckpointError):
     """A quantized tensor set violates the int4 format (dtypes, shapes, index ranges)."""
+
+
+class TrustError(MiniLMError):
+    """A model is unsigned or its signature does not verify under the store's policy, or the policy
+    file, a key or the store has unsafe permissions."""
