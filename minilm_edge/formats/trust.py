@@ -65,7 +65,7 @@ def check_not_writable_by_others(path: Path) -> None:
                          f"the trust policy refuses it: run `chmod go-w {path}`")
 
 
-def write_private_file(path: Path, text: str) -> None:
+def write_owner_file(path: Path, text: str) -> None:
     """Write `text` to `path` atomically, readable by all and writable only by the owner (0o644)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -107,13 +107,12 @@ def read_policy(home: Path | None = None) -> Policy | None:
 
 def write_policy(policy: Policy, home: Path | None = None) -> Path:
     """Write the policy file (0o644, atomically); keys below home are stored relative to it."""
-    home = home or default_home()
-    home.mkdir(parents=True, exist_ok=True)
+    home = make_store_dir(home or default_home())
     def rel(k: Path) -> str:
         return str(k.relative_to(home)) if k.is_relative_to(home) else str(k)
     data = {"require_signature": policy.require_signature, "trusted_keys": [rel(k) for k in policy.trusted_keys]}
     path = home / POLICY_NAME
-    write_private_file(path, json.dumps(data, indent=2) + "\n")
+    write_owner_file(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
@@ -141,8 +140,190 @@ def enforce_policy(folder: Path, home: Path | None = None) -> SignatureInfo | No
     return verify_signature(folder, policy.trusted_keys)
 
 
-def verify_signature(folder: Path, public_keys) -> SignatureInfo:
-    """Verify folder/model.sig with each of `public_keys` (PEM files) in turn; the first that verifies wins.
+# ---- signatures (the model-signing package) ----------------------------------------------------------
 
-    Raises TrustError when the folder is unsigned or no key verifies it."""
-    raise TrustError(f"{folder}: signature verification is not implemented yet")
+# The paths a signature may leave out: its own file and the git metadata the model_signing tool skips by
+# default. A signature whose recorded ignore_paths leave out anything else (say, the weights) is refused.
+SIGNATURE_IGNORES = frozenset({SIGNATURE_NAME, ".git", ".gitattributes", ".github", ".gitignore"})
+
+
+def _model_signing():
+    """The model-signing package, or a TrustError saying what to install."""
+    try:
+        import model_signing
+        import model_signing.hashing
+        import model_signing.signing
+        import model_signing.verifying
+    except ImportError as e:
+        raise TrustError(f"signing and verifying models needs the model-signing package ({e}): "
+                         f"{INSTALL_HINT}") from None
+    return model_signing
+
+
+def _hashing_config(ms):
+    """How a folder is hashed: every file (sha256 each), model.sig and git metadata left out; as the
+    model_signing tool's `sign key FOLDER --signature FOLDER/model.sig` does."""
+    return ms.hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=True)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def key_fingerprint(public_key: Path) -> str:
+    """sha256 of the key's SubjectPublicKeyInfo PEM: the `hint` a model_signing bundle names its key by."""
+    import hashlib
+
+    _model_signing()                          # cryptography comes with it
+    from cryptography.hazmat.primitives import serialization
+    try:
+        key = serialization.load_pem_public_key(Path(public_key).read_bytes())
+    except (OSError, ValueError, TypeError) as e:
+        raise TrustError(f"{public_key}: not a readable PEM public key ({_one_line(e)})") from None
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(pem).hexdigest()
+
+
+def signed_statement(signature: Path) -> dict:
+    """The in-toto statement inside a bundle (not verified: call only after verification, or to describe)."""
+    import base64
+    try:
+        bundle = json.loads(Path(signature).read_text())
+        return json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrustError(f"{signature}: not a model-signing bundle ({_one_line(e)})") from None
+
+
+def check_private_key(private_key: Path) -> None:
+    """Refuse a private key file that group or others may read, as ssh does ("UNPROTECTED PRIVATE KEY")."""
+    try:
+        mode = Path(private_key).stat().st_mode
+    except OSError as e:
+        raise TrustError(f"{private_key}: cannot read the private key ({e.strerror})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TrustError(f"{private_key}: private key readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                         f"run `chmod 600 {private_key}`")
+
+
+def sign_folder(folder: Path, private_key: Path, password: str | None = None) -> Path:
+    """Sign every file of `folder` (manifest.json included) with an EC private key (PEM) into folder/model.sig.
+
+    The signature is written next to the model even in a read-only store version (the folder's owner
+    write bit is lifted for the rename only): it does not change any file the model is made of. An
+    existing model.sig is replaced atomically. Returns the signature's path."""
+    import shutil
+    import tempfile
+
+    ms = _model_signing()
+    folder, private_key = Path(folder), Path(private_key)
+    if not folder.is_dir():
+        raise TrustError(f"{folder}: not a model folder")
+    check_private_key(private_key)
+    with tempfile.TemporaryDirectory(prefix="minilm-sign-") as tmp:
+        out = Path(tmp) / SIGNATURE_NAME     # outside the folder: nothing of ours is hashed
+        try:
+            (ms.signing.Config()
+             .use_elliptic_key_signer(private_key=private_key, password=password)
+             .set_hashing_config(_hashing_config(ms))
+             .sign(folder, out))
+        except TypeError as e:               # cryptography: encrypted key without password, or the reverse
+            raise TrustError(f"{private_key}: {_one_line(e)}") from None
+        except (ValueError, OSError) as e:   # not an EC key on a supported curve, a symlink, unreadable file
+            raise TrustError(f"{folder}: cannot sign with {private_key}: {_one_line(e)}") from None
+        with _owner_writable(folder):
+            staged = folder / f".{SIGNATURE_NAME}.tmp{os.getpid()}"
+            try:
+                shutil.copyfile(out, staged)
+                os.chmod(staged, FROZEN_FILE_MODE)
+                os.replace(staged, folder / SIGNATURE_NAME)
+            finally:
+                staged.unlink(missing_ok=True)
+    return folder / SIGNATURE_NAME
+
+
+def verify_signature(folder: Path, public_keys) -> SignatureInfo:
+    """Verify folder/model.sig with each of `public_keys` (PEM files); the first that verifies wins.
+
+    Verified: the bundle's signature with the key, then every file's sha256 against the signed list (a
+    file added, removed or changed is refused), then that the signature leaves out nothing but model.sig
+    and git metadata. Raises TrustError (one line) when the folder is unsigned or no key verifies it."""
+    ms = _model_signing()
+    folder = Path(folder)
+    signature = folder / SIGNATURE_NAME
+    if not signature.is_file():
+        raise TrustError(f"{folder}: unsigned model (no {SIGNATURE_NAME}); sign it with `minilm-edge sign`")
+    public_keys = [Path(k) for k in public_keys]
+    if not public_keys:
+        raise TrustError(f"{folder}: no public key to verify its signature with (give --key KEY.pub, "
+                         f"or trust one with `minilm-edge trust add KEY.pub`)")
+    reasons = []
+    for key in public_keys:
+        try:
+            ms.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(folder, signature)
+        except (ValueError, TypeError, KeyError, OSError) as e:   # what model_signing raises on a mismatch
+            reasons.append((key, _one_line(e)))
+            continue
+        _check_ignores(folder, signature)
+        return SignatureInfo(folder, signature, key)
+    # A "Signature mismatch" comes from a key that did sign the bundle: the files changed since.
+    changed = [r for r in reasons if r[1].startswith("Signature mismatch")]
+    if changed:
+        raise TrustError(f"{folder}: files changed since signing ({changed[0][1]})")
+    names = ", ".join(str(k) for k, _ in reasons)
+    raise TrustError(f"{folder}: signature does not verify with any trusted key ({names}): {reasons[0][1]}")
+
+
+def _check_ignores(folder: Path, signature: Path) -> None:
+    ignored = signed_statement(signature).get("predicate", {}).get("serialization", {}).get("ignore_paths", [])
+    extra = sorted(set(ignored) - SIGNATURE_IGNORES)
+    if extra:
+        raise TrustError(f"{folder}: the signature leaves out {', '.join(extra)}; re-sign it without --ignore-paths")
+
+
+# ---- store permissions -------------------------------------------------------------------------------
+
+STORE_DIR_MODE = 0o755     # home, models/, keys/: everyone reads, only the owner writes
+STORE_FILE_MODE = 0o644    # policy.json, trusted keys: everyone reads, only the owner writes
+FROZEN_DIR_MODE = 0o555    # a published model version: nobody writes (the owner may chmod u+w to delete)
+FROZEN_FILE_MODE = 0o444
+
+
+def make_store_dir(path: Path) -> Path:
+    """Create (parents too) a store folder with STORE_DIR_MODE; refuse an existing one others may write."""
+    path = Path(path)
+    if not path.exists():
+        path.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(path, STORE_DIR_MODE)   # mkdir's mode is masked by the umask; this is the store's policy
+    check_not_writable_by_others(path)
+    return path
+
+
+def freeze_folder(folder: Path) -> None:
+    """Make a published model version read-only for everyone: files 0o444, folders 0o555."""
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*"), reverse=True):     # children before their folder
+        if not p.is_symlink():
+            os.chmod(p, FROZEN_DIR_MODE if p.is_dir() else FROZEN_FILE_MODE)
+    os.chmod(folder, FROZEN_DIR_MODE)
+
+
+class _owner_writable:
+    """Lift the folder's owner write bit for the duration of a `with` block, then restore its mode."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __enter__(self):
+        self.mode = stat.S_IMODE(self.folder.stat().st_mode)
+        if not self.mode & stat.S_IWUSR:
+            try:
+                os.chmod(self.folder, self.mode | stat.S_IWUSR)
+            except OSError as e:
+                raise TrustError(f"{self.folder}: cannot add {SIGNATURE_NAME} ({e.strerror}); "
+                                 f"only the store's owner can sign its models") from None
+        return self
+
+    def __exit__(self, *exc):
+        os.chmod(self.folder, self.mode)
+        return False
