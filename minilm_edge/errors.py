@@ -44,3 +44,7 @@ class QuantFormatError(CheckpointError):
 class TrustError(MiniLMError):
     """A model is unsigned or its signature does not verify under the store's policy, or the policy
     file, a key or the store has unsafe permissions."""
+
+
+class IntegrityError(CheckpointError):
+    """A model folder differs from its manifest: a file missing, foreign, truncated or changed."""

