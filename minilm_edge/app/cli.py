@@ -483,6 +483,8 @@ def build_parser():
     _add_eval_parser(sub)
     _add_export_awq_parser(sub)
     _add_inspect_parser(sub)
+    from .signing import add_parsers as add_signing_parsers  # sign, verify, trust
+    add_signing_parsers(sub)
     return p
 
 

@@ -271,7 +271,7 @@ def verify_signature(folder: Path, public_keys) -> SignatureInfo:
     if changed:
         raise TrustError(f"{folder}: files changed since signing ({changed[0][1]})")
     names = ", ".join(str(k) for k, _ in reasons)
-    raise TrustError(f"{folder}: signature does not verify with any trusted key ({names}): {reasons[0][1]}")
+    raise TrustError(f"{folder}: signature does not verify with {names}: {reasons[0][1]}")
 
 
 def _check_ignores(folder: Path, signature: Path) -> None:
