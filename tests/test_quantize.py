@@ -140,6 +140,9 @@ def test_corrupt_quantized_tensors_are_refused(tmp_path, tamper, msg):
     raw = dict(load_file(str(out / "model.safetensors")))
     tamper(raw)
     save_file(raw, str(out / "model.safetensors"))
+    with pytest.raises(minilm_edge.errors.IntegrityError, match="model.safetensors"):
+        minilm_edge.load(out)                    # the manifest notices first
+    (out / "manifest.json").unlink()             # as a plain folder, the format checks must refuse it
     with pytest.raises(minilm_edge.QuantFormatError, match=msg):
         minilm_edge.load(out)
 

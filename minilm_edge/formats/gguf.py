@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ModelNotFoundError, UnsupportedModelError, UsageError
 from .folder import check_free_space, check_out_dir, output_tempdir
+from .manifest import file_sha256, provenance, write_manifest
 
 ARCH = "llama"
 
@@ -84,6 +85,9 @@ def import_gguf(gguf_path, out_dir, *, dtype: str = "float16", progress: bool = 
     tmp = output_tempdir(out_dir, "importing")
     try:
         _write_model_dir(reader, meta, tmp, dtype, progress)
+        gguf = {"file": Path(gguf_path).name, "sha256": file_sha256(Path(gguf_path))}
+        write_manifest(tmp, {"kind": "import-gguf", "gguf_sha256": gguf["sha256"], "dtype": dtype},
+                       provenance(source=gguf, method=f"import-gguf --dtype {dtype}"))
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); a portable rename needs the name free
         try:

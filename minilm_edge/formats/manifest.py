@@ -6,8 +6,8 @@
                               "provenance": {...}}   who made it, when, where, from what
 
 Every regular file of the folder is listed (relative paths, "/" separated, sorted) except
-manifest.json itself, the signature bundle model.sig (written after the manifest, by
-`python -m minilm_edge sign`) and the verification stamp `.manifest-verified.json`. The JSON is
+manifest.json itself and the signature bundle model.sig (written after the manifest, by
+`python -m minilm_edge sign`; it signs every file, manifest.json included). The JSON is
 written canonically (sorted keys, two-space indent, UTF-8), so the manifest's digest, the sha256 of
 its bytes, identifies the folder's content and recipe: the store names versions by it (as a
 container registry names images by their manifest digest).
@@ -16,9 +16,11 @@ container registry names images by their manifest digest).
 the first file that differs: listed but missing, present but not listed (foreign), another size
 (truncated or grown), another sha256 (changed). Sizes and the file list cost a stat per file and are
 always checked; sha256 costs a read of every byte (about 0.1 s for the 137 MB AWQ SmolLM2-135M on
-this machine, BENCHMARKS.md), so `full=False` hashes only the files whose (size, mtime, ctime,
-inode) differ from the stamp the last full check left in `.manifest-verified.json`: a byte changed
-in place changes the file's ctime, which no user-level tool can set back, so it is hashed and found.
+this machine, BENCHMARKS.md). `full=False` hashes every file of a folder outside the store too, but
+in the store (below formats/home.py's home) only the files whose (size, mtime, ctime, inode) differ
+from the stamp the last check left in `<home>/verified/`: a byte changed in place changes the
+file's ctime, which no user-level tool can set back, so it is hashed and found. The stamp lives
+outside the folder, whose every file a signature covers.
 A folder without manifest.json is a plain Hugging Face folder: nothing to check, `check_folder`
 returns None.
 """
@@ -36,13 +38,13 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from ..version import __version__
+from .home import default_home
 
 MANIFEST = "manifest.json"
 SIGNATURE = "model.sig"                  # an OpenSSF model-signing bundle, signs the manifest's files
-STAMP = ".manifest-verified.json"        # what the last full check saw: (size, mtime, ctime, inode) per file
-NOT_LISTED = {MANIFEST, SIGNATURE, STAMP}
+NOT_LISTED = {MANIFEST, SIGNATURE}
 FORMAT = "minilm_edge.manifest/1"
-_TEMP = re.compile(r"\.(manifest|stamp)-[A-Za-z0-9_]{8}")   # mkstemp's, while one of those is written
+_TEMP = re.compile(r"\.manifest-[A-Za-z0-9_]{8}")   # mkstemp's, while a manifest is being replaced
 _CHUNK = 1 << 20
 
 
@@ -104,7 +106,6 @@ def write_manifest(folder, recipe: dict, provenance: dict) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    (folder / STAMP).unlink(missing_ok=True)        # what it recorded was checked against another manifest
     return hashlib.sha256(data).hexdigest()
 
 
@@ -141,7 +142,7 @@ def read_manifest(folder) -> dict | None:
 def check_folder(folder, full: bool = False) -> dict | None:
     """Compare `folder` with its manifest (module docstring); return the manifest, None without one.
 
-    full=True hashes every file; full=False hashes only files changed since the last full check.
+    full=True hashes every file; full=False, in the store, only files changed since the last check.
     """
     folder = Path(folder)
     m = read_manifest(folder)
@@ -164,30 +165,41 @@ def check_folder(folder, full: bool = False) -> dict | None:
                                  f"({'truncated' if st.st_size < f['size'] else 'grown'}); the model is damaged")
         stats[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     digest = manifest_digest(folder)
-    stamp = {} if full else _read_stamp(folder, digest)
+    stamp_file = stamp_path(folder)
+    stamp = {} if full or stamp_file is None else _read_stamp(stamp_file, digest)
     for rel, f in listed.items():
         if stamp.get(rel) != stats[rel] and file_sha256(folder / rel) != f["sha256"]:
             raise IntegrityError(f"{folder / rel}: sha256 differs from {MANIFEST} (changed or corrupted); "
                                  f"the model was tampered with or damaged")
-    if stamp != stats:
-        _write_stamp(folder, digest, stats)
+    if stamp_file is not None and stamp != stats:
+        _write_stamp(stamp_file, digest, stats)
     return m
 
 
-def _read_stamp(folder: Path, digest: str) -> dict:
+def stamp_path(folder) -> Path | None:
+    """Where the last check of a store folder is recorded; None for a folder outside the store."""
+    home = default_home().resolve()
+    real = Path(folder).resolve()
+    if not real.is_relative_to(home):
+        return None
+    return home / "verified" / (hashlib.sha256(str(real).encode()).hexdigest()[:32] + ".json")
+
+
+def _read_stamp(path: Path, digest: str) -> dict:
     try:
-        s = json.loads((folder / STAMP).read_text(encoding="utf-8"))
+        s = json.loads(path.read_text(encoding="utf-8"))
         return s["files"] if s.get("manifest") == digest and isinstance(s.get("files"), dict) else {}
     except (OSError, ValueError, AttributeError, KeyError):
         return {}
 
 
-def _write_stamp(folder: Path, digest: str, stats: dict) -> None:
-    """Best effort: a read-only folder is simply hashed again next time."""
+def _write_stamp(path: Path, digest: str, stats: dict) -> None:
+    """Best effort: when it cannot be written, the folder is simply hashed again next time."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".stamp-", dir=folder)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".stamp-", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"manifest": digest, "files": stats}, f)
-        os.replace(tmp, folder / STAMP)
+        os.replace(tmp, path)
     except OSError:
         pass

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..formats.folder import check_free_space, check_out_dir, copied_files, write_model_folder
+from ..formats.manifest import provenance, write_manifest
 from ..formats.q4 import GROUP_SIZES, choose_group_size
 from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_block_count
 from ..runtime.config import load_config
@@ -113,14 +114,25 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         "source": {"path": str(src_dir.resolve()), "weights_sha256": weights_digest(src)},
         **(extra_config or {}),
     }
-    hook = None
-    if report:
-        def hook(tmp):
+    qc = config["quantization_config"]
+
+    def finish(tmp):
+        if report:
             from .report import write_report
-            write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, config["quantization_config"],
+            write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, qc,
                          lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False)[0],
                          eval_text, eval_ctx, eval_tokens, progress)
-    return write_model_folder(src_dir, out_dir, out, config, before_rename=hook)
+        calibration = calib_set.describe() if calib_set is not None else None
+        recipe = {"kind": "quantize", "source_weights_sha256": qc["source"]["weights_sha256"],
+                  "settings": {k: v for k, v in qc.items() if k in RECIPE_KEYS}, "calibration": calibration,
+                  "awq": {k: v for k, v in (qc.get("awq") or {}).items() if k not in ("alpha", "notes")},
+                  "tool": qc["tool"]}
+        write_manifest(tmp, recipe, provenance(source=qc["source"], method=method, calibration=calibration))
+    return write_model_folder(src_dir, out_dir, out, config, before_rename=finish)
+
+
+# quantization_config keys that are settings (the rest is provenance or a result)
+RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size", "zero_point", "lm_head")
 
 
 def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):

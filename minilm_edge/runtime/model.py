@@ -13,6 +13,8 @@ import numba
 import numpy as np
 
 from ..errors import ContextOverflowError, UsageError
+from ..formats.manifest import check_folder
+from ..formats.trust import enforce_policy
 from ..kernels import ops_f32 as kernels
 from ..kernels.policy import blas_threads
 from ..kernels.quant_i8_matmul import use_int8_activations
@@ -277,13 +279,19 @@ class Model:
         return ids
 
 
-def load(path, tokenizer: bool = True, int8_activations: bool = True) -> Model:
+def load(path, tokenizer: bool = True, int8_activations: bool = True, verify: bool = False) -> Model:
     """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`.
 
     int8_activations=False: float32 activations even where int8 x VNNI is available (prefill and the
     int4 decode; Model.set_int8_activations).
+    A folder with a manifest.json is checked against it first (formats/manifest.py: file list and
+    sizes always, sha256 of files changed since the store's last check, of every file with
+    verify=True) and a store's signature policy is enforced (formats/trust.py); a plain Hugging Face
+    folder without a manifest loads as it is, unless a policy requires signatures.
     """
     path = Path(path)
+    check_folder(path, full=verify)
+    enforce_policy(path)
     cfg = load_config(path)
     weights = load_weights(path, cfg)
     tok = Tokenizer(path) if tokenizer else None
