@@ -199,8 +199,11 @@ def check_private_key(private_key: Path) -> None:
     """Refuse a private key file that group or others may read, as ssh does ("UNPROTECTED PRIVATE KEY")."""
     try:
         mode = Path(private_key).stat().st_mode
+        head = Path(private_key).read_bytes()[:64]
     except OSError as e:
         raise TrustError(f"{private_key}: cannot read the private key ({e.strerror})") from None
+    if b"PUBLIC KEY" in head:
+        raise TrustError(f"{private_key}: a public key; signing needs the private key (PEM) it was made from")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise TrustError(f"{private_key}: private key readable by group or others (mode {stat.S_IMODE(mode):04o}); "
                          f"run `chmod 600 {private_key}`")
