@@ -485,6 +485,8 @@ def build_parser():
     _add_inspect_parser(sub)
     from .signing import add_parsers as add_signing_parsers  # sign, verify, trust
     add_signing_parsers(sub)
+    from .models_cmd import add_parser as add_models_parser  # models: the store's versions and tags
+    add_models_parser(sub)
     return p
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import QuantFormatError, UnsupportedModelError
+from ..errors import IntegrityError, QuantFormatError, UnsupportedModelError
+from ..formats.manifest import manifest_digest, read_manifest
 from ..formats.tensors import (
     BLOCK_LINEARS,
     BLOCK_NORMS,
@@ -169,6 +170,7 @@ def describe(model_dir, layers: bool = False) -> dict:
         "quantization": ({k: qc[k] for k in PROVENANCE_KEYS if k in qc}
                          | {k: v for k, v in qc.items() if k not in PROVENANCE_KEYS}) if qc else None,
     }
+    info["manifest"] = _manifest_info(model_dir)
     if isinstance(raw_cfg.get("minilm_edge"), dict):            # written by export-awq
         info["export"] = raw_cfg["minilm_edge"]
     report = read_report(model_dir)
@@ -187,6 +189,29 @@ def describe(model_dir, layers: bool = False) -> dict:
         info["report_layers"] = {i: {"alpha": _alphas(e), "notes": e.get("notes", [])}
                                  for i, e in sorted(reported.items())} if reported else None
     return info
+
+
+def _manifest_info(model_dir: Path) -> dict | None:
+    """The folder's manifest (formats/manifest.py) in brief, None for a plain Hugging Face folder.
+    Not checked here (that reads every byte): `models verify`, or loading, does."""
+    try:
+        m = read_manifest(model_dir)
+    except IntegrityError as e:
+        return {"error": str(e)}
+    if m is None:
+        return None
+    return {"digest": manifest_digest(model_dir), "files": len(m["files"]), "recipe": m.get("recipe"),
+            "provenance": m.get("provenance")}
+
+
+def _manifest_text(man: dict | None) -> str:
+    if man is None:
+        return "manifest       no manifest (plain Hugging Face folder): nothing to check files against"
+    if "error" in man:
+        return f"manifest       unreadable: {man['error']}"
+    prov = man.get("provenance") or {}
+    made = ", ".join(str(prov[k]) for k in ("tool", "date", "user", "host") if prov.get(k))
+    return f"manifest       sha256:{man['digest'][:12]}, {man['files']} files; made by {made or '-'}"
 
 
 def _human_bytes(n: int) -> str:
@@ -263,6 +288,7 @@ def format_text(info: dict) -> str:
         lines.append(f"exported from  minilm-q4 (method {src_q.get('method', '?')}, tool {src_q.get('tool', '?')}); "
                      f"re-grouped layers: {len(info['export'].get('regrouped_layers') or {})}")
     lines.append(f"report.json    {', '.join(info['report']) if info['report'] else 'none'}")
+    lines.append(_manifest_text(info.get("manifest")))
     if "layers" in info:
         lines.append("")
         lines.append(f"{'layer':>5} {'linear':6} {'format':8} {'shape':>12} {'bits':>4} {'g':>4} "
