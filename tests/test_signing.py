@@ -160,15 +160,18 @@ def test_private_key_readable_by_others_is_refused(model, keys):
     assert not (model / "model.sig").exists()
 
 
-def test_signing_a_read_only_version_adds_only_the_signature(model, keys):
+@pytest.mark.parametrize("folder_mode", [0o755, 0o555])
+def test_signing_a_sealed_version_adds_only_the_signature(model, keys, folder_mode):
     priv, pub = keys["plant-a"]
-    trust.freeze_folder(model)
+    trust.seal_version(model)
+    model.chmod(folder_mode)                              # 0o555: a folder sealed by hand, even against its owner
     before = {p.name: (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in model.iterdir()}
+    assert all(mode & 0o222 == 0 for _, mode in before.values())
     try:
         trust.sign_folder(model, priv)
-        assert stat.S_IMODE(model.stat().st_mode) == trust.FROZEN_DIR_MODE        # restored
+        assert stat.S_IMODE(model.stat().st_mode) == folder_mode                # restored
         after = {p.name: (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) for p in model.iterdir()}
-        assert after.pop("model.sig")[1] == trust.FROZEN_FILE_MODE
+        assert after.pop("model.sig")[1] == trust.SIGNATURE_MODE
         assert after == before
         trust.verify_signature(model, [pub])
     finally:
@@ -297,14 +300,15 @@ def test_cli_errors_are_one_line(model, home, keys, tmp_path, capsys, monkeypatc
         assert "Traceback" not in err
 
 
-def test_store_dirs_are_created_owner_writable_only(tmp_path):
-    old = os.umask(0)                                      # a loose umask must not make a loose store
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_store_folders_and_files_are_created_owner_writable_only(tmp_path, keys, umask):
+    old = os.umask(umask)                                 # a loose umask must not make a loose store
     try:
         d = trust.make_store_dir(tmp_path / "a" / "b")
+        trust.write_policy(trust.Policy(True, (keys["plant-a"][1],), None), d)
     finally:
         os.umask(old)
-    assert stat.S_IMODE(d.stat().st_mode) == trust.STORE_DIR_MODE
-    (tmp_path / "loose").mkdir()
-    (tmp_path / "loose").chmod(0o777)
-    with pytest.raises(TrustError, match="writable by group or others"):
-        trust.make_store_dir(tmp_path / "loose")
+    for folder in (tmp_path / "a", d):
+        assert stat.S_IMODE(folder.stat().st_mode) == trust.STORE_DIR_MODE & ~umask, folder
+    assert stat.S_IMODE((d / "policy.json").stat().st_mode) == trust.STORE_FILE_MODE & ~umask
+    assert [p.name for p in d.iterdir()] == ["policy.json"]            # no temporary file left

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import shutil
 import sys
 from pathlib import Path
 
@@ -140,10 +139,7 @@ def trust_add(public_key: Path, name: str | None = None, home: Path | None = Non
         if other != dest and other.is_file() and trust.key_fingerprint(other) == fp:
             raise UsageError(f"{public_key} is already trusted as {other}")
     if not dest.exists():
-        tmp = keys_dir / f".{dest.name}.tmp"
-        shutil.copyfile(public_key, tmp)
-        tmp.chmod(trust.STORE_FILE_MODE)
-        tmp.replace(dest)
+        trust.write_owner_file(dest, public_key.read_text())
     keys = policy.trusted_keys if dest in policy.trusted_keys else (*policy.trusted_keys, dest)
     trust.write_policy(trust.Policy(policy.require_signature, keys, policy.path), home)
     return dest

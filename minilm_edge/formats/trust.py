@@ -66,13 +66,13 @@ def check_not_writable_by_others(path: Path) -> None:
 
 
 def write_owner_file(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically, readable by all and writable only by the owner (0o644)."""
+    """Write `text` to `path` atomically, writable only by its owner (STORE_FILE_MODE, or stricter by umask)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, STORE_FILE_MODE)   # the umask may make it stricter
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)          # the umask may have been looser or stricter; this is the policy
+        os.chmod(tmp, stat.S_IMODE(os.stat(tmp).st_mode) & ~0o022)  # a file left by an old crash: never looser
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -136,6 +136,7 @@ def enforce_policy(folder: Path, home: Path | None = None) -> SignatureInfo | No
         raise TrustError(f"{folder}: the store policy {policy.path} requires a signature but trusts no key "
                          f"(add one with `minilm-edge trust add KEY.pub`)")
     for key in policy.trusted_keys:
+        check_not_writable_by_others(key.parent)     # or a key could be renamed over
         check_not_writable_by_others(key)
     return verify_signature(folder, policy.trusted_keys)
 
@@ -238,7 +239,7 @@ def sign_folder(folder: Path, private_key: Path, password: str | None = None) ->
             staged = folder / f".{SIGNATURE_NAME}.tmp{os.getpid()}"
             try:
                 shutil.copyfile(out, staged)
-                os.chmod(staged, FROZEN_FILE_MODE)
+                os.chmod(staged, SIGNATURE_MODE)
                 os.replace(staged, folder / SIGNATURE_NAME)
             finally:
                 staged.unlink(missing_ok=True)
@@ -285,30 +286,44 @@ def _check_ignores(folder: Path, signature: Path) -> None:
 
 
 # ---- store permissions -------------------------------------------------------------------------------
+# Who may do what (README, "Signing and the trust policy"): everyone may read the store and load its models;
+# only its owner writes (pull, tag, gc, sign, trust). Modes at creation are at most these; a stricter umask
+# wins. A version's files are read-only for everyone, its folders stay owner-writable so that the owner can
+# add model.sig next to the files or delete the version.
 
-STORE_DIR_MODE = 0o755     # home, models/, keys/: everyone reads, only the owner writes
-STORE_FILE_MODE = 0o644    # policy.json, trusted keys: everyone reads, only the owner writes
-FROZEN_DIR_MODE = 0o555    # a published model version: nobody writes (the owner may chmod u+w to delete)
-FROZEN_FILE_MODE = 0o444
+STORE_DIR_MODE = 0o755     # home, versions/, keys/, ...: everyone reads, only the owner writes
+STORE_FILE_MODE = 0o644    # policy.json, keys/*.pub: everyone reads, only the owner writes
+SIGNATURE_MODE = 0o444     # model.sig, as the version's files: nobody changes it in place
 
 
 def make_store_dir(path: Path) -> Path:
-    """Create (parents too) a store folder with STORE_DIR_MODE; refuse an existing one others may write."""
+    """Create `path` and its missing parents, each with STORE_DIR_MODE (masked by the umask, so never looser).
+
+    Unlike Path.mkdir(parents=True), which makes the parents with the umask's default (0o777 & ~umask: a
+    world-writable store under umask 0)."""
     path = Path(path)
-    if not path.exists():
-        path.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
-        os.chmod(path, STORE_DIR_MODE)   # mkdir's mode is masked by the umask; this is the store's policy
-    check_not_writable_by_others(path)
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, STORE_DIR_MODE)
+        except FileExistsError:       # made meanwhile by another process
+            pass
     return path
 
 
-def freeze_folder(folder: Path) -> None:
-    """Make a published model version read-only for everyone: files 0o444, folders 0o555."""
+def seal_version(folder: Path) -> None:
+    """Make a finished model version read-only: every file loses its write bits (0o444 at most), every
+    folder its group and others write bits (0o755 at most)."""
     folder = Path(folder)
-    for p in sorted(folder.rglob("*"), reverse=True):     # children before their folder
-        if not p.is_symlink():
-            os.chmod(p, FROZEN_DIR_MODE if p.is_dir() else FROZEN_FILE_MODE)
-    os.chmod(folder, FROZEN_DIR_MODE)
+    for p in (folder, *folder.rglob("*")):
+        if p.is_symlink():
+            continue
+        mode = stat.S_IMODE(p.stat().st_mode)
+        os.chmod(p, mode & ~0o022 if p.is_dir() else mode & ~0o222)
 
 
 class _owner_writable:
