@@ -55,6 +55,7 @@ from ..formats.manifest import (
     recipe_digest,
     write_manifest,
 )
+from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_version  # modes: README
 from ..version import __version__
 
 
@@ -130,7 +131,7 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
     if legacy.exists():                           # a plain folder of the store before versions
         return _adopt(_stored(legacy), name, {"kind": "pull", "repo": repo}, home, progress)
     versions = _versions_dir(home)
-    versions.mkdir(parents=True, exist_ok=True)
+    make_store_dir(versions)
     fetch_hub = fetch_hub or functools.partial(fetch_from_hub, progress=progress)
     remove_stale_tempdirs(versions, None)          # left by any pull or prepare that was killed
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=versions) as work:
@@ -190,7 +191,7 @@ def _quantize_version(name, spec, base, recipe, home, progress) -> Path:
     from ..quant.quantize import quantize
 
     versions = _versions_dir(home)
-    versions.mkdir(parents=True, exist_ok=True)
+    make_store_dir(versions)
     remove_stale_tempdirs(versions, None)
     _say(progress, f"prepare {name}: quantizing {spec.base} ({spec.quantize['method']}, "
                    f"W{spec.quantize['bits']}); this happens once per recipe")
@@ -413,7 +414,7 @@ def set_tag(name: str, tag: str, digest: str, *, home=None, by: str = "tag") -> 
         raise ModelNotFoundError(f"no stored version {digest[:12]}")
     old = read_tag(name, tag, home)
     path = _tag_file(name, tag, home)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_store_dir(path.parent)
     record = {"digest": digest, "by": by, "time": _now()}
     _write_atomic(path, json.dumps(record) + "\n")
     _log(name, home, tag=tag, old=old["digest"] if old else None, new=digest, by=by)
@@ -467,7 +468,9 @@ def _commit(staged: Path, name: str, recipe: dict, prov: dict, home, by: str) ->
     versions/<digest> and tag it NAME:latest."""
     digest = write_manifest(staged, recipe, prov)
     for rel in listed_files(staged) + [MANIFEST]:
-        os.chmod(staged / rel, 0o444)
+        if os.stat(staged / rel).st_nlink == 1:     # not a plain folder's file linked by _adopt: left as it was
+            os.chmod(staged / rel, 0o444)
+    seal_version(staged)                  # and its folders: no group or others write bit
     target = version_path(digest, home)
     try:
         os.rename(staged, target)
@@ -483,7 +486,7 @@ def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool) -> Path:
     the folder stays usable by older code)."""
     _say(progress, f"store: recording {legacy} as a version of {name} (once)")
     versions = _versions_dir(home)
-    versions.mkdir(parents=True, exist_ok=True)
+    make_store_dir(versions)
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "adopt"), dir=versions) as work:
         staged = Path(work) / "model"
         for rel in listed_files(legacy):
@@ -498,9 +501,10 @@ def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool) -> Path:
 
 def _log(name: str, home, **event) -> None:
     folder = _home(home) / "history"
-    folder.mkdir(parents=True, exist_ok=True)
+    make_store_dir(folder)
     record = {"time": _now(), "name": name, **event, "user": provenance()["user"]}
-    with open(folder / f"{name}.jsonl", "a", encoding="utf-8") as f:   # one short write: atomic append
+    fd = os.open(folder / f"{name}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, STORE_FILE_MODE)  # umask: no looser
+    with open(fd, "a", encoding="utf-8") as f:   # one short write: atomic append
         f.write(json.dumps(record) + "\n")
 
 
@@ -509,6 +513,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, STORE_FILE_MODE)    # mkstemp's 0o600 would hide the tags from the store's readers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
