@@ -6,6 +6,7 @@ signatures, and we verify its. Keys are fresh P-256 pairs made by each test.
 import io
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -312,3 +313,23 @@ def test_store_folders_and_files_are_created_owner_writable_only(tmp_path, keys,
         assert stat.S_IMODE(folder.stat().st_mode) == trust.STORE_DIR_MODE & ~umask, folder
     assert stat.S_IMODE((d / "policy.json").stat().st_mode) == trust.STORE_FILE_MODE & ~umask
     assert [p.name for p in d.iterdir()] == ["policy.json"]            # no temporary file left
+
+
+def test_pulled_version_is_sealed_signable_and_loads_under_policy(tmp_path, home, keys):
+    from minilm_edge.app.store import pull
+    source, _, _ = make_model_dir(tmp_path / "hub-copy", seed=5)
+    fake_hub = lambda repo_id, dest: shutil.copytree(source, dest)   # noqa: E731
+    old = os.umask(0)                                      # the loosest umask
+    try:
+        version = pull("someone/tiny-llama", home=home, progress=False, fetch_hub=fake_hub)
+    finally:
+        os.umask(old)
+    everything = [home, *home.rglob("*")]
+    loose = [p for p in everything if stat.S_IMODE(p.stat().st_mode) & 0o022]
+    assert loose == [], loose                              # nothing writable by group or others
+    assert all(stat.S_IMODE(p.stat().st_mode) & 0o222 == 0 for p in version.rglob("*") if p.is_file())
+    require_signatures(home, keys["plant-a"][1])
+    with pytest.raises(TrustError, match="unsigned model"):
+        minilm_edge.load(version)
+    trust.sign_folder(version, keys["plant-a"][0])         # added next to the read-only files
+    assert minilm_edge.load(version).config is not None
