@@ -98,6 +98,7 @@ def cmd_chat(args):
     _check_sampling_flags(args)
     model = _load(args.model_dir)
     session = model.chat_session(system=args.system, settings=_settings(model, args), max_context=args.ctx)
+    log = _conversation_log(model, "chat")
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):
         # A line that is not UTF-8 reaches the tokenizer (a one-line error for that turn) instead
@@ -123,7 +124,10 @@ def cmd_chat(args):
             print("(new conversation)", file=sys.stderr)
             continue
         try:
-            _stream_out(session.send(text))
+            t0 = time.perf_counter()
+            gen = session.send(text)
+            _stream_out(gen)
+            log(text, gen, time.perf_counter() - t0)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
         except MiniLMError as e:
@@ -131,6 +135,20 @@ def cmd_chat(args):
                 raise
             print(f"error: {e}", file=sys.stderr)
     return 0
+
+
+def _conversation_log(model, source):
+    """A function(prompt, gen, seconds) that records the turn when the conversation log is on
+    (app/convlog.py; off by default), else does nothing."""
+    from pathlib import Path
+
+    from . import convlog
+    if not convlog.enabled() or model.path is None:
+        return lambda *a: None
+    name, version = Path(model.path).name, convlog.model_version(model.path)
+    return lambda prompt, gen, seconds: convlog.record(
+        name, version, prompt, gen.text, prompt_tokens=len(gen.prompt_ids), answer_tokens=len(gen.token_ids),
+        seconds=seconds, source=source)
 
 
 def _stream_out(gen):
@@ -228,6 +246,7 @@ examples:
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --report --eval wikitext2-valid.txt
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn --method rtn
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn-g64 --method rtn --group-size 64 --quantize-head int8
+  python -m minilm_edge quantize ./smollm2 ./sweep --sweep method=rtn,awq --sweep bits=3,4 --cluster tcp://sched:8786
 """
 
 
@@ -238,6 +257,14 @@ def cmd_quantize(args):
     t0 = time.perf_counter()
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
+    if args.sweep or args.cluster:                 # app/cluster.py: one folder per setting, maybe on Dask
+        from .cluster import quantize_sweep
+        if not args.sweep:
+            raise UsageError("--cluster with quantize runs a --sweep KEY=V1,V2 (see --help)")
+        base = dict(method=args.method, bits=args.bits, group_size=args.group_size,
+                    quantize_head=args.quantize_head, **awq)
+        print("\n".join(quantize_sweep(src, args.out_dir, base, args.sweep, args.cluster)))
+        return 0
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
                    quantize_head=args.quantize_head, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -290,6 +317,7 @@ examples:
   python -m minilm_edge eval ./smollm2-rtn --data wikitext2-test.txt --ctx 512 --max-tokens 16384
   python -m minilm_edge eval ./smollm2-rtn --data wikitext2-test.txt --baseline ./smollm2 --json
   python -m minilm_edge eval smollm2-135m-instruct --data my_docs.txt     # ctx 2048, paper parity
+  python -m minilm_edge eval ./m1 ./m2 --data a.txt --data b.txt --ctx 512 --cluster tcp://sched:8786
 """
 
 
@@ -304,6 +332,9 @@ def cmd_eval(args):
         raise UsageError(f"--ctx must be at least 2, got {args.ctx}")
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.cluster or len(args.model_dir) > 1 or len(args.data) > 1:
+        return _eval_on_cluster(args)
+    args.model_dir, args.data = args.model_dir[0], args.data[0]
     text = read_text(args.data)
     paths = [resolve_model(args.model_dir)] + ([resolve_model(args.baseline)] if args.baseline else [])
     for path in paths:                     # cheap checks before any weights are loaded
@@ -329,17 +360,39 @@ def cmd_eval(args):
     return 0
 
 
+def _eval_on_cluster(args):
+    """Every MODEL_DIR on every --data file as independent Dask jobs (app/cluster.py)."""
+    import json
+
+    from .cluster import eval_jobs
+    from .store import resolve_model
+    if not args.cluster:
+        raise UsageError("several MODEL_DIRs or --data files need --cluster ADDRESS (one job each)")
+    if args.baseline:
+        raise UsageError("--baseline is not supported with --cluster; use check --cluster")
+    res = eval_jobs([resolve_model(m) for m in args.model_dir], args.data, args.cluster, ctx=args.ctx,
+                    max_tokens=args.max_tokens, int8_activations=not args.f32_activations)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    for r in res if not args.json else []:
+        print(f"{r['model']}  {r['data']}  " + (r["error"] if "error" in r else
+                                                 f"ppl {r['ppl']:.4f} ({r['tokens_scored']} tokens)"))
+    return 1 if any("error" in r for r in res) else 0
+
+
 def _add_eval_parser(sub):
     e = sub.add_parser("eval", help="perplexity on a text file", description=EVAL_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("model_dir", metavar="MODEL_DIR", help="model folder or known name")
-    e.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, scored as is")
+    e.add_argument("model_dir", nargs="+", metavar="MODEL_DIR", help="model folder or known name (several: --cluster)")
+    e.add_argument("--data", required=True, action="append", metavar="FILE",
+                   help="UTF-8 text file, scored as is (repeatable with --cluster)")
     e.add_argument("--ctx", type=int, default=2048, metavar="N", help="window length in tokens (default 2048)")
     e.add_argument("--max-tokens", type=int, metavar="N", help="score only the first N tokens of the text")
     e.add_argument("--baseline", metavar="OTHER_DIR",
                    help="also score this model on the same tokens; report the difference and KL")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.add_argument("--f32-activations", action="store_true", help=F32_ACTIVATIONS_HELP)
+    e.add_argument("--cluster", metavar="ADDRESS", help="run MODEL_DIR × --data jobs on this Dask scheduler")
     e.set_defaults(func=cmd_eval)
 
 
@@ -469,6 +522,11 @@ def build_parser():
     qa.add_argument("--seed", type=int, default=0, metavar="S", help="seed for sampling calibration text (default 0)")
     qa.add_argument("--report", action="store_true", help="write report.html and report.json into OUT_DIR")
     qa.add_argument("--eval", metavar="FILE", help="with --report: perplexity of source, RTN and AWQ on FILE")
+    qs = q.add_argument_group("sweep (app/cluster.py)")
+    qs.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                    help="quantize every combination (keys: method, bits, group_size, quantize_head, keep_salient, "
+                         "seed) into OUT_DIR/<settings>; repeatable")
+    qs.add_argument("--cluster", metavar="ADDRESS", help="run the sweep's jobs on this Dask scheduler")
     q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("bench", help="measure speed and memory", description=BENCH_HELP, formatter_class=raw)
@@ -483,6 +541,8 @@ def build_parser():
     _add_eval_parser(sub)
     _add_export_awq_parser(sub)
     _add_inspect_parser(sub)
+    from .check import add_parser as add_check_parser  # check: re-evaluation against a reference
+    add_check_parser(sub)
     from .signing import add_parsers as add_signing_parsers  # sign, verify, trust
     add_signing_parsers(sub)
     from .models_cmd import add_parser as add_models_parser  # models: the store's versions and tags
