@@ -55,7 +55,7 @@ from ..formats.manifest import (
     recipe_digest,
     write_manifest,
 )
-from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_version  # modes: README
+from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_folders  # modes: README
 from ..version import __version__
 
 
@@ -470,7 +470,7 @@ def _commit(staged: Path, name: str, recipe: dict, prov: dict, home, by: str) ->
     for rel in listed_files(staged) + [MANIFEST]:
         if os.stat(staged / rel).st_nlink == 1:     # not a plain folder's file linked by _adopt: left as it was
             os.chmod(staged / rel, 0o444)
-    seal_version(staged)                  # and its folders: no group or others write bit
+    seal_folders(staged)                  # and its folders: no group or others write bit
     target = version_path(digest, home)
     try:
         os.rename(staged, target)

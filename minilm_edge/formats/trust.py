@@ -315,15 +315,22 @@ def make_store_dir(path: Path) -> Path:
     return path
 
 
+def seal_folders(folder: Path) -> None:
+    """Take the group and others write bits off `folder` and every folder below it (0o755 at most)."""
+    folder = Path(folder)
+    for p in (folder, *folder.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            os.chmod(p, stat.S_IMODE(p.stat().st_mode) & ~0o022)
+
+
 def seal_version(folder: Path) -> None:
     """Make a finished model version read-only: every file loses its write bits (0o444 at most), every
     folder its group and others write bits (0o755 at most)."""
     folder = Path(folder)
-    for p in (folder, *folder.rglob("*")):
-        if p.is_symlink():
-            continue
-        mode = stat.S_IMODE(p.stat().st_mode)
-        os.chmod(p, mode & ~0o022 if p.is_dir() else mode & ~0o222)
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, stat.S_IMODE(p.stat().st_mode) & ~0o222)
+    seal_folders(folder)
 
 
 class _owner_writable:
