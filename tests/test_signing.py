@@ -260,7 +260,7 @@ def test_cli_sign_trust_verify_round_trip(model, home, keys, capsys, monkeypatch
     code, out, err = run(["sign", str(model), "--key", str(priv)], capsys, monkeypatch)
     assert code == 0, err
     code, out, err = run(["verify", str(model)], capsys, monkeypatch)          # no key given, none trusted
-    assert code == 2 and "trust add" in err
+    assert code == 0 and out.startswith("manifest: OK") and "signature: present, not checked" in out
     code, out, err = run(["trust", "require", "on"], capsys, monkeypatch)      # would lock out every model
     assert code == 2 and "trust add" in err
     assert run(["trust", "add", str(pub)], capsys, monkeypatch)[0] == 0
@@ -272,6 +272,7 @@ def test_cli_sign_trust_verify_round_trip(model, home, keys, capsys, monkeypatch
     assert stat.S_IMODE((home / "policy.json").stat().st_mode) == trust.STORE_FILE_MODE
     code, out, err = run(["verify", str(model)], capsys, monkeypatch)
     assert code == 0 and "signature: OK" in out and str(stored) in out
+    assert run(["models", "verify", str(model)], capsys, monkeypatch)[1] == out   # one verify, two spellings
     code, out, err = run(["trust", "list"], capsys, monkeypatch)
     assert "signatures required" in out and trust.key_fingerprint(pub)[:16] in out
     code, out, err = run(["verify", str(model), "--key", str(keys["plant-b"][1])], capsys, monkeypatch)
@@ -333,3 +334,24 @@ def test_pulled_version_is_sealed_signable_and_loads_under_policy(tmp_path, home
         minilm_edge.load(version)
     trust.sign_folder(version, keys["plant-a"][0])         # added next to the read-only files
     assert minilm_edge.load(version).config is not None
+
+
+def test_cli_verify_reports_manifest_and_signature(model, home, keys, tmp_path, capsys, monkeypatch):
+    priv, pub = keys["plant-a"]
+    code, out, err = run(["verify", str(model)], capsys, monkeypatch)          # unsigned, no policy: reported
+    assert code == 0 and out.splitlines()[1].startswith("signature: none")
+    require_signatures(home, pub)
+    code, out, err = run(["verify", str(model)], capsys, monkeypatch)          # unsigned under a policy: refused
+    assert code == 1 and out.startswith("manifest: OK") and "unsigned model" in err
+    trust.sign_folder(model, priv)
+    code, out, err = run(["verify", str(model)], capsys, monkeypatch)
+    assert code == 0 and out.splitlines()[1].startswith("signature: OK"), err
+    data = bytearray((model / "config.json").read_bytes())
+    data[0] ^= 1
+    (model / "config.json").write_bytes(bytes(data))
+    code, out, err = run(["verify", str(model)], capsys, monkeypatch)          # the manifest finds it first
+    assert code == 1 and err.count("\n") == 1 and "config.json: sha256 differs" in err
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    code, out, err = run(["verify", str(plain)], capsys, monkeypatch)
+    assert code == 1 and "nothing to verify against" in err

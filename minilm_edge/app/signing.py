@@ -31,13 +31,17 @@ examples:
 """
 
 VERIFY_HELP = """\
-Verify a model folder's signature (MODEL/model.sig): signed by one of the keys, and every file as it
-was signed (none added, removed or changed). Without --key, the keys the store trusts are used
-(see `minilm-edge trust`). Exit status 0 when it verifies, 1 when not.
+Verify a model folder, reading every byte: against its manifest.json (each listed file present, of
+its size and sha256, no other file; `minilm-edge models show` prints it), then its signature
+MODEL/model.sig (signed by one of the keys, every file as it was signed). Without --key, the keys the
+store trusts are used (see `minilm-edge trust`). A missing signature is an error when --key is given
+or the store's policy requires signatures; otherwise it is reported. Exit status 0 when everything
+checked matches, 1 (one line saying what differs) when not. `models verify` is the same command.
 
 examples:
   python -m minilm_edge verify ./my-model --key plant-a.pub
   python -m minilm_edge verify smollm2-135m-instruct-awq
+  python -m minilm_edge verify smollm2-135m-instruct-awq@sha256:3f2a9c
 """
 
 TRUST_HELP = """\
@@ -106,9 +110,28 @@ def verify_lines(folder: Path, keys=None, home: Path | None = None) -> list[str]
 
 
 def cmd_verify(args) -> int:
-    folder = _resolve(args.model)
+    """The one `verify` (also `models verify`): the manifest's digests (models_cmd.py), then the signature."""
+    from ..formats.manifest import MANIFEST
+    from .models_cmd import manifest_lines
+    from .store import resolve_model
+    folder = resolve_model(args.model)
     keys = [Path(k).expanduser() for k in args.key or ()]
-    for line in verify_lines(folder, keys):
+    has_manifest = (folder / MANIFEST).is_file()
+    signed = (folder / trust.SIGNATURE_NAME).is_file()
+    if not has_manifest and not signed and not keys:
+        raise TrustError(f"{folder}: no {MANIFEST} and no {trust.SIGNATURE_NAME}; nothing to verify against")
+    for line in manifest_lines(folder) if has_manifest else [f"manifest: none ({folder} has no {MANIFEST})"]:
+        print(line, flush=True)
+    policy = trust.read_policy()
+    if keys or (policy and policy.require_signature):
+        lines = verify_lines(folder, keys)              # unsigned is an error here
+    elif signed and policy and policy.trusted_keys:
+        lines = verify_lines(folder)
+    elif signed:
+        lines = ["signature: present, not checked (no --key and the store trusts no key)"]
+    else:
+        lines = ["signature: none (unsigned; `minilm-edge sign` adds one)"]
+    for line in lines:
         print(line)
     return 0
 
