@@ -53,6 +53,7 @@ from ..formats.manifest import (
     provenance,
     read_manifest,
     recipe_digest,
+    stamp_path,
     write_manifest,
 )
 from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_folders  # modes: README
@@ -453,7 +454,10 @@ def collect_garbage(home=None, dry_run: bool = False) -> list[str]:
     gone = [d for d in list_versions(home) if d not in tagged]
     if not dry_run:
         for d in gone:
+            stamp = stamp_path(version_path(d, home))
             shutil.rmtree(version_path(d, home))      # files are read-only, the folder is not
+            if stamp is not None:
+                stamp.unlink(missing_ok=True)         # what the last load's check saw
     return gone
 
 
