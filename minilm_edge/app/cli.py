@@ -543,8 +543,9 @@ def build_parser():
     _add_inspect_parser(sub)
     from .check import add_parser as add_check_parser  # check: re-evaluation against a reference
     add_check_parser(sub)
+    from .models_cmd import cmd_verify  # verify: the manifest (models_cmd), then the signature (signing)
     from .signing import add_parsers as add_signing_parsers  # sign, verify, trust
-    add_signing_parsers(sub)
+    add_signing_parsers(sub, verify=cmd_verify)
     from .models_cmd import add_parser as add_models_parser  # models: the store's versions and tags
     add_models_parser(sub)
     return p

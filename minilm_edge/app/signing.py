@@ -109,31 +109,19 @@ def verify_lines(folder: Path, keys=None, home: Path | None = None) -> list[str]
     return [f"signature: OK, {info.signature} signed by {info.key} (sha256:{fp[:16]})"]
 
 
-def cmd_verify(args) -> int:
-    """The one `verify` (also `models verify`): the manifest's digests (models_cmd.py), then the signature."""
-    from ..formats.manifest import MANIFEST
-    from .models_cmd import manifest_lines
-    from .store import resolve_model
-    folder = resolve_model(args.model)
-    keys = [Path(k).expanduser() for k in args.key or ()]
-    has_manifest = (folder / MANIFEST).is_file()
-    signed = (folder / trust.SIGNATURE_NAME).is_file()
-    if not has_manifest and not signed and not keys:
-        raise TrustError(f"{folder}: no {MANIFEST} and no {trust.SIGNATURE_NAME}; nothing to verify against")
-    for line in manifest_lines(folder) if has_manifest else [f"manifest: none ({folder} has no {MANIFEST})"]:
-        print(line, flush=True)
-    policy = trust.read_policy()
+def signature_lines(folder: Path, keys=(), home: Path | None = None) -> list[str]:
+    """The signature half of `verify` (the manifest half is models_cmd.py's): what to print about
+    folder/model.sig. A missing or bad signature raises TrustError when keys are given or the store's
+    policy requires signatures (as load() would refuse); otherwise a missing one is only reported."""
+    policy = trust.read_policy(home)
+    signed = (Path(folder) / trust.SIGNATURE_NAME).is_file()
     if keys or (policy and policy.require_signature):
-        lines = verify_lines(folder, keys)              # unsigned is an error here
-    elif signed and policy and policy.trusted_keys:
-        lines = verify_lines(folder)
-    elif signed:
-        lines = ["signature: present, not checked (no --key and the store trusts no key)"]
-    else:
-        lines = ["signature: none (unsigned; `minilm-edge sign` adds one)"]
-    for line in lines:
-        print(line)
-    return 0
+        return verify_lines(folder, keys, home)
+    if signed and policy and policy.trusted_keys:
+        return verify_lines(folder, (), home)
+    if signed:
+        return ["signature: present, not checked (no --key and the store trusts no key)"]
+    return ["signature: none (unsigned; `minilm-edge sign` adds one)"]
 
 
 # ---- trust
@@ -214,7 +202,9 @@ def cmd_trust(args) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub, verify) -> None:
+    """sign, verify and trust; `verify` is the command's function (models_cmd.cmd_verify: the manifest
+    part, then signature_lines), passed in because models_cmd already imports this module."""
     raw = argparse.RawDescriptionHelpFormatter
     s = sub.add_parser("sign", help="sign a model folder (model.sig, OpenSSF model-signing)", description=SIGN_HELP,
                        formatter_class=raw)
@@ -227,7 +217,7 @@ def add_parsers(sub) -> None:
     v.add_argument("model", metavar="MODEL", help="model folder or known name")
     v.add_argument("--key", action="append", metavar="PUBLIC.pem",
                    help="public key to verify with (repeatable; default: the store's trusted keys)")
-    v.set_defaults(func=cmd_verify)
+    v.set_defaults(func=verify)
 
     t = sub.add_parser("trust", help="the store's trusted keys and signature policy", description=TRUST_HELP,
                        formatter_class=raw)
