@@ -242,3 +242,20 @@ def test_models_cli_list_show_verify(prepared, capsys, monkeypatch):
 def test_models_cli_errors_are_one_line(home, capsys, monkeypatch, argv, code, words):
     got, out, err = run(argv, capsys, monkeypatch)
     assert got == code and len(err.strip().splitlines()) == 1 and words in err, err
+
+
+def test_without_its_base_the_prepared_model_is_used_not_pulled_again(prepared):
+    # An edge box may keep only the quantized model: `models rm` of the base, then `gc`.
+    hub, _ = prepared
+    path = store.resolve_model("tiny-q", progress=False)
+    base = store.remove_tag("tiny-base", "latest")
+    assert store.collect_garbage() == [base] and hub.calls == ["test/tiny-base"]
+    assert store.resolve_model("tiny-q", progress=False) == path and hub.calls == ["test/tiny-base"]
+
+
+def test_an_untagged_version_is_tagged_again_instead_of_fetched(prepared):
+    hub, _ = prepared
+    first = store.pull("tiny-base", progress=False)
+    store.remove_tag("tiny-base", "latest")
+    assert store.pull("tiny-base", progress=False) == first and hub.calls == ["test/tiny-base"]
+    assert [e["by"] for e in store.history("tiny-base")] == ["pull", "rm", "pull"]

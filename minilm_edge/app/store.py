@@ -128,6 +128,9 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
     name, repo, known = _identify(name_or_repo)
     if (path := tagged_path(name, "latest", home=home)) is not None:
         return path
+    if (path := _newest_with_recipe({"kind": "pull", "repo": repo}, home)) is not None:
+        set_tag(name, "latest", path.name, home=home, by="pull")     # untagged (`models rm`), not yet gc'd
+        return path
     legacy = _models_dir(home) / name
     if legacy.exists():                           # a plain folder of the store before versions
         return _adopt(_stored(legacy), name, {"kind": "pull", "repo": repo}, home, progress)
@@ -168,20 +171,25 @@ def _prepare(name: str, home, progress: bool, fetch_hub, explicit: bool) -> Path
     is tagged latest, else a new version is made from the base model.
     """
     spec = PREPARED_MODELS[name]
+    latest = read_tag(name, "latest", home=home)
+    current = version_path(latest["digest"], home) if latest is not None else None
+    current = current if current is not None and current.is_dir() else None
+    pinned = current is not None and latest.get("by") == "tag" and not explicit
+    if current is not None and not explicit and tagged_path(spec.base, home=home) is None:
+        # The base is gone (an edge box may keep only the quantized model): judge without its content.
+        if pinned or _without_source(_recipe_of(current)) == _without_source(prepared_recipe(spec, None)):
+            return current
     base = pull(spec.base, home=home, progress=progress, fetch_hub=fetch_hub)
     recipe = prepared_recipe(spec, read_manifest(base))
-    latest = read_tag(name, "latest", home=home)
-    if latest is not None and (path := version_path(latest["digest"], home)).is_dir():
-        if _recipe_of(path) == recipe:
-            return path
-        if latest.get("by") == "tag" and not explicit:
-            _say(progress, f"note: {name}:latest was tagged by hand and has another recipe than today's; "
-                           f"`pull {name}` makes today's")
-            return path
-    for digest in list_versions(home):
-        if _recipe_of(version_path(digest, home)) == recipe:
-            set_tag(name, "latest", digest, home=home, by="pull")
-            return version_path(digest, home)
+    if current is not None and _recipe_of(current) == recipe:
+        return current
+    if pinned:
+        _say(progress, f"note: {name}:latest was tagged by hand and has another recipe than today's; "
+                       f"`pull {name}` makes today's")
+        return current
+    if (path := _newest_with_recipe(recipe, home)) is not None:
+        set_tag(name, "latest", path.name, home=home, by="pull")
+        return path
     legacy = _models_dir(home) / name
     if legacy.is_dir() and _legacy_matches(legacy, spec, base):
         return _adopt(legacy, name, recipe, home, progress)
@@ -223,6 +231,10 @@ def prepared_recipe(spec: PreparedModel, base_manifest: dict | None) -> dict:
             "tool": f"minilm_edge {__version__}"}
 
 
+def _without_source(recipe: dict | None) -> dict | None:
+    return None if recipe is None else {k: v for k, v in recipe.items() if k != "source"}
+
+
 def _recipe_of(folder: Path) -> dict | None:
     try:
         m = read_manifest(folder)
@@ -250,6 +262,20 @@ def _legacy_matches(legacy: Path, spec: PreparedModel, base: Path) -> bool:
             and (qc.get("awq") or {}).get("seed", 0) == q.get("seed", 0) and not q.get("calib")
             and qc.get("tool") == f"minilm_edge {__version__}")
     return same and (qc.get("source") or {}).get("weights_sha256") == weights_digest(TensorSource(base))
+
+
+def _newest_with_recipe(recipe: dict, home) -> Path | None:
+    """The most recently made stored version with exactly this recipe, or None."""
+    found = []
+    for digest in list_versions(home):
+        folder = version_path(digest, home)
+        try:
+            m = read_manifest(folder)
+        except IntegrityError:
+            continue
+        if m is not None and m.get("recipe") == recipe:
+            found.append((str((m.get("provenance") or {}).get("date", "")), folder))
+    return max(found)[1] if found else None
 
 
 def _all_names() -> str:
