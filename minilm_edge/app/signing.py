@@ -46,8 +46,8 @@ examples:
 
 TRUST_HELP = """\
 The store's trust policy: which public keys it trusts, and whether models must be signed by one.
-While signatures are required, chat, generate, serve and minilm_edge.load() refuse a model that is
-unsigned or whose signature does not verify with a trusted key.
+While signatures are required, everything that loads a model (chat, generate, eval, bench,
+minilm_edge.load()) refuses one that is unsigned or whose signature does not verify with a trusted key.
 
 The policy is $MINILM_EDGE_HOME/policy.json (default ~/.cache/minilm_edge); trusted keys are copied
 to its keys/ folder. Both must be writable by their owner only, or every model is refused.

@@ -14,8 +14,8 @@ The store's policy is `<home>/policy.json` (home: formats/home.py), for example
 
 Key paths are relative to home (absolute ones are allowed). No policy file, or "require_signature": false,
 means no policy is in force: every model loads. With a policy in force, `enforce_policy(folder)` (called by
-runtime.model.load, hence by chat, generate, serve and the library) refuses a model without `model.sig` or
-whose signature verifies with none of the trusted keys.
+runtime.model.load, hence by every command that loads a model and by the library) refuses a model without
+`model.sig` or whose signature verifies with none of the trusted keys.
 
 Permissions (as ssh's StrictModes): the policy decides what runs, so the policy file, the trusted keys and
 the home folder must not be writable by group or others; otherwise every check refuses, naming the file.
