@@ -152,17 +152,19 @@ def check_folder(folder, full: bool = False) -> dict | None:
     for rel in listed_files(folder):
         if rel not in listed:
             raise IntegrityError(f"{folder / rel}: a foreign file, not in {MANIFEST}; "
-                                 f"the folder was changed after it was made (remove the file, or remake the model)")
+                                 f"the folder was changed after it was made; remove the file, or make the model again")
     stats = {}
     for rel, f in listed.items():
         path = folder / rel
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise IntegrityError(f"{path}: missing, but listed in {MANIFEST}; the model is incomplete") from None
+            raise IntegrityError(f"{path}: missing, but listed in {MANIFEST}; the model is incomplete, "
+                                 f"make or pull it again") from None
         if st.st_size != f["size"]:
-            raise IntegrityError(f"{path}: {st.st_size} bytes, {MANIFEST} says {f['size']} "
-                                 f"({'truncated' if st.st_size < f['size'] else 'grown'}); the model is damaged")
+            how = "truncated" if st.st_size < f["size"] else "grown"
+            raise IntegrityError(f"{path}: {st.st_size} bytes, {MANIFEST} says {f['size']} ({how}); "
+                                 f"the model is damaged, make or pull it again")
         stats[rel] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     digest = manifest_digest(folder)
     stamp_file = stamp_path(folder)
@@ -170,7 +172,7 @@ def check_folder(folder, full: bool = False) -> dict | None:
     for rel, f in listed.items():
         if stamp.get(rel) != stats[rel] and file_sha256(folder / rel) != f["sha256"]:
             raise IntegrityError(f"{folder / rel}: sha256 differs from {MANIFEST} (changed or corrupted); "
-                                 f"the model was tampered with or damaged")
+                                 f"the model was tampered with or damaged, make or pull it again")
     if stamp_file is not None and stamp != stats:
         _write_stamp(stamp_file, digest, stats)
     return m
