@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..formats.home import default_home
+from ..formats.manifest import manifest_digest
 
 ENV = "MINILM_EDGE_LOG"
 SETTING = "conversation_log"          # key of <home>/config.json
@@ -76,12 +77,14 @@ _VERSIONS: dict = {}
 
 
 def model_version(folder) -> str:
-    """A model folder's version: "manifest:<sha256 of manifest.json>" when the folder has a manifest,
-    else "weights:<sha256 over its *.safetensors files>" (first 16 hex digits). Computed once per
-    folder and modification time in a process."""
+    """A model folder's version: "manifest:<digest>" (the store's version name, formats/manifest.py)
+    when the folder has a manifest, else "weights:<sha256 over its *.safetensors files>" (first 16 hex
+    digits). The weights' hash is computed once per folder and modification time in a process."""
     folder = Path(folder)
-    manifest = folder / "manifest.json"
-    files = [manifest] if manifest.is_file() else sorted(folder.glob("*.safetensors"))
+    digest = manifest_digest(folder)
+    if digest is not None:
+        return f"manifest:{digest[:16]}"
+    files = sorted(folder.glob("*.safetensors"))
     key = (str(folder.resolve()), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     if key not in _VERSIONS:
         h = hashlib.sha256()
@@ -89,8 +92,7 @@ def model_version(folder) -> str:
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
-        kind = "manifest" if manifest.is_file() else "weights"
-        _VERSIONS[key] = f"{kind}:{h.hexdigest()[:16]}"
+        _VERSIONS[key] = f"weights:{h.hexdigest()[:16]}"
     return _VERSIONS[key]
 
 
