@@ -212,6 +212,9 @@ def test_a_plain_prepared_folder_made_by_todays_recipe_is_adopted(prepared, home
     monkeypatch.setattr("minilm_edge.quant.quantize.quantize", no_quantize)
     path = store.resolve_model("tiny-q", progress=False)
     assert path.parent == home / "versions" and hub.calls == []
+    prov = manifest.read_manifest(path)["provenance"]
+    assert prov["adopted_from"] == str(home / "models" / "tiny-q") and prov["source"]["weights_sha256"]
+    assert prov["source"]["manifest_sha256"] == store.tagged_path("tiny-base").name
     assert manifest.check_folder(path, full=True)["recipe"] == store.prepared_recipe(
         spec, manifest.read_manifest(store.tagged_path("tiny-base")))
 

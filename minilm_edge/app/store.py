@@ -192,7 +192,7 @@ def _prepare(name: str, home, progress: bool, fetch_hub, explicit: bool) -> Path
         return path
     legacy = _models_dir(home) / name
     if legacy.is_dir() and _legacy_matches(legacy, spec, base):
-        return _adopt(legacy, name, recipe, home, progress)
+        return _adopt(legacy, name, recipe, home, progress, _prepared_provenance(spec, base, legacy))
     return _quantize_version(name, spec, base, recipe, home, progress)
 
 
@@ -206,13 +206,19 @@ def _quantize_version(name, spec, base, recipe, home, progress) -> Path:
                    f"W{spec.quantize['bits']}); this happens once per recipe")
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "prepare"), dir=versions) as work:
         out = quantize(base, Path(work) / "model", progress=progress, **spec.quantize)
-        qc = json.loads((out / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-        prov = provenance(source={"name": spec.base, "manifest_sha256": manifest_digest(base)},
-                          method=spec.quantize,
-                          calibration=(qc.get("awq") or {}).get("calibration", "none (rtn)"))
-        target = _commit(out, name, recipe, prov, home, "pull")
+        target = _commit(out, name, recipe, _prepared_provenance(spec, base, out), home, "pull")
     _say(progress, f"prepare {name}: ready in {target}")
     return target
+
+
+def _prepared_provenance(spec: PreparedModel, base: Path, made: Path) -> dict:
+    """Provenance of a prepared folder: its base (manifest digest, weights sha256), method and settings,
+    calibration (source and token digest, from what the quantizer recorded in config.json)."""
+    qc = json.loads((made / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    source = {"name": spec.base, "manifest_sha256": manifest_digest(base),
+              "weights_sha256": (qc.get("source") or {}).get("weights_sha256")}
+    return provenance(source=source, method=spec.quantize,
+                      calibration=(qc.get("awq") or {}).get("calibration", "none (rtn)"))
 
 
 def prepared_recipe(spec: PreparedModel, base_manifest: dict | None) -> dict:
@@ -511,7 +517,7 @@ def _commit(staged: Path, name: str, recipe: dict, prov: dict, home, by: str) ->
     return target
 
 
-def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool) -> Path:
+def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool, prov: dict | None = None) -> Path:
     """Make a plain store folder of before versions a version (hard links where possible: no copy,
     the folder stays usable by older code)."""
     _say(progress, f"store: recording {legacy} as a version of {name} (once)")
@@ -525,7 +531,8 @@ def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool) -> Path:
                 os.link(legacy / rel, staged / rel)
             except OSError:
                 shutil.copy2(legacy / rel, staged / rel)
-        prov = provenance(source={"adopted": str(legacy)}, method=recipe.get("quantize", recipe.get("kind")))
+        prov = prov or provenance(source={"repo": recipe.get("repo")}, method=recipe.get("kind"))
+        prov["adopted_from"] = str(legacy)
         return _commit(staged, name, recipe, prov, home, "pull")
 
 
