@@ -203,6 +203,21 @@ def test_history_schema_is_one_row_per_run(tiny, home, capsys):
     assert set(json.loads(rows[0][3])) >= {"ppl_ratio", "kl_mean", "kl_p99", "same_top"}
 
 
+def test_report_shows_the_checked_versions_quantization(home, tmp_path, capsys):
+    from minilm_edge.quant.quantize import quantize
+    src, _, _ = make_model_dir(tmp_path / "src", hidden_size=64, intermediate_size=96)
+    awq = quantize(src, tmp_path / "awq", method="awq", group_size=32, samples=4, seq_len=32, report=True,
+                   progress=False)
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    code, _, err = run(["check", str(awq), "--baseline", str(src), "--data", str(data), "--ctx", "40"], capsys)
+    assert code in (0, 1), err
+    page = (home / check.REPORT_HTML).read_text(encoding="utf-8")
+    alphas = [g["alpha"] for g in json.loads((awq / "report.json").read_text())["layers"][0]["groups"].values()]
+    assert "method: awq" in page and (awq / "report.html").as_uri() in page
+    assert f"α={alphas[0]}" in page and "Not quantized" in check._quant_section(str(src))
+
+
 def test_shipped_files_are_valid():
     th = check.load_thresholds()
     assert set(th) == {key for key, *_ in check.METRICS.values()}
