@@ -355,3 +355,20 @@ def test_cli_verify_reports_manifest_and_signature(model, home, keys, tmp_path, 
     plain.mkdir()
     code, out, err = run(["verify", str(plain)], capsys, monkeypatch)
     assert code == 1 and "nothing to verify against" in err
+
+
+def test_encrypted_private_key(model, keys, tmp_path, capsys, monkeypatch):
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = tmp_path / "locked.pem"
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"s3cret")))
+    priv.chmod(0o600)
+    pub = tmp_path / "locked.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    code, out, err = run(["sign", str(model), "--key", str(priv)], capsys, monkeypatch)   # stdin is no terminal
+    assert code == 2 and "encrypted" in err and not (model / "model.sig").exists()
+    with pytest.raises(TrustError, match=str(priv)):
+        trust.sign_folder(model, priv, password="wrong")
+    trust.sign_folder(model, priv, password="s3cret")
+    assert trust.verify_signature(model, [pub]).key == pub

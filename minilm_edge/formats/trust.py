@@ -228,7 +228,8 @@ def sign_folder(folder: Path, private_key: Path, password: str | None = None) ->
         out = Path(tmp) / SIGNATURE_NAME     # outside the folder: nothing of ours is hashed
         try:
             (ms.signing.Config()
-             .use_elliptic_key_signer(private_key=private_key, password=password)
+             .use_elliptic_key_signer(private_key=private_key,             # cryptography wants bytes
+                                      password=password.encode() if password is not None else None)
              .set_hashing_config(_hashing_config(ms))
              .sign(folder, out))
         except TypeError as e:               # cryptography: encrypted key without password, or the reverse
