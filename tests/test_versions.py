@@ -262,3 +262,31 @@ def test_an_untagged_version_is_tagged_again_instead_of_fetched(prepared):
     store.remove_tag("tiny-base", "latest")
     assert store.pull("tiny-base", progress=False) == first and hub.calls == ["test/tiny-base"]
     assert [e["by"] for e in store.history("tiny-base")] == ["pull", "rm", "pull"]
+
+
+def test_a_hub_pull_records_the_commit_it_came_from(home, tmp_path, monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+    src, _, _ = make_model_dir(tmp_path / "tiny")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def snapshot_download(repo_id, local_dir, **kwargs):    # what huggingface_hub leaves in local_dir
+        shutil.copytree(src, local_dir)
+        meta = os.path.join(local_dir, ".cache", "huggingface", "download")
+        os.makedirs(meta)
+        for name in os.listdir(src):
+            with open(os.path.join(meta, name + ".metadata"), "w") as f:
+                f.write(f"{commit}\n\"etag\"\n1.0\n")
+
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+        path = store.pull("someone/tiny", progress=False)
+    prov = manifest.check_folder(path, full=True)["provenance"]
+    assert prov["source"] == {"hub": "someone/tiny", "revision": commit} and not (path / ".cache").exists()

@@ -120,8 +120,9 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
     """Make `name_or_repo` (a known name or a Hub repo "owner/name") a version in the store, tagged
     NAME:latest; return its folder. A name whose `latest` exists is not fetched again.
 
-    `fetch_hub(repo_id, dest)` downloads a Hub repo into the new folder `dest` and raises PullError
-    when it cannot; the default is `fetch_from_hub`. Tests inject a local copy.
+    `fetch_hub(repo_id, dest)` downloads a Hub repo into the new folder `dest`, returns its commit
+    hash or None, and raises PullError when it cannot; the default is `fetch_from_hub`. Tests
+    inject a local copy.
     """
     if name_or_repo in PREPARED_MODELS:
         return _prepare(name_or_repo, home, progress, fetch_hub, explicit=True)
@@ -143,11 +144,12 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
         _say(progress, f"pull {name_or_repo}: trying the Hugging Face Hub ({repo})")
         try:
             staged = work / "hub"
-            fetch_hub(repo, staged)
+            revision = fetch_hub(repo, staged)
             missing = _missing_files(staged)
             if missing:
                 raise PullError(f"{repo} on the Hub has no {', '.join(missing)}")
-            recipe, source = {"kind": "pull", "repo": repo}, {"hub": repo}
+            recipe = {"kind": "pull", "repo": repo}
+            source = {"hub": repo, **({"revision": revision} if isinstance(revision, str) else {})}
         except PullError as hub_error:
             if known is None or known.fallback is None:
                 raise PullError(f"cannot pull {name_or_repo}: {hub_error}; and there is no offline "
@@ -624,8 +626,9 @@ def _say(progress: bool, message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Source 1: the Hugging Face Hub
 # ---------------------------------------------------------------------------------------------
-def fetch_from_hub(repo_id: str, dest: Path, *, progress: bool = True, timeout: float = HUB_TIMEOUT) -> None:
-    """Download the model files of `repo_id` into `dest`; PullError when the Hub cannot deliver.
+def fetch_from_hub(repo_id: str, dest: Path, *, progress: bool = True, timeout: float = HUB_TIMEOUT) -> str | None:
+    """Download the model files of `repo_id` into `dest`; return the Hub commit they came from (the
+    source digest of the version's provenance; None if unknown). PullError when the Hub cannot deliver.
 
     huggingface_hub's own HTTP client has no connect timeout for its first request, so an
     unreachable network could hang for minutes; a TCP probe of the endpoint (or of the HTTPS
@@ -649,7 +652,22 @@ def fetch_from_hub(repo_id: str, dest: Path, *, progress: bool = True, timeout: 
     except Exception as err:  # its error types differ between huggingface_hub versions: all mean "no"
         detail = " ".join(str(err).split())       # the Hub client's messages span several lines
         raise PullError(f"Hugging Face Hub download of {repo_id} failed: {detail}") from err
+    revision = _hub_revision(dest)
     shutil.rmtree(dest / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping for local_dir
+    return revision
+
+
+def _hub_revision(dest: Path) -> str | None:
+    """The commit hash huggingface_hub recorded for the downloaded files (first line of each
+    .cache/huggingface/download/*.metadata), when they all agree."""
+    found = set()
+    for meta in (dest / ".cache" / "huggingface" / "download").rglob("*.metadata"):
+        try:
+            found.add(meta.read_text(encoding="utf-8").split("\n", 1)[0].strip())
+        except OSError:
+            return None
+    commit = found.pop() if len(found) == 1 else None
+    return commit if commit and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
 def _reachable(url: str, timeout: float) -> bool:
