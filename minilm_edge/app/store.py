@@ -535,7 +535,7 @@ def _adopt(legacy: Path, name: str, recipe: dict, home, progress: bool, prov: di
                 shutil.copy2(legacy / rel, staged / rel)
         prov = prov or provenance(source={"repo": recipe.get("repo")}, method=recipe.get("kind"))
         prov["adopted_from"] = str(legacy)
-        return _commit(staged, name, recipe, prov, home, "pull")
+        return _commit(staged, name, recipe, prov, home, "adopt")
 
 
 def _log(name: str, home, **event) -> None:
