@@ -15,7 +15,7 @@ container registry names images by their manifest digest).
 `check_folder(folder, full)` compares a folder with its manifest and raises IntegrityError naming
 the first file that differs: listed but missing, present but not listed (foreign), another size
 (truncated or grown), another sha256 (changed). Sizes and the file list cost a stat per file and are
-always checked; sha256 costs a read of every byte (about 0.1 s for the 137 MB AWQ SmolLM2-135M on
+always checked; sha256 costs a read of every byte (about 0.1 s for the 147 MB AWQ SmolLM2-135M on
 this machine, BENCHMARKS.md). `full=False` hashes every file of a folder outside the store too, but
 in the store (below formats/home.py's home) only the files whose (size, mtime, ctime, inode) differ
 from the stamp the last check left in `<home>/verified/`: a byte changed in place changes the
