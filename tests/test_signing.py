@@ -372,3 +372,13 @@ def test_encrypted_private_key(model, keys, tmp_path, capsys, monkeypatch):
         trust.sign_folder(model, priv, password="wrong")
     trust.sign_folder(model, priv, password="s3cret")
     assert trust.verify_signature(model, [pub]).key == pub
+
+
+def test_policy_owned_by_another_user_is_refused(model, home, keys, monkeypatch):
+    require_signatures(home, keys["plant-a"][1])
+    trust.sign_folder(model, keys["plant-a"][0])
+    assert trust.enforce_policy(model) is not None
+    monkeypatch.setattr(trust, "trusted_owners", lambda: {os.getuid() + 4242})   # as if another user owned it all
+    with pytest.raises(TrustError, match="neither you nor root") as e:
+        trust.enforce_policy(model)
+    assert str(home) in str(e.value)

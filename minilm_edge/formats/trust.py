@@ -54,15 +54,24 @@ class SignatureInfo:
 
 # ---- permissions -----------------------------------------------------------------------------------
 
+def trusted_owners() -> set[int]:
+    """Who may own the policy, the trusted keys and the folders holding them: root and the current user."""
+    return {0, os.getuid()} if hasattr(os, "getuid") else set()
+
+
 def check_not_writable_by_others(path: Path) -> None:
-    """Refuse (TrustError) a file or folder that group or others may write, as ssh refuses such keys."""
+    """Refuse (TrustError) a file or folder that group or others may write, or that another user owns
+    (who could chmod and write it), as ssh's StrictModes refuses such keys."""
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except OSError as e:
         raise TrustError(f"{path}: cannot read its permissions ({e.strerror})") from None
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise TrustError(f"{path}: writable by group or others (mode {stat.S_IMODE(mode):04o}); "
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise TrustError(f"{path}: writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
                          f"the trust policy refuses it: run `chmod go-w {path}`")
+    owners = trusted_owners()
+    if owners and st.st_uid not in owners:
+        raise TrustError(f"{path}: owned by user id {st.st_uid}, neither you nor root; the trust policy refuses it")
 
 
 def write_owner_file(path: Path, text: str) -> None:
