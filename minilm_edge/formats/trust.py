@@ -17,9 +17,13 @@ means no policy is in force: every model loads. With a policy in force, `enforce
 runtime.model.load, hence by every command that loads a model and by the library) refuses a model without
 `model.sig` or whose signature verifies with none of the trusted keys.
 
-Permissions (as ssh's StrictModes): the policy decides what runs, so the policy file, the trusted keys and
-the home folder must not be writable by group or others; otherwise every check refuses, naming the file.
-The signing code itself is the `model-signing` package (extra `signing`), imported only when needed.
+Permissions (as ssh's StrictModes): the policy decides what runs, so the home folder, the policy file, the
+trusted keys and their folders must be owned by the user or root and not writable by group or others;
+otherwise every check refuses, naming the file. Who reads and writes the rest of the store: the section
+"store permissions" below and README.md.
+
+The signing code itself is the `model-signing` package (extra `signing`), imported only when needed (it
+costs about 1.5 s: sigstore and its dependencies).
 """
 from __future__ import annotations
 
