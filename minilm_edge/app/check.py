@@ -618,7 +618,6 @@ def cmd_check(args):
     thresholds = load_thresholds(args.thresholds)
     golden = load_golden(args.golden) if args.golden else None
     if args.cluster:
-        from .cluster import check_jobs
         return check_jobs(args, thresholds, golden)
     if not args.models and not args.save_baseline:
         raise UsageError("give MODEL to check (or only --save-baseline FILE.npz to save the reference's side)")
@@ -653,3 +652,36 @@ def finish(rec: dict, args) -> int:
     print(f"recorded in {default_home() / HISTORY_DB}; report {report}", file=sys.stderr)
     return 0 if rec["passed"] else 1
 
+
+# ---- many models × data files on a Dask cluster (app/cluster.py)
+
+
+def check_job(model_path, baseline, data_path, golden, thresholds, ctx, max_tokens) -> dict:
+    """One check on a worker; the record comes back and is written here (this machine's store)."""
+    from ..runtime.evaluate import read_text
+    return run_check(model_path, baseline, read_text(data_path), data_label=str(data_path), golden=golden,
+                     thresholds=thresholds, ctx=ctx, max_tokens=max_tokens, progress=False)
+
+
+def check_jobs(args, thresholds, golden) -> int:
+    """`check MODEL... --data FILE... --cluster ADDRESS`: every model on every file; each run recorded.
+    Exit 0 when all pass, 1 when any regressed or failed."""
+    import itertools
+
+    from .cluster import fail_line, run_jobs
+    if args.from_log or args.save_baseline or not args.models or not args.data:
+        raise UsageError("check --cluster takes MODEL... and --data FILE... (not --from-log or --save-baseline)")
+    for d in args.data:
+        if not Path(d).is_file():
+            raise UsageError(f"data file not found: {d}")
+    models, baseline = [_resolve(m) for m in args.models], _resolve(args.baseline)
+    jobs = [(str(m), str(baseline), str(Path(d).resolve()), golden, thresholds, args.ctx, args.max_tokens)
+            for m, d in itertools.product(models, args.data)]
+    code = 0
+    for job, res in zip(jobs, run_jobs(args.cluster, check_job, jobs, "check")):
+        if isinstance(res, Exception):
+            print(fail_line(job[:3], res), file=sys.stderr)
+            code = 1
+        else:
+            code = max(code, finish(res, args))
+    return code

@@ -1,6 +1,6 @@
 """Many independent jobs (models × data sets, a sweep of quantization settings) on a Dask cluster.
 
-`--cluster ADDRESS` (eval, check, quantize --sweep) sends one job per combination to the Dask
+`--cluster ADDRESS` (eval, quantize --sweep; check's jobs are in app/check.py) sends one job per combination to the Dask
 scheduler at ADDRESS with `Client.submit` and collects the results in order. The jobs are
 module-level functions of this file, so a worker needs minilm_edge installed and the same paths
 (model folders, data files) visible, as on a shared file system. Results come back to the machine
@@ -56,40 +56,8 @@ def run_jobs(address: str, fn, jobs: list[tuple], label: str) -> list:
         client.close()
 
 
-def _fail_line(job, err) -> str:
+def fail_line(job, err) -> str:
     return f"job {job}: {type(err).__name__}: {err}"
-
-
-# ---- check: models × data files
-
-
-def check_job(model_path, baseline, data_path, golden, thresholds, ctx, max_tokens) -> dict:
-    from ..runtime.evaluate import read_text
-    from .check import run_check
-    return run_check(model_path, baseline, read_text(data_path), data_label=str(data_path), golden=golden,
-                     thresholds=thresholds, ctx=ctx, max_tokens=max_tokens, progress=False)
-
-
-def check_jobs(args, thresholds, golden) -> int:
-    """`check MODEL... --data FILE... --cluster ADDRESS`: every model on every file; each run recorded.
-    Exit 0 when all pass, 1 when any regressed or failed."""
-    from .check import _resolve, finish
-    if args.from_log or args.save_baseline or not args.models or not args.data:
-        raise UsageError("check --cluster takes MODEL... and --data FILE... (not --from-log or --save-baseline)")
-    for d in args.data:
-        if not Path(d).is_file():
-            raise UsageError(f"data file not found: {d}")
-    models, baseline = [_resolve(m) for m in args.models], _resolve(args.baseline)
-    jobs = [(str(m), str(baseline), str(Path(d).resolve()), golden, thresholds, args.ctx, args.max_tokens)
-            for m, d in itertools.product(models, args.data)]
-    code = 0
-    for job, res in zip(jobs, run_jobs(args.cluster, check_job, jobs, "check")):
-        if isinstance(res, Exception):
-            print(_fail_line(job[:3], res), file=sys.stderr)
-            code = 1
-        else:
-            code = max(code, finish(res, args))
-    return code
 
 
 # ---- eval: models × data files
@@ -111,7 +79,7 @@ def eval_jobs(model_paths, data_paths, address, *, ctx, max_tokens, int8_activat
             for m, d in itertools.product(model_paths, data_paths)]
     out = []
     for job, res in zip(jobs, run_jobs(address, eval_job, jobs, "eval")):
-        out.append({"model": job[0], "data": job[1], "error": _fail_line(job[:2], res)}
+        out.append({"model": job[0], "data": job[1], "error": fail_line(job[:2], res)}
                    if isinstance(res, Exception) else res)
     return out
 
@@ -161,7 +129,7 @@ def quantize_sweep(src, out_root, base_kw: dict, sweep: list[str], address: str 
             results.append(quantize_job(*job))
         return results
     results = run_jobs(address, quantize_job, jobs, "quantize")
-    failed = [_fail_line(j[3], r) for j, r in zip(jobs, results) if isinstance(r, Exception)]
+    failed = [fail_line(j[3], r) for j, r in zip(jobs, results) if isinstance(r, Exception)]
     if failed:
         raise MiniLMError(f"{len(failed)} of {len(jobs)} sweep jobs failed; first: {failed[0]}")
     return results
