@@ -153,6 +153,7 @@ class TensorSource:
             for r in range(0, flat.shape[0], rows_per_chunk):
                 if not np.isfinite(to_float32(flat[r:r + rows_per_chunk], dt)).all():
                     raise CheckpointError(f"tensor {name!r} holds NaN or infinite numbers")
+            st.release_pages()      # read once: the pages need not stay mapped (RSS of a 3B model)
 
     def release_pages(self) -> None:
         for st in self.files.values():
