@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import zlib
@@ -387,6 +388,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.shard_gb <= 0:
         ap.error("--shard-gb must be positive")
+    # SIGTERM (a killed job) unwinds like Ctrl-C, so the temporary folder is removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     try:
         out = make_shape_model(SHAPES[a.shape], a.out, tokenizer_dir=a.tokenizer, gguf_path=a.gguf, dtype=a.dtype,
