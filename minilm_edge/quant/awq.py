@@ -496,33 +496,35 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
         joint_idx = np.sort(rng.choice(n * T, size=min(settings.clip_joint_tokens, n * T), replace=False))
 
     bar = tqdm(total=cfg.num_hidden_layers, desc=f"AWQ W{settings.bits}", unit="block", disable=not progress)
-    for i in range(cfg.num_hidden_layers):
-        w = load_block(src, cfg, i)
-        linears = list(block_linears(cfg, i))
-        gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
-        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
-                                              joint_rows_idx=joint_idx)
-        del w
-        src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
-        tensors, salient = {}, {}
-        for k, name, _ in block_norms(cfg, i):
-            tensors[name] = w_new[k].astype(np.float32)
-        for _, k, prefix, _ in linears:
-            tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
-            if cfg.attention_bias and k in BIASED:
-                tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
-            if sal.get(k) is not None:
-                salient[prefix] = sal[k]
-        del w_new
-        rep["layer"] = i
-        rep["group_size"] = gs
-        res.notes += [f"block {i}: {m}" for m in rep["notes"] if "non-finite" in m]
-        res.layers.append(rep)
-        res.salient.update(salient)
-        bar.set_postfix_str(" ".join(f"{k}={_fmt_alpha(v['alpha'])}" for k, v in rep["groups"].items()))
-        bar.update(1)
-        yield i, tensors, salient
-    bar.close()
+    try:        # the caller may stop asking for blocks (an error while writing): the bar closes anyway
+        for i in range(cfg.num_hidden_layers):
+            w = load_block(src, cfg, i)
+            linears = list(block_linears(cfg, i))
+            gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
+            w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
+                                                  joint_rows_idx=joint_idx)
+            del w
+            src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
+            tensors, salient = {}, {}
+            for k, name, _ in block_norms(cfg, i):
+                tensors[name] = w_new[k].astype(np.float32)
+            for _, k, prefix, _ in linears:
+                tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
+                if cfg.attention_bias and k in BIASED:
+                    tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
+                if sal.get(k) is not None:
+                    salient[prefix] = sal[k]
+            del w_new
+            rep["layer"] = i
+            rep["group_size"] = gs
+            res.notes += [f"block {i}: {m}" for m in rep["notes"] if "non-finite" in m]
+            res.layers.append(rep)
+            res.salient.update(salient)
+            bar.set_postfix_str(" ".join(f"{k}={_fmt_alpha(v['alpha'])}" for k, v in rep["groups"].items()))
+            bar.update(1)
+            yield i, tensors, salient
+    finally:
+        bar.close()
 
 
 def _fmt_alpha(a):

@@ -147,6 +147,8 @@ def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
     def block_fp(i):
         j, tensors, salient = next(blocks)
         assert j == i, (j, i)              # the writer asks for blocks in order
+        if i == cfg.num_hidden_layers - 1:
+            blocks.close()                 # the last one: AWQ's progress bar closes now
         return tensors, salient
     return block_fp, res, cal
 
