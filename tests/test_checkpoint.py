@@ -69,6 +69,29 @@ def test_good_file_reads_as_readonly_view(tmp_path):
     assert list(st.tensor("b")) == [0, 1, 2]
 
 
+def test_written_file_reads_back_aligned_in_the_asked_order(tmp_path):
+    """formats/safetensors.write_file: every dtype round-trips (a Fortran-ordered array in C order),
+    larger items come first so each tensor is aligned, and within an item size `rank` orders them;
+    the `safetensors` package reads the file too."""
+    from safetensors.numpy import load_file
+
+    from minilm_edge.formats.safetensors import write_file
+    rng = np.random.default_rng(0)
+    tensors = {"b_u8": rng.integers(0, 255, (3, 5), dtype=np.uint8), "a_f16": rng.standard_normal(7).astype(np.float16),
+               "c_f32": np.asfortranarray(rng.standard_normal((4, 3)).astype(np.float32)),
+               "d_u8": np.arange(9, dtype=np.uint8), "e_i64": np.arange(3, dtype=np.int64),
+               "f_empty": np.zeros((0, 4), np.float32), "g_bool": np.array([True, False])}
+    write_file(tmp_path / "t.safetensors", tensors, {"k": "v"}, rank=lambda n: 0 if n == "d_u8" else 1)
+    st = SafetensorsFile(tmp_path / "t.safetensors")
+    assert st.metadata == {"k": "v"}
+    for name, a in tensors.items():
+        assert np.array_equal(st.tensor(name), a), name
+        assert st.tensor(name).__array_interface__["data"][0] % a.dtype.itemsize == 0, name
+    begin = {n: st.entries[n][2] for n in tensors}
+    assert begin["e_i64"] < begin["c_f32"] < begin["a_f16"] < begin["d_u8"] < begin["b_u8"]
+    assert all(np.array_equal(v, tensors[k]) for k, v in load_file(str(tmp_path / "t.safetensors")).items())
+
+
 def test_truncated_model_file(tmp_path):
     path, _, _ = make_model_dir(tmp_path / "m")
     f = path / "model.safetensors"

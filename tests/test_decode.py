@@ -70,6 +70,41 @@ def test_int8_decode_matches_int8_prefill(tmp_path, hook, n_threads):
     assert 1e-4 < rel < 0.1                                 # int8 activations do change the numbers, a little
 
 
+@pytest.mark.parametrize("hook", [None, salient_hook])
+def test_stacks_view_the_file_and_decode_as_copies_do(tmp_path, hook):
+    """A folder `quantize` wrote stores each stack's codes and zero points back to back
+    (formats/tensors.storage_rank): the plan views the mapped file instead of copying it. The same
+    tensors written in another order are copied into the stacks, and both decode alike."""
+    from minilm_edge.formats.folder import write_model_folder
+    from minilm_edge.formats.tensors import TensorSource
+    src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    q = quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False, linear_hook=hook,
+                 quantize_head="int8")
+    mapped = minilm_edge.load(q, int8_activations=False)
+    plan = mapped.decode_plan
+    assert plan.mapped and not plan.qkv.qweight.flags.owndata and not plan.down.zeros.flags.writeable
+    assert plan.qkv.qweight.shape == (cfg["num_hidden_layers"], 64 + 2 * 32, 32)
+    ts = TensorSource(q)
+    assert np.array_equal(plan.gate_up.qweight[1, 96:], ts.raw("model.layers.1.mlp.up_proj.qweight")[0])
+    # the same tensors, the stacked parts in reverse order: copies
+    import json
+    tensors = {n: np.array(ts.raw(n)[0]) for n in sorted(ts.where, reverse=True)}
+    config = json.loads((q / "config.json").read_text())
+    from minilm_edge.formats import safetensors as st_mod
+    write = st_mod.write_file
+    st_mod.write_file = lambda path, t, meta, rank: write(path, t, meta)   # keep the given (reversed) order
+    try:
+        write_model_folder(q, tmp_path / "shuffled", tensors, config)
+    finally:
+        st_mod.write_file = write
+    copied = minilm_edge.load(tmp_path / "shuffled", int8_activations=False)
+    assert not copied.decode_plan.mapped and copied.decode_plan.qkv.qweight.flags.owndata
+    ids = np.random.default_rng(5).integers(0, cfg["vocab_size"], 12)
+    a, b = mapped.new_cache(20), copied.new_cache(20)
+    for t in ids:
+        np.testing.assert_allclose(mapped.forward([t], a), copied.forward([t], b), atol=1e-5)
+
+
 def test_plan_only_for_all_int4_models(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     model = minilm_edge.load(src)

@@ -108,7 +108,7 @@ def test_interrupted_quantize_leaves_nothing(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr("safetensors.numpy.save_file", boom)
+    monkeypatch.setattr("minilm_edge.formats.safetensors.write_file", boom)
     with pytest.raises(KeyboardInterrupt):
         qmod.quantize(src, tmp_path / "out", method="rtn", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -10,8 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import CheckpointError, UsageError
 
 # Files copied verbatim so the output is a complete model folder.
@@ -148,19 +146,16 @@ def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict
     """Write tensors + config + copied tokenizer files into a temp folder, then rename it to out_dir.
 
     `before_rename(tmp)` may add files (a report) to the complete folder before it appears."""
-    from safetensors.numpy import save_file
+    from .safetensors import write_file
+    from .tensors import storage_rank
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_tempdir(out_dir, "tmp")
     try:
-        # safetensors.numpy writes an array's memory as is: a Fortran-ordered one (e.g. w[:, idx])
-        # would be read back transposed. Every tensor goes out in C order.
-        tensors = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        # safetensors creates the file 0600; the folder is shared like any other (output_tempdir).
-        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())
+        # In the order runtime/decode.py stacks int4 weights, so the stacks map the file in place.
+        write_file(tmp / "model.safetensors", tensors, {"format": "pt"}, rank=storage_rank)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, path in copied_files(src_dir).items():
             shutil.copyfile(path, tmp / name)

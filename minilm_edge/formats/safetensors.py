@@ -151,3 +151,41 @@ def to_float32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
         # bf16 is the top half of an fp32: shift its 16 bits into place.
         return (arr.astype(np.uint32) << 16).view(np.float32)
     raise CheckpointError(f"expected a floating-point weight, got dtype {st_dtype}")
+
+
+# Our dtype name for a NumPy dtype: the inverse of DTYPES (BF16 is written by its writers as raw bits
+# only by name; a uint16 array is U16 nowhere here, so it is not offered).
+_TAGS = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64",
+         np.dtype("<i4"): "I32", np.dtype("<i2"): "I16", np.dtype("i1"): "I8", np.dtype("u1"): "U8",
+         np.dtype("?"): "BOOL"}
+
+
+def write_file(path, tensors: dict, metadata: dict | None = None, rank=None) -> None:
+    """Write {name: array} as a safetensors file, one tensor at a time (nothing is copied into one
+    big buffer). Data order: larger item sizes first, so every tensor is aligned to its item size
+    (the data section starts 8-aligned), then by `rank(name)` (default: as given). Readers sort by
+    offset, so any order is valid; ours lets runtime/decode.py view stacked int4 weights in place
+    (formats/tensors.storage_rank)."""
+    arrays = {}
+    for name, t in tensors.items():
+        a = np.asarray(t)
+        if a.dtype.newbyteorder("<") not in _TAGS:
+            raise CheckpointError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
+        arrays[name] = a
+    pos_of = {name: i for i, name in enumerate(arrays)}
+    key = lambda n: (-arrays[n].dtype.itemsize, rank(n) if rank else (), pos_of[n])
+    order = sorted(arrays, key=key)
+    header, pos = {"__metadata__": dict(metadata or {})}, 0
+    for name in order:
+        a = arrays[name]
+        header[name] = {"dtype": _TAGS[a.dtype.newbyteorder("<")], "shape": list(a.shape),
+                        "data_offsets": [pos, pos + a.nbytes]}
+        pos += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name in order:
+            # C order, little endian, as the header says (a Fortran-ordered w[:, idx] would read back transposed)
+            a = np.ascontiguousarray(arrays[name], dtype=arrays[name].dtype.newbyteorder("<"))
+            f.write(memoryview(a.reshape(-1)).cast("B") if a.size else b"")

@@ -4,6 +4,7 @@ safetensors files."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,26 @@ BLOCK_LINEARS = {
     "down": ("model.layers.{i}.mlp.down_proj", lambda c: (c.hidden_size, c.intermediate_size)),
 }
 BIASED = ("q", "k", "v")   # carry a bias when config.attention_bias (qwen2)
+
+# The int4 linears that runtime/decode.py stacks across blocks, each tuple fused by rows (q|k|v,
+# gate|up). Files we write store the codes and zero points of each stack back to back, block after
+# block (`storage_rank`), so that the stack is a view of the mapped file, not a copy.
+STACKS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
+STACKED_PARTS = ("qweight", "zeros")      # scales are widened to float32 at load: copied anyway
+_STACK_OF = {key: (s, j) for s, keys in enumerate(STACKS) for j, key in enumerate(keys)}
+_PREFIX_KEY = {name.rsplit(".", 1)[1]: key for key, (name, _) in BLOCK_LINEARS.items()}   # "q_proj" -> "q"
+_STACKED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(\w+)")
+
+
+def storage_rank(name: str) -> tuple:
+    """Sort key of a tensor in a file we write: the stacked int4 parts first, ordered (part, stack,
+    block, position in the stack), then everything else as given. Only order within one item size
+    matters (formats/safetensors.write_file keeps larger items first for alignment)."""
+    m = _STACKED_NAME.fullmatch(name)
+    if m and m.group(3) in STACKED_PARTS and m.group(2) in _PREFIX_KEY:
+        stack, j = _STACK_OF[_PREFIX_KEY[m.group(2)]]
+        return (0, STACKED_PARTS.index(m.group(3)), stack, int(m.group(1)), j)
+    return (1,)
 
 
 def block_linears(cfg, block: int | None = None):
@@ -132,6 +153,7 @@ class TensorSource:
             for r in range(0, flat.shape[0], rows_per_chunk):
                 if not np.isfinite(to_float32(flat[r:r + rows_per_chunk], dt)).all():
                     raise CheckpointError(f"tensor {name!r} holds NaN or infinite numbers")
+            st.release_pages()      # read once: the pages need not stay mapped (RSS of a 3B model)
 
     def release_pages(self) -> None:
         for st in self.files.values():

@@ -453,11 +453,24 @@ def _output_errors(w_fp, w_awq, s, x, bits, g, sal):
 
 def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = True) -> AWQResult:
     """AWQ over every block of the model in `src` (a checkpoint.TensorSource) on calibration token
-    ids [n, T]. Deterministic for a seed. The result holds fp tensors ready for the int4 writer."""
+    ids [n, T]. Deterministic for a seed. The result holds fp tensors ready for the int4 writer
+    (the whole model in float32: `awq_blocks` streams them block by block instead)."""
+    res = AWQResult({}, {}, [], [])
+    for _, tensors, _ in awq_blocks(src, cfg, ids, settings, res, progress):
+        res.tensors.update(tensors)
+    return res
+
+
+def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult, progress: bool = True):
+    """AWQ block after block: yields (block index, that block's fp tensors, its salient channels)
+    and records each block's report and notes in `res` (res.salient too; res.tensors untouched).
+    What is held at once: the calibration inputs of one block ([n, T, D] float32, and the next
+    block's), one block's weights, and the statistics of one chunk of samples (awq_block)."""
     from tqdm import tqdm
 
     from ..formats.q4 import choose_group_size
-    from ..formats.tensors import BIASED, GLOBAL_TENSORS, block_linears, block_norms
+    from ..formats.safetensors import to_float32
+    from ..formats.tensors import BIASED, GLOBAL_TENSORS, block_linears, block_norms, check_shape
 
     groups = SCALE_GROUPS.get(cfg.model_type)
     if groups is None:
@@ -469,7 +482,9 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
     bs = BlockShape.of(cfg)
     cos, sin = rope_tables(cfg, T)
     emb_name, emb_shape = GLOBAL_TENSORS["embed"]
-    x_all = src.float32(emb_name, emb_shape(cfg))[ids].astype(np.float32)       # [n, T, D]
+    emb, emb_dt = src.raw(emb_name)
+    check_shape(emb_name, emb.shape, emb_shape(cfg))
+    x_all = to_float32(emb[ids], emb_dt).astype(np.float32)        # [n, T, D]; only the rows used are read
     clip_idx = clip_token_index(n, T, settings.clip_tokens, settings.seed)
     search_idx = None
     if settings.search_tokens:
@@ -480,30 +495,36 @@ def run_awq(src, cfg, ids: np.ndarray, settings: AWQSettings, progress: bool = T
         rng = np.random.default_rng([settings.seed, 2])
         joint_idx = np.sort(rng.choice(n * T, size=min(settings.clip_joint_tokens, n * T), replace=False))
 
-    tensors, salient, layers, notes = {}, {}, [], []
     bar = tqdm(total=cfg.num_hidden_layers, desc=f"AWQ W{settings.bits}", unit="block", disable=not progress)
-    for i in range(cfg.num_hidden_layers):
-        w = load_block(src, cfg, i)
-        linears = list(block_linears(cfg, i))
-        gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
-        w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
-                                              joint_rows_idx=joint_idx)
-        for k, name, _ in block_norms(cfg, i):
-            tensors[name] = w_new[k].astype(np.float32)
-        for _, k, prefix, _ in linears:
-            tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
-            if cfg.attention_bias and k in BIASED:
-                tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
-            if sal.get(k) is not None:
-                salient[prefix] = sal[k]
-        rep["layer"] = i
-        rep["group_size"] = gs
-        notes += [f"block {i}: {m}" for m in rep["notes"] if "non-finite" in m]
-        layers.append(rep)
-        bar.set_postfix_str(" ".join(f"{k}={_fmt_alpha(v['alpha'])}" for k, v in rep["groups"].items()))
-        bar.update(1)
-    bar.close()
-    return AWQResult(tensors, salient, layers, notes)
+    try:        # the caller may stop asking for blocks (an error while writing): the bar closes anyway
+        for i in range(cfg.num_hidden_layers):
+            w = load_block(src, cfg, i)
+            linears = list(block_linears(cfg, i))
+            gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
+            w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
+                                                  joint_rows_idx=joint_idx)
+            del w
+            src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
+            tensors, salient = {}, {}
+            for k, name, _ in block_norms(cfg, i):
+                tensors[name] = w_new[k].astype(np.float32)
+            for _, k, prefix, _ in linears:
+                tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
+                if cfg.attention_bias and k in BIASED:
+                    tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
+                if sal.get(k) is not None:
+                    salient[prefix] = sal[k]
+            del w_new
+            rep["layer"] = i
+            rep["group_size"] = gs
+            res.notes += [f"block {i}: {m}" for m in rep["notes"] if "non-finite" in m]
+            res.layers.append(rep)
+            res.salient.update(salient)
+            bar.set_postfix_str(" ".join(f"{k}={_fmt_alpha(v['alpha'])}" for k, v in rep["groups"].items()))
+            bar.update(1)
+            yield i, tensors, salient
+    finally:
+        bar.close()
 
 
 def _fmt_alpha(a):

@@ -98,13 +98,16 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     numel = sum(int(np.prod(src.raw(n)[0].shape, dtype=np.int64)) for n in src.where)
     head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings else 0
     check_free_space(out_dir, 2 * numel + head)
-    fp, salient, awq_res, calib_set = None, None, None, None
+    block_fp, awq_res, calib_set = None, None, None
     if method == "awq":
-        fp, salient, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
-        extra_config = {"awq": _awq_config(settings, calib_set, awq_res), **(extra_config or {})}
+        block_fp, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
 
     out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
-                                         linear_hook, fp, salient)
+                                         linear_hook, block_fp=block_fp)
+    if method == "awq":
+        for note in awq_res.notes:
+            print(f"note: {note}", file=sys.stderr)
+        extra_config = {"awq": _awq_config(settings, calib_set, awq_res), **(extra_config or {})}
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["torch_dtype"] = "float16"
     config["quantization_config"] = {
@@ -136,10 +139,12 @@ RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size",
 
 
 def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
-    """Calibration tokens, then AWQ: (fp tensors, salient channels, AWQResult, Calibration)."""
+    """Calibration tokens, then AWQ as the writer asks for each block: (block_fp(i) -> (block i's fp
+    tensors, its salient channels), the AWQResult it fills, Calibration). Blocks are transformed and
+    quantized one at a time: the float32 model is never held whole."""
 
     from ..runtime.tokenizer import Tokenizer
-    from .awq import run_awq
+    from .awq import AWQResult, awq_blocks
     from .calibration import from_files, self_generated
     tok = Tokenizer(src_dir)
     if calib:
@@ -148,10 +153,16 @@ def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
         cal = self_generated(src, cfg, tok, samples, seq_len, settings.seed, progress=progress)
     for note in cal.notes:
         print(f"note: {note}", file=sys.stderr)
-    res = run_awq(src, cfg, cal.ids, settings, progress=progress)
-    for note in res.notes:
-        print(f"note: {note}", file=sys.stderr)
-    return res.tensors, res.salient, res, cal
+    res = AWQResult({}, {}, [], [])
+    blocks = awq_blocks(src, cfg, cal.ids, settings, res, progress=progress)
+
+    def block_fp(i):
+        j, tensors, salient = next(blocks)
+        assert j == i, (j, i)              # the writer asks for blocks in order
+        if i == cfg.num_hidden_layers - 1:
+            blocks.close()                 # the last one: AWQ's progress bar closes now
+        return tensors, salient
+    return block_fp, res, cal
 
 
 def _awq_config(settings, cal, res) -> dict:
@@ -170,28 +181,30 @@ def _awq_config(settings, cal, res) -> dict:
 
 
 def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
-                      fp: dict | None = None, salient: dict | None = None):
+                      fp: dict | None = None, salient: dict | None = None, block_fp=None):
     """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
 
     `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
-    maps a linear's prefix to the input channels it keeps in fp16.
+    maps a linear's prefix to the input channels it keeps in fp16. `block_fp(i)` gives both for
+    block i, asked for in block order (AWQ streamed: one block's float32 weights at a time).
     """
     from ..formats.q4 import choose_group_size, quantize_q4, quantize_q8
 
     fp, salient = fp or {}, salient or {}
-    get = lambda name, shape: fp[name] if name in fp else src.float32(name, shape)
     out: dict[str, np.ndarray] = {}
     per_layer_g = {}
 
     for name, shape in GLOBAL_TENSORS.values():
-        out[name] = src.float32(name, shape(cfg)).astype(np.float16)
+        out[name] = np.concatenate(list(_rows_f32(src, name, shape(cfg), np.float16)))
     bar = _progress(cfg.num_hidden_layers, f"quantize ({method}, W{bits})", progress)
     for i in range(cfg.num_hidden_layers):
+        fp_i, salient_i = block_fp(i) if block_fp is not None else (fp, salient)
+        get = lambda name, shape, fp_i=fp_i: fp_i[name] if name in fp_i else src.float32(name, shape)
         for _, name, shape in block_norms(cfg, i):
             out[name] = get(name, shape).astype(np.float16)
         for _, key, prefix, shape in block_linears(cfg, i):
             w = get(prefix + ".weight", shape)
-            sal = salient.get(prefix)
+            sal = salient_i.get(prefix)
             if linear_hook is not None:
                 w, sal = linear_hook(i, key, w)
             g = choose_group_size(w.shape[1], group_size)
@@ -203,23 +216,40 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
                 out[prefix + ".salient_idx"], out[prefix + ".salient_w"] = q.salient_idx, q.salient_w
             if cfg.attention_bias and key in ("q", "k", "v"):
                 out[prefix + ".bias"] = get(prefix + ".bias", (shape[0],))
+        src.release_pages()            # this block's source pages are read: not counted in RSS again
         bar.update(1)
     bar.close()
 
     head_name, head_shape = HEAD
     head_src = "model.embed_tokens.weight" if cfg.tie_word_embeddings else head_name + ".weight"
     if quantize_head or not cfg.tie_word_embeddings:
-        w = src.float32(head_src, head_shape(cfg))
+        # Row chunks: rows are quantized independently, and a [V, D] float32 copy of a 128k vocabulary
+        # (plus the quantizer's temporaries of its size) would be the largest allocation of the run.
+        g = choose_group_size(cfg.hidden_size, group_size)
+        rows = _rows_f32(src, head_src, head_shape(cfg))
+        cat = lambda parts: [np.concatenate(p) for p in zip(*parts)]
         if quantize_head == "int8":
-            q8 = quantize_q8(w, choose_group_size(w.shape[1], group_size))
-            out[head_name + ".qweight"], out[head_name + ".scales"] = q8.qweight, q8.scales
+            out[head_name + ".qweight"], out[head_name + ".scales"] = cat(
+                (q.qweight, q.scales) for q in map(lambda w: quantize_q8(w, g), rows))
         elif quantize_head == "int4":
-            q = quantize_q4(w, choose_group_size(w.shape[1], group_size))
-            out[head_name + ".qweight"], out[head_name + ".scales"] = q.qweight, q.scales
-            out[head_name + ".zeros"] = q.zeros
+            out[head_name + ".qweight"], out[head_name + ".scales"], out[head_name + ".zeros"] = cat(
+                (q.qweight, q.scales, q.zeros) for q in map(lambda w: quantize_q4(w, g), rows))
         else:
-            out[head_name + ".weight"] = w.astype(np.float16)
+            out[head_name + ".weight"] = np.concatenate([w.astype(np.float16) for w in rows])
     return out, per_layer_g
+
+
+HEAD_ROWS_PER_CHUNK = 8192     # [8192, D] float32: 64 MB at D = 2048
+
+
+def _rows_f32(src, name, shape, dtype=np.float32):
+    """Tensor `name` (checked against `shape`) as `dtype` row chunks, widened chunk by chunk."""
+    from ..formats.safetensors import to_float32
+    from ..formats.tensors import check_shape
+    arr, dt = src.raw(name)
+    check_shape(name, arr.shape, shape)
+    for r in range(0, arr.shape[0], HEAD_ROWS_PER_CHUNK):
+        yield to_float32(arr[r:r + HEAD_ROWS_PER_CHUNK], dt).astype(dtype, copy=False)
 
 
 def weights_digest(src: TensorSource) -> str:

@@ -11,6 +11,7 @@ scratch, so a step allocates nothing. The blocks' linears become views into the 
 from __future__ import annotations
 
 import dataclasses
+import mmap
 
 import numba
 import numpy as np
@@ -34,6 +35,7 @@ class StackedQ4:
     sal_w: np.ndarray       # float32 [L, N, m16]
     n_salient: list         # L × m
     bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
+    mapped: bool = False    # qweight and zeros are views of the mapped file (see `stack_q4`)
 
     @property
     def shape(self):
@@ -74,21 +76,55 @@ def stack_q4(layers: list) -> StackedQ4 | None:
     if any(sum(lin.p.shape[0] for lin in parts) != N for parts in layers):
         return None
     m16 = max(parts[0].p.sal_idx.shape[0] for parts in layers)
-    st = StackedQ4(np.empty((L, N, K // 2), np.uint8), np.empty((L, N, K // g), np.float32),
-                   np.empty((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
+    # Codes and zero points: views of the file when it stores them back to back in stack order
+    # (formats/tensors.storage_rank, every file `quantize` writes), else copies.
+    qweight = _view_in_place([lin.p.qweight for parts in layers for lin in parts], (L, N, K // 2))
+    zeros = _view_in_place([lin.p.zeros for parts in layers for lin in parts], (L, N, K // g))
+    mapped = qweight is not None and zeros is not None
+    st = StackedQ4(qweight if mapped else np.empty((L, N, K // 2), np.uint8), np.empty((L, N, K // g), np.float32),
+                   zeros if mapped else np.empty((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
                    np.zeros((L, N, m16), np.float32), [parts[0].p.n_salient for parts in layers],
-                   np.zeros((L, N), np.float32))
+                   np.zeros((L, N), np.float32), mapped)
     for l, parts in enumerate(layers):
         r = 0
         for lin in parts:
             p, n = lin.p, lin.p.shape[0]
-            st.qweight[l, r:r + n], st.scales[l, r:r + n], st.zeros[l, r:r + n] = p.qweight, p.scales, p.zeros
+            st.scales[l, r:r + n] = p.scales
+            if not mapped:
+                st.qweight[l, r:r + n], st.zeros[l, r:r + n] = p.qweight, p.zeros
             st.sal_w[l, r:r + n, :p.sal_w.shape[1]] = p.sal_w
             if lin.bias is not None:
                 st.bias[l, r:r + n] = lin.bias
             r += n
         st.sal_idx[l, :parts[0].p.sal_idx.shape[0]] = parts[0].p.sal_idx
     return st
+
+
+def _buffer_owner(a: np.ndarray):
+    """The object that owns an array's memory (an mmap for a view of a mapped file)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else getattr(a.base, "obj", a.base)   # memoryview -> what it views
+
+
+def _view_in_place(arrays: list, shape: tuple) -> np.ndarray | None:
+    """The arrays as one C-contiguous array of `shape`, without copying, when they lie back to back,
+    in order, in one buffer that is not an ndarray (a mapped file); else None."""
+    owner, dt = _buffer_owner(arrays[0]), arrays[0].dtype
+    if isinstance(owner, np.ndarray) or not isinstance(owner, mmap.mmap):
+        return None
+    start = arrays[0].__array_interface__["data"][0]
+    end = start
+    for a in arrays:
+        if a.dtype != dt or not a.flags.c_contiguous or _buffer_owner(a) is not owner \
+                or a.__array_interface__["data"][0] != end:
+            return None
+        end += a.nbytes
+    whole = np.frombuffer(owner, np.uint8)                  # the mapping, as bytes (a view)
+    offset = start - whole.__array_interface__["data"][0]
+    if end - start != int(np.prod(shape)) * dt.itemsize:
+        return None
+    return whole[offset:offset + end - start].view(dt).reshape(shape)
 
 
 class DecodePlan:
@@ -125,6 +161,11 @@ class DecodePlan:
         self.int8_ok = VNNI and all(supports_i8(st.group_size, st.shape[1]) for st in (qkv, o, gate_up, down))
         self.int8 = self.int8_ok
         self._concurrent = None                                   # sync.barrier_safe(), once known
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the stacked codes and zero points are views of the mapped file (no copy)."""
+        return all(st.mapped for st in (self.qkv, self.o, self.gate_up, self.down))
 
     @property
     def nbytes(self) -> int:

@@ -106,7 +106,7 @@ class Model:
         self._fused_decode = self._plan is not None
         if self._plan is not None:
             self._fused = self._use_plan_views()
-            if weights.source is not None:
+            if weights.source is not None and not self._plan.mapped:
                 weights.source.release_pages()      # the stacks are copies; the mapped pages are not needed
         else:
             self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
