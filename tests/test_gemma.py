@@ -148,3 +148,54 @@ def test_gemma_config_layouts():
     del cfg["rope_theta"], cfg["rope_local_base_freq"]
     new = LlamaConfig.from_dict(cfg)
     assert (new.rope_theta, new.rope_local_theta) == (5e5, 2e4)
+
+
+# ---- the quantizer on Gemma 3 and Qwen3 (quant/llama_block.py's block variants, AWQ's folding)
+@pytest.mark.parametrize("make", [gemma_config, qwen3_config])
+def test_quantizer_block_matches_reference(tmp_path, make):
+    """The quantizer's NumPy block, block after block with per-layer windows and RoPE bases, gives
+    the reference's logits (final norm and tied head applied as the reference does)."""
+    from minilm_edge.formats.tensors import TensorSource
+    from minilm_edge.quant.llama_block import BlockShape, block_forward, embed_rows, load_block, rope_tables
+    path, cfg, w = make_variant_dir(tmp_path / "m", make(sliding_window=3) if make is gemma_config else make())
+    c, src = minilm_edge.load(path).config, TensorSource(path)
+    ids = np.random.default_rng(4).integers(0, cfg["vocab_size"], 10)
+    x = embed_rows(c, w["model.embed_tokens.weight"], ids[None])                  # [1, T, D]
+    for i in range(c.num_hidden_layers):
+        x = block_forward(load_block(src, c, i), BlockShape.of(c, i), x, *rope_tables(c, len(ids), i))["out"]
+    logits = ref.rms_norm(x[0], w["model.norm.weight"], c.rms_norm_eps, c.arch.norm_offset) \
+        @ w["model.embed_tokens.weight"].T
+    np.testing.assert_allclose(logits, ref.forward(w, cfg, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("make", [gemma_config, qwen3_config])
+def test_awq_folding_keeps_the_function(tmp_path, make):
+    """AWQ's scaled full-precision weights (no clipping, before rounding) compute the same logits:
+    the scales went into (1 + w) norms and previous linears exactly, and were stored back as w."""
+    from minilm_edge.formats.tensors import TensorSource
+    from minilm_edge.quant.awq import AWQSettings, run_awq
+    path, cfg, w = make_variant_dir(tmp_path / "m", make(hidden_size=64, intermediate_size=128))
+    c = minilm_edge.load(path).config
+    calib = np.random.default_rng(5).integers(0, cfg["vocab_size"], (3, 16))
+    res = run_awq(TensorSource(path), c, calib, AWQSettings(clip=False, search_tokens=0), progress=False)
+    scaled = {**w, **res.tensors}
+    assert any(not np.allclose(scaled[k], w[k]) for k in res.tensors)            # something was scaled
+    ids = np.arange(3, 30)
+    np.testing.assert_allclose(ref.forward(scaled, cfg, ids), ref.forward(w, cfg, ids), atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("calib", [True, False])
+def test_awq_quantizes_a_tiny_gemma(tmp_path, calib):
+    """AWQ W4 with an int8 head (on a text file, or on text the model generates) writes a Gemma folder
+    that loads and stays close to full precision."""
+    from minilm_edge.quant.quantize import quantize
+    path, cfg, w = make_variant_dir(tmp_path / "gemma", gemma_config(hidden_size=64, intermediate_size=128))
+    text = tmp_path / "calib.txt"
+    text.write_text("the capital of France is Paris and the capital hello world " * 40)
+    out = quantize(path, tmp_path / "awq", method="awq", calib=text if calib else None, samples=4, seq_len=24,
+                   progress=False, quantize_head="int8")
+    fp, q = minilm_edge.load(path), minilm_edge.load(out)
+    assert q.weights.lm_head.kind == "q8" and q.weights.blocks[0].q.kind == "q4"
+    ids = np.arange(3, 40)
+    a, b = fp.forward(ids), q.forward(ids)
+    assert np.isfinite(b).all() and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.7   # random weights: int4 costs much
