@@ -57,12 +57,13 @@ def softmax(x, axis=-1):
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def attention(q, k, v):
+def attention(q, k, v, window=0):
     """Causal grouped-query attention.
 
     q: [T, H, Dh], k, v: [S, Hkv, Dh] where the last T of the S positions are the queries' own
     (S ≥ T: earlier positions come from a cache). Query head h reads key/value head h // (H/Hkv).
-    Returns [T, H, Dh] = softmax(q·kᵀ/sqrt(Dh) + mask) · v, with query t seeing keys j ≤ S − T + t.
+    Returns [T, H, Dh] = softmax(q·kᵀ/sqrt(Dh) + mask) · v, with query t seeing keys j ≤ S − T + t,
+    and with window > 0 (sliding window) only keys j > S − T + t − window.
     """
     T, H, Dh = q.shape
     S, Hkv, _ = k.shape
@@ -70,7 +71,10 @@ def attention(q, k, v):
     k = np.repeat(k, rep, axis=1)                                  # [S, H, Dh]
     v = np.repeat(v, rep, axis=1)                                  # [S, H, Dh]
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(Dh)        # [H, T, S]
-    mask = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None] # [T, S] True where future
+    pos = S - T + np.arange(T)                                     # [T] each query's position
+    mask = np.arange(S)[None, :] > pos[:, None]                    # [T, S] True where future
+    if window > 0:
+        mask |= np.arange(S)[None, :] <= (pos - window)[:, None]   # ... or out of the window
     scores = np.where(mask[None], -np.inf, scores)
     return np.einsum("hts,shd->thd", softmax(scores), v).astype(np.float32)
 

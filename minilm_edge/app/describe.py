@@ -20,13 +20,13 @@ from ..errors import IntegrityError, QuantFormatError, UnsupportedModelError
 from ..formats.manifest import manifest_digest, read_manifest
 from ..formats.tensors import (
     BLOCK_LINEARS,
-    BLOCK_NORMS,
     GLOBAL_TENSORS,
     HEAD,
     TensorSource,
     block_linears,
     check_block_count,
     linear_format,
+    norm_table,
 )
 from ..quant.awq import SCALE_GROUPS
 from ..runtime.config import load_config, read_json
@@ -74,7 +74,7 @@ def parameter_count(cfg) -> int:
     """Logical parameters (weights as if dense), from the config's shapes."""
     prod = lambda s: s[0] * (s[1] if len(s) > 1 else 1)
     total = sum(prod(shape(cfg)) for _, shape in GLOBAL_TENSORS.values())
-    per_block = sum(prod(shape(cfg)) for _, shape in {**BLOCK_NORMS, **BLOCK_LINEARS}.values())
+    per_block = sum(prod(shape(cfg)) for _, shape in {**norm_table(cfg), **BLOCK_LINEARS}.values())
     if cfg.attention_bias:
         per_block += sum(BLOCK_LINEARS[k][1](cfg)[0] for k in ("q", "k", "v"))
     total += cfg.num_hidden_layers * per_block

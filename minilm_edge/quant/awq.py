@@ -57,7 +57,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .clip import clip_search, clip_token_index, group_gram, scaled_gram, second_moments
-from .llama_block import BlockShape, attention, block_forward, load_block, mlp, rope_tables
+from .llama_block import BlockShape, attention, block_forward, embed_rows, load_block, mlp, rope_tables, stored_norm
 from .parallel import parallel_map
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +81,11 @@ LLAMA_GROUPS = (
     ScaleGroup("gate_up", prev="mlp_norm", linears=("gate", "up"), module="mlp", inp="mlp_in"),
     ScaleGroup("down", prev="up", linears=("down",), module="linear", inp="down_in"),
 )
-SCALE_GROUPS = {"llama": LLAMA_GROUPS, "mistral": LLAMA_GROUPS, "qwen2": LLAMA_GROUPS}
+# Qwen3 and Gemma 3 have the same groups: their q/k norms come after q and k, their post-norms
+# after o and down, so scaling the inputs of q|k|v, gate|up and down folds as in Llama (Gemma's norm
+# weights are folded as multiplied, 1 + w: llama_block.load_block).
+SCALE_GROUPS = {"llama": LLAMA_GROUPS, "mistral": LLAMA_GROUPS, "qwen2": LLAMA_GROUPS, "qwen3": LLAMA_GROUPS,
+                "gemma3_text": LLAMA_GROUPS}
 NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax: clipping hurts (paper)
 
 N_GRID = 20                                        # α = 0, 0.05, …, 0.95
@@ -231,7 +235,7 @@ def can_fold(w: dict, group: ScaleGroup) -> bool:
 # What each group's loss runs, from the group's input and the (possibly fake-quantized) weights.
 MODULES = {
     "attention": lambda w, bs, x, cos, sin, lin: attention(w, bs, x, cos, sin) @ w["o"].T,
-    "mlp": lambda w, bs, x, cos, sin, lin: mlp(w, x) @ w["down"].T,
+    "mlp": lambda w, bs, x, cos, sin, lin: mlp(w, x, bs.activation) @ w["down"].T,
     "linear": lambda w, bs, x, cos, sin, lin: x @ w[lin[0]].T,
 }
 
@@ -479,12 +483,10 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
     if ids.ndim != 2 or ids.size == 0:
         raise UsageError("calibration ids must be a non-empty [samples, tokens] array")
     n, T = ids.shape
-    bs = BlockShape.of(cfg)
-    cos, sin = rope_tables(cfg, T)
     emb_name, emb_shape = GLOBAL_TENSORS["embed"]
     emb, emb_dt = src.raw(emb_name)
     check_shape(emb_name, emb.shape, emb_shape(cfg))
-    x_all = to_float32(emb[ids], emb_dt).astype(np.float32)        # [n, T, D]; only the rows used are read
+    x_all = embed_rows(cfg, to_float32(emb[ids], emb_dt))       # [n, T, D]; only the rows used are read
     clip_idx = clip_token_index(n, T, settings.clip_tokens, settings.seed)
     search_idx = None
     if settings.search_tokens:
@@ -499,6 +501,8 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
     try:        # the caller may stop asking for blocks (an error while writing): the bar closes anyway
         for i in range(cfg.num_hidden_layers):
             w = load_block(src, cfg, i)
+            bs = BlockShape.of(cfg, i)
+            cos, sin = rope_tables(cfg, T, i)
             linears = list(block_linears(cfg, i))
             gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
             w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
@@ -507,7 +511,7 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
             src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
             tensors, salient = {}, {}
             for k, name, _ in block_norms(cfg, i):
-                tensors[name] = w_new[k].astype(np.float32)
+                tensors[name] = stored_norm(cfg, w_new[k])
             for _, k, prefix, _ in linears:
                 tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
                 if cfg.attention_bias and k in BIASED:

@@ -171,14 +171,15 @@ class _BatchDecoder:
         from ..formats.tensors import GLOBAL_TENSORS, HEAD
         from .llama_block import BlockShape, load_block, rope_tables
         self.cfg, self.bs = cfg, BlockShape.of(cfg)
+        self.shapes = [BlockShape.of(cfg, i) for i in range(cfg.num_hidden_layers)]      # window per block
         self.blocks = [load_block(src, cfg, i) for i in range(cfg.num_hidden_layers)]
         en, es = GLOBAL_TENSORS["embed"]
         nn, ns = GLOBAL_TENSORS["norm"]
         self.embed = src.float32(en, es(cfg))                                # [V, D]
-        self.norm = src.float32(nn, ns(cfg))                                 # [D]
+        self.norm = src.float32(nn, ns(cfg)) + np.float32(cfg.arch.norm_offset)   # [D] as multiplied
         hn, hs = HEAD
         self.head = self.embed if hn + ".weight" not in src else src.float32(hn + ".weight", hs(cfg))
-        self.cos, self.sin = rope_tables(cfg, max_len)                       # [S, Dh/2]
+        self.ropes = [rope_tables(cfg, max_len, i) for i in range(cfg.num_hidden_layers)]   # L × 2 × [S, Dh/2]
         self.max_len = max_len
         self.k = self.v = None
 
@@ -190,12 +191,12 @@ class _BatchDecoder:
 
     def step(self, tok):
         """Logits of the next token for each row.                       tok [B] -> [B, V]"""
-        from .llama_block import block_forward, rms_norm
+        from .llama_block import block_forward, embed_rows, rms_norm
         p = self.pos
-        cos, sin = self.cos[p:p + 1], self.sin[p:p + 1]
-        x = self.embed[tok].astype(np.float32)[:, None, :]                   # [B, 1, D]
+        x = embed_rows(self.cfg, self.embed, tok)[:, None, :]                # [B, 1, D]
         for i, w in enumerate(self.blocks):
-            x = block_forward(w, self.bs, x, cos, sin, (self.k[i], self.v[i]), p)["out"]
+            cos, sin = self.ropes[i][0][p:p + 1], self.ropes[i][1][p:p + 1]
+            x = block_forward(w, self.shapes[i], x, cos, sin, (self.k[i], self.v[i]), p)["out"]
         self.pos += 1
         x = rms_norm(x[:, 0], self.norm, self.bs.eps)                         # [B, D]
         return x @ self.head.T

@@ -1,5 +1,6 @@
 """One Llama-family decoder block in plain NumPy + BLAS, batched over samples: what the quantizer
-runs in full precision.
+runs in full precision. The block variants of runtime/architecture.py (q/k norm, post-norms,
+GELU-tanh, sliding window: Qwen3, Gemma 3) are switches of `BlockShape`.
 
 Two users, one implementation: AWQ runs whole calibration sequences through a block (positions
 0..T-1, no cache) and measures its scale losses on the pieces (`attention`, `mlp`); self-generated
@@ -10,6 +11,8 @@ NumPy computes the same way every time and on every thread.
 
     y = x + o(attention(rope(q(h)), rope(k(h)), v(h))),   h = rms_norm(x) · attn_norm
     out = y + down(silu(gate(h')) ⊙ up(h')),               h' = rms_norm(y) · mlp_norm
+    (Gemma 3: q, k RMS-normed per head before RoPE, window per layer, o(...) and down(...) RMS-normed
+    before their residual adds, gelu_tanh for silu; norm weights as multiplied, i.e. 1 + w)
 
 Shapes (as in runtime/config.py): B samples, T positions of this call, S = p0 + T positions seen
 so far (cache included), D, H, Hkv, Dh, F; rep = H / Hkv query heads per key/value head.
@@ -28,17 +31,28 @@ class BlockShape:
     Hkv: int        # key/value heads
     Dh: int         # head size
     eps: float      # RMSNorm epsilon
+    qk_norm: bool = False       # q, k RMS-normed per head (q_norm, k_norm) before RoPE
+    post_norms: bool = False    # attention and MLP outputs RMS-normed (attn_post_norm, mlp_post_norm)
+    activation: str = "silu"    # of the gated MLP: silu or gelu_tanh
+    window: int = 0             # this block's sliding window (0: full causal attention)
+    q_scale: float = 1.0        # q × this after RoPE: scores scale by query_pre_attn_scalar^-1/2
 
     @classmethod
-    def of(cls, cfg):
-        return cls(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps)
+    def of(cls, cfg, layer: int = 0):
+        a = cfg.arch
+        window = cfg.sliding_window if a.sliding_window and cfg.sliding_layers[layer] else 0
+        scalar = cfg.query_pre_attn_scalar or cfg.head_dim
+        return cls(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps,
+                   a.qk_norm, a.post_norms, a.activation, window, math.sqrt(cfg.head_dim / scalar))
 
 
 def load_block(src, cfg, i) -> dict:
     """Block i's fp weights by short names: attn_norm, mlp_norm, q, k, v, o, gate, up, down,
-    and q_bias/k_bias/v_bias when the architecture has them."""
+    and q_bias/k_bias/v_bias, q_norm/k_norm, attn_post_norm/mlp_post_norm when the architecture has
+    them. Norm weights as the block multiplies by them (Gemma: 1 + w; `stored_norm` undoes it)."""
     from ..formats.tensors import BIASED, block_linears, block_norms
-    w = {k: src.float32(name, shape) for k, name, shape in block_norms(cfg, i)}
+    off = np.float32(cfg.arch.norm_offset)
+    w = {k: src.float32(name, shape) + off for k, name, shape in block_norms(cfg, i)}
     for _, k, prefix, shape in block_linears(cfg, i):
         w[k] = np.array(src.float32(prefix + ".weight", shape), np.float32)
         if cfg.attention_bias and k in BIASED:
@@ -46,10 +60,25 @@ def load_block(src, cfg, i) -> dict:
     return w
 
 
-def rope_tables(cfg, T: int):
-    """cos, sin [T, Dh/2] float32 for positions 0..T-1 (slice rows p0..p0+T-1 for later positions)."""
+def stored_norm(cfg, w: np.ndarray) -> np.ndarray:
+    """A norm weight as the checkpoint stores it (Gemma: w, the block multiplying by 1 + w)."""
+    return (w - np.float32(cfg.arch.norm_offset)).astype(np.float32)
+
+
+def embed_rows(cfg, embed, ids=None) -> np.ndarray:
+    """The blocks' input: embedding rows, × √D where the architecture scales them (Gemma).
+    `ids` None: `embed` holds the looked-up rows already."""
+    x = (embed if ids is None else embed[ids]).astype(np.float32)
+    return x * np.float32(math.sqrt(cfg.hidden_size)) if cfg.arch.embed_scale else x
+
+
+def rope_tables(cfg, T: int, layer: int = 0):
+    """cos, sin [T, Dh/2] float32 for positions 0..T-1 (slice rows p0..p0+T-1 for later positions),
+    with block `layer`'s RoPE base (Gemma's sliding layers have their own)."""
+    from ..runtime.blocks import layer_inv_freqs
     from ..runtime.model import rope_inv_freq
-    angle = np.arange(T, dtype=np.float64)[:, None] * rope_inv_freq(cfg)[None, :]
+    inv = layer_inv_freqs(cfg, rope_inv_freq(cfg))[layer]
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
@@ -77,6 +106,15 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def gelu_tanh(x):
+    """x/2 · (1 + tanh(√(2/π) · (x + 0.044715 x³)))"""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    return np.float32(0.5) * x * (1.0 + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))
+
+
+ACTIVATIONS = {"silu": silu, "gelu_tanh": gelu_tanh}
+
+
 def attention(w, bs: BlockShape, h, cos, sin, cache=None, p0: int = 0):
     """Causal GQA attention of h through q, k, v (no o).          h [B, T, D] -> [B, T, H·Dh]
 
@@ -88,8 +126,13 @@ def attention(w, bs: BlockShape, h, cos, sin, cache=None, p0: int = 0):
     B, T, _ = h.shape
     H, Hkv, Dh = bs.H, bs.Hkv, bs.Dh
     rep = H // Hkv
-    q = rope(linear(h, w["q"], w.get("q_bias")).reshape(B, T, H, Dh), cos, sin)
-    k = rope(linear(h, w["k"], w.get("k_bias")).reshape(B, T, Hkv, Dh), cos, sin)
+    q = linear(h, w["q"], w.get("q_bias")).reshape(B, T, H, Dh)
+    k = linear(h, w["k"], w.get("k_bias")).reshape(B, T, Hkv, Dh)
+    if bs.qk_norm:
+        q, k = rms_norm(q, w["q_norm"], bs.eps), rms_norm(k, w["k_norm"], bs.eps)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    if bs.q_scale != 1.0:
+        q = q * np.float32(bs.q_scale)
     v = linear(h, w["v"], w.get("v_bias")).reshape(B, T, Hkv, Dh)
     if cache is None:
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, Hkv, T, Dh]
@@ -104,7 +147,10 @@ def attention(w, bs: BlockShape, h, cos, sin, cache=None, p0: int = 0):
     scores = qg @ keys.transpose(0, 1, 3, 2)                    # [B, Hkv, rep·T, S]
     scores *= np.float32(1.0 / math.sqrt(Dh))
     t_q = p0 + np.tile(np.arange(T), rep)                       # query position of each row
-    scores[:, :, np.arange(S)[None, :] > t_q[:, None]] = -np.inf  # the only masked: key j > query t
+    masked = np.arange(S)[None, :] > t_q[:, None]               # key j > query t
+    if bs.window:
+        masked |= np.arange(S)[None, :] <= t_q[:, None] - bs.window   # ... or out of the window
+    scores[:, :, masked] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
@@ -112,9 +158,9 @@ def attention(w, bs: BlockShape, h, cos, sin, cache=None, p0: int = 0):
     return out.reshape(B, Hkv, rep, T, Dh).transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh)
 
 
-def mlp(w, h):
-    """silu(h·gateᵀ) ⊙ (h·upᵀ): the input of down.               h [B, T, D] -> [B, T, F]"""
-    return silu(h @ w["gate"].T) * (h @ w["up"].T)
+def mlp(w, h, activation: str = "silu"):
+    """act(h·gateᵀ) ⊙ (h·upᵀ): the input of down.                h [B, T, D] -> [B, T, F]"""
+    return ACTIVATIONS[activation](h @ w["gate"].T) * (h @ w["up"].T)
 
 
 def block_forward(w, bs: BlockShape, x, cos, sin, cache=None, p0: int = 0) -> dict:
@@ -125,7 +171,10 @@ def block_forward(w, bs: BlockShape, x, cos, sin, cache=None, p0: int = 0) -> di
     """
     h1 = rms_norm(x, w["attn_norm"], bs.eps)
     a = attention(w, bs, h1, cos, sin, cache, p0)
-    x2 = x + a @ w["o"].T
+    y = a @ w["o"].T
+    x2 = x + (rms_norm(y, w["attn_post_norm"], bs.eps) if bs.post_norms else y)
     h2 = rms_norm(x2, w["mlp_norm"], bs.eps)
-    act = mlp(w, h2)
-    return {"attn_in": h1, "o_in": a, "mlp_in": h2, "down_in": act, "out": x2 + act @ w["down"].T}
+    act = mlp(w, h2, bs.activation)
+    m = act @ w["down"].T
+    out = x2 + (rms_norm(m, w["mlp_post_norm"], bs.eps) if bs.post_norms else m)
+    return {"attn_in": h1, "o_in": a, "mlp_in": h2, "down_in": act, "out": out}

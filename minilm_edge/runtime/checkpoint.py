@@ -39,6 +39,11 @@ class BlockWeights:
     gate: Linear            # [F, D]
     up: Linear              # [F, D]
     down: Linear            # [D, F]
+    # Only in some architectures (runtime/architecture.py), else None:
+    q_norm: np.ndarray | None = None         # [Dh] float32, per head of q (qk_norm)
+    k_norm: np.ndarray | None = None         # [Dh] float32, per head of k (qk_norm)
+    attn_post_norm: np.ndarray | None = None  # [D] float32, on the attention output (post_norms)
+    mlp_post_norm: np.ndarray | None = None   # [D] float32, on the MLP output (post_norms)
 
 
 @dataclasses.dataclass
@@ -77,7 +82,8 @@ def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
     linears = [{} for _ in range(cfg.num_hidden_layers)]
     for i, key, prefix, shape in block_linears(cfg):
         linears[i][key] = load_linear(src, prefix, shape, cfg.attention_bias and key in BIASED, cfg)
-    blocks = [BlockWeights(**{k: src.float32(name, shape) for k, name, shape in block_norms(cfg, i)}, **lins)
+    blocks = [BlockWeights(**{k: norm_weight(src, name, shape, cfg) for k, name, shape in block_norms(cfg, i)},
+                           **lins)
               for i, lins in enumerate(linears)]
     head_name, head_shape = HEAD
     if any(n.startswith(head_name + ".") for n in src.where):
@@ -89,5 +95,13 @@ def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
         lm_head = LINEAR_FORMATS["f16"](embed) if f16 else LINEAR_FORMATS["f32"].from_array(embed)
     else:
         raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
-    return Weights(embed=embed, blocks=blocks, norm=src.float32(norm_name, norm_shape(cfg)), lm_head=lm_head,
-                   source=src)
+    return Weights(embed=embed, blocks=blocks, norm=norm_weight(src, norm_name, norm_shape(cfg), cfg),
+                   lm_head=lm_head, source=src)
+
+
+def norm_weight(src: TensorSource, name: str, shape: tuple, cfg: LlamaConfig) -> np.ndarray:
+    """An RMSNorm weight as the kernels multiply by it: Gemma stores w and scales by (1 + w)
+    (Architecture.norm_offset), computed here once, in float32 as Hugging Face does."""
+    w = src.float32(name, shape)
+    offset = cfg.arch.norm_offset
+    return (np.float32(offset) + w).astype(np.float32) if offset else w

@@ -9,8 +9,9 @@ Shape vocabulary used in comments across minilm_edge (declared once, here):
 
 Supported: the Llama family that shares one block shape (pre-norm RMSNorm, RoPE, grouped-query
 attention, SwiGLU MLP): `llama` (incl. SmolLM/SmolLM2, Llama 2/3.x), `mistral` without a sliding
-window, and `qwen2` (q/k/v carry a bias). Anything else is refused with a clear error rather than run
-wrongly.
+window, `qwen2` (q/k/v carry a bias), `qwen3` (q/k RMSNorm), and `gemma3_text` (Gemma 3: the block
+variant of runtime/architecture.py, sliding-window layers). Anything else is refused with a clear
+error rather than run wrongly.
 """
 from __future__ import annotations
 
@@ -20,13 +21,7 @@ import math
 from pathlib import Path
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
-
-# model_type -> whether q/k/v projections carry a bias. One table, no class-name matching.
-ARCHITECTURES = {
-    "llama": False,
-    "mistral": False,
-    "qwen2": True,
-}
+from .architecture import ARCHITECTURES, LLAMA, Architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +52,14 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     quantization: dict | None = None  # the raw quantization_config block, if any
+    arch: Architecture = LLAMA       # the block variant model_type selects (architecture.ARCHITECTURES)
+    # Sliding-window attention (Gemma 3): the layers marked True see only the last `sliding_window`
+    # positions (the query's own included) and rotate with base `rope_local_theta`; the others see
+    # everything and rotate with `rope_theta`.
+    sliding_window: int = 0
+    sliding_layers: tuple[bool, ...] = ()
+    rope_local_theta: float = 10000.0
+    query_pre_attn_scalar: float | None = None   # scores scale by this^-1/2 (None: Dh, the usual)
 
     @property
     def heads_per_kv(self) -> int:
@@ -96,11 +99,14 @@ class LlamaConfig:
                 rope_scaling=_rope_scaling(d),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=ARCHITECTURES[mt] or bool(d.get("attention_bias", False)),
+                attention_bias=ARCHITECTURES[mt].attention_bias or bool(d.get("attention_bias", False)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(d.get("eos_token_id"), "eos_token_id"),
                 quantization=d.get("quantization_config"),
+                arch=ARCHITECTURES[mt],
             )
+            if cfg.arch.sliding_window:
+                cfg = dataclasses.replace(cfg, **_sliding_fields(d, cfg.num_hidden_layers, cfg.head_dim))
         except KeyError as e:
             raise UnsupportedModelError(f"config.json lacks the required field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
@@ -128,6 +134,57 @@ class LlamaConfig:
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
             # eps ≤ 0 divides a zero row by zero; NaN makes every logit NaN: a silent wrong answer.
             raise UnsupportedModelError(f"config.json: rms_norm_eps={self.rms_norm_eps} must be a positive number")
+        if self.arch.sliding_window:
+            if self.sliding_window <= 0 or len(self.sliding_layers) != self.num_hidden_layers:
+                raise UnsupportedModelError(
+                    f"config.json: sliding_window must be positive and layer_types name every one of the "
+                    f"{self.num_hidden_layers} layers, got {self.sliding_window} and {len(self.sliding_layers)}")
+            if not (self.rope_local_theta > 0 and math.isfinite(self.rope_local_theta)):
+                raise UnsupportedModelError(f"config.json: local RoPE base {self.rope_local_theta} must be positive")
+        scalar = self.query_pre_attn_scalar
+        if scalar is not None and not (scalar > 0 and math.isfinite(scalar)):
+            raise UnsupportedModelError(f"config.json: query_pre_attn_scalar={scalar} must be positive")
+
+
+# Gemma 3's layer kinds in config.json `layer_types`.
+LAYER_TYPES = {"sliding_attention": True, "full_attention": False}
+
+
+def _sliding_fields(d: dict, n_layers: int, head_dim: int) -> dict:
+    """Gemma 3's attention layout: window size, which layers slide, the two RoPE bases, the score scale.
+
+    Older configs give `sliding_window_pattern` P (every P-th layer global) and `rope_local_base_freq`;
+    newer ones `layer_types` and `rope_parameters` per layer kind. Soft-capping and RoPE scaling are
+    refused: not implemented, and a silent wrong answer otherwise.
+    """
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(key) is not None:
+            raise UnsupportedModelError(f"config.json: {key} is not supported")
+    if d.get("hidden_activation", d.get("hidden_act", "gelu_pytorch_tanh")) not in ("gelu_pytorch_tanh",):
+        raise UnsupportedModelError("config.json: Gemma 3 is run with the tanh GELU only "
+                                    f"(hidden_activation {d.get('hidden_activation')!r})")
+    types = d.get("layer_types")
+    if types is None:
+        pattern = int(d.get("sliding_window_pattern", 6))
+        if pattern <= 0:
+            raise UnsupportedModelError(f"config.json: sliding_window_pattern must be positive, got {pattern}")
+        sliding = tuple((i + 1) % pattern != 0 for i in range(n_layers))
+    else:
+        if not isinstance(types, list) or any(t not in LAYER_TYPES for t in types):
+            raise UnsupportedModelError(f"config.json: layer_types must list {' or '.join(LAYER_TYPES)} per layer")
+        sliding = tuple(LAYER_TYPES[t] for t in types)
+    params = d.get("rope_parameters") or {}
+    if d.get("rope_scaling") is not None or any(
+            isinstance(p, dict) and p.get("rope_type", "default") != "default" for p in params.values()):
+        raise UnsupportedModelError("config.json: RoPE scaling is not supported for Gemma 3 (the 270M/1B have none)")
+    full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    return {
+        "sliding_window": int(d.get("sliding_window") or 0),
+        "sliding_layers": sliding,
+        "rope_theta": float(full.get("rope_theta", d.get("rope_theta", 1_000_000.0))),
+        "rope_local_theta": float(local.get("rope_theta", d.get("rope_local_base_freq", 10000.0))),
+        "query_pre_attn_scalar": float(d.get("query_pre_attn_scalar", head_dim)),
+    }
 
 
 def _rope_theta(d: dict) -> float:

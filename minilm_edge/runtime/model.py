@@ -18,6 +18,7 @@ from ..formats.trust import enforce_policy
 from ..kernels import ops_f32 as kernels
 from ..kernels.policy import blas_threads
 from ..kernels.quant_i8_matmul import use_int8_activations
+from .blocks import layer_inv_freqs, run_blocks
 from .checkpoint import Weights, load_weights
 from .config import LlamaConfig, load_config, read_json
 from .decode import build_plan
@@ -102,7 +103,8 @@ class Model:
         # All-int4 blocks: one compiled call per decoded token (decode.py); the blocks' linears
         # become views into its stacked weights. Otherwise, per block, q|k|v and gate|up are fused
         # into one linear where the format allows (fewer calls per token), else None.
-        self._plan = build_plan(config, weights.blocks)
+        self._plan = build_plan(config, weights.blocks) if config.arch.plain else None
+        self._layer_inv_freq = layer_inv_freqs(config, self._inv_freq)   # RoPE base per layer (blocks.py)
         self._fused_decode = self._plan is not None
         if self._plan is not None:
             self._fused = self._use_plan_views()
@@ -211,6 +213,8 @@ class Model:
         return x
 
     def _blocks(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        if not self.config.arch.plain:                # Qwen3, Gemma 3: runtime/architecture.py
+            return run_blocks(self, ids, cache)
         c, T, p0 = self.config, len(ids), cache.length
         H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         angle = np.arange(p0, p0 + T, dtype=np.float64)[:, None] * self._inv_freq[None, :]
