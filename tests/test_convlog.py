@@ -104,3 +104,11 @@ def test_check_from_log_scores_the_logged_turns(tiny_model_dir, home, capsys, mo
     rec = check.history()[-1]
     assert rec["data"] == "log:1d:2 turns" and rec["data_sha256"] == check._sha256(text)
     assert rec["metrics"]["kl_mean"] == 0 and rec["metrics"]["same_top"] == 1
+
+
+def test_a_store_reference_is_named_as_given(tmp_path):
+    version = tmp_path / ("ab" * 32)                   # a store version's folder: named by its digest
+    version.mkdir()
+    assert convlog.model_name("smollm2-135m-instruct-awq:latest", version) == "smollm2-135m-instruct-awq:latest"
+    assert convlog.model_name(str(version), version) == version.name
+    assert convlog.model_name(None, version) == version.name

@@ -256,9 +256,11 @@ def make_baseline(ref_path, text: str, out, *, ctx: int | None, max_tokens: int 
 
 
 def run_check(model_path, baseline, text: str, *, data_label: str, golden=None, thresholds=None,
-              ctx: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True) -> dict:
+              ctx: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS, progress: bool = True,
+              model_name: str | None = None) -> dict:
     """Compare the model folder `model_path` with `baseline` (a model folder or a saved .npz) on
-    `text` and the golden cases; return the run's record (metrics, failures, passed)."""
+    `text` and the golden cases; return the run's record (metrics, failures, passed). `model_name`:
+    how the user named it (default: the folder's name)."""
     from ..runtime.evaluate import compare, compare_to_reference
     from .convlog import model_version
     thresholds = load_thresholds() if thresholds is None else thresholds
@@ -294,7 +296,7 @@ def run_check(model_path, baseline, text: str, *, data_label: str, golden=None, 
         if ref_golden.get("sha256") == _sha256(json.dumps(golden, sort_keys=True)):
             metrics["baseline_golden_pass"] = ref_golden["pass"]
     failures = verdict(metrics, thresholds)
-    return {"time": _now_iso(), "model": model_path.name, "model_path": str(model_path),
+    return {"time": _now_iso(), "model": model_name or model_path.name, "model_path": str(model_path),
             "model_version": model_version(model_path), "baseline": baseline_id, "data": data_label,
             "data_sha256": _sha256(text), "tokens_scored": res["tokens_scored"], "ctx": res["ctx"],
             "metrics": metrics, "thresholds": thresholds, "failures": failures, "passed": not failures,
@@ -623,6 +625,7 @@ def cmd_check(args):
         raise UsageError("give MODEL to check (or only --save-baseline FILE.npz to save the reference's side)")
     if len(args.models) > 1:
         raise UsageError("several MODELs need --cluster (one job per model and file)")
+    from .convlog import model_name
     text, label = _text_and_label(args)
     baseline = _resolve(args.baseline)
     if args.save_baseline:
@@ -633,8 +636,9 @@ def cmd_check(args):
         print(f"baseline saved: {out}", file=sys.stderr)
         if not args.models:
             return 0
-    rec = run_check(_resolve(args.models[0]), baseline, text, data_label=label, golden=golden,
-                    thresholds=thresholds, ctx=args.ctx, max_tokens=args.max_tokens)
+    path = _resolve(args.models[0])
+    rec = run_check(path, baseline, text, data_label=label, golden=golden, thresholds=thresholds, ctx=args.ctx,
+                    max_tokens=args.max_tokens, model_name=model_name(args.models[0], path))
     return finish(rec, args)
 
 
@@ -656,11 +660,11 @@ def finish(rec: dict, args) -> int:
 # ---- many models × data files on a Dask cluster (app/cluster.py)
 
 
-def check_job(model_path, baseline, data_path, golden, thresholds, ctx, max_tokens) -> dict:
+def check_job(model_path, baseline, data_path, golden, thresholds, ctx, max_tokens, name) -> dict:
     """One check on a worker; the record comes back and is written here (this machine's store)."""
     from ..runtime.evaluate import read_text
     return run_check(model_path, baseline, read_text(data_path), data_label=str(data_path), golden=golden,
-                     thresholds=thresholds, ctx=ctx, max_tokens=max_tokens, progress=False)
+                     thresholds=thresholds, ctx=ctx, max_tokens=max_tokens, progress=False, model_name=name)
 
 
 def check_jobs(args, thresholds, golden) -> int:
@@ -669,14 +673,15 @@ def check_jobs(args, thresholds, golden) -> int:
     import itertools
 
     from .cluster import fail_line, run_jobs
+    from .convlog import model_name
     if args.from_log or args.save_baseline or not args.models or not args.data:
         raise UsageError("check --cluster takes MODEL... and --data FILE... (not --from-log or --save-baseline)")
     for d in args.data:
         if not Path(d).is_file():
             raise UsageError(f"data file not found: {d}")
-    models, baseline = [_resolve(m) for m in args.models], _resolve(args.baseline)
-    jobs = [(str(m), str(baseline), str(Path(d).resolve()), golden, thresholds, args.ctx, args.max_tokens)
-            for m, d in itertools.product(models, args.data)]
+    models, baseline = [(_resolve(m), m) for m in args.models], _resolve(args.baseline)
+    jobs = [(str(m), str(baseline), str(Path(d).resolve()), golden, thresholds, args.ctx, args.max_tokens,
+             model_name(arg, m)) for (m, arg), d in itertools.product(models, args.data)]
     code = 0
     for job, res in zip(jobs, run_jobs(args.cluster, check_job, jobs, "check")):
         if isinstance(res, Exception):

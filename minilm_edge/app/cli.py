@@ -98,7 +98,7 @@ def cmd_chat(args):
     _check_sampling_flags(args)
     model = _load(args.model_dir)
     session = model.chat_session(system=args.system, settings=_settings(model, args), max_context=args.ctx)
-    log = _conversation_log(model, "chat")
+    log = _conversation_log(model, "chat", args.model_dir or DEFAULT_MODEL)
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):
         # A line that is not UTF-8 reaches the tokenizer (a one-line error for that turn) instead
@@ -137,15 +137,13 @@ def cmd_chat(args):
     return 0
 
 
-def _conversation_log(model, source):
+def _conversation_log(model, source, model_arg):
     """A function(prompt, gen, seconds) that records the turn when the conversation log is on
     (app/convlog.py; off by default), else does nothing."""
-    from pathlib import Path
-
     from . import convlog
     if not convlog.enabled() or model.path is None:
         return lambda *a: None
-    name, version = Path(model.path).name, convlog.model_version(model.path)
+    name, version = convlog.model_name(model_arg, model.path), convlog.model_version(model.path)
     return lambda prompt, gen, seconds: convlog.record(
         name, version, prompt, gen.text, prompt_tokens=len(gen.prompt_ids), answer_tokens=len(gen.token_ids),
         seconds=seconds, source=source)

@@ -73,6 +73,12 @@ def store_settings(home=None) -> dict:
     return data
 
 
+def model_name(arg, folder) -> str:
+    """How the user named the model: a store reference as given (smollm2-135m-instruct-awq, NAME:TAG),
+    a folder by its name (a store version's folder is named by its digest, which says nothing)."""
+    return Path(folder).name if arg is None or Path(str(arg)).expanduser().exists() else str(arg)
+
+
 _VERSIONS: dict = {}
 
 
