@@ -483,6 +483,8 @@ def build_parser():
     _add_eval_parser(sub)
     _add_export_awq_parser(sub)
     _add_inspect_parser(sub)
+    from .serve import add_parser as add_serve_parser  # the HTTP server (app/serve.py)
+    add_serve_parser(sub, DEFAULT_MODEL, _load)
     return p
 
 
