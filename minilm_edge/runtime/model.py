@@ -69,10 +69,15 @@ class KVCache:
     `tokens` are the ids whose keys/values are held, so a chat can reuse the common prefix.
     """
 
-    def __init__(self, cfg: LlamaConfig, max_len: int):
+    def __init__(self, cfg: LlamaConfig, max_len: int, storage: tuple | None = None):
+        """storage: (k, v) arrays of that shape to use instead (a slot of batch.BatchDecoder's pool)."""
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = lazy_zeros(shape)
-        self.v = lazy_zeros(shape)
+        if storage is not None:
+            assert storage[0].shape == shape and storage[1].shape == shape
+            self.k, self.v = storage
+        else:
+            self.k = lazy_zeros(shape)
+            self.v = lazy_zeros(shape)
         self.scratch = np.zeros((cfg.num_attention_heads, max_len), np.float32)   # [H, S] scores
         self.max_len = max_len
         self.tokens: list[int] = []
@@ -179,6 +184,12 @@ class Model:
         """
         x = self.hidden_states(ids, cache, last_only)
         return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
+
+    def decode_batch(self, tokens, caches: list) -> np.ndarray:
+        """One decode step of B sequences: token b appended after what caches[b] holds (each its
+        own position).                                                   [B] -> logits [B, V] float32
+        """
+        return np.concatenate([self.forward([t], c, last_only=True) for t, c in zip(tokens, caches)])
 
     def hidden_states(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """`forward` without the lm_head: the final-normed hidden state of each token.  [T] -> [T, D]

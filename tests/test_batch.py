@@ -1,0 +1,156 @@
+"""Batched decoding (runtime/batch.py) against single-stream generation, on tiny random models."""
+import numpy as np
+import pytest
+
+import minilm_edge
+from minilm_edge.errors import ContextOverflowError, UsageError
+from minilm_edge.kernels.policy import threads
+from minilm_edge.quant.quantize import quantize
+from minilm_edge.runtime.batch import BatchDecoder, stream_batch
+from minilm_edge.runtime.generation import Generation, SamplingSettings
+from tinymodel import make_model_dir
+
+QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+PROMPTS = ["the capital of France", "hello", "and the", "Paris is the capital and", "x", "hello hello the"]
+
+
+@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act"])
+def model(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("b")
+    src, _, _ = make_model_dir(d / "src", **QUANTIZABLE)
+    if request.param == "f32":
+        return minilm_edge.load(src)
+    q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8")
+    return minilm_edge.load(q, int8_activations=request.param == "q4")
+
+
+def alone(model, ids, settings, max_len=None):
+    """(token ids, text, finish) of one prompt generated single-stream."""
+    g = Generation(model, model.new_cache(max_len), ids, settings)
+    text = "".join(g)
+    return g.token_ids, text, {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}[g.finish_reason]
+
+
+def run_batch(dec, seqs):
+    """Step until every sequence finished: {seq: (tokens, text, finish)}, plus the events."""
+    out = {s: ([], "", None) for s in seqs}
+    events = []
+    while dec.active:
+        for ev in dec.step():
+            events.append(ev)
+            toks, text, _ = out[ev.seq]
+            assert out[ev.seq][2] is None, "an event after the final one"
+            out[ev.seq] = (toks + [ev.token], text + ev.text, ev.finish)
+    return out, events
+
+
+def encode(model, prompts):
+    return [model.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(max_new_tokens=12),
+    SamplingSettings(max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=5, repetition_penalty=1.2),
+    SamplingSettings(max_new_tokens=16, stop=("the", "e ")),
+])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_batch_matches_each_sequence_alone(model, settings, n_threads):
+    ids = encode(model, PROMPTS)
+    with threads(n_threads):
+        want = [alone(model, i, settings) for i in ids]
+        dec = BatchDecoder(model, max_batch=len(ids))
+        seqs = [dec.add(i, settings) for i in ids]
+        got, _ = run_batch(dec, seqs)
+    for s, (w_toks, w_text, w_finish) in zip(seqs, want):
+        toks, text, finish = got[s]
+        n = len(w_toks)
+        # the batch reports the final token too (EOS, or the one completing a stop string)
+        assert toks[:n] == w_toks and text == w_text and finish == w_finish
+        assert len(toks) - n == (1 if w_finish == "stop" else 0)
+    assert dec.free_slots == len(ids)
+
+
+def test_sequences_join_and_leave_between_steps(model):
+    settings = SamplingSettings(max_new_tokens=9)
+    ids = encode(model, PROMPTS)
+    want = [alone(model, i, settings)[0] for i in ids]
+    dec = BatchDecoder(model, max_batch=3)
+    got, order = {}, {}
+    waiting = list(range(len(ids)))
+    removed = None
+    steps = 0
+    while waiting or dec.active:
+        while waiting and dec.free_slots:
+            i = waiting.pop(0)
+            s = dec.add(ids[i], settings)
+            order[s], got[s] = i, []
+        for ev in dec.step():
+            got[ev.seq].append(ev.token)
+        steps += 1
+        if steps == 2 and removed is None:          # a client goes away mid-answer
+            removed = min(s for s in got if len(got[s]) == 2)
+            dec.remove(removed)
+            dec.remove(removed)                     # twice is fine
+    for s, toks in got.items():
+        w = want[order[s]]
+        if s == removed:
+            assert toks == w[:2]
+        else:                                       # (+ the EOS that ended it, if one did)
+            assert toks[:len(w)] == w and len(toks) - len(w) in (0, 1)
+
+
+def test_logprobs_are_the_raw_distribution(model):
+    ids = encode(model, PROMPTS[:2])
+    dec = BatchDecoder(model, max_batch=2)
+    s = dec.add(ids[0], SamplingSettings(max_new_tokens=3, temperature=2.0, seed=1), logprobs=5)
+    dec.add(ids[1], SamplingSettings(max_new_tokens=3))
+    ev = [e for e in dec.step() if e.seq == s][0]
+    z = model.forward(ids[0], model.new_cache(), last_only=True)[0].astype(np.float64)   # as Generation
+    lsm = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert ev.logprob == pytest.approx(lsm[ev.token], abs=1e-4)
+    assert [t for t, _ in ev.top_logprobs] == list(np.argsort(-lsm, kind="stable")[:5])
+    np.testing.assert_allclose([lp for _, lp in ev.top_logprobs], np.sort(lsm)[::-1][:5], atol=1e-4)
+
+
+def test_context_full_ends_with_length(model):
+    settings = SamplingSettings(max_new_tokens=100)
+    ids = encode(model, PROMPTS[:2])
+    want = [alone(model, i, settings, max_len=12) for i in ids]
+    dec = BatchDecoder(model, max_batch=2, max_len=12)
+    seqs = [dec.add(i, settings) for i in ids]
+    got, _ = run_batch(dec, seqs)
+    for s, (w_toks, w_text, w_finish) in zip(seqs, want):
+        if w_finish == "length":
+            assert got[s] == (w_toks, w_text, "length") and len(ids[seqs.index(s)]) + len(w_toks) == 12
+
+
+def test_bad_use_is_a_typed_error(model):
+    dec = BatchDecoder(model, max_batch=1, max_len=8)
+    with pytest.raises(ContextOverflowError):
+        dec.add(list(range(3, 11)), SamplingSettings())
+    with pytest.raises(UsageError):
+        dec.add([], SamplingSettings())
+    with pytest.raises(UsageError):
+        dec.add([3], SamplingSettings(), logprobs=-1)
+    with pytest.raises(UsageError):
+        dec.add([10 ** 9], SamplingSettings())
+    assert dec.free_slots == 1                   # a refused prompt keeps no slot
+    dec.add([3, 4], SamplingSettings())
+    with pytest.raises(UsageError):
+        dec.add([3, 4], SamplingSettings())      # full
+    with pytest.raises(UsageError):
+        dec.remove(99)
+    with pytest.raises(UsageError):
+        BatchDecoder(model, max_batch=0)
+    with pytest.raises(UsageError):
+        stream_batch(model, [])
+
+
+def test_stream_batch_gives_each_prompt_its_answer(model):
+    settings = SamplingSettings(max_new_tokens=7)
+    want = [alone(model, i, settings)[1] for i in encode(model, PROMPTS)]
+    streams = stream_batch(model, PROMPTS, settings=settings, max_batch=4)   # more prompts than slots
+    assert ["".join(s) for s in streams[::-1]] == want[::-1]
+    chat = stream_batch(model, PROMPTS[:2], settings=settings, chat=True)
+    ids = [model.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
+    assert ["".join(s) for s in chat] == [alone(model, i, settings)[1] for i in ids]
