@@ -154,3 +154,25 @@ def test_stream_batch_gives_each_prompt_its_answer(model):
     chat = stream_batch(model, PROMPTS[:2], settings=settings, chat=True)
     ids = [model.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
     assert ["".join(s) for s in chat] == [alone(model, i, settings)[1] for i in ids]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_decode_batch_logits_match_single_stream(model, n_threads):
+    """Teacher-forced: the same tokens through decode_batch (pooled caches, and separate caches)
+    and one by one through the single-stream decode give the same logits."""
+    rng = np.random.default_rng(0)
+    V, B = model.config.vocab_size, 5
+    dec = BatchDecoder(model, max_batch=B, max_len=48)
+    pooled = [dec._seqs[dec.add(list(rng.integers(0, V, 3 + 4 * b)), SamplingSettings())].cache for b in range(B)]
+    own, ref = [model.new_cache(48) for _ in range(B)], [model.new_cache(48) for _ in range(B)]
+    for c, o, r in zip(pooled, own, ref):
+        model.forward(c.tokens, o)
+        model.forward(c.tokens, r)
+    with threads(n_threads):
+        for _ in range(6):
+            toks = rng.integers(0, V, B)
+            want = np.concatenate([model.forward([t], r, last_only=True) for t, r in zip(toks, ref)])
+            np.testing.assert_allclose(model.decode_batch(toks, pooled), want, atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(model.decode_batch(toks, own), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UsageError):
+        model.decode_batch([1, 2], [own[0], own[0]])

@@ -119,7 +119,7 @@ class BatchDecoder:
         if not self._free:
             raise UsageError(f"the batch is full ({self.max_batch} sequences); wait for a free slot")
         slot = self._free.pop()
-        cache = KVCache(self.model.config, self.max_len, storage=(self._k[slot], self._v[slot]))
+        cache = KVCache(self.model.config, self.max_len, pool=(self._k, self._v, slot))
         try:
             logits = _finite(self.model.forward(ids, cache, last_only=True)[0], self.model)
         except BaseException:
