@@ -243,6 +243,36 @@ def test_unknown_model_is_404_and_not_json_is_400(tiny):
     assert_openai_error(err, "invalid_request_error")
 
 
+def test_prompt_longer_than_the_context_is_400(tiny):
+    long = [{"role": "user", "content": "hello " * 200}]              # the tiny model holds 128 positions
+    with running(tiny) as (url, _, _):
+        with pytest.raises(openai.BadRequestError) as e:
+            client(url).chat.completions.create(model="tiny", messages=long)
+        with pytest.raises(openai.BadRequestError) as e2:
+            client(url).completions.create(model="tiny", prompt="hello " * 200, max_tokens=0, echo=True, logprobs=0)
+    assert e.value.body["code"] == e2.value.body["code"] == "context_length_exceeded"
+
+
+class Broken(Gated):
+    """A model whose first decode step hits a bug."""
+
+    def decode_batch(self, tokens, caches):
+        if self.steps == 0:
+            self.steps += 1
+            raise RuntimeError("a bug")
+        return super().decode_batch(tokens, caches)
+
+
+def test_a_bug_in_a_step_is_a_500_and_the_server_goes_on(tiny):
+    with running(Broken(tiny)) as (url, engine, _):
+        with pytest.raises(openai.InternalServerError) as e:
+            client(url).chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
+        after = client(url).chat.completions.create(model="tiny", messages=MSG, max_tokens=4)
+        free = engine.decoder.free_slots
+    assert e.value.body["type"] == "server_error" and "RuntimeError" in e.value.body["message"]
+    assert after.usage.completion_tokens >= 1 and free == engine.limits.max_batch
+
+
 def test_api_key_is_checked(tiny):
     with running(tiny, api_key="s3cret") as (url, _, _):
         with pytest.raises(openai.AuthenticationError) as e:

@@ -151,10 +151,22 @@ class Engine:
                 if self._cut:
                     self._cut_all()
                     return
-            self._drop_gone()
-            self._admit()
-            if self._active:
-                self._step()
+            try:
+                self._drop_gone()
+                self._admit()
+                if self._active:
+                    self._step()
+            except Exception as e:     # a bug: its requests fail with a 500, the server keeps serving
+                self._fail_active(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+    def _fail_active(self, err: APIError):
+        for seq, job in list(self._active.items()):
+            job.out.put(("error", err))
+            self._finish(seq, remove=False)
+            try:
+                self.decoder.remove(seq)
+            except MiniLMError:
+                pass
 
     def _cut_all(self):
         err = APIError(503, "the server shut down before this request finished", "server_error", code="shutting_down")
@@ -196,6 +208,9 @@ class Engine:
                     return
                 job = self._waiting.popleft()
             try:
+                if len(job.prompt_ids) >= self.max_len:
+                    raise ContextOverflowError(f"the prompt is {len(job.prompt_ids)} tokens but the context holds "
+                                               f"{self.max_len} (at least 1 must be left for the answer); shorten it")
                 if job.prompt_logprobs is not None:
                     job.out.put(("prompt", prompt_logprobs(self.model, job.prompt_ids, job.prompt_logprobs)))
                 if job.settings is None:             # echo with max_tokens 0: the prompt's scores only
@@ -220,10 +235,7 @@ class Engine:
         try:
             events = self.decoder.step()
         except MiniLMError as e:                 # the model itself failed: every active request fails
-            err = APIError(500, str(e), "server_error")
-            for seq, job in list(self._active.items()):
-                job.out.put(("error", err))
-                self._finish(seq)
+            self._fail_active(APIError(500, str(e), "server_error"))
             return
         for ev in events:
             job = self._active.get(ev.seq)
