@@ -105,6 +105,7 @@ class Engine:
         self._active: dict[int, Job] = {}
         self._cv = threading.Condition()
         self._closing = False         # no new jobs
+        self.hurry = threading.Event()  # set during close(): cut now instead of waiting out the grace
         self._cut = False             # end what is left now
         self._avg_seconds = 5.0       # running mean of a job's time in a slot (for Retry-After)
         self._started: dict[int, float] = {}
@@ -136,7 +137,7 @@ class Engine:
         with self._cv:
             self._closing = True
             end = time.monotonic() + grace
-            while (self._active or self._waiting) and time.monotonic() < end:
+            while (self._active or self._waiting) and time.monotonic() < end and not self.hurry.is_set():
                 self._cv.wait(min(0.1, max(0.0, end - time.monotonic())))
             self._cut = True
             self._cv.notify()
@@ -723,7 +724,8 @@ Serve a model over HTTP with the OpenAI API (chat completions, completions, mode
 page at http://HOST:PORT/. Concurrent requests are decoded together (continuous batching, up to
 --max-batch at once; up to --max-queue more wait, beyond that 429 with Retry-After). One access-log
 line per request on stderr (never the text). Ctrl-C or SIGTERM stops taking requests, lets the
-running ones finish for --shutdown-grace seconds, and ends the rest with an error.
+running ones finish for --shutdown-grace seconds, and ends the rest with an error (at once on a
+second Ctrl-C).
 
 Binding to anything but 127.0.0.1 / ::1 / localhost needs an API key (--api-key, or the
 environment variable MINILM_EDGE_API_KEY, which other users cannot read from the process list).
@@ -792,8 +794,12 @@ def cmd_serve(args):
         engine.close(0)
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     stop = threading.Event()
+
+    def on_signal(*_):                        # the first asks to stop, a second not to wait
+        (engine.hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     host, port = httpd.server_address[:2]
     print(f"serving {path.name} ({httpd.version}) at http://{host}:{port}/ "
           f"(batch {limits.max_batch}, queue {limits.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
