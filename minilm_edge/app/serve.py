@@ -554,7 +554,7 @@ class Handler(BaseHTTPRequestHandler):
         job = Job(ids, settings, logprobs=k)
         rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.server.model_name
         tok = model.tokenizer
-        st = {"n": 0, "text": [], "lp": [], "finish": None, "t_first": None}
+        st = {"n": 0, "text": [], "lp": [], "finish": None}
         eos = model.eos_ids()
 
         def lp_entry(ev):
@@ -566,7 +566,6 @@ class Handler(BaseHTTPRequestHandler):
                     "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
 
         def on_event(kind, ev):
-            st["t_first"] = st["t_first"] or time.perf_counter()
             if ev.token not in eos:
                 st["n"] += 1
                 if want_lp:
@@ -595,8 +594,9 @@ class Handler(BaseHTTPRequestHandler):
         return 200, f" prompt={len(ids)} completion={st['n']}"
 
     def _stream(self, job, on_event, first, body, usage, usage_chunk):
-        """Run a streamed job: 200 and the first chunk once the job is admitted to the queue, then
-        events; errors after the 200 become an `error` event; `data: [DONE]` ends a good stream."""
+        """Run a streamed job. The 200 and the first chunk go out with the job's first event, so a full
+        queue or a prompt too long is still a plain HTTP error; an error after the 200 becomes an
+        `error` event that ends the stream; `data: [DONE]` ends a good one."""
         started = []
 
         def on(kind, value):
