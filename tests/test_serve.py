@@ -382,14 +382,15 @@ def _start(args, env=None):
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny):
-    proc, url = _start([str(tiny.path), "--shutdown-grace", "20"])
+    proc, url = _start([str(tiny.path), "--shutdown-grace", "60"])
     try:
-        stream = client(url).chat.completions.create(model="tiny", messages=MSG, max_tokens=60, stream=True)
+        stream = client(url, timeout=120).chat.completions.create(model="tiny", messages=MSG, max_tokens=60,
+                                                                  stream=True)
         it = iter(stream)
         next(it)
         proc.send_signal(signal.SIGTERM)
         rest = list(it)                               # the answer still ends normally
-        rc = proc.wait(WAIT)
+        rc = proc.wait(120)
         err = proc.stderr.read()
     finally:
         if proc.poll() is None:
