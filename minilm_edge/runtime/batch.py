@@ -66,16 +66,17 @@ class _Seq:
 
 
 def raw_logprobs(logits: np.ndarray, token: int, k: int):
-    """log softmax(logits)[token], and the k most likely (id, logprob), most likely first (ties: lower id)."""
-    z = logits.astype(np.float64)
-    m = z.max()
-    lse = m + np.log(np.exp(z - m).sum())
+    """log softmax(logits)[token], and the k most likely (id, logprob), most likely first (ties: lower
+    id). The exponentials in float32, summed in float64 (every step pays this, so it is kept cheap)."""
+    m = logits.max()
+    lse = float(m) + float(np.log(np.exp(logits - m).sum(dtype=np.float64)))
     top = []
     if k:
+        z = logits
         idx = np.argpartition(-z, k - 1)[:k] if k < z.size else np.arange(z.size)
         idx = idx[np.lexsort((idx, -z[idx]))]
-        top = [(int(i), float(z[i] - lse)) for i in idx]
-    return float(z[token] - lse), top
+        top = [(int(i), float(z[i]) - lse) for i in idx]
+    return float(logits[token]) - lse, top
 
 
 class BatchDecoder:
