@@ -381,6 +381,16 @@ def _start(args, env=None):
     pytest.fail("the server did not start: " + "".join(lines))
 
 
+def stop(proc):
+    """SIGTERM, then SIGKILL if the server has not exited within two minutes."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny):
     proc, url = _start([str(tiny.path), "--shutdown-grace", "60"])
     try:
@@ -410,6 +420,5 @@ def test_real_model_answers_the_question(real_model_dir):
         question = [{"role": "user", "content": "What is the capital of France?"}]
         r = c.chat.completions.create(model=model, messages=question, max_tokens=24, temperature=0)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(WAIT)
+        stop(proc)
     assert "Paris" in r.choices[0].message.content
