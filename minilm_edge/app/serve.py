@@ -802,13 +802,13 @@ def cmd_serve(args):
     if model.tokenizer is None or not model.tokenizer.chat_template:
         print("note: this model has no chat template; /v1/chat/completions will refuse requests", file=sys.stderr)
     engine = Engine(model, limits, max_len=args.ctx)
-    print("warming up (compiling kernels on first use)", file=sys.stderr, flush=True)
-    engine.warm_up(model.tokenizer.encode("Hello") or [0])
-    try:
+    try:                                      # bound now (a taken port fails at once); served after the warm-up
         httpd = Server((args.host, args.port), engine, path.name, model_version(path), args.api_key)
     except OSError as e:
         engine.close(0)
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    print("warming up (compiling kernels on first use)", file=sys.stderr, flush=True)
+    engine.warm_up(model.tokenizer.encode("Hello") or [0])
     stop = threading.Event()
 
     def on_signal(*_):                        # the first asks to stop, a second not to wait
