@@ -406,8 +406,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _access_log(self, status, t0, extra=""):
         with self.server.log_lock:
-            print(f'{self.client_address[0]} "{self.command} {self.path}" {status} {time.perf_counter() - t0:.3f}s'
-                  f'{extra}', file=self.server.log, flush=True)
+            try:
+                print(f'{self.client_address[0]} "{self.command} {self.path}" {status} '
+                      f'{time.perf_counter() - t0:.3f}s{extra}', file=self.server.log, flush=True)
+            except (OSError, ValueError):     # a closed log stops no request
+                pass
 
     def _send_json(self, status, obj, headers=None):
         data = json.dumps(obj).encode()
@@ -807,7 +810,7 @@ def cmd_serve(args):
     except OSError as e:
         engine.close(0)
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    print("warming up (compiling kernels on first use)", file=sys.stderr, flush=True)
+    _say("warming up (compiling kernels on first use)")
     engine.warm_up(model.tokenizer.encode("Hello") or [0])
     stop = threading.Event()
 
@@ -817,20 +820,29 @@ def cmd_serve(args):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     host, port = httpd.server_address[:2]
-    print(f"serving {path.name} ({httpd.version}) at http://{host}:{port}/ "
-          f"(batch {limits.max_batch}, queue {limits.max_queue}); Ctrl-C stops", file=sys.stderr, flush=True)
     loop = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="minilm-http")
     loop.start()
-    while not stop.wait(0.5):
-        pass
-    print(f"shutting down: finishing requests in flight (at most {limits.shutdown_grace:g} s)", file=sys.stderr,
-          flush=True)
-    engine.close(limits.shutdown_grace)       # new requests get 503 meanwhile
-    httpd.shutdown()
-    loop.join()
-    httpd.server_close()                      # waits for handler threads to write their last bytes
-    print("stopped", file=sys.stderr, flush=True)
+    try:
+        _say(f"serving {path.name} ({httpd.version}) at http://{host}:{port}/ "
+             f"(batch {limits.max_batch}, queue {limits.max_queue}); Ctrl-C stops")
+        while not stop.wait(0.5):
+            pass
+        _say(f"shutting down: finishing requests in flight (at most {limits.shutdown_grace:g} s)")
+    finally:                                  # whatever happens here, the threads end and the process exits
+        engine.close(limits.shutdown_grace)   # new requests get 503 meanwhile
+        httpd.shutdown()
+        loop.join()
+        httpd.server_close()                  # waits for handler threads to write their last bytes
+    _say("stopped")
     return 0
+
+
+def _say(line: str) -> None:
+    """A status line on stderr; a closed stderr (the log piped into a reader that quit) stops nothing."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def add_parser(sub, default_model: str, load_model):
