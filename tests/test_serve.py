@@ -411,6 +411,20 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny):
     assert "shutting down" in err and "stopped" in err and "Traceback" not in err
 
 
+def test_sigterm_ends_the_server_even_when_its_log_reader_is_gone(tiny):
+    proc, url = _start([str(tiny.path)])
+    try:
+        proc.stderr.close()                           # whoever read the log quit (a `| head`, a closed terminal)
+        client(url).chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 0
+
+
 @pytest.mark.real_model
 def test_real_model_answers_the_question(real_model_dir):
     proc, url = _start([str(real_model_dir)])
