@@ -548,6 +548,9 @@ def build_parser():
     add_signing_parsers(sub, verify=cmd_verify)
     from .models_cmd import add_parser as add_models_parser  # models: the store's versions and tags
     add_models_parser(sub)
+
+    from .serve import add_parser as add_serve_parser  # the HTTP server (app/serve.py)
+    add_serve_parser(sub, DEFAULT_MODEL, _load)
     return p
 
 

@@ -170,8 +170,7 @@ def attention(q, kc, vc, pos0, scratch, out, window=0):
         q, kc, vc, pos0, scratch, out, window)
 
 
-@parallel_kernel(fastmath=FASTMATH_REDUCE)
-def silu_mul(g, u, out):
+def _silu_mul(g, u, out):
     """out = silu(g) ⊙ u = g / (1 + exp(-g)) · u.            g, u, out: [T, F] (rows contiguous)
 
     Tokens split across threads, 16 lanes at a time (v_exp; exp(-g) clamps at e^88.4, where
@@ -205,3 +204,13 @@ def gelu_tanh_mul(g, u, out):
             x = g[t, f]
             out[t, f] = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x * x * x))) \
                 * u[t, f]
+
+# A batched decode step's few rows take less time than a hand-off to the thread team (see attention).
+_silu_mul_parallel = parallel_kernel(fastmath=FASTMATH_REDUCE)(_silu_mul)
+_silu_mul_serial = kernel(fastmath=FASTMATH_REDUCE)(_silu_mul)
+PARALLEL_SILU_MIN_TOKENS = 16
+
+
+def silu_mul(g, u, out):
+    """out = silu(g) ⊙ u (see `_silu_mul`), on the thread team from PARALLEL_SILU_MIN_TOKENS rows."""
+    (_silu_mul_parallel if g.shape[0] >= PARALLEL_SILU_MIN_TOKENS else _silu_mul_serial)(g, u, out)

@@ -354,8 +354,7 @@ def v_quantize_i8(typingctx, x, off, inv, q):
 # Kernels
 
 
-@parallel_kernel()
-def _quantize_x_i8(X, block, group_size, qx, sx, zt):
+def _quantize_x(X, block, group_size, qx, sx, zt):
     """X float32 [T, K] -> qx int8 [Tp, K] (octets in VNNI order), sx float32 [Tp, nb], zt float32 [Tp, G].
 
         sx[t, b] = max|X[t, b-th block]| / 127,  qx[t, k] = round_half_even(X[t, k] * (1 / sx[t, b]))
@@ -384,6 +383,14 @@ def _quantize_x_i8(X, block, group_size, qx, sx, zt):
                 s += v_quantize_i8(x, o, inv, q)
             sx[t, b] = d
             zt[t, k0 // group_size] += d * np.float32(s)
+
+
+# Two builds of one loop nest (as ops_f32's attention): the rows of a batched decode step (a few
+# tokens) take less time than a hand-off to the thread team, which on a busy machine can cost a
+# scheduler time slice.
+_quantize_x_i8 = parallel_kernel()(_quantize_x)
+_quantize_x_i8_serial = kernel()(_quantize_x)
+PARALLEL_QUANTIZE_MIN_TOKENS = 16
 
 
 @kernel()
@@ -494,7 +501,7 @@ def quantize_activations(X: np.ndarray, group_size: int, block: int = ACT_BLOCK)
     qx = np.zeros((tp, k), np.int8)
     sx = np.zeros((tp, k // block), np.float32)
     zt = np.zeros((tp, k // group_size), np.float32)
-    _quantize_x_i8(X, block, group_size, qx, sx, zt)
+    (_quantize_x_i8 if t >= PARALLEL_QUANTIZE_MIN_TOKENS else _quantize_x_i8_serial)(X, block, group_size, qx, sx, zt)
     return qx, sx, zt
 
 

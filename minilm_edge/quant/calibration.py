@@ -7,8 +7,10 @@ whole rows as there are (or one shorter row), with a note saying so.
 
 Self-generated (no data needed, none leaves or enters the site): the model continues short seed
 texts and questions drawn with the seed, sampling with temperature and top-p (the runtime's
-`sample_rows`), in batches, through the quantizer's NumPy block over a KV cache (llama_block.py);
-when it emits an end-of-text token a new seed is started in the same row. Reproducible for a seed.
+`sample_rows`), in batches of rows decoded together by the runtime's batched step
+(`Model.decode_batch`: the full-precision model, float32 activations, each row in its own slot of
+one KV pool); when it emits an end-of-text token a new seed is started in the same row.
+Reproducible for a seed (on one machine: the batched products' rounding may differ between CPUs).
 
 Either way the result records its source and the sha256 of the token ids (int32, little-endian,
 row-major), which `quantization_config` keeps.
@@ -128,7 +130,7 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token and tokenizer.token_to_id(tokenizer.eos_token) is not None:
         eos.add(tokenizer.token_to_id(tokenizer.eos_token))
-    dec = _BatchDecoder(src, cfg, seq_len)
+    model, caches = _batch_model(src, cfg, seq_len, min(batch, n_samples))
     out = np.empty((n_samples, seq_len), np.int32)
     bar = tqdm(total=n_samples * seq_len, desc="self-generating calibration text", unit="tok",
                disable=not progress, leave=False)
@@ -136,13 +138,15 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
         b = min(n_samples, a + batch)
         B = b - a
         forced = [list(seeds[rng.integers(len(seeds))]) for _ in range(B)]
-        dec.reset(B)
+        rows = caches[:B]
+        for c in rows:
+            c.truncate(0)
         tok = np.array([f.pop(0) for f in forced], np.int64)
         for t in range(seq_len):
             out[a:b, t] = tok
             if t == seq_len - 1:
                 break
-            logits = dec.step(tok)                                   # [B, V]
+            logits = model.decode_batch(tok, rows)                   # [B, V]
             drawn = sample_rows(logits, temperature, top_p, rng)
             nxt = np.empty(B, np.int64)
             for r in range(B):
@@ -160,43 +164,12 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
                         f"(temperature {temperature}, top-p {top_p}, seed {seed})"])
 
 
-class _BatchDecoder:
-    """Full-precision decode of B sequences in lock step (one position per call), NumPy + BLAS,
-    through llama_block's block over a KV cache.
-
-    KV cache k, v: [L, B, Hkv, S, Dh] float32, allocated once per batch size.
-    """
-
-    def __init__(self, src, cfg, max_len):
-        from ..formats.tensors import GLOBAL_TENSORS, HEAD
-        from .llama_block import BlockShape, load_block, rope_tables
-        self.cfg, self.bs = cfg, BlockShape.of(cfg)
-        self.shapes = [BlockShape.of(cfg, i) for i in range(cfg.num_hidden_layers)]      # window per block
-        self.blocks = [load_block(src, cfg, i) for i in range(cfg.num_hidden_layers)]
-        en, es = GLOBAL_TENSORS["embed"]
-        nn, ns = GLOBAL_TENSORS["norm"]
-        self.embed = src.float32(en, es(cfg))                                # [V, D]
-        self.norm = src.float32(nn, ns(cfg)) + np.float32(cfg.arch.norm_offset)   # [D] as multiplied
-        hn, hs = HEAD
-        self.head = self.embed if hn + ".weight" not in src else src.float32(hn + ".weight", hs(cfg))
-        self.ropes = [rope_tables(cfg, max_len, i) for i in range(cfg.num_hidden_layers)]   # L × 2 × [S, Dh/2]
-        self.max_len = max_len
-        self.k = self.v = None
-
-    def reset(self, B):
-        shape = (len(self.blocks), B, self.bs.Hkv, self.max_len, self.bs.Dh)
-        if self.k is None or self.k.shape != shape:
-            self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        self.pos = 0
-
-    def step(self, tok):
-        """Logits of the next token for each row.                       tok [B] -> [B, V]"""
-        from .llama_block import block_forward, embed_rows, rms_norm
-        p = self.pos
-        x = embed_rows(self.cfg, self.embed, tok)[:, None, :]                # [B, 1, D]
-        for i, w in enumerate(self.blocks):
-            cos, sin = self.ropes[i][0][p:p + 1], self.ropes[i][1][p:p + 1]
-            x = block_forward(w, self.shapes[i], x, cos, sin, (self.k[i], self.v[i]), p)["out"]
-        self.pos += 1
-        x = rms_norm(x[:, 0], self.norm, self.bs.eps)                         # [B, D]
-        return x @ self.head.T
+def _batch_model(src, cfg, seq_len, batch):
+    """The full-precision model for the runtime's batched step (float32 activations), and `batch`
+    KV caches of `seq_len` positions, slots of one pool [batch, L, Hkv, S, Dh] (allocated once)."""
+    from ..runtime.checkpoint import load_weights
+    from ..runtime.model import KVCache, Model
+    model = Model(cfg, load_weights(None, cfg, src), None)
+    shape = (batch, cfg.num_hidden_layers, cfg.num_key_value_heads, seq_len, cfg.head_dim)
+    kp, vp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    return model, [KVCache(cfg, seq_len, pool=(kp, vp, b)) for b in range(batch)]

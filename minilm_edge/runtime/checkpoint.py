@@ -74,8 +74,9 @@ def load_embedding(src: TensorSource, cfg: LlamaConfig) -> np.ndarray:
     return arr if dt in ("F32", "F16") else to_float32(arr, dt)
 
 
-def load_weights(model_dir: Path, cfg: LlamaConfig) -> Weights:
-    src = TensorSource(model_dir)
+def load_weights(model_dir: Path | None, cfg: LlamaConfig, src: TensorSource | None = None) -> Weights:
+    """The weights of the folder `model_dir`, or of `src` when given (one already open)."""
+    src = src if src is not None else TensorSource(model_dir)
     check_block_count(src, cfg)
     embed = load_embedding(src, cfg)
     norm_name, norm_shape = GLOBAL_TENSORS["norm"]

@@ -26,6 +26,12 @@ class Linear:
             y += self.bias
         return y
 
+    def rows(self, X: np.ndarray) -> np.ndarray:
+        """`__call__` for the rows of B decoded tokens (a batched decode step): each row meets the
+        activations its own single-stream decode (`matvec`) gives it, so a batch decodes what each
+        sequence would alone; prefill's format may differ (int8 from INT8_MIN_TOKENS tokens)."""
+        return self(X)
+
     def matvec(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -158,6 +164,16 @@ class Q4(Linear):
         from ..kernels.quant_f32 import matvec_q4_f32
         return matvec_q4_f32(self.p, x)
 
+    def rows(self, X):
+        from ..kernels.quant_i8_matmul import VNNI, matmul_q4_i8
+        from ..kernels.quant_i8_matvec import supports_i8
+        if not (self.int8_activations and VNNI and supports_i8(self.p.group_size, self.shape[1])):
+            return self(X)                         # float32, as matvec
+        y = matmul_q4_i8(self.p, X)                # int8 activations at any B, as matvec_q4_i8
+        if self.bias is not None:
+            y += self.bias
+        return y
+
     def matmul(self, X):
         from ..kernels.quant_i8_matmul import matmul_q4_i8, use_int8_activations
         if self.int8_activations and use_int8_activations(X.shape[0]):
@@ -214,6 +230,10 @@ class Q8(Linear):
     def matvec(self, x):
         from ..kernels.quant_f32 import matvec_q8_f32
         return matvec_q8_f32(self.p, x)
+
+    def rows(self, X):
+        from ..kernels.quant_f32 import matmul_q8_f32
+        return matmul_q8_f32(self.p, X)            # float32 activations, as matvec
 
     def matmul(self, X):
         from ..kernels.quant_i8_matmul import matmul_q8_i8, use_int8_activations

@@ -72,10 +72,18 @@ class KVCache:
     `tokens` are the ids whose keys/values are held, so a chat can reuse the common prefix.
     """
 
-    def __init__(self, cfg: LlamaConfig, max_len: int):
+    def __init__(self, cfg: LlamaConfig, max_len: int, pool: tuple | None = None):
+        """pool: (kp, vp, slot): keep k, v in slot `slot` of a pool kp, vp [P, L, Hkv, S, Dh] instead
+        (batch.BatchDecoder's; Model.decode_batch then steps its sequences' attention in one call)."""
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = lazy_zeros(shape)
-        self.v = lazy_zeros(shape)
+        if pool is not None:
+            kp, vp, slot = pool
+            assert kp.shape[1:] == shape and vp.shape == kp.shape
+            self.k, self.v = kp[slot], vp[slot]
+        else:
+            self.k = lazy_zeros(shape)
+            self.v = lazy_zeros(shape)
+        self.pool = pool
         self.scratch = np.zeros((cfg.num_attention_heads, max_len), np.float32)   # [H, S] scores
         self.max_len = max_len
         self.tokens: list[int] = []
@@ -183,6 +191,81 @@ class Model:
         """
         x = self.hidden_states(ids, cache, last_only)
         return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
+
+    def decode_batch(self, tokens, caches: list) -> np.ndarray:
+        """One decode step of B sequences: token b appended after what caches[b] holds (each at its
+        own position).                                                   [B] -> logits [B, V] float32
+
+        One sequence: the single-stream decode (the fused step where there is one). Several: every
+        linear multiplies all B rows at once (the prefill matmul kernels: each weight read once per
+        step, not once per sequence), attention per sequence over its own cache; caches that are
+        slots of one pool (batch.BatchDecoder's) take one attention call for all.
+        """
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size != len(caches) or ids.size == 0:
+            raise UsageError("decode_batch needs one token per cache, and at least one")
+        if len(ids) == 1:
+            return self.forward(ids, caches[0], last_only=True)
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise UsageError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if any(c.length >= c.max_len for c in caches):
+            raise ContextOverflowError("a sequence's context is full")
+        if len({id(c) for c in caches}) != len(caches):
+            raise UsageError("decode_batch needs a different cache for each sequence")
+        blas_threads(1 if self._int8_blocks and use_int8_activations(len(ids)) else numba.get_num_threads())
+        x = self._blocks_batch(ids, caches)
+        kernels.rms_norm(x, self.weights.norm, self.config.rms_norm_eps, x)
+        return self.weights.lm_head.rows(x)                                # [B, D] -> [B, V]
+
+    def _blocks_batch(self, ids: np.ndarray, caches: list) -> np.ndarray:
+        """`_blocks` for B sequences of one new token each, at positions pos[b].        -> x [B, D]"""
+        from ..kernels.decode_batch import attention_slots, store_kv
+        c, B = self.config, len(ids)
+        H, Hkv, Dh, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+        nq, nkv = H * Dh, Hkv * Dh
+        pos = np.array([cache.length for cache in caches], np.int64)                     # [B]
+        angle = pos[:, None].astype(np.float64) * self._inv_freq[None, :]
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [B, Dh/2]
+        pool = caches[0].pool
+        pooled = pool is not None and all(cache.pool is not None and cache.pool[0] is pool[0] for cache in caches)
+        slots = np.array([cache.pool[2] for cache in caches], np.int64) if pooled else None   # [B]
+        scores = np.empty((B, H, int(pos.max()) + 1), np.float32)                          # [B, H, S']
+        x = self.weights.embed[ids].astype(np.float32)                     # [B, D]
+        h = np.empty_like(x)                                               # [B, D] normed input
+        att = np.empty((B, H, Dh), np.float32)                             # [B, H, Dh]
+        act = np.empty((B, F), np.float32)                                 # [B, F]
+        for layer, b in enumerate(self.weights.blocks):
+            qkv, gate_up = self._fused[layer]
+            kernels.rms_norm(x, b.attn_norm, c.rms_norm_eps, h)
+            if qkv is not None:
+                y = qkv.rows(h)                                                 # [B, (H + 2 Hkv) Dh]
+                q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
+            else:
+                q, k, v = b.q.rows(h), b.k.rows(h), b.v.rows(h)
+            q = np.ascontiguousarray(q).reshape(B, H, Dh)
+            k = np.ascontiguousarray(k).reshape(B, Hkv, Dh)
+            v = np.ascontiguousarray(v).reshape(B, Hkv, Dh)
+            kernels.rope_inplace(q, cos, sin)
+            kernels.rope_inplace(k, cos, sin)
+            if pooled:
+                store_kv(k, v, pool[0], pool[1], layer, slots, pos)
+                attention_slots(q, pool[0], pool[1], layer, slots, pos, scores, att)
+            else:
+                for i, cache in enumerate(caches):
+                    cache.k[layer, :, pos[i]], cache.v[layer, :, pos[i]] = k[i], v[i]
+                    kernels.attention(q[i:i + 1], cache.k[layer], cache.v[layer], int(pos[i]), cache.scratch,
+                                      att[i:i + 1])
+            x += b.o.rows(att.reshape(B, nq))
+            kernels.rms_norm(x, b.mlp_norm, c.rms_norm_eps, h)
+            if gate_up is not None:
+                y = gate_up.rows(h)                                             # [B, 2F]
+                kernels.silu_mul(y[:, :F], y[:, F:], act)
+            else:
+                kernels.silu_mul(b.gate.rows(h), b.up.rows(h), act)
+            x += b.down.rows(act)
+        for cache, t in zip(caches, ids):
+            cache.tokens.append(int(t))
+        return x
 
     def hidden_states(self, ids, cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
         """`forward` without the lm_head: the final-normed hidden state of each token.  [T] -> [T, D]

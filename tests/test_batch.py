@@ -1,0 +1,204 @@
+"""Batched decoding (runtime/batch.py) against single-stream generation, on tiny random models."""
+import numpy as np
+import pytest
+
+import minilm_edge
+from minilm_edge.errors import ContextOverflowError, UsageError
+from minilm_edge.kernels.policy import threads
+from minilm_edge.quant.quantize import quantize
+from minilm_edge.runtime.batch import BatchDecoder, stream_batch
+from minilm_edge.runtime.generation import Generation, SamplingSettings
+from tinymodel import make_model_dir
+
+QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+PROMPTS = ["the capital of France", "hello", "and the", "Paris is the capital and", "x", "hello hello the"]
+
+
+@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act"])
+def model(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("b")
+    src, _, _ = make_model_dir(d / "src", **QUANTIZABLE)
+    if request.param == "f32":
+        return minilm_edge.load(src)
+    q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8")
+    return minilm_edge.load(q, int8_activations=request.param == "q4")
+
+
+def alone(model, ids, settings, max_len=None):
+    """(token ids, text, finish) of one prompt generated single-stream."""
+    g = Generation(model, model.new_cache(max_len), ids, settings)
+    text = "".join(g)
+    return g.token_ids, text, {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}[g.finish_reason]
+
+
+def run_batch(dec, seqs):
+    """Step until every sequence finished: {seq: (tokens, text, finish)}, plus the events."""
+    out = {s: ([], "", None) for s in seqs}
+    events = []
+    while dec.active:
+        for ev in dec.step():
+            events.append(ev)
+            toks, text, _ = out[ev.seq]
+            assert out[ev.seq][2] is None, "an event after the final one"
+            out[ev.seq] = (toks + [ev.token], text + ev.text, ev.finish)
+    return out, events
+
+
+def encode(model, prompts):
+    return [model.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(max_new_tokens=12),
+    SamplingSettings(max_new_tokens=10, temperature=0.9, top_p=0.9, top_k=20, seed=5, repetition_penalty=1.2),
+    SamplingSettings(max_new_tokens=16, stop=("the", "e ")),
+])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_batch_matches_each_sequence_alone(model, settings, n_threads):
+    ids = encode(model, PROMPTS)
+    with threads(n_threads):
+        want = [alone(model, i, settings) for i in ids]
+        dec = BatchDecoder(model, max_batch=len(ids))
+        seqs = [dec.add(i, settings) for i in ids]
+        got, _ = run_batch(dec, seqs)
+    for s, (w_toks, w_text, w_finish) in zip(seqs, want):
+        toks, text, finish = got[s]
+        n = len(w_toks)
+        # the batch reports the final token too (EOS, or the one completing a stop string)
+        assert toks[:n] == w_toks and text == w_text and finish == w_finish
+        assert len(toks) - n == (1 if w_finish == "stop" else 0)
+    assert dec.free_slots == len(ids)
+
+
+def test_sequences_join_and_leave_between_steps(model):
+    settings = SamplingSettings(max_new_tokens=9)
+    ids = encode(model, PROMPTS)
+    want = [alone(model, i, settings)[0] for i in ids]
+    dec = BatchDecoder(model, max_batch=3)
+    got, order = {}, {}
+    waiting = list(range(len(ids)))
+    removed = None
+    steps = 0
+    while waiting or dec.active:
+        while waiting and dec.free_slots:
+            i = waiting.pop(0)
+            s = dec.add(ids[i], settings)
+            order[s], got[s] = i, []
+        for ev in dec.step():
+            got[ev.seq].append(ev.token)
+        steps += 1
+        if steps == 2 and removed is None:          # a client goes away mid-answer
+            removed = min(s for s in got if len(got[s]) == 2)
+            dec.remove(removed)
+            dec.remove(removed)                     # twice is fine
+    for s, toks in got.items():
+        w = want[order[s]]
+        if s == removed:
+            assert toks == w[:2]
+        else:                                       # (+ the EOS that ended it, if one did)
+            assert toks[:len(w)] == w and len(toks) - len(w) in (0, 1)
+
+
+def test_logprobs_are_the_raw_distribution(model):
+    ids = encode(model, PROMPTS[:2])
+    dec = BatchDecoder(model, max_batch=2)
+    s = dec.add(ids[0], SamplingSettings(max_new_tokens=3, temperature=2.0, seed=1), logprobs=5)
+    dec.add(ids[1], SamplingSettings(max_new_tokens=3))
+    ev = [e for e in dec.step() if e.seq == s][0]
+    z = model.forward(ids[0], model.new_cache(), last_only=True)[0].astype(np.float64)   # as Generation
+    lsm = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert ev.logprob == pytest.approx(lsm[ev.token], abs=1e-4)
+    assert [t for t, _ in ev.top_logprobs] == list(np.argsort(-lsm, kind="stable")[:5])
+    np.testing.assert_allclose([lp for _, lp in ev.top_logprobs], np.sort(lsm)[::-1][:5], atol=1e-4)
+
+
+def test_context_full_ends_with_length(model):
+    settings = SamplingSettings(max_new_tokens=100)
+    ids = encode(model, PROMPTS[:2])
+    want = [alone(model, i, settings, max_len=12) for i in ids]
+    dec = BatchDecoder(model, max_batch=2, max_len=12)
+    seqs = [dec.add(i, settings) for i in ids]
+    got, _ = run_batch(dec, seqs)
+    for s, (w_toks, w_text, w_finish) in zip(seqs, want):
+        if w_finish == "length":
+            assert got[s] == (w_toks, w_text, "length") and len(ids[seqs.index(s)]) + len(w_toks) == 12
+
+
+def test_bad_use_is_a_typed_error(model):
+    dec = BatchDecoder(model, max_batch=1, max_len=8)
+    with pytest.raises(ContextOverflowError):
+        dec.add(list(range(3, 11)), SamplingSettings())
+    with pytest.raises(UsageError):
+        dec.add([], SamplingSettings())
+    with pytest.raises(UsageError):
+        dec.add([3], SamplingSettings(), logprobs=-1)
+    with pytest.raises(UsageError):
+        dec.add([10 ** 9], SamplingSettings())
+    assert dec.free_slots == 1                   # a refused prompt keeps no slot
+    dec.add([3, 4], SamplingSettings())
+    with pytest.raises(UsageError):
+        dec.add([3, 4], SamplingSettings())      # full
+    with pytest.raises(UsageError):
+        dec.remove(99)
+    with pytest.raises(UsageError):
+        BatchDecoder(model, max_batch=0)
+    with pytest.raises(UsageError):
+        stream_batch(model, [])
+
+
+def test_stream_batch_gives_each_prompt_its_answer(model):
+    settings = SamplingSettings(max_new_tokens=7)
+    want = [alone(model, i, settings)[1] for i in encode(model, PROMPTS)]
+    streams = stream_batch(model, PROMPTS, settings=settings, max_batch=4)   # more prompts than slots
+    assert ["".join(s) for s in streams[::-1]] == want[::-1]
+    chat = stream_batch(model, PROMPTS[:2], settings=settings, chat=True)
+    ids = [model.tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[:2]]
+    assert ["".join(s) for s in chat] == [alone(model, i, settings)[1] for i in ids]
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_decode_batch_logits_match_single_stream(model, n_threads):
+    """Teacher-forced: the same tokens through decode_batch (pooled caches, and separate caches)
+    and one by one through the single-stream decode give the same logits."""
+    rng = np.random.default_rng(0)
+    V, B = model.config.vocab_size, 5
+    dec = BatchDecoder(model, max_batch=B, max_len=48)
+    pooled = [dec._seqs[dec.add(list(rng.integers(0, V, 3 + 4 * b)), SamplingSettings())].cache for b in range(B)]
+    own, ref = [model.new_cache(48) for _ in range(B)], [model.new_cache(48) for _ in range(B)]
+    for c, o, r in zip(pooled, own, ref):
+        model.forward(c.tokens, o)
+        model.forward(c.tokens, r)
+    with threads(n_threads):
+        for _ in range(6):
+            toks = rng.integers(0, V, B)
+            want = np.concatenate([model.forward([t], r, last_only=True) for t, r in zip(toks, ref)])
+            np.testing.assert_allclose(model.decode_batch(toks, pooled), want, atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(model.decode_batch(toks, own), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UsageError):
+        model.decode_batch([1, 2], [own[0], own[0]])
+
+
+def sample_rows_by_full_sort(logits, temperature, top_p, rng):
+    """The calibration sampler as first written (every row's V ids sorted): the oracle."""
+    from minilm_edge.runtime.generation import nucleus, token_probabilities
+    B, V = logits.shape
+    order, ps = nucleus(token_probabilities(logits, temperature), top_p)
+    cum = np.cumsum(ps, axis=1)
+    u = rng.random(B) * cum[:, -1]
+    j = np.minimum((cum < u[:, None]).sum(axis=1), V - 1)
+    return order[np.arange(B), j]
+
+
+@pytest.mark.parametrize("V", [5, 300, 5000])
+@pytest.mark.parametrize("top_p", [1e-9, 0.5, 0.95, 1.0])
+def test_sample_rows_draws_as_the_full_sort(V, top_p):
+    from minilm_edge.runtime.generation import sample_rows
+    rng = np.random.default_rng(V)
+    for scale in (0.1, 3.0, 30.0):                   # flat to peaked distributions
+        logits = rng.standard_normal((6, V)) * scale
+        logits[0, :3] = logits[0, 3]                 # ties
+        logits[1] = np.round(logits[1])              # many ties
+        for seed in range(3):
+            a = sample_rows(logits, 1.0, top_p, np.random.default_rng(seed))
+            b = sample_rows_by_full_sort(logits, 1.0, top_p, np.random.default_rng(seed))
+            assert np.array_equal(a, b)

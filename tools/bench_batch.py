@@ -1,0 +1,89 @@
+"""Aggregate decode speed of batched decoding (runtime/batch.py) against single-stream decode.
+
+    python tools/bench_batch.py [MODEL] [--batch 1 --batch 2 --batch 4 --batch 8] [--tokens 64] [--rounds 5]
+
+For each round, in turn (interleaved, so a busy machine disturbs every setting alike): single-stream
+decode (Model.forward one token at a time, the fused step) of `--tokens` tokens, then for each B a
+BatchDecoder with B sequences (different prompts, so different positions) stepping `--tokens`
+steps. Prefill is not timed. Reports the median decode tokens/s (aggregate over the B sequences)
+and its ratio to single-stream, as a markdown table; the per-round numbers go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+PROMPTS = [
+    "The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
+    "Once upon a time, in a small village,", "Explain how photosynthesis works in simple terms.",
+    "The history of the Roman Empire", "List three uses of a paperclip:", "Q: What is a prime number?\nA:",
+]
+
+
+def single_stream(model, ids, n):
+    """Seconds for n decoded tokens (greedy, after prefill) through the single-stream path."""
+    import numpy as np
+    cache = model.new_cache(len(ids) + n + 1)
+    logits = model.forward(ids, cache, last_only=True)[0]
+    t = time.perf_counter()
+    for _ in range(n):
+        logits = model.forward([int(np.argmax(logits))], cache, last_only=True)[0]
+    return time.perf_counter() - t
+
+
+def batched(model, prompts, n):
+    """Seconds for n steps of a BatchDecoder holding one sequence per prompt (greedy)."""
+    from minilm_edge.runtime.batch import BatchDecoder
+    from minilm_edge.runtime.generation import SamplingSettings
+    dec = BatchDecoder(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + n + 2)
+    s = SamplingSettings(max_new_tokens=n + 1)      # no sequence ends early (EOS still could: counted)
+    for p in prompts:
+        dec.add(p, s)
+    made = 0
+    t = time.perf_counter()
+    for _ in range(n):
+        made += len(dec.step())
+    return time.perf_counter() - t, made
+
+
+def main(argv=None):
+    import minilm_edge
+    from minilm_edge.app.store import resolve_model
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="smollm2-135m-instruct-awq", help="model folder or known name")
+    p.add_argument("--batch", type=int, action="append", help="batch sizes (repeatable; default 1 2 4 8)")
+    p.add_argument("--tokens", type=int, default=64, help="decoded tokens per sequence and round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
+    p.add_argument("--threads", type=int, help="Numba threads (default: all)")
+    args = p.parse_args(argv)
+    sizes = args.batch or [1, 2, 4, 8]
+    from minilm_edge.kernels.policy import threads
+    model = minilm_edge.load(resolve_model(args.model))
+    ids = [model.tokenizer.encode(t, add_special_tokens=True) for t in PROMPTS]
+    ids = [ids[i % len(ids)] + [ids[i % len(ids)][-1]] * (i // len(ids)) for i in range(max(sizes))]
+    single, agg = [], {b: [] for b in sizes}
+    with threads(args.threads):
+        single_stream(model, ids[0], 4)                     # JIT and caches warm
+        for b in sizes:
+            batched(model, ids[:b], 2)
+        for r in range(args.rounds):
+            single.append(args.tokens / single_stream(model, ids[0], args.tokens))
+            for b in sizes:
+                sec, made = batched(model, ids[:b], args.tokens)
+                agg[b].append(made / sec)
+            print(f"round {r + 1}: single {single[-1]:.1f} tok/s, "
+                  + ", ".join(f"B={b} {agg[b][-1]:.1f}" for b in sizes), file=sys.stderr)
+    s = statistics.median(single)
+    print(f"`{' '.join(['python', 'tools/bench_batch.py'] + (argv if argv is not None else sys.argv[1:]))}`\n")
+    print("| decode | aggregate tok/s (median) | × single-stream |")
+    print("|---|--:|--:|")
+    print(f"| single-stream | {s:.1f} (range {min(single):.1f}–{max(single):.1f}) | 1.00× |")
+    for b in sizes:
+        m = statistics.median(agg[b])
+        print(f"| batched, B = {b} | {m:.1f} (range {min(agg[b]):.1f}–{max(agg[b]):.1f}) | {m / s:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
