@@ -117,6 +117,33 @@ def test_chat_matches_the_runtime_and_counts_usage(tiny):
     assert re.search(r'"POST /v1/chat/completions" 200 .*completion=\d+', log.getvalue())
 
 
+def test_conversation_log_records_served_turns_only_when_on(tiny, tmp_path, monkeypatch):
+    from minilm_edge.app import convlog
+    from minilm_edge.app.serve import _turn_logger
+    monkeypatch.setenv("MINILM_EDGE_HOME", str(tmp_path))
+    monkeypatch.delenv("MINILM_EDGE_LOG", raising=False)
+    assert _turn_logger("tiny", "v1") is None                      # off by default
+    monkeypatch.setenv("MINILM_EDGE_LOG", "1")
+    expected = "".join(stream_messages(tiny, MSG, settings=SamplingSettings(max_new_tokens=8)))
+    engine = Engine(tiny, Limits())
+    httpd = Server(("127.0.0.1", 0), engine, "tiny", "v1", None, log=io.StringIO())
+    httpd.turn_log = _turn_logger("tiny", "v1")
+    loop = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    loop.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        client(url).chat.completions.create(model="tiny", messages=MSG, max_tokens=8)
+        list(client(url).chat.completions.create(model="tiny", messages=MSG, max_tokens=8, stream=True))
+    finally:
+        engine.close(0)
+        httpd.shutdown()
+        httpd.server_close()
+    rows = convlog.turns()
+    assert [(r["source"], r["model"], r["model_version"]) for r in rows] == [("serve", "tiny", "v1")] * 2
+    assert all(r["prompt"] == MSG[0]["content"] and r["answer"] == expected for r in rows)
+    assert all(r["answer_tokens"] >= 1 and r["prompt_tokens"] == len(tiny.tokenizer.encode_chat(MSG)) for r in rows)
+
+
 def test_streamed_chat_equals_the_non_streamed_answer(tiny):
     with running(tiny) as (url, _, _):
         c = client(url)

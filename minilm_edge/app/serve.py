@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -392,6 +391,7 @@ class Server(ThreadingHTTPServer):
         self.engine, self.model_name, self.version, self.api_key, self.log = engine, model_name, version, api_key, log
         self.created = int(time.time())
         self.log_lock = threading.Lock()
+        self.turn_log = None          # f(prompt, answer, prompt_tokens, answer_tokens, seconds): the conversation log
         super().__init__(addr, Handler)
 
 
@@ -562,6 +562,7 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _chat(self, body):
+        t0 = time.perf_counter()
         model = self.server.engine.model
         ids = chat_prompt_ids(model, body)
         settings = sampling(model, body, self.server.engine.limits)
@@ -608,6 +609,9 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(job, on_event, lambda: self._sse(chunk({"role": "assistant", "content": ""})), body, usage,
                          lambda u: {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                                     "choices": [], "usage": u})
+        if self.server.turn_log is not None and st["finish"] is not None:
+            self.server.turn_log(_last_user_text(body), "".join(st["text"]), len(ids), st["n"],
+                                 time.perf_counter() - t0)
         return 200, f" prompt={len(ids)} completion={st['n']}"
 
     def _stream(self, job, on_event, first, body, usage, usage_chunk):
@@ -771,12 +775,29 @@ def is_loopback(host: str) -> bool:
 
 
 def model_version(path: Path) -> str:
-    """The folder's manifest digest when it has a manifest.json, else the package version."""
-    from ..version import __version__
-    manifest = Path(path) / "manifest.json"
-    if manifest.is_file():
-        return "manifest " + hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
-    return f"minilm_edge {__version__}"
+    """The version the conversation log and `check` record too (app/convlog.py): the manifest's
+    digest, else a digest of the weights."""
+    from .convlog import model_version as version_of
+    return version_of(path)
+
+
+def _last_user_text(body) -> str:
+    """The conversation log's prompt: the last user message's text."""
+    for m in reversed(body.get("messages") or []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            return c if isinstance(c, str) else json.dumps(c, ensure_ascii=False)
+    return ""
+
+
+def _turn_logger(name: str, version: str):
+    """Records a served chat turn when the conversation log is on (app/convlog.py), else None."""
+    from . import convlog
+    if not convlog.enabled():
+        return None
+    return lambda prompt, answer, n_prompt, n_answer, seconds: convlog.record(
+        name, version, prompt, answer, prompt_tokens=n_prompt, answer_tokens=n_answer, seconds=seconds,
+        source="serve")
 
 
 def check_args(args) -> Limits:
@@ -806,7 +827,10 @@ def cmd_serve(args):
         print("note: this model has no chat template; /v1/chat/completions will refuse requests", file=sys.stderr)
     engine = Engine(model, limits, max_len=args.ctx)
     try:                                      # bound now (a taken port fails at once); served after the warm-up
-        httpd = Server((args.host, args.port), engine, path.name, model_version(path), args.api_key)
+        from .convlog import model_name
+        name = model_name(args.model_dir or args.default_model, path)
+        httpd = Server((args.host, args.port), engine, name, model_version(path), args.api_key)
+        httpd.turn_log = _turn_logger(name, httpd.version)
     except OSError as e:
         engine.close(0)
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
