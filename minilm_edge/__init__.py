@@ -22,11 +22,13 @@ Batched decoding (runtime/batch.py): many sequences advance one token per step t
 from .errors import (
     CheckpointError,
     ContextOverflowError,
+    IntegrityError,
     MiniLMError,
     ModelNotFoundError,
     PullError,
     QuantFormatError,
     TokenizerError,
+    TrustError,
     UnsupportedModelError,
     UsageError,
 )
@@ -41,5 +43,5 @@ __all__ = [
     "load", "Model", "SamplingSettings", "BatchDecoder", "TokenEvent", "stream_batch",
     "perplexity", "quantize", "MiniLMError", "UsageError", "ModelNotFoundError",
     "UnsupportedModelError", "CheckpointError", "TokenizerError", "ContextOverflowError",
-    "PullError", "QuantFormatError", "__version__",
+    "PullError", "QuantFormatError", "IntegrityError", "TrustError", "__version__",
 ]
