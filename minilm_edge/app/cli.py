@@ -219,7 +219,8 @@ perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, window
 
 Group size 128 by default; a layer whose input size it does not divide uses 64 or 32 (recorded in
 config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
---quantize-head int8|int4 also quantizes lm_head (by default it stays fp16).
+--quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). --embed int8 stores the
+embedding as int8; with tied embeddings (SmolLM2) that one table is the head too, stored once.
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
@@ -239,7 +240,7 @@ def cmd_quantize(args):
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
-                   quantize_head=args.quantize_head, **awq)
+                   quantize_head=args.quantize_head, embed=args.embed, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(out)
     return 0
@@ -459,6 +460,8 @@ def build_parser():
     q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="32, 64 or 128 (default 128)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
+    q.add_argument("--embed", choices=["fp16", "int8"], default="fp16",
+                   help="embedding storage; int8 with tied embeddings also serves as the head (default fp16)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

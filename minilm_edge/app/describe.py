@@ -18,14 +18,12 @@ from pathlib import Path
 
 from ..errors import QuantFormatError, UnsupportedModelError
 from ..formats.tensors import (
-    BLOCK_LINEARS,
-    BLOCK_NORMS,
-    GLOBAL_TENSORS,
     HEAD,
     TensorSource,
     block_linears,
     check_block_count,
     linear_format,
+    parameter_count,
 )
 from ..quant.awq import SCALE_GROUPS
 from ..runtime.config import load_config, read_json
@@ -67,19 +65,6 @@ def _names(value) -> list | None:
     if value is None:
         return None
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-def parameter_count(cfg) -> int:
-    """Logical parameters (weights as if dense), from the config's shapes."""
-    prod = lambda s: s[0] * (s[1] if len(s) > 1 else 1)
-    total = sum(prod(shape(cfg)) for _, shape in GLOBAL_TENSORS.values())
-    per_block = sum(prod(shape(cfg)) for _, shape in {**BLOCK_NORMS, **BLOCK_LINEARS}.values())
-    if cfg.attention_bias:
-        per_block += sum(BLOCK_LINEARS[k][1](cfg)[0] for k in ("q", "k", "v"))
-    total += cfg.num_hidden_layers * per_block
-    if not cfg.tie_word_embeddings:
-        total += prod(HEAD[1](cfg))
-    return total
 
 
 def read_report(model_dir: Path) -> dict | None:

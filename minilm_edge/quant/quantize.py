@@ -21,11 +21,20 @@ import numpy as np
 from ..errors import UsageError
 from ..formats.folder import check_free_space, check_out_dir, copied_files, write_model_folder
 from ..formats.q4 import GROUP_SIZES, choose_group_size
-from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_block_count
+from ..formats.tensors import (
+    EMBED_PREFIX,
+    GLOBAL_TENSORS,
+    HEAD,
+    TensorSource,
+    block_linears,
+    block_norms,
+    check_block_count,
+)
 from ..runtime.config import load_config
 from ..version import __version__
 
 HEAD_FORMATS = ("int8", "int4")
+EMBED_FORMATS = ("fp16", "int8")
 METHODS = ("awq", "rtn")
 DEFAULT_SAMPLES = 128                  # calibration samples drawn from text files
 DEFAULT_SELF_GENERATED_SAMPLES = 64    # generating costs about one more pass: fewer keep AWQ ≤ 10 min
@@ -41,7 +50,7 @@ def _progress(total, desc, enabled):
 
 
 def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size: int = 128,
-             quantize_head: str | None = None, progress: bool = True, linear_hook=None,
+             quantize_head: str | None = None, embed: str = "fp16", progress: bool = True, linear_hook=None,
              extra_config: dict | None = None, calib=None, samples: int | None = None, seq_len: int = 512,
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
              eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384) -> Path:
@@ -53,6 +62,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     self-generated), and with `duo` uses the duo scale form.
     `report` writes report.html/json (AWQ); `eval_data` (a text file) adds perplexities of the
     source, RTN and AWQ on its first `eval_tokens` tokens in windows of `eval_ctx`.
+    `embed` "int8" stores the embedding as int8 (formats/q4.py Q8Linear); with tied embeddings that
+    one table is also the head (no lm_head tensors), so `quantize_head` may only be None or "int8".
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
     """
     from .awq import AWQSettings
@@ -66,6 +77,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     if quantize_head not in (None, *HEAD_FORMATS):
         raise UsageError(f"--quantize-head must be one of {', '.join(HEAD_FORMATS)}, got {quantize_head}")
+    if embed not in EMBED_FORMATS:
+        raise UsageError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {embed}")
     if method == "rtn" and (calib or keep_salient or duo or report or eval_data):
         raise UsageError("--calib, --keep-salient, --duo, --report and --eval apply to --method awq only")
     if eval_data and not report:
@@ -82,6 +95,11 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
     for _, _, _, (_, k) in block_linears(cfg, 0):      # fail before any work if a layer can't be stored
         choose_group_size(k, group_size)
+    if embed == "int8":
+        choose_group_size(cfg.hidden_size, group_size)
+        if cfg.tie_word_embeddings and quantize_head == "int4":
+            raise UsageError("--embed int8 with tied embeddings makes the int8 embedding the head too; "
+                             "drop --quantize-head int4")
     if method == "awq" and seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
     eval_text = None
@@ -95,7 +113,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     # An upper bound of the output: every tensor in fp16 (int4 linears take about a quarter of
     # that), plus a quantized head stored beside a tied embedding.
     numel = sum(int(np.prod(src.raw(n)[0].shape, dtype=np.int64)) for n in src.where)
-    head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings else 0
+    head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings and embed == "fp16" else 0
     check_free_space(out_dir, 2 * numel + head)
     fp, salient, awq_res, calib_set = None, None, None, None
     if method == "awq":
@@ -103,13 +121,14 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         extra_config = {"awq": _awq_config(settings, calib_set, awq_res), **(extra_config or {})}
 
     out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
-                                         linear_hook, fp, salient)
+                                         linear_hook, fp, salient, embed)
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["torch_dtype"] = "float16"
     config["quantization_config"] = {
         "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
         "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
-        "lm_head": quantize_head or "float16", "tool": _tool_version(),
+        "lm_head": _head_record(cfg, quantize_head, embed), "embed": "int8" if embed == "int8" else "float16",
+        "tool": _tool_version(),
         "source": {"path": str(src_dir.resolve()), "weights_sha256": _weights_digest(src)},
         **(extra_config or {}),
     }
@@ -118,9 +137,17 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         def hook(tmp):
             from .report import write_report
             write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, config["quantization_config"],
-                         lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False)[0],
+                         lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False,
+                                                   embed=embed)[0],
                          eval_text, eval_ctx, eval_tokens, progress)
     return write_model_folder(src_dir, out_dir, out, config, before_rename=hook)
+
+
+def _head_record(cfg, quantize_head, embed) -> str:
+    """quantization_config's "lm_head": the head's format, or that it is the int8 embedding."""
+    if embed == "int8" and cfg.tie_word_embeddings:
+        return "int8 (the tied embedding, stored once)"
+    return quantize_head or "float16"
 
 
 def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
@@ -158,7 +185,7 @@ def _awq_config(settings, cal, res) -> dict:
 
 
 def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
-                      fp: dict | None = None, salient: dict | None = None):
+                      fp: dict | None = None, salient: dict | None = None, embed: str = "fp16"):
     """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
 
     `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
@@ -171,8 +198,13 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
     out: dict[str, np.ndarray] = {}
     per_layer_g = {}
 
-    for name, shape in GLOBAL_TENSORS.values():
-        out[name] = src.float32(name, shape(cfg)).astype(np.float16)
+    for key, (name, shape) in GLOBAL_TENSORS.items():
+        w = src.float32(name, shape(cfg))
+        if key == "embed" and embed == "int8":
+            q8 = quantize_q8(w, choose_group_size(w.shape[1], group_size))
+            out[EMBED_PREFIX + ".qweight"], out[EMBED_PREFIX + ".scales"] = q8.qweight, q8.scales
+        else:
+            out[name] = w.astype(np.float16)
     bar = _progress(cfg.num_hidden_layers, f"quantize ({method}, W{bits})", progress)
     for i in range(cfg.num_hidden_layers):
         for _, name, shape in block_norms(cfg, i):
@@ -196,7 +228,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
 
     head_name, head_shape = HEAD
     head_src = "model.embed_tokens.weight" if cfg.tie_word_embeddings else head_name + ".weight"
-    if quantize_head or not cfg.tie_word_embeddings:
+    if (quantize_head and not (embed == "int8" and cfg.tie_word_embeddings)) or not cfg.tie_word_embeddings:
         w = src.float32(head_src, head_shape(cfg))
         if quantize_head == "int8":
             q8 = quantize_q8(w, choose_group_size(w.shape[1], group_size))
