@@ -221,6 +221,9 @@ Group size 128 by default; a layer whose input size it does not divide uses 64 o
 config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
 --quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). --embed int8 stores the
 embedding as int8; with tied embeddings (SmolLM2) that one table is the head too, stored once.
+--target-bpw BITS (bits per weight of the whole weight file) or --max-size BYTES (the whole folder)
+choose per AWQ scale group (q|k|v, o, gate|up, down) the int4 group size (128/64/32) within the
+budget, by each group's measured KL on the calibration text; the result is checked before it appears.
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
@@ -240,7 +243,8 @@ def cmd_quantize(args):
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
-                   quantize_head=args.quantize_head, embed=args.embed, **awq)
+                   quantize_head=args.quantize_head, embed=args.embed, target_bpw=args.target_bpw,
+                   max_size=args.max_size, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(out)
     return 0
@@ -462,6 +466,9 @@ def build_parser():
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
     q.add_argument("--embed", choices=["fp16", "int8"], default="fp16",
                    help="embedding storage; int8 with tied embeddings also serves as the head (default fp16)")
+    q.add_argument("--target-bpw", type=float, metavar="BITS",
+                   help="mixed precision: whole weight file at most BITS bits per weight (awq)")
+    q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

@@ -53,7 +53,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
              quantize_head: str | None = None, embed: str = "fp16", progress: bool = True, linear_hook=None,
              extra_config: dict | None = None, calib=None, samples: int | None = None, seq_len: int = 512,
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
-             eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384) -> Path:
+             eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384,
+             target_bpw: float | None = None, max_size: int | None = None) -> Path:
     """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
 
     method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
@@ -64,6 +65,9 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     source, RTN and AWQ on its first `eval_tokens` tokens in windows of `eval_ctx`.
     `embed` "int8" stores the embedding as int8 (formats/q4.py Q8Linear); with tied embeddings that
     one table is also the head (no lm_head tensors), so `quantize_head` may only be None or "int8".
+    `target_bpw` (bits per weight of the whole weight file) or `max_size` (bytes of the whole
+    folder): mixed precision, each AWQ scale group's linears at the group size a measured
+    sensitivity picks within the budget (budget.py); the folder written is checked against it.
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
     """
     from .awq import AWQSettings
@@ -81,6 +85,9 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {embed}")
     if method == "rtn" and (calib or keep_salient or duo or report or eval_data):
         raise UsageError("--calib, --keep-salient, --duo, --report and --eval apply to --method awq only")
+    budgeted = target_bpw is not None or max_size is not None
+    if budgeted and method != "awq":
+        raise UsageError("--target-bpw and --max-size measure on calibration text: use --method awq")
     if eval_data and not report:
         raise UsageError("--eval fills in the report: give --report too")
     settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed)
@@ -90,7 +97,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--samples must be ≥ 1 and --seq-len ≥ 2, got {samples} and {seq_len}")
     check_out_dir(out_dir)
     cfg = load_config(src_dir)
-    copied_files(src_dir)                                  # before any work: links that leave the folder
+    copies = copied_files(src_dir)                         # before any work: links that leave the folder
     if cfg.quantization:
         raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
     for _, _, _, (_, k) in block_linears(cfg, 0):      # fail before any work if a layer can't be stored
@@ -115,13 +122,28 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     numel = sum(int(np.prod(src.raw(n)[0].shape, dtype=np.int64)) for n in src.where)
     head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings and embed == "fp16" else 0
     check_free_space(out_dir, 2 * numel + head)
-    fp, salient, awq_res, calib_set = None, None, None, None
+    plan = None
+    if budgeted:
+        from . import budget as B
+        unit_list = B.units(cfg, group_size)
+        n_sal = int(round(keep_salient / 100.0 * cfg.hidden_size)) if keep_salient else 0
+        size_of = lambda choice: B.weight_file_bytes(
+            cfg, {lin: choice[u.name] for u in unit_list for lin in u.linears}, group_size, embed, quantize_head,
+            n_sal)
+        other = sum(p.stat().st_size for p in copies.values())
+        plan = (B, unit_list, size_of, B.weight_budget(cfg, target_bpw, max_size, other))
+        B.check_fits(unit_list, plan[3], size_of)             # before any work
+    fp, salient, awq_res, calib_set, alloc = None, None, None, None, None
     if method == "awq":
-        fp, salient, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
+        fp, salient, awq_res, calib_set, alloc = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings,
+                                                          progress, plan)
         extra_config = {"awq": _awq_config(settings, calib_set, awq_res), **(extra_config or {})}
+        if alloc is not None:
+            extra_config["mixed_precision"] = alloc.record()
+    group_of = alloc.group_of if alloc is not None else None
 
     out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
-                                         linear_hook, fp, salient, embed)
+                                         linear_hook, fp, salient, embed, group_of)
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["torch_dtype"] = "float16"
     config["quantization_config"] = {
@@ -132,13 +154,14 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         "source": {"path": str(src_dir.resolve()), "weights_sha256": _weights_digest(src)},
         **(extra_config or {}),
     }
-    hook = None
-    if report:
-        def hook(tmp):
+    def hook(tmp):
+        if alloc is not None:
+            _check_budget(tmp, alloc, max_size)
+        if report:
             from .report import write_report
             write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, config["quantization_config"],
                          lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False,
-                                                   embed=embed)[0],
+                                                   embed=embed, group_of=group_of)[0],
                          eval_text, eval_ctx, eval_tokens, progress)
     return write_model_folder(src_dir, out_dir, out, config, before_rename=hook)
 
@@ -150,8 +173,20 @@ def _head_record(cfg, quantize_head, embed) -> str:
     return quantize_head or "float16"
 
 
-def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
-    """Calibration tokens, then AWQ: (fp tensors, salient channels, AWQResult, Calibration)."""
+def _check_budget(folder, alloc, max_size) -> None:
+    """The folder as written against the budget, before it appears: UsageError if over (the
+    prediction missed; nothing is left behind)."""
+    weights = (folder / "model.safetensors").stat().st_size
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    if weights > alloc.budget_bytes or (max_size is not None and total > max_size):
+        raise UsageError(f"the folder came out at {total:,} bytes (weights {weights:,}), over the budget; "
+                         "nothing was written: report this with the command line")
+
+
+def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress, plan=None):
+    """Calibration tokens, then (with a budget `plan`) the group sizes it allows, then AWQ:
+    (fp tensors, salient channels, AWQResult, Calibration, budget.Allocation or None)."""
+    import dataclasses
 
     from ..runtime.tokenizer import Tokenizer
     from .awq import run_awq
@@ -163,10 +198,18 @@ def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
         cal = self_generated(src, cfg, tok, samples, seq_len, settings.seed, progress=progress)
     for note in cal.notes:
         print(f"note: {note}", file=sys.stderr)
+    alloc = None
+    if plan is not None:
+        B, unit_list, size_of, budget = plan
+        sens = B.unit_sensitivity(src, cfg, cal.ids, unit_list, progress)
+        choice = B.allocate(unit_list, sens, budget, size_of)
+        group_of = {lin: choice[u.name] for u in unit_list for lin in u.linears}
+        alloc = B.Allocation(group_of, choice, size_of(choice), budget, sens)
+        settings = dataclasses.replace(settings, group_sizes=tuple(sorted(group_of.items())))
     res = run_awq(src, cfg, cal.ids, settings, progress=progress)
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
-    return res.tensors, res.salient, res, cal
+    return res.tensors, res.salient, res, cal, alloc
 
 
 def _awq_config(settings, cal, res) -> dict:
@@ -185,7 +228,8 @@ def _awq_config(settings, cal, res) -> dict:
 
 
 def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
-                      fp: dict | None = None, salient: dict | None = None, embed: str = "fp16"):
+                      fp: dict | None = None, salient: dict | None = None, embed: str = "fp16",
+                      group_of: dict | None = None):
     """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
 
     `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
@@ -214,7 +258,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             sal = salient.get(prefix)
             if linear_hook is not None:
                 w, sal = linear_hook(i, key, w)
-            g = choose_group_size(w.shape[1], group_size)
+            g = choose_group_size(w.shape[1], (group_of or {}).get(key, group_size))
             if g != group_size:
                 per_layer_g[prefix] = g
             q = quantize_q4(w, g, salient_idx=sal, bits=bits)
