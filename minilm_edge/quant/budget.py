@@ -1,4 +1,4 @@
-"""Mixed precision under a size budget (`quantize --target-bpw` / `--max-size`, docs/DESIGN.md §3.2):
+"""Mixed precision under a size budget (`quantize --target-bpw` / `--max-size`, docs/DESIGN.md §3.5):
 which linears get a smaller int4 group size (more bits per weight), chosen by measurement.
 
 Units. A unit is one AWQ scale group (awq.SCALE_GROUPS: q|k|v, o, gate|up, down) in every block at
