@@ -106,7 +106,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         choose_group_size(cfg.hidden_size, group_size)
         if cfg.tie_word_embeddings and quantize_head == "int4":
             raise UsageError("--embed int8 with tied embeddings makes the int8 embedding the head too; "
-                             "drop --quantize-head int4")
+                             "drop --quantize-head int4 or keep the embedding fp16 (--embed fp16)")
     if method == "awq" and seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
     eval_text = None
