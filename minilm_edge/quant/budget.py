@@ -70,10 +70,11 @@ def units(cfg, group_size: int) -> list:
 
 
 def weight_file_bytes(cfg, group_of: dict, group_size: int, embed: str, quantize_head: str | None,
-                      n_salient: int = 0) -> int:
+                      salient_percent: float = 0.0) -> int:
     """Predicted bytes of model.safetensors for linears at group sizes `group_of` {short name: g}
     (others at choose_group_size(K, group_size)), the embedding "fp16"/"int8", the head as
-    quantize.quantized_tensors writes it, `n_salient` fp16 channels per linear."""
+    quantize.quantized_tensors writes it, `salient_percent` of each linear's input channels in fp16
+    (as awq.salient_channels rounds it)."""
     from ..formats.tensors import BIASED, GLOBAL_TENSORS, HEAD, block_linears, block_norms
     names, total = [], 0
     V, D = cfg.vocab_size, cfg.hidden_size
@@ -92,6 +93,7 @@ def weight_file_bytes(cfg, group_of: dict, group_size: int, embed: str, quantize
             total += 2 * d
         for _, key, prefix, (n, k) in block_linears(cfg, i):
             g = group_of.get(key) or choose_group_size(k, group_size)
+            n_salient = int(round(salient_percent / 100.0 * k))
             names += [prefix + s for s in (".qweight", ".scales", ".zeros")]
             total += linear_bytes(n, k, g, n_salient)
             if n_salient:

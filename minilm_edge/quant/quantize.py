@@ -126,10 +126,9 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     if budgeted:
         from . import budget as B
         unit_list = B.units(cfg, group_size)
-        n_sal = int(round(keep_salient / 100.0 * cfg.hidden_size)) if keep_salient else 0
         size_of = lambda choice: B.weight_file_bytes(
             cfg, {lin: choice[u.name] for u in unit_list for lin in u.linears}, group_size, embed, quantize_head,
-            n_sal)
+            keep_salient)
         other = sum(p.stat().st_size for p in copies.values())
         plan = (B, unit_list, size_of, B.weight_budget(cfg, target_bpw, max_size, other))
         B.check_fits(unit_list, plan[3], size_of)             # before any work
