@@ -51,6 +51,25 @@ def test_quantized_model_layers_and_provenance(folders):
     assert "weights_sha256" in text and text.count("\n    1 ") == 7
 
 
+def test_whole_folder_bits_per_weight_with_an_int8_embedding(folders, tmp_path):
+    """file_bpw counts every byte of the weight file over every parameter (the tied embedding once);
+    folder_bytes every file. An int8 tied embedding stored once makes the file smaller than an fp16
+    one, and its bytes are what the bpw says."""
+    _, src, w, q = folders
+    q8 = quantize(src, tmp_path / "e8", group_size=64, embed="int8", progress=False)
+    fp16, int8 = describe(q), describe(q8)
+    n_params = sum(a.size for a in w.values())
+    for info, folder in ((fp16, q), (int8, q8)):
+        size = (folder / "model.safetensors").stat().st_size
+        assert info["file_bpw"] == round(8 * size / n_params, 4)
+        assert info["folder_bytes"] == sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    assert (fp16["embedding"], int8["embedding"]) == ("f16", "q8") and int8["lm_head"] == "tied to embeddings"
+    V, D = w["model.embed_tokens.weight"].shape
+    saved = fp16["weights_bytes"] - int8["weights_bytes"]
+    assert abs(saved - (2 * V * D - (V * D + 2 * V * D // 64))) < 512       # fp16 table vs int8 + scales (± header)
+    assert "embedding q8" in format_text(int8)
+
+
 def test_report_json_alpha_and_salient(folders, tmp_path):
     _, src, _, _ = folders
     q = quantize(src, tmp_path / "sal", group_size=64, progress=False,

@@ -68,6 +68,42 @@ def test_quantized_forward_matches_reference(tmp_path, head, variant):
     assert 0 < rel < 0.8, rel      # measured ~0.46: 9% weight error compounds through a random net
 
 
+@pytest.mark.parametrize("variant", [{}, dict(tie_word_embeddings=False)])
+def test_int8_embedding_matches_reference(tmp_path, variant):
+    """--embed int8: the table is stored once as int8 (tied: no lm_head tensors at all), the lookups
+    dequantize its rows and the head multiplies by it; both equal the reference on the same codes."""
+    src, cfg, w = make_model_dir(tmp_path / "src", **QUANTIZABLE, **variant)
+    out = quantize(src, tmp_path / "q", method="rtn", group_size=64, embed="int8", progress=False)
+    raw = load_file(str(out / "model.safetensors"))
+    assert raw["model.embed_tokens.qweight"].dtype == np.int8 and "model.embed_tokens.weight" not in raw
+    tied = cfg.get("tie_word_embeddings", True)
+    assert not any(n.startswith("lm_head.") for n in raw) if tied else "lm_head.weight" in raw
+    model = minilm_edge.load(out, int8_activations=False)
+    ref_w = dequantized_weights(out)
+    ids = np.random.default_rng(1).integers(0, cfg["vocab_size"], 13)
+    np.testing.assert_array_equal(model.weights.embed[ids], ref_w["model.embed_tokens.weight"][ids])
+    if tied:
+        assert model.weights.lm_head is model.weights.embed.linear        # one table, two uses
+    qcfg = json.loads((out / "config.json").read_text())
+    expected = ref.forward(ref_w, qcfg, ids)
+    np.testing.assert_allclose(model.forward(ids), expected, atol=LOGIT_ATOL)
+    cache = model.new_cache(16)
+    steps = [model.forward(ids[:5], cache)] + [model.forward([t], cache) for t in ids[5:]]
+    np.testing.assert_allclose(np.concatenate(steps), expected, atol=LOGIT_ATOL)
+    # int8 is close to the fp16 embedding it replaces: a row's error is at most half a step
+    emb = w["model.embed_tokens.weight"]
+    step = np.abs(emb).reshape(emb.shape[0], -1, 64).max(axis=2) / 127
+    err = np.abs(ref_w["model.embed_tokens.weight"] - emb).reshape(emb.shape[0], -1, 64)
+    assert np.all(err <= step[..., None] * 0.5 + 1e-3 * np.abs(emb).max())
+
+
+def test_int8_embedding_with_int4_tied_head_is_refused(tmp_path):
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    with pytest.raises(minilm_edge.UsageError, match="drop --quantize-head int4"):
+        quantize(src, tmp_path / "q", method="rtn", embed="int8", quantize_head="int4", progress=False)
+    assert not (tmp_path / "q").exists()
+
+
 def test_w3_codes_stay_below_8(tmp_path):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     out = quantize(src, tmp_path / "q", method="rtn", bits=3, progress=False)

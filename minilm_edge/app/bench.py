@@ -44,7 +44,7 @@ def memory_bandwidth(n_threads: int | None = None, mbytes: int = 512, repeats: i
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights a decode step reads: every linear, the norms, one embedding row."""
     w = model.weights
-    total = w.lm_head.nbytes + w.norm.nbytes + w.embed[0].nbytes
+    total = w.lm_head.nbytes + w.norm.nbytes + w.embed.nbytes // w.embed.shape[0]   # one row, as stored
     for b in w.blocks:
         total += b.attn_norm.nbytes + b.mlp_norm.nbytes
         total += sum(getattr(b, n).nbytes for n in ("q", "k", "v", "o", "gate", "up", "down"))

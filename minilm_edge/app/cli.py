@@ -237,7 +237,12 @@ perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, window
 
 Group size 128 by default; a layer whose input size it does not divide uses 64 or 32 (recorded in
 config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
---quantize-head int8|int4 also quantizes lm_head (by default it stays fp16).
+--quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). The embedding is stored
+int8 (--embed fp16 keeps it fp16); with tied embeddings (SmolLM2) that one table is the head too,
+stored once (so --quantize-head int4 needs --embed fp16 there).
+--target-bpw BITS (bits per weight of the whole weight file) or --max-size BYTES (the whole folder)
+choose per AWQ scale group (q|k|v, o, gate|up, down) the int4 group size (128/64/32) within the
+budget, by each group's measured KL on the calibration text; the result is checked before it appears.
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
@@ -266,7 +271,8 @@ def cmd_quantize(args):
         print("\n".join(quantize_sweep(src, args.out_dir, base, args.sweep, args.cluster)))
         return 0
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
-                   quantize_head=args.quantize_head, **awq)
+                   quantize_head=args.quantize_head, embed=args.embed, target_bpw=args.target_bpw,
+                   max_size=args.max_size, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(out)
     return 0
@@ -512,6 +518,11 @@ def build_parser():
     q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
     q.add_argument("--group-size", type=int, default=128, metavar="G", help="32, 64 or 128 (default 128)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
+    q.add_argument("--embed", choices=["fp16", "int8"], default="int8",
+                   help="embedding storage; int8 with tied embeddings also serves as the head (default int8)")
+    q.add_argument("--target-bpw", type=float, metavar="BITS",
+                   help="mixed precision: whole weight file at most BITS bits per weight (awq)")
+    q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

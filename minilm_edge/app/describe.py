@@ -9,7 +9,9 @@ Bits per weight (bpw) are measured from what is stored, not from the format's fo
     bpw of a linear   = 8 · (bytes of all its tensors except the bias) / (N · K)
 so a minilm-q4 linear at g = 64 shows 4.375 (codes + fp16 scale + uint8 zero per group), an fp16
 one 16. `linear_bpw` is that ratio over every block linear together; `file_bpw` divides the whole
-weight file by the parameter count (embeddings and norms included).
+weight files (embedding, head, norms, headers included) by the parameter count (the tied embedding
+counted once): the number to set beside llama.cpp's file size × 8 / parameters. `folder_bytes` is
+every file of the folder (tokenizer and configs too), what a budget like --max-size counts.
 """
 from __future__ import annotations
 
@@ -19,14 +21,13 @@ from pathlib import Path
 from ..errors import IntegrityError, QuantFormatError, UnsupportedModelError
 from ..formats.manifest import manifest_digest, read_manifest
 from ..formats.tensors import (
-    BLOCK_LINEARS,
-    GLOBAL_TENSORS,
+    EMBED_PREFIX,
     HEAD,
     TensorSource,
     block_linears,
     check_block_count,
     linear_format,
-    norm_table,
+    parameter_count,
 )
 from ..quant.awq import SCALE_GROUPS
 from ..runtime.config import load_config, read_json
@@ -68,19 +69,6 @@ def _names(value) -> list | None:
     if value is None:
         return None
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
-
-
-def parameter_count(cfg) -> int:
-    """Logical parameters (weights as if dense), from the config's shapes."""
-    prod = lambda s: s[0] * (s[1] if len(s) > 1 else 1)
-    total = sum(prod(shape(cfg)) for _, shape in GLOBAL_TENSORS.values())
-    per_block = sum(prod(shape(cfg)) for _, shape in {**norm_table(cfg), **BLOCK_LINEARS}.values())
-    if cfg.attention_bias:
-        per_block += sum(BLOCK_LINEARS[k][1](cfg)[0] for k in ("q", "k", "v"))
-    total += cfg.num_hidden_layers * per_block
-    if not cfg.tie_word_embeddings:
-        total += prod(HEAD[1](cfg))
-    return total
 
 
 def read_report(model_dir: Path) -> dict | None:
@@ -161,10 +149,12 @@ def describe(model_dir, layers: bool = False) -> dict:
         },
         "parameters": n_params,
         "weights_bytes": weight_bytes,
+        "folder_bytes": sum(p.stat().st_size for p in model_dir.iterdir() if p.is_file()),
         "files": sorted(src.files),
         "dtype": raw_cfg.get("torch_dtype"),
         "tensor_dtypes": dict(sorted(dtypes.items())),
         "lm_head": head,
+        "embedding": linear_format(src, EMBED_PREFIX) or "missing",
         "linear_bpw": round(8 * lin_bytes / lin_weights, 4),
         "file_bpw": round(8 * weight_bytes / n_params, 4),
         "quantization": ({k: qc[k] for k in PROVENANCE_KEYS if k in qc}
@@ -265,9 +255,11 @@ def format_text(info: dict) -> str:
         f"V {a['vocab_size']}, context {a['max_context']}, embeddings {'tied' if a['tied_embeddings'] else 'untied'}",
         f"parameters     {info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)",
         f"weights        {_human_bytes(info['weights_bytes'])} in {', '.join(info['files'])}; "
-        f"{info['file_bpw']:.2f} bits/parameter overall, {info['linear_bpw']:.3f} bits/weight in block linears",
+        f"{info['file_bpw']:.2f} bits/weight over the whole folder's weights, {info['linear_bpw']:.3f} in block "
+        f"linears; folder {info['folder_bytes']:,} bytes",
         f"dtype          {info['dtype'] or '-'}; tensors: "
-        + ", ".join(f"{k} ×{v}" for k, v in info["tensor_dtypes"].items()) + f"; lm_head {info['lm_head']}",
+        + ", ".join(f"{k} ×{v}" for k, v in info["tensor_dtypes"].items())
+        + f"; embedding {info['embedding']}, lm_head {info['lm_head']}",
     ]
     q = info["quantization"]
     if not q:

@@ -19,6 +19,9 @@ GLOBAL_TENSORS = {
     "norm": ("model.norm.weight", lambda c: (c.hidden_size,)),
 }
 HEAD = ("lm_head", lambda c: (c.vocab_size, c.hidden_size))     # absent when embeddings are tied
+# The embedding may also be stored as int8 (formats/q4.py Q8Linear: EMBED_PREFIX.qweight + .scales,
+# no .weight); with tied embeddings that one table then serves the lookups and the head.
+EMBED_PREFIX = "model.embed_tokens"
 BLOCK_NORMS = {
     "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda c: (c.hidden_size,)),
     "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", lambda c: (c.hidden_size,)),
@@ -93,6 +96,20 @@ def block_norms(cfg, i):
         yield key, name.format(i=i), shape(cfg)
 
 
+def parameter_count(cfg) -> int:
+    """Logical parameters (weights as if dense, the tied embedding once), from the config's shapes:
+    the denominator of whole-file bits per weight."""
+    prod = lambda s: s[0] * (s[1] if len(s) > 1 else 1)
+    total = sum(prod(shape(cfg)) for _, shape in GLOBAL_TENSORS.values())
+    per_block = sum(prod(shape(cfg)) for _, shape in {**norm_table(cfg), **BLOCK_LINEARS}.values())
+    if cfg.attention_bias:
+        per_block += sum(BLOCK_LINEARS[k][1](cfg)[0] for k in BIASED)
+    total += cfg.num_hidden_layers * per_block
+    if not cfg.tie_word_embeddings:
+        total += prod(HEAD[1](cfg))
+    return total
+
+
 def check_block_count(src, cfg) -> None:
     """config.json's num_hidden_layers against the blocks the weights hold, before anything is
     built per block: a config claiming a million layers must not cost a million of anything."""
@@ -109,7 +126,8 @@ def linear_format(src, prefix: str) -> str | None:
         "f32" / "f16" / "bf16" (any dense dtype, lower-cased)   prefix.weight
         "q4"        minilm-q4 (formats/q4.py)                  prefix.qweight + prefix.zeros
         "awq_gemm"  AutoAWQ GEMM (formats/awq_gemm.py)        prefix.qweight + prefix.qzeros
-        "q8"        int8 lm_head (formats/q4.py Q8Linear)      prefix.qweight (int8) alone
+        "q8"        int8 (formats/q4.py Q8Linear)             prefix.qweight (int8) alone
+                    (an lm_head, or the embedding: EMBED_PREFIX)
     None when nothing of it is stored (or a qweight matches no format)."""
     if prefix + ".weight" in src:
         return src.raw(prefix + ".weight")[1].lower()

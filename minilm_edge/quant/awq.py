@@ -110,6 +110,7 @@ class AWQSettings:
     clip_sweeps: int = 2          # passes of the joint clip over each row's groups
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
+    group_sizes: tuple = ()       # (linear short name, preferred g) pairs overriding group_size (quant/budget.py)
 
     def __post_init__(self):
         if self.bits not in (3, 4):
@@ -504,7 +505,8 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
             bs = BlockShape.of(cfg, i)
             cos, sin = rope_tables(cfg, T, i)
             linears = list(block_linears(cfg, i))
-            gs = {k: choose_group_size(k_in, settings.group_size) for _, k, _, (_, k_in) in linears}
+            pref = dict(settings.group_sizes)
+            gs = {k: choose_group_size(k_in, pref.get(k, settings.group_size)) for _, k, _, (_, k_in) in linears}
             w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
                                                   joint_rows_idx=joint_idx)
             del w

@@ -22,11 +22,20 @@ from ..errors import UsageError
 from ..formats.folder import check_free_space, check_out_dir, copied_files, write_model_folder
 from ..formats.manifest import provenance, write_manifest
 from ..formats.q4 import GROUP_SIZES, choose_group_size
-from ..formats.tensors import GLOBAL_TENSORS, HEAD, TensorSource, block_linears, block_norms, check_block_count
+from ..formats.tensors import (
+    EMBED_PREFIX,
+    GLOBAL_TENSORS,
+    HEAD,
+    TensorSource,
+    block_linears,
+    block_norms,
+    check_block_count,
+)
 from ..runtime.config import load_config
 from ..version import __version__
 
 HEAD_FORMATS = ("int8", "int4")
+EMBED_FORMATS = ("fp16", "int8")
 METHODS = ("awq", "rtn")
 DEFAULT_SAMPLES = 128                  # calibration samples drawn from text files
 DEFAULT_SELF_GENERATED_SAMPLES = 64    # generating costs about one more pass: fewer keep AWQ ≤ 10 min
@@ -42,10 +51,11 @@ def _progress(total, desc, enabled):
 
 
 def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size: int = 128,
-             quantize_head: str | None = None, progress: bool = True, linear_hook=None,
+             quantize_head: str | None = None, embed: str = "fp16", progress: bool = True, linear_hook=None,
              extra_config: dict | None = None, calib=None, samples: int | None = None, seq_len: int = 512,
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
-             eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384) -> Path:
+             eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384,
+             target_bpw: float | None = None, max_size: int | None = None) -> Path:
     """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
 
     method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
@@ -54,6 +64,11 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     self-generated), and with `duo` uses the duo scale form.
     `report` writes report.html/json (AWQ); `eval_data` (a text file) adds perplexities of the
     source, RTN and AWQ on its first `eval_tokens` tokens in windows of `eval_ctx`.
+    `embed` "int8" stores the embedding as int8 (formats/q4.py Q8Linear); with tied embeddings that
+    one table is also the head (no lm_head tensors), so `quantize_head` may only be None or "int8".
+    `target_bpw` (bits per weight of the whole weight file) or `max_size` (bytes of the whole
+    folder): mixed precision, each AWQ scale group's linears at the group size a measured
+    sensitivity picks within the budget (budget.py); the folder written is checked against it.
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
     """
     from .awq import AWQSettings
@@ -67,8 +82,13 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {group_size}")
     if quantize_head not in (None, *HEAD_FORMATS):
         raise UsageError(f"--quantize-head must be one of {', '.join(HEAD_FORMATS)}, got {quantize_head}")
+    if embed not in EMBED_FORMATS:
+        raise UsageError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {embed}")
     if method == "rtn" and (calib or keep_salient or duo or report or eval_data):
         raise UsageError("--calib, --keep-salient, --duo, --report and --eval apply to --method awq only")
+    budgeted = target_bpw is not None or max_size is not None
+    if budgeted and method != "awq":
+        raise UsageError("--target-bpw and --max-size measure on calibration text: use --method awq")
     if eval_data and not report:
         raise UsageError("--eval fills in the report: give --report too")
     settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed)
@@ -78,11 +98,16 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--samples must be ≥ 1 and --seq-len ≥ 2, got {samples} and {seq_len}")
     check_out_dir(out_dir)
     cfg = load_config(src_dir)
-    copied_files(src_dir)                                  # before any work: links that leave the folder
+    copies = copied_files(src_dir)                         # before any work: links that leave the folder
     if cfg.quantization:
         raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
     for _, _, _, (_, k) in block_linears(cfg, 0):      # fail before any work if a layer can't be stored
         choose_group_size(k, group_size)
+    if embed == "int8":
+        choose_group_size(cfg.hidden_size, group_size)
+        if cfg.tie_word_embeddings and quantize_head == "int4":
+            raise UsageError("--embed int8 with tied embeddings makes the int8 embedding the head too; "
+                             "drop --quantize-head int4 or keep the embedding fp16 (--embed fp16)")
     if method == "awq" and seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
     eval_text = None
@@ -96,34 +121,52 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     # An upper bound of the output: every tensor in fp16 (int4 linears take about a quarter of
     # that), plus a quantized head stored beside a tied embedding.
     numel = sum(int(np.prod(src.raw(n)[0].shape, dtype=np.int64)) for n in src.where)
-    head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings else 0
+    head = cfg.vocab_size * cfg.hidden_size if quantize_head and cfg.tie_word_embeddings and embed == "fp16" else 0
     check_free_space(out_dir, 2 * numel + head)
-    block_fp, awq_res, calib_set = None, None, None
+    plan = None
+    if budgeted:
+        from . import budget as B
+        unit_list = B.units(cfg, group_size)
+        size_of = lambda choice: B.weight_file_bytes(
+            cfg, {lin: choice[u.name] for u in unit_list for lin in u.linears}, group_size, embed, quantize_head,
+            keep_salient)
+        other = sum(p.stat().st_size for p in copies.values())
+        plan = (B, unit_list, size_of, B.weight_budget(cfg, target_bpw, max_size, other))
+        B.check_fits(unit_list, plan[3], size_of)             # before any work
+    block_fp, awq_res, calib_set, alloc = None, None, None, None
     if method == "awq":
-        block_fp, awq_res, calib_set = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress)
+        block_fp, awq_res, calib_set, alloc = _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings,
+                                                       progress, plan)
+    group_of = alloc.group_of if alloc is not None else None
 
     out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
-                                         linear_hook, block_fp=block_fp)
+                                         linear_hook, block_fp=block_fp, embed=embed, group_of=group_of)
     if method == "awq":
         for note in awq_res.notes:
             print(f"note: {note}", file=sys.stderr)
         extra_config = {"awq": _awq_config(settings, calib_set, awq_res), **(extra_config or {})}
+        if alloc is not None:
+            extra_config["mixed_precision"] = alloc.record()
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["torch_dtype"] = "float16"
     config["quantization_config"] = {
         "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
         "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
-        "lm_head": quantize_head or "float16", "tool": _tool_version(),
+        "lm_head": _head_record(cfg, quantize_head, embed), "embed": "int8" if embed == "int8" else "float16",
+        "tool": _tool_version(),
         "source": {"path": str(src_dir.resolve()), "weights_sha256": weights_digest(src)},
         **(extra_config or {}),
     }
     qc = config["quantization_config"]
 
     def finish(tmp):
+        if alloc is not None:
+            _check_budget(tmp, alloc, max_size)
         if report:
             from .report import write_report
             write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, qc,
-                         lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False)[0],
+                         lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False,
+                                                   embed=embed, group_of=group_of)[0],
                          eval_text, eval_ctx, eval_tokens, progress)
         calibration = calib_set.describe() if calib_set is not None else None
         recipe = {"kind": "quantize", "source_weights_sha256": qc["source"]["weights_sha256"],
@@ -135,13 +178,33 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
 
 
 # quantization_config keys that are settings (the rest is provenance or a result)
-RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size", "zero_point", "lm_head")
+RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size", "group_size_per_layer", "zero_point",
+               "lm_head", "embed", "mixed_precision")
 
 
-def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
-    """Calibration tokens, then AWQ as the writer asks for each block: (block_fp(i) -> (block i's fp
-    tensors, its salient channels), the AWQResult it fills, Calibration). Blocks are transformed and
-    quantized one at a time: the float32 model is never held whole."""
+def _head_record(cfg, quantize_head, embed) -> str:
+    """quantization_config's "lm_head": the head's format, or that it is the int8 embedding."""
+    if embed == "int8" and cfg.tie_word_embeddings:
+        return "int8 (the tied embedding, stored once)"
+    return quantize_head or "float16"
+
+
+def _check_budget(folder, alloc, max_size) -> None:
+    """The folder as written against the budget, before it appears: UsageError if over (the
+    prediction missed; nothing is left behind)."""
+    weights = (folder / "model.safetensors").stat().st_size
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    if weights > alloc.budget_bytes or (max_size is not None and total > max_size):
+        raise UsageError(f"the folder came out at {total:,} bytes (weights {weights:,}), over the budget; "
+                         "nothing was written: report this with the command line")
+
+
+def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress, plan=None):
+    """Calibration tokens, then (with a budget `plan`) the group sizes it allows, then AWQ as the
+    writer asks for each block: (block_fp(i) -> (block i's fp tensors, its salient channels), the
+    AWQResult it fills, Calibration, budget.Allocation or None). Blocks are transformed and quantized
+    one at a time: the float32 model is never held whole."""
+    import dataclasses
 
     from ..runtime.tokenizer import Tokenizer
     from .awq import AWQResult, awq_blocks
@@ -153,6 +216,14 @@ def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
         cal = self_generated(src, cfg, tok, samples, seq_len, settings.seed, progress=progress)
     for note in cal.notes:
         print(f"note: {note}", file=sys.stderr)
+    alloc = None
+    if plan is not None:
+        B, unit_list, size_of, budget = plan
+        sens = B.unit_sensitivity(src, cfg, cal.ids, unit_list, progress)
+        choice = B.allocate(unit_list, sens, budget, size_of)
+        group_of = {lin: choice[u.name] for u in unit_list for lin in u.linears}
+        alloc = B.Allocation(group_of, choice, size_of(choice), budget, sens)
+        settings = dataclasses.replace(settings, group_sizes=tuple(sorted(group_of.items())))
     res = AWQResult({}, {}, [], [])
     blocks = awq_blocks(src, cfg, cal.ids, settings, res, progress=progress)
 
@@ -162,7 +233,7 @@ def _run_awq(src_dir, src, cfg, calib, samples, seq_len, settings, progress):
         if i == cfg.num_hidden_layers - 1:
             blocks.close()                 # the last one: AWQ's progress bar closes now
         return tensors, salient
-    return block_fp, res, cal
+    return block_fp, res, cal, alloc
 
 
 def _awq_config(settings, cal, res) -> dict:
@@ -181,7 +252,8 @@ def _awq_config(settings, cal, res) -> dict:
 
 
 def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
-                      fp: dict | None = None, salient: dict | None = None, block_fp=None):
+                      fp: dict | None = None, salient: dict | None = None, block_fp=None, embed: str = "fp16",
+                      group_of: dict | None = None):
     """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
 
     `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
@@ -194,8 +266,14 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
     out: dict[str, np.ndarray] = {}
     per_layer_g = {}
 
-    for name, shape in GLOBAL_TENSORS.values():
-        out[name] = np.concatenate(list(_rows_f32(src, name, shape(cfg), np.float16)))
+    for key, (name, shape) in GLOBAL_TENSORS.items():
+        if key == "embed" and embed == "int8":
+            g8 = choose_group_size(cfg.hidden_size, group_size)        # rows are quantized independently
+            q8s = [quantize_q8(w, g8) for w in _rows_f32(src, name, shape(cfg))]
+            out[EMBED_PREFIX + ".qweight"] = np.concatenate([q8.qweight for q8 in q8s])
+            out[EMBED_PREFIX + ".scales"] = np.concatenate([q8.scales for q8 in q8s])
+        else:
+            out[name] = np.concatenate(list(_rows_f32(src, name, shape(cfg), np.float16)))
     bar = _progress(cfg.num_hidden_layers, f"quantize ({method}, W{bits})", progress)
     for i in range(cfg.num_hidden_layers):
         fp_i, salient_i = block_fp(i) if block_fp is not None else (fp, salient)
@@ -207,7 +285,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             sal = salient_i.get(prefix)
             if linear_hook is not None:
                 w, sal = linear_hook(i, key, w)
-            g = choose_group_size(w.shape[1], group_size)
+            g = choose_group_size(w.shape[1], (group_of or {}).get(key, group_size))
             if g != group_size:
                 per_layer_g[prefix] = g
             q = quantize_q4(w, g, salient_idx=sal, bits=bits)
@@ -222,7 +300,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
 
     head_name, head_shape = HEAD
     head_src = "model.embed_tokens.weight" if cfg.tie_word_embeddings else head_name + ".weight"
-    if quantize_head or not cfg.tie_word_embeddings:
+    if (quantize_head and not (embed == "int8" and cfg.tie_word_embeddings)) or not cfg.tie_word_embeddings:
         # Row chunks: rows are quantized independently, and a [V, D] float32 copy of a 128k vocabulary
         # (plus the quantizer's temporaries of its size) would be the largest allocation of the run.
         g = choose_group_size(cfg.hidden_size, group_size)

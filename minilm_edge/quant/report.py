@@ -69,9 +69,14 @@ def _size_summary(folder, cfg, res, qconfig):
         m = 0 if sal is None else len(sal)
         total_bits += n * k * bits_per_weight(per_g.get(prefix, qconfig["group_size"]), m, k)
         total_w += n * k
+    from ..formats.tensors import parameter_count
     f = folder / "model.safetensors"
+    file_bytes = f.stat().st_size if f.is_file() else None
     return {"block_linear_bits_per_weight": total_bits / total_w, "block_linear_params": int(total_w),
-            "file_bytes": f.stat().st_size if f.is_file() else None,
+            "file_bytes": file_bytes,
+            # embedding, head, norms and header included, over every parameter (tied embedding once)
+            "file_bits_per_weight": None if file_bytes is None else 8 * file_bytes / parameter_count(cfg),
+            "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
             "note": "3-bit codes are stored in 4-bit containers" if qconfig["bits"] == 3 else ""}
 
 
@@ -137,7 +142,9 @@ def render_html(rep: dict) -> str:
              f"Calibration: {e(', '.join(cal['source']))}, {cal['samples']} × {cal['seq_len']} tokens, "
              f"sha256 {cal['tokens_sha256'][:16]}…<br>"
              f"Block linears: {size['block_linear_bits_per_weight']:.3f} bits per weight over "
-             f"{size['block_linear_params']:,} weights; model.safetensors {_f(size['file_bytes'], '{:,}')} bytes. "
+             f"{size['block_linear_params']:,} weights; model.safetensors {_f(size['file_bytes'], '{:,}')} bytes, "
+             f"{_f(size.get('file_bits_per_weight'), '{:.3f}')} bits per weight over every parameter (embedding, "
+             f"head, norms included); the whole folder {_f(size.get('folder_bytes'), '{:,}')} bytes. "
              f"{e(size['note'])}</p>"]
     for n in rep["notes"]:
         parts.append(f"<p class='note'>note: {e(n)}</p>")

@@ -15,6 +15,7 @@ from ..errors import CheckpointError
 from ..formats.safetensors import to_float32
 from ..formats.tensors import (
     BIASED,
+    EMBED_PREFIX,
     GLOBAL_TENSORS,
     HEAD,
     TensorSource,
@@ -25,7 +26,7 @@ from ..formats.tensors import (
     linear_format,
 )
 from .config import LlamaConfig
-from .linear import LINEAR_FORMATS, Linear, linear_class
+from .linear import LINEAR_FORMATS, Linear, Q8Rows, linear_class
 
 
 @dataclasses.dataclass
@@ -48,7 +49,8 @@ class BlockWeights:
 
 @dataclasses.dataclass
 class Weights:
-    embed: np.ndarray       # [V, D] float32 or float16 as stored (rows widened per lookup)
+    embed: np.ndarray       # [V, D] float32 or float16 as stored (rows widened per lookup), or an
+                            # int8 table (linear.Q8Rows: rows dequantized per lookup)
     blocks: list            # L × BlockWeights
     norm: np.ndarray        # [D] float32
     lm_head: Linear         # [V, D]; the embedding itself when tied
@@ -65,10 +67,12 @@ def load_linear(src: TensorSource, prefix: str, shape: tuple, bias: bool, cfg: L
     return lin
 
 
-def load_embedding(src: TensorSource, cfg: LlamaConfig) -> np.ndarray:
+def load_embedding(src: TensorSource, cfg: LlamaConfig):
     """The embedding table as stored when NumPy can index it (f32/f16: rows are widened per lookup,
-    the table is not copied); bf16 is widened once."""
+    the table is not copied); bf16 is widened once; int8 (EMBED_PREFIX.qweight) as a Q8Rows."""
     name, shape = GLOBAL_TENSORS["embed"]
+    if name not in src and linear_format(src, EMBED_PREFIX) == "q8":
+        return Q8Rows(LINEAR_FORMATS["q8"].load(src, EMBED_PREFIX, shape(cfg), cfg))
     arr, dt = src.raw(name)
     check_shape(name, arr.shape, shape(cfg))
     return arr if dt in ("F32", "F16") else to_float32(arr, dt)
@@ -90,6 +94,8 @@ def load_weights(model_dir: Path | None, cfg: LlamaConfig, src: TensorSource | N
     if any(n.startswith(head_name + ".") for n in src.where):
         # A stored head wins, also when the embeddings are tied (a quantized copy of the embedding).
         lm_head = load_linear(src, head_name, head_shape(cfg), False, cfg)
+    elif cfg.tie_word_embeddings and isinstance(embed, Q8Rows):
+        lm_head = embed.linear                 # the int8 table, stored once, is the head too
     elif cfg.tie_word_embeddings:
         # The head is the embedding itself: fp16 stays fp16 (no float32 copy) where the kernel can.
         f16 = embed.dtype == np.float16 and embed.shape[1] % 16 == 0

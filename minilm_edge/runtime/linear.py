@@ -247,6 +247,29 @@ class Q8(Linear):
         return self.p.nbytes
 
 
+class Q8Rows:
+    """An int8 embedding table (a Q8 linear [V, D]) looked up by rows, so that a tied embedding is
+    stored once: `table[ids]` dequantizes only the rows asked for (float32 [T, D]), and the same Q8
+    serves as the head (`linear`). W[v, d] = qweight[v, d] · scales[v, d // g] (formats/q4.py)."""
+
+    def __init__(self, linear: Q8):
+        self.linear = linear
+        self.shape = linear.shape
+        self.dtype = np.dtype(np.float32)        # what a lookup returns
+
+    def __getitem__(self, ids) -> np.ndarray:
+        p = self.linear.p
+        q = p.qweight[ids]                                         # [..., D] int8
+        s = p.scales[ids]                                          # [..., G] float32
+        g = p.group_size
+        w = q.reshape(*q.shape[:-1], q.shape[-1] // g, g).astype(np.float32) * s[..., None]
+        return w.reshape(q.shape)                                  # [..., D] float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.linear.nbytes
+
+
 class AWQGemm(Q4):
     """AutoAWQ "GEMM" int4 tensors (formats/awq_gemm.py: qweight int32 [K, N/8], qzeros int32 [K/g, N/8],
     scales fp16 [K/g, N]), converted once at load into the native Q4Linear; from then on it is a Q4
