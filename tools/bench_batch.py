@@ -2,10 +2,11 @@
 
     python tools/bench_batch.py [MODEL] [--batch 1 --batch 2 --batch 4 --batch 8] [--tokens 64] [--rounds 5]
 
-For each round, in turn (interleaved, so a busy machine disturbs every setting alike): single-stream
-decode (Model.forward one token at a time, the fused step) of `--tokens` tokens, then for each B a
-BatchDecoder with B sequences (different prompts, so different positions) stepping `--tokens`
-steps. Prefill is not timed. Reports the median decode tokens/s (aggregate over the B sequences)
+For each round, in turn (interleaved, so a busy machine disturbs every setting alike): today's
+single-stream generation (generation.Generation: the fused step, sampler, detokenizer) of `--tokens`
+tokens, then for each B a BatchDecoder with B sequences (different prompts, so different positions)
+stepping `--tokens` steps. Both timings include the prompts' prefill (6-12 tokens each).
+Reports the median decode tokens/s (aggregate over the B sequences)
 and its ratio to single-stream, as a markdown table; the per-round numbers go to stderr.
 """
 from __future__ import annotations
@@ -14,6 +15,9 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without install
 
 PROMPTS = [
     "The capital of France is", "Write a short poem about the sea.", "def fibonacci(n):",
@@ -23,26 +27,26 @@ PROMPTS = [
 
 
 def single_stream(model, ids, n):
-    """Seconds for n decoded tokens (greedy, after prefill) through the single-stream path."""
-    import numpy as np
-    cache = model.new_cache(len(ids) + n + 1)
-    logits = model.forward(ids, cache, last_only=True)[0]
+    """(seconds, tokens) of today's single-stream generation (generation.Generation: prefill, then
+    greedy decode through the fused step, sampler and detokenizer) of up to n tokens."""
+    from minilm_edge.runtime.generation import Generation, SamplingSettings
+    g = Generation(model, model.new_cache(len(ids) + n + 1), ids, SamplingSettings(max_new_tokens=n))
     t = time.perf_counter()
-    for _ in range(n):
-        logits = model.forward([int(np.argmax(logits))], cache, last_only=True)[0]
-    return time.perf_counter() - t
+    for _ in g:
+        pass
+    return time.perf_counter() - t, len(g.token_ids) + (g.finish_reason == "eos")
 
 
 def batched(model, prompts, n):
-    """Seconds for n steps of a BatchDecoder holding one sequence per prompt (greedy)."""
+    """(seconds, tokens) of a BatchDecoder holding one sequence per prompt (greedy): prefill, then n steps."""
     from minilm_edge.runtime.batch import BatchDecoder
     from minilm_edge.runtime.generation import SamplingSettings
     dec = BatchDecoder(model, max_batch=len(prompts), max_len=max(map(len, prompts)) + n + 2)
     s = SamplingSettings(max_new_tokens=n + 1)      # no sequence ends early (EOS still could: counted)
-    for p in prompts:
-        dec.add(p, s)
     made = 0
     t = time.perf_counter()
+    for p in prompts:
+        dec.add(p, s)
     for _ in range(n):
         made += len(dec.step())
     return time.perf_counter() - t, made
@@ -69,7 +73,8 @@ def main(argv=None):
         for b in sizes:
             batched(model, ids[:b], 2)
         for r in range(args.rounds):
-            single.append(args.tokens / single_stream(model, ids[0], args.tokens))
+            sec, made = single_stream(model, ids[0], args.tokens)
+            single.append(made / sec)
             for b in sizes:
                 sec, made = batched(model, ids[:b], args.tokens)
                 agg[b].append(made / sec)
