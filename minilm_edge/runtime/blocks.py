@@ -36,12 +36,26 @@ def embed(model, ids: np.ndarray) -> np.ndarray:
     return x
 
 
+def project_qkv(qkv, b, h, H, Hkv, Dh, rows: bool = False):
+    """A block's q [T, H, Dh], k [T, Hkv, Dh] (contiguous: RoPE works in place) and v [T, Hkv Dh]
+    from its normed input h [T, D]: one call of the fused q|k|v linear where there is one, else three.
+    rows: the batched decode step's per-row formats (Linear.rows)."""
+    call = (lambda lin: lin.rows(h)) if rows else (lambda lin: lin(h))
+    T, nq, nkv = h.shape[0], H * Dh, Hkv * Dh
+    if qkv is not None:
+        y = call(qkv)                                                  # [T, (H + 2 Hkv) Dh]
+        q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
+    else:
+        q, k, v = call(b.q), call(b.k), call(b.v)
+    return np.ascontiguousarray(q).reshape(T, H, Dh), np.ascontiguousarray(k).reshape(T, Hkv, Dh), v
+
+
 def run_blocks(model, ids: np.ndarray, cache) -> np.ndarray:
     """Every block over T new tokens appended after `cache`; returns the last block's output [T, D]."""
     c, T, p0 = model.config, len(ids), cache.length
     H, Hkv, Dh, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
     arch, eps = c.arch, c.rms_norm_eps
-    nq, nkv = H * Dh, Hkv * Dh
+    nq = H * Dh
     # Scores are q·k / √Dh in the kernels; a model asking for another scale has q scaled to match.
     q_scale = None
     if c.query_pre_attn_scalar is not None and c.query_pre_attn_scalar != Dh:
@@ -59,13 +73,7 @@ def run_blocks(model, ids: np.ndarray, cache) -> np.ndarray:
         cos, sin = tables[id(model._layer_inv_freq[layer])]
         window = c.sliding_window if arch.sliding_window and c.sliding_layers[layer] else 0
         kernels.rms_norm(x, b.attn_norm, eps, h)
-        if qkv is not None:
-            y = qkv(h)                                                 # [T, (H + 2 Hkv) Dh]
-            q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
-        else:
-            q, k, v = b.q(h), b.k(h), b.v(h)
-        q = np.ascontiguousarray(q).reshape(T, H, Dh)
-        k = np.ascontiguousarray(k).reshape(T, Hkv, Dh)
+        q, k, v = project_qkv(qkv, b, h, H, Hkv, Dh)
         if arch.qk_norm:                                               # per head, before RoPE
             kernels.rms_norm(q.reshape(T * H, Dh), b.q_norm, eps, q.reshape(T * H, Dh))
             kernels.rms_norm(k.reshape(T * Hkv, Dh), b.k_norm, eps, k.reshape(T * Hkv, Dh))

@@ -18,7 +18,7 @@ from ..formats.trust import enforce_policy
 from ..kernels import ops_f32 as kernels
 from ..kernels.policy import blas_threads
 from ..kernels.quant_i8_matmul import use_int8_activations
-from .blocks import layer_inv_freqs, run_blocks
+from .blocks import layer_inv_freqs, project_qkv, run_blocks
 from .checkpoint import Weights, load_weights
 from .config import LlamaConfig, load_config, read_json
 from .decode import build_plan
@@ -222,7 +222,7 @@ class Model:
         from ..kernels.decode_batch import attention_slots, store_kv
         c, B = self.config, len(ids)
         H, Hkv, Dh, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
-        nq, nkv = H * Dh, Hkv * Dh
+        nq = H * Dh
         pos = np.array([cache.length for cache in caches], np.int64)                     # [B]
         angle = pos[:, None].astype(np.float64) * self._inv_freq[None, :]
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [B, Dh/2]
@@ -237,13 +237,7 @@ class Model:
         for layer, b in enumerate(self.weights.blocks):
             qkv, gate_up = self._fused[layer]
             kernels.rms_norm(x, b.attn_norm, c.rms_norm_eps, h)
-            if qkv is not None:
-                y = qkv.rows(h)                                                 # [B, (H + 2 Hkv) Dh]
-                q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
-            else:
-                q, k, v = b.q.rows(h), b.k.rows(h), b.v.rows(h)
-            q = np.ascontiguousarray(q).reshape(B, H, Dh)
-            k = np.ascontiguousarray(k).reshape(B, Hkv, Dh)
+            q, k, v = project_qkv(qkv, b, h, H, Hkv, Dh, rows=True)
             v = np.ascontiguousarray(v).reshape(B, Hkv, Dh)
             kernels.rope_inplace(q, cos, sin)
             kernels.rope_inplace(k, cos, sin)
@@ -310,17 +304,11 @@ class Model:
         h = np.empty_like(x)                                               # [T, D] normed input
         att = np.empty((T, H, Dh), np.float32)                             # [T, H, Dh]
         act = np.empty((T, c.intermediate_size), np.float32)               # [T, F]
-        nq, nkv, F = H * Dh, Hkv * Dh, c.intermediate_size
+        nq, F = H * Dh, c.intermediate_size
         for layer, b in enumerate(self.weights.blocks):
             qkv, gate_up = self._fused[layer]
             kernels.rms_norm(x, b.attn_norm, c.rms_norm_eps, h)
-            if qkv is not None:
-                y = qkv(h)                                                 # [T, (H + 2 Hkv) Dh]
-                q, k, v = y[:, :nq], y[:, nq:nq + nkv], y[:, nq + nkv:]
-            else:
-                q, k, v = b.q(h), b.k(h), b.v(h)
-            q = np.ascontiguousarray(q).reshape(T, H, Dh)
-            k = np.ascontiguousarray(k).reshape(T, Hkv, Dh)
+            q, k, v = project_qkv(qkv, b, h, H, Hkv, Dh)
             kernels.rope_inplace(q, cos, sin)
             kernels.rope_inplace(k, cos, sin)
             cache.k[layer, :, p0:p0 + T] = k.transpose(1, 0, 2)           # [T, Hkv, Dh] -> [Hkv, T, Dh]
