@@ -232,13 +232,16 @@ class Q8(Linear):
         return matvec_q8_f32(self.p, x)
 
     def rows(self, X):
-        """One matvec per row: exactly each sequence's single-stream head, and faster than the
-        float32 matmul over the int8 table at a batch's few rows (8 rows of SmolLM2's 49152 x 576
-        head: 5.8 ms against 14.9 ms; BENCHMARKS.md, batched decoding)."""
-        from ..kernels.quant_f32 import matvec_q8_f32
+        """The single-stream head's sums for each row, the table read once for all rows
+        (kernels/decode_step_batch.matvec_rows_q8_f32; BENCHMARKS.md, batched decoding)."""
+        from ..kernels.decode_step_batch import matvec_rows_q8_f32
+        from ..kernels.quant_f32 import _check_mat
+        _check_mat(X, self.shape[1])
+        X = np.ascontiguousarray(X)
+        if self.shape[1] % 16 or self.p.group_size % 16:
+            return np.stack([self.matvec(x) for x in X])
         Y = np.empty((X.shape[0], self.p.shape[0]), np.float32)       # [B, N]
-        for b in range(X.shape[0]):
-            matvec_q8_f32(self.p, X[b], out=Y[b])
+        matvec_rows_q8_f32(*self.p.kernel_args, X, Y)
         return Y
 
     def matmul(self, X):

@@ -114,6 +114,7 @@ class Model:
         self._plan = build_plan(config, weights.blocks) if config.arch.plain else None
         self._layer_inv_freq = layer_inv_freqs(config, self._inv_freq)   # RoPE base per layer (blocks.py)
         self._fused_decode = self._plan is not None
+        self._batch_step = None                     # batch.BatchStep: the B-row step's buffers, made at first use
         if self._plan is not None:
             self._fused = self._use_plan_views()
             if weights.source is not None and not self._plan.mapped:
@@ -196,10 +197,12 @@ class Model:
         """One decode step of B sequences: token b appended after what caches[b] holds (each at its
         own position).                                                   [B] -> logits [B, V] float32
 
-        One sequence: the single-stream decode (the fused step where there is one). Several: every
-        linear multiplies all B rows at once (the prefill matmul kernels: each weight read once per
-        step, not once per sequence), attention per sequence over its own cache; caches that are
-        slots of one pool (batch.BatchDecoder's) take one attention call for all.
+        One sequence: the single-stream decode (the fused step where there is one). Several, with a
+        decode plan (every block linear int4) and caches that are slots of one pool
+        (batch.BatchDecoder's): one compiled call for all blocks and all B rows
+        (kernels/decode_step_batch.py: each weight read once per step, each row the arithmetic of
+        its single-stream step). Otherwise every linear multiplies all B rows at once (the prefill
+        matmul kernels), attention per sequence over its own cache (pooled: one call for all).
         """
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size != len(caches) or ids.size == 0:
@@ -229,8 +232,16 @@ class Model:
         pool = caches[0].pool
         pooled = pool is not None and all(cache.pool is not None and cache.pool[0] is pool[0] for cache in caches)
         slots = np.array([cache.pool[2] for cache in caches], np.int64) if pooled else None   # [B]
-        scores = np.empty((B, H, int(pos.max()) + 1), np.float32)                          # [B, H, S']
         x = self.weights.embed[ids].astype(np.float32)                     # [B, D]
+        if pooled and self._fused_decode:                                  # one call: decode_step_batch.py
+            if self._batch_step is None:
+                from .batch import BatchStep
+                self._batch_step = BatchStep(c, self._plan)
+            self._batch_step.run(x, pos, slots, cos, sin, pool[0], pool[1])
+            for cache, t in zip(caches, ids):
+                cache.tokens.append(int(t))
+            return x
+        scores = np.empty((B, H, int(pos.max()) + 1), np.float32)                          # [B, H, S']
         h = np.empty_like(x)                                               # [B, D] normed input
         att = np.empty((B, H, Dh), np.float32)                             # [B, H, Dh]
         act = np.empty((B, F), np.float32)                                 # [B, F]

@@ -1,0 +1,325 @@
+"""B decoded tokens (one per sequence, each at its own position) through every int4 block in ONE
+compiled call: `decode_blocks_batch`, the B-row twin of decode_step.decode_blocks.
+
+Why: a batched step that runs B rows through each linear's prefill matmul, one linear at a time
+from Python (Model._blocks_batch, the general path), pays ~120 kernel dispatches and parallel
+regions per step and a kernel built for prefill's many rows; at B = 8 it was barely faster than B
+single-stream tokens (BENCHMARKS.md, "Batched decoding"). Here, as in `decode_blocks`, one parallel
+region per step: each of the T threads runs its share of every phase and meets the others at a
+spin barrier (sync.py). What is new is the row kernels: a thread's share of a linear is a range of
+row pairs, and each pair meets all B activation rows while its weights are in L1, so the weights
+of a step are read from memory once for all B tokens (`_rows_batch`).
+
+Per block l, for every row b (x: [B, D], float32):
+    h[b]   = rms_norm(x[b]) ⊙ attn_norm[l]            (the thread that owns row b: b ≡ t mod T)
+    qkv[b] = Wqkv[l] h[b] (+ bias)                      (threads split the row pairs; all B rows)
+    RoPE of q and k heads at pos[b]; k, v into slot slots[b] of the pool at pos[b]
+    attention of row b over positions 0..pos[b] of its slot (threads split each row's positions,
+    as decode_blocks does; the owner of row b merges the parts)
+    x[b] += Wo[l] att[b];  h[b] = rms_norm(x[b]) ⊙ mlp_norm[l]
+    act[b] = silu(gate) ⊙ up of Wgu[l] h[b];  x[b] += Wdown[l] act[b]
+Each row meets the arithmetic of its single-stream step: the same prologue (`quantize_vec` or
+`split_x`), the same row-pair function body (`dot2_q4_i8` / `dot2_q4_f32`, here reading row b of
+the prologue buffers by offset), the same attention parts split at the same positions for the same
+T, the same merge. So a row's hidden state is the single-stream one (bit for bit where LLVM emits
+the same code; tests/test_batch.py checks to 1e-4).
+
+Records: the stacks (Q4Stack) and Blocks of decode_step; the pool (kp, vp [slots, L, Hkv, S, Dh]);
+BatchShared (every thread reads, parts written by each) and BatchScratch (row t for thread t).
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+from numba import prange
+
+from .decode_step import ADD, STORE, SWIGLU, _pair, _rms_norm_vec, _share, attend_part, merge_parts
+from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .quant_f32 import split_x
+from .quant_i8_matmul import VNNI
+from .quant_i8_matvec import CHUNK, quantize_vec, salient_x
+from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_mul, v_splat, v_unpack_q4, v_zeros
+from .sync import barrier
+
+if VNNI:
+    from .quant_i8_matvec import _lane_scales, v_dot_q4_i8, v_i2f, v_load_part, v_load_part_u8
+
+# Shapes: B rows (sequences), P the most threads, K the largest linear input, m16 salient channels.
+BatchShared = namedtuple("BatchShared", [
+    "qkv",          # float32 [B, (H + 2 Hkv) Dh]
+    "act",          # float32 [B, F]          silu(gate) ⊙ up
+    "bar",          # int64   [8]             barrier counter, zeroed before each call
+    # each row's matvec prologue (written by the row's owner, read by every thread after a barrier):
+    "xe", "xo",     # float32 [B, K/2]        float32 activations (quant_f32.split_x)
+    "xs",           # float32 [B, K/32]
+    "xsal",         # float32 [B, m16]
+    "xz",           # float32 [B, K]          int8 activations (quant_i8_matvec.quantize_vec)
+    "qe", "qo",     # int8    [B, K/2 ↑ 64]
+    "sxl",          # float32 [B, K/8 ↑ 16]
+    "nzt",          # float32 [B, G ↑ 16]
+    "pm", "pl",     # float32 [B, P, H]       each thread's part of each row's attention
+    "po",           # float32 [B, P, H, Dh]
+])
+BatchScratch = namedtuple("BatchScratch", [
+    "h",            # float32 [P, D]          a normed input
+    "att",          # float32 [P, H Dh]       a merged attention output
+    "scores",       # float32 [P, H, S]       attention scores
+])
+
+
+# ----------------------------------------------------------------------------------------------
+# Row-pair functions with the activations of row b (offsets into [B, ·] prologue buffers): the
+# bodies of quant_f32.dot2_q4_f32 and quant_i8_matvec.dot2_q4_i8 with every activation read
+# shifted to row b. Inlined (policy.kernel), rows by offset, never sliced.
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _dot2_q4_f32_at(qw, sc, z, sw, ra, rb, group_size, xe, xo, xs, xsal, b):
+    """dot2_q4_f32 of rows ra, rb with row b of the float32 prologue (xe, xo [B, ·], xs, xsal)."""
+    half, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
+    h = group_size // 2
+    wa, wb = ra * half, rb * half
+    ox, osal = b * xe.shape[1], b * xsal.shape[1]
+    acc_a, acc_a2, acc_b, acc_b2 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+    zt_a = np.float32(0.0)
+    zt_b = np.float32(0.0)
+    for g in range(G):
+        da, ea, db, eb = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        for o in range(g * h, g * h + h, LANES):
+            x_e = v_load(xe, ox + o)
+            x_o = v_load(xo, ox + o)
+            lo, hi = v_unpack_q4(qw, wa + o)
+            da = v_fma(lo, x_e, da)
+            ea = v_fma(hi, x_o, ea)
+            lo, hi = v_unpack_q4(qw, wb + o)
+            db = v_fma(lo, x_e, db)
+            eb = v_fma(hi, x_o, eb)
+        s_a, s_b = sc[ra, g], sc[rb, g]
+        va, vb = v_splat(s_a), v_splat(s_b)
+        acc_a = v_fma(va, da, acc_a)
+        acc_a2 = v_fma(va, ea, acc_a2)
+        acc_b = v_fma(vb, db, acc_b)
+        acc_b2 = v_fma(vb, eb, acc_b2)
+        zt_a += s_a * np.float32(z[ra, g]) * xs[b, g]
+        zt_b += s_b * np.float32(z[rb, g]) * xs[b, g]
+    for i in range(0, m16, LANES):
+        x_s = v_load(xsal, osal + i)
+        acc_a = v_fma(v_load(sw, ra * m16 + i), x_s, acc_a)
+        acc_b = v_fma(v_load(sw, rb * m16 + i), x_s, acc_b)
+    return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def _dot2_q4_i8_at(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, xsal, b):
+        """dot2_q4_i8 of rows ra, rb with row b of the int8 prologue (qe, qo, sxl, nzt, xsal [B, ·])."""
+        nbytes, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
+        wa, wb = ra * nbytes, rb * nbytes
+        oq, osx, oz, osal = b * qe.shape[1], b * sxl.shape[1], b * nzt.shape[1], b * xsal.shape[1]
+        acc_a, acc_b = v_zeros(), v_zeros()
+        for c in range(g0s.shape[0]):
+            o = c * CHUNK
+            da = v_dot_q4_i8(qw, wa + o, nbytes - o, qe, qo, oq + o)
+            db = v_dot_q4_i8(qw, wb + o, nbytes - o, qe, qo, oq + o)
+            g0 = g0s[c]
+            sx = v_load(sxl, osx + c * LANES)
+            acc_a = v_fma(v_i2f(da), v_mul(_lane_scales(sc, ra, g0, gpc, gidx, G), sx), acc_a)
+            acc_b = v_fma(v_i2f(db), v_mul(_lane_scales(sc, rb, g0, gpc, gidx, G), sx), acc_b)
+        for g0 in range(0, G, LANES):
+            zt = v_load(nzt, oz + g0)
+            acc_a = v_fma(v_mul(v_load_part(sc, ra * G + g0, G - g0), v_load_part_u8(z, ra * G + g0, G - g0)), zt,
+                          acc_a)
+            acc_b = v_fma(v_mul(v_load_part(sc, rb * G + g0, G - g0), v_load_part_u8(z, rb * G + g0, G - g0)), zt,
+                          acc_b)
+        for i in range(0, m16, LANES):
+            xs = v_load(xsal, osal + i)
+            acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)
+            acc_b = v_fma(v_load(sw, rb * m16 + i), xs, acc_b)
+        return v_hsum(acc_a), v_hsum(acc_b)
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _put_at(mode, out, b, i, ra, rb, ya, yb, bias):
+    """decode_step._put into row b of out [B, ·]."""
+    if mode == SWIGLU:
+        out[b, i] = ya / (np.float32(1.0) + np.exp(-ya)) * yb
+    elif mode == ADD:
+        out[b, 2 * i] += ya
+        out[b, 2 * i + 1] += yb
+    else:
+        out[b, 2 * i] = ya + bias[ra]
+        out[b, 2 * i + 1] = yb + bias[rb]
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows_batch_f32(mode, st, base, up, i0, i1, sh, out):
+    """Row pairs i0 .. i1−1 of stack st for every row b of out [B, ·] (float32 prologue): each pair's
+    weights come from memory for b = 0 and from L1 for the other rows."""
+    for i in range(i0, i1):
+        ra, rb = _pair(mode, base, up, i)
+        for b in range(out.shape[0]):
+            ya, yb = _dot2_q4_f32_at(st.qweight, st.scales, st.zeros, st.sal_w, ra, rb, st.group_size,
+                                     sh.xe, sh.xo, sh.xs, sh.xsal, b)
+            _put_at(mode, out, b, i, ra, rb, ya, yb, st.bias)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
+        """`_rows_batch_f32` with int8 activations (separate: `v_dot_q4_i8` compiles only for VNNI)."""
+        for i in range(i0, i1):
+            ra, rb = _pair(mode, base, up, i)
+            for b in range(out.shape[0]):
+                ya, yb = _dot2_q4_i8_at(st.qweight, st.scales, st.zeros, st.sal_w, ra, rb, st.gpc, st.gidx,
+                                        st.g0s, sh.qe, sh.qo, sh.sxl, sh.nzt, sh.xsal, b)
+                _put_at(mode, out, b, i, ra, rb, ya, yb, st.bias)
+else:
+    @kernel()
+    def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
+        """Never called without VNNI (i8 is False there); typed by `_rows_batch`'s branch."""
+        return
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows_batch(i8, mode, st, base, up, i0, i1, sh, out):
+    if i8:
+        _rows_batch_i8(mode, st, base, up, i0, i1, sh, out)
+    else:
+        _rows_batch_f32(mode, st, base, up, i0, i1, sh, out)
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _prologue_row(i8, x, st, l, sh, b):
+    """decode_step._prologue of input x for block l of stack st, into row b of the shared buffers."""
+    if i8:
+        quantize_vec(x, st.sal_idx[l], st.n_salient[l], st.group_size, sh.xz[b], sh.qe[b], sh.qo[b], sh.sxl[b],
+                     sh.nzt[b])
+        salient_x(x, st.sal_idx[l], sh.xsal[b])
+    else:
+        split_x(x, st.group_size, st.sal_idx[l], sh.xe[b], sh.xo[b], sh.xs[b], sh.xsal[b])
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rope_store(t, T, l, qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp):
+    """RoPE of every row's q and k heads (thread t takes every T-th (row, head)); k, v to the pool."""
+    half, nq, nkv = Dh // 2, H * Dh, Hkv * Dh
+    for item in range(t, qkv.shape[0] * (H + Hkv), T):
+        b, head = item // (H + Hkv), item % (H + Hkv)
+        o = head * Dh
+        for i in range(half):
+            x1, x2 = qkv[b, o + i], qkv[b, o + i + half]
+            qkv[b, o + i] = x1 * cos[b, i] - x2 * sin[b, i]
+            qkv[b, o + i + half] = x2 * cos[b, i] + x1 * sin[b, i]
+        if head >= H:
+            hk, s, p = head - H, slots[b], pos[b]
+            for d in range(Dh):
+                kp[s, l, hk, p, d] = qkv[b, nq + hk * Dh + d]
+                vp[s, l, hk, p, d] = qkv[b, nq + nkv + hk * Dh + d]
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kp, vp, sh, sc):
+    """Thread t of T: its share of every phase of every block for all B rows, a barrier after each."""
+    B, D = x.shape
+    H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
+    F, Na = sh.act.shape[1], sh.qkv.shape[1]
+    rep = H // Hkv
+    scale = np.float32(1.0 / np.sqrt(Dh))
+    h, att, s = sc.h[t], sc.att[t], sc.scores[t]
+    bar = sh.bar
+    k = 0
+    for l in range(w.attn_norm.shape[0]):
+        for b in range(t, B, T):                                          # h = norm(x), prologue
+            _rms_norm_vec(x[b], w.attn_norm[l], w.eps, h)
+            _prologue_row(i8, h, qkv_w, l, sh, b)
+        k = barrier(bar, k, T)
+        a, e = _share(Na // 2, t, T)
+        _rows_batch(i8, STORE, qkv_w, l * Na, 0, a, e, sh, sh.qkv)                   # qkv = W h + b
+        k = barrier(bar, k, T)
+        _rope_store(t, T, l, sh.qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp)
+        k = barrier(bar, k, T)
+        for b in range(B):                                                # this thread's positions
+            j0, j1 = _share(pos[b] + 1, t, T)
+            for hk in range(Hkv):
+                attend_part(sh.qkv[b], hk, rep, Dh, kp[slots[b], l, hk], vp[slots[b], l, hk], j0, j1, scale, s,
+                            sh.pm[b, t], sh.pl[b, t], sh.po[b, t])
+        k = barrier(bar, k, T)
+        for b in range(t, B, T):                                          # merge, prologue
+            merge_parts(T, H, Dh, sh.pm[b], sh.pl[b], sh.po[b], att)
+            _prologue_row(i8, att, o_w, l, sh, b)
+        k = barrier(bar, k, T)
+        a, e = _share(D // 2, t, T)
+        _rows_batch(i8, ADD, o_w, l * D, 0, a, e, sh, x)                              # x += Wo att
+        k = barrier(bar, k, T)
+        for b in range(t, B, T):
+            _rms_norm_vec(x[b], w.mlp_norm[l], w.eps, h)
+            _prologue_row(i8, h, gate_up_w, l, sh, b)
+        k = barrier(bar, k, T)
+        a, e = _share(F, t, T)
+        _rows_batch(i8, SWIGLU, gate_up_w, l * 2 * F, F, a, e, sh, sh.act)           # act = silu(g) ⊙ u
+        k = barrier(bar, k, T)
+        for b in range(t, B, T):
+            _prologue_row(i8, sh.act[b], down_w, l, sh, b)
+        k = barrier(bar, k, T)
+        a, e = _share(D // 2, t, T)
+        _rows_batch(i8, ADD, down_w, l * D, 0, a, e, sh, x)                           # x += Wdown act
+        k = barrier(bar, k, T)
+
+
+@parallel_kernel()
+def decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kp, vp, sh, sc):
+    """x [B, D] float32 (modified in place) through all L blocks; row b is a token at position pos[b]
+    of pool slot slots[b] (kp, vp [slots, L, Hkv, S, Dh]; its k, v written there). cos, sin
+    [B, Dh/2] at pos; i8: int8 activations (VNNI) or float32; T threads running concurrently
+    (sync.py), at most the scratch's P; the shared buffers' first dimension is B; sh.bar zeroed."""
+    for t in prange(T):
+        _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kp, vp, sh, sc)
+
+
+# ----------------------------------------------------------------------------------------------
+# The int8 head for B rows
+
+
+HEAD_TILE = 4      # activation rows per pass over a weight row: 4 × 2 accumulators stay in registers
+
+
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
+def matvec_rows_q8_f32(qweight, scales, group_size, X, out):
+    """out[b] = W X[b] for every row b of X [B, K] float32; W int8 [N, K] with per-(row, group) scales
+    (a Q8 head). Each row of W is read from memory once for all B rows and each 16 weights are
+    converted to float once per HEAD_TILE rows. Per row b the sums run in the order of
+    quant_f32._matvec_q8_f32 (the single-stream head): d = Σ_o w·x within a group, acc += s_g d,
+    out = hsum(acc); so a row's logits are its single-stream ones. out: [B, N]."""
+    N, K = qweight.shape
+    B, G = X.shape[0], scales.shape[1]
+    for n in prange(N):
+        wo = n * K
+        for b0 in range(0, B, HEAD_TILE):
+            # rows b0..b0+3, clamped to B − 1 (a short tile repeats the last row; its result is dropped)
+            o0, o1, o2, o3 = b0 * K, min(b0 + 1, B - 1) * K, min(b0 + 2, B - 1) * K, min(b0 + 3, B - 1) * K
+            a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+            for g in range(G):
+                d0, d1, d2, d3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+                for o in range(g * group_size, g * group_size + group_size, LANES):
+                    wv = v_load_i8(qweight, wo + o)
+                    d0 = v_fma(wv, v_load(X, o0 + o), d0)
+                    d1 = v_fma(wv, v_load(X, o1 + o), d1)
+                    d2 = v_fma(wv, v_load(X, o2 + o), d2)
+                    d3 = v_fma(wv, v_load(X, o3 + o), d3)
+                sg = v_splat(scales[n, g])
+                a0 = v_fma(sg, d0, a0)
+                a1 = v_fma(sg, d1, a1)
+                a2 = v_fma(sg, d2, a2)
+                a3 = v_fma(sg, d3, a3)
+            out[b0, n] = v_hsum(a0)
+            if b0 + 1 < B:
+                out[b0 + 1, n] = v_hsum(a1)
+            if b0 + 2 < B:
+                out[b0 + 2, n] = v_hsum(a2)
+            if b0 + 3 < B:
+                out[b0 + 3, n] = v_hsum(a3)
