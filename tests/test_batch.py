@@ -176,6 +176,21 @@ def test_decode_batch_logits_match_single_stream(model, n_threads):
             np.testing.assert_allclose(model.decode_batch(toks, own), want, atol=1e-4, rtol=1e-4)
     with pytest.raises(UsageError):
         model.decode_batch([1, 2], [own[0], own[0]])
+    # all-int4 blocks step pooled rows through the one-call B-row step (kernels/decode_step_batch.py)
+    assert (model._batch_step is not None) == (model.decode_plan is not None)
+
+
+@pytest.mark.parametrize("B", [2, 3, 5, 8])
+def test_head_rows_are_single_stream_matvecs(B):
+    """The int8 head's B-row kernel: each row's logits those of the single-stream matvec, for
+    short and whole tiles of rows (HEAD_TILE)."""
+    from minilm_edge.formats.q4 import quantize_q8
+    from minilm_edge.runtime.linear import Q8
+    rng = np.random.default_rng(B)
+    head = Q8(quantize_q8(rng.standard_normal((300, 96)).astype(np.float32), 32))
+    X = rng.standard_normal((B, 96)).astype(np.float32)
+    want = np.stack([head.matvec(x) for x in X])
+    np.testing.assert_allclose(head.rows(X), want, rtol=1e-6, atol=1e-6)
 
 
 def sample_rows_by_full_sort(logits, temperature, top_p, rng):

@@ -32,18 +32,61 @@ from __future__ import annotations
 from collections import namedtuple
 
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, models, register_model
 
 from .decode_step import ADD, STORE, SWIGLU, _pair, _rms_norm_vec, _share, attend_part, merge_parts
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import split_x
-from .quant_i8_matmul import VNNI
-from .quant_i8_matvec import CHUNK, quantize_vec, salient_x
-from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_mul, v_splat, v_unpack_q4, v_zeros
+from .quant_i8_matmul import VNNI, i32x16
+from .quant_i8_matvec import _VB, _VI32, CHUNK, _dpbusd, _intp, _mask, _masked_load, quantize_vec, salient_x
+from .simd import LANES, _elem_ptr, v_fma, v_hsum, v_load, v_load_i8, v_mul, v_splat, v_unpack_q4, v_zeros
 from .sync import barrier
 
 if VNNI:
     from .quant_i8_matvec import _lane_scales, v_dot_q4_i8, v_i2f, v_load_part, v_load_part_u8
+
+class U8x64Type(types.Type):
+    def __init__(self):
+        super().__init__(name="U8x64")
+
+
+u8x64 = U8x64Type()          # 64 unsigned bytes (one zmm): nibbles, the unsigned operand of vpdpbusd
+
+
+@register_model(U8x64Type)
+class _U8x64Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VB)
+
+
+@intrinsic
+def v_nibbles(typingctx, w, w_off, n):
+    """The 64 packed bytes w.flat[w_off : w_off+64] (bytes past n read as 0) split into (low
+    nibbles, high nibbles): the first half of quant_i8_matvec.v_dot_q4_i8, kept for several rows."""
+    def codegen(context, builder, sig, args):
+        w_t, woff_t, n_t = sig.args
+        mask = _mask(builder, _intp(context, builder, args[2], n_t), CHUNK)
+        v = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], woff_t, args[1], _VB), mask, _VB)
+        lo = builder.and_(v, ir.Constant(_VB, [15] * CHUNK))
+        hi = builder.and_(builder.lshr(v, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
+        return context.make_tuple(builder, sig.return_type, [lo, hi])
+    return types.UniTuple(u8x64, 2)(w, w_off, n), codegen
+
+
+@intrinsic
+def v_dot_nibbles(typingctx, lo, hi, qe, qo, x_off):
+    """The second half of v_dot_q4_i8: lane i = the integer dot of channel octet i of the chunk
+    (lo, hi from `v_nibbles`) with the int8 activations qe.flat[x_off : +64], qo.flat[x_off : +64]."""
+    def codegen(context, builder, sig, args):
+        _, _, qe_t, qo_t, xoff_t = sig.args
+        xe = builder.load(_elem_ptr(context, builder, qe_t, args[2], xoff_t, args[4], _VB), align=1)
+        xo = builder.load(_elem_ptr(context, builder, qo_t, args[3], xoff_t, args[4], _VB), align=1)
+        acc = _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), args[0], xe)
+        return _dpbusd(builder, acc, args[1], xo)
+    return i32x16(lo, hi, qe, qo, x_off), codegen
+
 
 # Shapes: B rows (sequences), P the most threads, K the largest linear input, m16 salient channels.
 BatchShared = namedtuple("BatchShared", [
@@ -139,6 +182,60 @@ if VNNI:
         return v_hsum(acc_a), v_hsum(acc_b)
 
 
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def _tail_i8(acc, sc, z, sw, r, nzt, oz, xsal, osal):
+        """The end of dot2_q4_i8 for one row r and one activation row: zero points, salient, sum."""
+        G, m16 = sc.shape[-1], sw.shape[-1]
+        for g0 in range(0, G, LANES):
+            acc = v_fma(v_mul(v_load_part(sc, r * G + g0, G - g0), v_load_part_u8(z, r * G + g0, G - g0)),
+                        v_load(nzt, oz + g0), acc)
+        for i in range(0, m16, LANES):
+            acc = v_fma(v_load(sw, r * m16 + i), v_load(xsal, osal + i), acc)
+        return v_hsum(acc)
+
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def _dot2x4_q4_i8_at(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, xsal, b0, b1, b2, b3):
+        """dot2_q4_i8 of rows ra, rb with the activation rows b0..b3 at once: each chunk of the two
+        weight rows is loaded and split into nibbles once, then meets the four rows (8 accumulators
+        in registers). Per (weight row, activation row) the operations and their order are
+        dot2_q4_i8's. Returns (ra·b0, rb·b0, ra·b1, rb·b1, ..., rb·b3)."""
+        nbytes, G = qw.shape[-1], sc.shape[-1]
+        wa, wb = ra * nbytes, rb * nbytes
+        Sq, Ss = qe.shape[1], sxl.shape[1]
+        a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        c0, c1, c2, c3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        for c in range(g0s.shape[0]):
+            o = c * CHUNK
+            la, ha = v_nibbles(qw, wa + o, nbytes - o)
+            lb, hb = v_nibbles(qw, wb + o, nbytes - o)
+            g0 = g0s[c]
+            swa = _lane_scales(sc, ra, g0, gpc, gidx, G)
+            swb = _lane_scales(sc, rb, g0, gpc, gidx, G)
+            cs = c * LANES
+            sx = v_load(sxl, b0 * Ss + cs)
+            a0 = v_fma(v_i2f(v_dot_nibbles(la, ha, qe, qo, b0 * Sq + o)), v_mul(swa, sx), a0)
+            c0 = v_fma(v_i2f(v_dot_nibbles(lb, hb, qe, qo, b0 * Sq + o)), v_mul(swb, sx), c0)
+            sx = v_load(sxl, b1 * Ss + cs)
+            a1 = v_fma(v_i2f(v_dot_nibbles(la, ha, qe, qo, b1 * Sq + o)), v_mul(swa, sx), a1)
+            c1 = v_fma(v_i2f(v_dot_nibbles(lb, hb, qe, qo, b1 * Sq + o)), v_mul(swb, sx), c1)
+            sx = v_load(sxl, b2 * Ss + cs)
+            a2 = v_fma(v_i2f(v_dot_nibbles(la, ha, qe, qo, b2 * Sq + o)), v_mul(swa, sx), a2)
+            c2 = v_fma(v_i2f(v_dot_nibbles(lb, hb, qe, qo, b2 * Sq + o)), v_mul(swb, sx), c2)
+            sx = v_load(sxl, b3 * Ss + cs)
+            a3 = v_fma(v_i2f(v_dot_nibbles(la, ha, qe, qo, b3 * Sq + o)), v_mul(swa, sx), a3)
+            c3 = v_fma(v_i2f(v_dot_nibbles(lb, hb, qe, qo, b3 * Sq + o)), v_mul(swb, sx), c3)
+        Sz, Sl = nzt.shape[1], xsal.shape[1]
+        return (_tail_i8(a0, sc, z, sw, ra, nzt, b0 * Sz, xsal, b0 * Sl),
+                _tail_i8(c0, sc, z, sw, rb, nzt, b0 * Sz, xsal, b0 * Sl),
+                _tail_i8(a1, sc, z, sw, ra, nzt, b1 * Sz, xsal, b1 * Sl),
+                _tail_i8(c1, sc, z, sw, rb, nzt, b1 * Sz, xsal, b1 * Sl),
+                _tail_i8(a2, sc, z, sw, ra, nzt, b2 * Sz, xsal, b2 * Sl),
+                _tail_i8(c2, sc, z, sw, rb, nzt, b2 * Sz, xsal, b2 * Sl),
+                _tail_i8(a3, sc, z, sw, ra, nzt, b3 * Sz, xsal, b3 * Sl),
+                _tail_i8(c3, sc, z, sw, rb, nzt, b3 * Sz, xsal, b3 * Sl))
+
+
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
 def _put_at(mode, out, b, i, ra, rb, ya, yb, bias):
     """decode_step._put into row b of out [B, ·]."""
@@ -166,7 +263,7 @@ def _rows_batch_f32(mode, st, base, up, i0, i1, sh, out):
 
 if VNNI:
     @kernel(fastmath=FASTMATH_REDUCE)
-    def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
+    def _rows_batch_i8_naive(mode, st, base, up, i0, i1, sh, out):
         """`_rows_batch_f32` with int8 activations (separate: `v_dot_q4_i8` compiles only for VNNI)."""
         for i in range(i0, i1):
             ra, rb = _pair(mode, base, up, i)
@@ -174,16 +271,40 @@ if VNNI:
                 ya, yb = _dot2_q4_i8_at(st.qweight, st.scales, st.zeros, st.sal_w, ra, rb, st.gpc, st.gidx,
                                         st.g0s, sh.qe, sh.qo, sh.sxl, sh.nzt, sh.xsal, b)
                 _put_at(mode, out, b, i, ra, rb, ya, yb, st.bias)
+
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
+        """`_rows_batch_f32` with int8 activations, four activation rows per pass (`_dot2x4_q4_i8_at`;
+        a short last tile repeats row B − 1 and drops its results). Separate from the float32
+        kernel: `vpdpbusd` compiles only for a VNNI target."""
+        B = out.shape[0]
+        for i in range(i0, i1):
+            ra, rb = _pair(mode, base, up, i)
+            for b0 in range(0, B, 4):
+                y = _dot2x4_q4_i8_at(st.qweight, st.scales, st.zeros, st.sal_w, ra, rb, st.gpc, st.gidx, st.g0s,
+                                     sh.qe, sh.qo, sh.sxl, sh.nzt, sh.xsal,
+                                     b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
+                _put_at(mode, out, b0, i, ra, rb, y[0], y[1], st.bias)
+                if b0 + 1 < B:
+                    _put_at(mode, out, b0 + 1, i, ra, rb, y[2], y[3], st.bias)
+                if b0 + 2 < B:
+                    _put_at(mode, out, b0 + 2, i, ra, rb, y[4], y[5], st.bias)
+                if b0 + 3 < B:
+                    _put_at(mode, out, b0 + 3, i, ra, rb, y[6], y[7], st.bias)
 else:
     @kernel()
     def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
         """Never called without VNNI (i8 is False there); typed by `_rows_batch`'s branch."""
         return
 
+    _rows_batch_i8_naive = _rows_batch_i8
+
 
 @kernel(fastmath=FASTMATH_REDUCE)
 def _rows_batch(i8, mode, st, base, up, i0, i1, sh, out):
-    if i8:
+    if i8 == 2:
+        _rows_batch_i8_naive(mode, st, base, up, i0, i1, sh, out)
+    elif i8:
         _rows_batch_i8(mode, st, base, up, i0, i1, sh, out)
     else:
         _rows_batch_f32(mode, st, base, up, i0, i1, sh, out)

@@ -95,6 +95,7 @@ class BatchStep:
         self.rows = self.positions = 0
         self._records = {}                  # B -> (BatchShared of B rows, BatchScratch)
         self._concurrent = None             # sync.barrier_safe(), once known
+        self.variant = 1
 
     def _grow(self, B: int, S: int) -> None:
         c, P = self.cfg, numba.config.NUMBA_NUM_THREADS
@@ -133,7 +134,7 @@ class BatchStep:
         sh = self._records[B]
         sh.bar[0] = 0
         p = self.plan
-        decode_blocks_batch(T, p.int8 and p.int8_ok, x, pos, slots, cos, sin, p.blocks, *p.stacks, kp, vp, sh,
+        decode_blocks_batch(T, int(p.int8 and p.int8_ok) * self.variant, x, pos, slots, cos, sin, p.blocks, *p.stacks, kp, vp, sh,
                             self._scratch)
 
 
