@@ -61,6 +61,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=64, help="decoded tokens per sequence and round")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
     p.add_argument("--threads", type=int, help="Numba threads (default: all)")
+    p.add_argument("--row-kernel", choices=["tiled", "per-row"], default="tiled",
+                   help="the one-call batched step's int8 row kernel (runtime/batch.BatchStep.variant): four "
+                        "activation rows per pass over a weight pair (tiled, the default) or one (per-row); an A/B")
     args = p.parse_args(argv)
     sizes = args.batch or [1, 2, 4, 8]
     from minilm_edge.kernels.policy import threads
@@ -72,6 +75,8 @@ def main(argv=None):
         single_stream(model, ids[0], 4)                     # JIT and caches warm
         for b in sizes:
             batched(model, ids[:b], 2)
+        if model._batch_step is not None:
+            model._batch_step.variant = {"tiled": 1, "per-row": 2}[args.row_kernel]
         for r in range(args.rounds):
             sec, made = single_stream(model, ids[0], args.tokens)
             single.append(made / sec)

@@ -4,9 +4,10 @@
 `[max_batch, L, Hkv, S, Dh]`. `add` prefills a prompt into a free slot (single-stream prefill);
 `step` samples one token for every active sequence and then runs all their new tokens through the
 model in one batched step (`Model.decode_batch`: the B activation rows meet each int4 weight once,
-attention per sequence over its own slot). Sequences join (`add`) and leave (`remove`, or by
-themselves after their final event) between steps. One active sequence steps through today's fused
-single-stream decode, so B = 1 is no slower.
+attention per sequence over its own slot; with all-int4 blocks, one compiled call for every block
+and row, whose buffers `BatchStep` holds: kernels/decode_step_batch.py). Sequences join (`add`)
+and leave (`remove`, or by themselves after their final event) between steps. One active sequence
+steps through today's fused single-stream decode, so B = 1 is no slower.
 
 Sampling is generation.py's, per sequence: its `Sampler` (seed, repetition penalty, temperature,
 top-k, top-p), stop strings held back until they cannot start a stop string, EOS. A sequence's
@@ -95,7 +96,7 @@ class BatchStep:
         self.rows = self.positions = 0
         self._records = {}                  # B -> (BatchShared of B rows, BatchScratch)
         self._concurrent = None             # sync.barrier_safe(), once known
-        self.variant = 1
+        self.variant = 1                    # the int8 row kernel: 1 four activation rows per pass, 2 one (an A/B)
 
     def _grow(self, B: int, S: int) -> None:
         c, P = self.cfg, numba.config.NUMBA_NUM_THREADS
@@ -134,8 +135,8 @@ class BatchStep:
         sh = self._records[B]
         sh.bar[0] = 0
         p = self.plan
-        decode_blocks_batch(T, int(p.int8 and p.int8_ok) * self.variant, x, pos, slots, cos, sin, p.blocks, *p.stacks, kp, vp, sh,
-                            self._scratch)
+        i8 = int(p.int8 and p.int8_ok) * self.variant       # 0: float32 activations
+        decode_blocks_batch(T, i8, x, pos, slots, cos, sin, p.blocks, *p.stacks, kp, vp, sh, self._scratch)
 
 
 class BatchDecoder:
