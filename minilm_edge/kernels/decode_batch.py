@@ -4,8 +4,10 @@ token each, each at its own position in its own slot of one KV pool.
 KV pool: kp, vp [P, L, Hkv, S, Dh] float32 (P slots; runtime/batch.BatchDecoder owns it). Sequence b
 lives in slot slots[b] and its new token sits at position pos[b]. The linears of the step are the
 prefill matmul kernels over the B rows (every weight read once for all B tokens); only these two
-per-sequence pieces need their own kernels. The readable twins: reference/llama.py `attention`
-(one query, causal over positions 0..pos) and the cache write of its forward.
+per-sequence pieces need their own kernels. (All-int4 blocks over one pool take the one-call step
+of decode_step_batch.py instead; this is the path of every other model.) The readable twins:
+reference/llama.py `attention` (one query, causal over positions 0..pos) and the cache write of its
+forward.
 """
 import math
 
