@@ -10,7 +10,7 @@ from minilm_edge.errors import UsageError
 from minilm_edge.kernels.decode_step import attend_part, merge_parts
 from minilm_edge.kernels.policy import kernel, parallel_kernel, threads
 from minilm_edge.kernels.quant_i8_matmul import VNNI
-from minilm_edge.kernels.sync import atomic_add, atomic_load, barrier
+from minilm_edge.kernels.sync import SPIN_CYCLES, atomic_add, atomic_load, barrier, cycles
 from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
 
@@ -139,6 +139,40 @@ def test_barrier_makes_every_write_visible(n_threads):
     expected = n_threads * (np.arange(rounds) + 1)
     assert (seen == expected).all()
     assert bar[0] == 2 * rounds * n_threads
+
+
+@parallel_kernel()
+def _barrier_late_thread(T, rounds, late, bar, seen, asleep):
+    """`_barrier_rounds` with thread 0 arriving `late` cycle-counter ticks after the others (more
+    than SPIN_CYCLES: they stop spinning and sleep); asleep[r]: the sleepers thread 0 saw arriving."""
+    slots = np.zeros(T * 8, np.int64)
+    for t in prange(T):
+        k = 0
+        for r in range(rounds):
+            if t == 0:
+                t0 = cycles()
+                while cycles() - t0 < late:
+                    pass
+                asleep[r] = atomic_load(bar, 1)
+            slots[8 * t] = r + 1
+            k = barrier(bar, k, T)
+            s = 0
+            for u in range(T):
+                s += slots[8 * u]
+            seen[t, r] = s
+            k = barrier(bar, k, T)
+
+
+def test_barrier_sleeps_on_a_late_thread_and_is_woken():
+    """A thread that waits longer than SPIN_CYCLES sleeps (so a busy PC's other program, or the
+    late thread itself, can have its core), and the last arrival wakes it: same visibility."""
+    rounds = 40
+    bar, seen, asleep = np.zeros(8, np.int64), np.zeros((2, rounds), np.int64), np.zeros(rounds, np.int64)
+    with threads(2):
+        _barrier_late_thread(2, rounds, 6 * SPIN_CYCLES, bar, seen, asleep)
+    assert (seen == 2 * (np.arange(rounds) + 1)).all()
+    assert bar[0] == 2 * rounds * 2 and bar[1] == 0          # every sleeper left
+    assert asleep.max() == 1                                  # the futex path ran
 
 
 @kernel()
