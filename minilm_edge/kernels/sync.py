@@ -15,13 +15,19 @@ A busy PC: when another program takes a core, the sibling a thread waits for may
 for a whole time slice (milliseconds). A pure spin then burns its own slice too, and keeps its
 core from running the sibling (BENCHMARKS.md, "Decode at the memory limit": 135M decode at 2
 threads fell from ~100 to 40 tokens/s with one other CPU-bound process). So a thread spins (with
-`pause`) for at most SPIN_CYCLES (~50 µs: far longer than the phases' imbalance on a quiet
+`pause`) for at most SPIN_CYCLES (~0.2 ms: far longer than the phases' imbalance on a quiet
 machine, far shorter than a time slice), then sleeps on the counter with a futex: its core goes
 idle and the kernel can run the late sibling there. The last thread to arrive wakes the sleepers
 (only when some announced themselves in counter[1]: the quiet path makes no system call). The
 sleeper announces itself before it re-reads the counter and the last arriver adds before it reads
 the announcements, both sequentially consistent, so one of them sees the other: no lost wake-up
 (and the futex wait has a 1 ms timeout besides).
+
+Sleeping alone does not make a busy PC fast: measured (135M, 2 threads, one other CPU-bound
+process) decode fell from ~55 tokens/s (pure spin) to ~31, each wake-up waiting for the other
+program's slice to end. What does work is to stop asking for two cores that are not there: the
+sleeps are counted (counter[2]) and the model decodes single-threaded for a while when a step
+slept (runtime/model.py, `Model._busy`).
 
 This needs the T iterations of the region to run at the same time on T threads (otherwise the first
 would wait forever for the others): true of the omp and workqueue threading layers, which give each
@@ -41,7 +47,7 @@ from numba.extending import intrinsic
 
 from .policy import kernel
 
-SPIN_CYCLES = 150_000          # time-stamp counter ticks a waiting thread spins before it sleeps (~50 µs)
+SPIN_CYCLES = 600_000          # time-stamp counter ticks a waiting thread spins before it sleeps (~0.2 ms)
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _LINUX = sys.platform.startswith("linux")
 _SYS_FUTEX = {"x86_64": 202, "amd64": 202, "aarch64": 98}.get(platform.machine().lower())
@@ -152,7 +158,8 @@ def futex_wake(typingctx, arr, idx):
 @kernel()
 def barrier(counter, k, n_threads):
     """Barrier number k of a region of n_threads threads; returns k + 1 (the next barrier's number).
-    counter: int64 [≥ 2], zero when the region started: [0] arrivals, [1] threads asleep."""
+    counter: int64 [≥ 3], [0] and [1] zero when the region started: [0] arrivals, [1] threads
+    asleep; [2] counts the sleeps (never reset here: callers read its growth)."""
     target = (k + 1) * n_threads
     if atomic_add(counter, 0, 1) + 1 == target:            # the last to arrive
         if atomic_load(counter, 1) > 0:
@@ -162,6 +169,7 @@ def barrier(counter, k, n_threads):
     while atomic_load(counter, 0) < target:
         cpu_relax()
         if cycles() - t0 > SPIN_CYCLES and FUTEX:
+            atomic_add(counter, 2, 1)                        # sleeps, for the caller to see a busy PC
             atomic_add(counter, 1, 1)                        # announce, then re-read (module docstring)
             c = atomic_load(counter, 0)
             while c < target:
