@@ -51,6 +51,7 @@ def test_a_busy_pc_decodes_single_threaded_for_a_while(tmp_path, monkeypatch):
     src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     model = minilm_edge.load(quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False))
     ids = np.random.default_rng(5).integers(0, cfg["vocab_size"], 12)
+    monkeypatch.setattr(model_mod, "BUSY_SLEEPS", 10**6)        # this machine's own sleeps never count
     with threads(2):
         ref_cache = model.new_cache(20)
         ref = [model.forward([t], ref_cache) for t in ids]
@@ -63,6 +64,7 @@ def test_a_busy_pc_decodes_single_threaded_for_a_while(tmp_path, monkeypatch):
     monkeypatch.setattr(model.decode_plan, "run", spy)
     monkeypatch.setattr(model_mod, "BUSY_SOLO_TOKENS", 3)
     cache = model.new_cache(20)
+    model._solo_left, model._sleeps = 0, int(model.decode_plan.shared.bar[2])
     with threads(2):
         out = [model.forward(ids[:1], cache)]
         model.decode_plan.shared.bar[2] += model_mod.BUSY_SLEEPS      # as if the step had slept
