@@ -33,8 +33,8 @@ DEFAULT_CONTEXT = 32768
 # A busy PC: when a multi-threaded decode step's threads had to sleep at its barriers this many
 # times (kernels/sync.py: a sibling was descheduled by another program), the next BUSY_SOLO_TOKENS
 # tokens decode on one thread, then two threads are tried again. Measured (BENCHMARKS.md, "Decode at
-# the memory limit"): 135M at 2 threads with one other CPU-bound process, ~55 tokens/s spinning,
-# ~31 sleeping, XX this way.
+# the memory limit"): 135M at 2 threads on a machine at load 22, 1.5-4.3 tokens/s spinning at every
+# barrier, 15.6-32.9 this way.
 BUSY_SLEEPS = 2
 BUSY_SOLO_TOKENS = 64
 
