@@ -125,7 +125,7 @@ KNOWN_MODELS = {
 # against C4 calibration of the same size, on WikiText-2 valid: BENCHMARKS.md "First run from an
 # empty store". A key of `quantize` (and so of the recipe): changing it makes a new version.
 FIRST_RUN_CALIBRATION = {"samples": 16, "seq_len": 512, "awq_options": {"grid": 10, "search_tokens": 2048}}
-FIRST_RUN_MINUTES = 5.0
+FIRST_RUN_MINUTES = 5.0      # pull + calibration + AWQ, estimated from contended runs (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
