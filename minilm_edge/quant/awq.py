@@ -110,6 +110,7 @@ class AWQSettings:
     clip_sweeps: int = 2          # passes of the joint clip over each row's groups
     chunk_samples: int = 8        # samples per chunk of the full-precision pass (memory bound)
     seed: int = 0
+    grid: int = N_GRID            # α on 0, 1/grid, …, (grid−1)/grid
     group_sizes: tuple = ()       # (linear short name, preferred g) pairs overriding group_size (quant/budget.py)
 
     def __post_init__(self):
@@ -121,7 +122,7 @@ class AWQSettings:
             raise UsageError(f"search_tokens must be >= 0, got {self.search_tokens}")
         if self.clip_joint_tokens < 0 or self.clip_sweeps < 0:
             raise UsageError("clip_joint_tokens and clip_sweeps must be >= 0")
-        for name in ("clip_tokens", "search_samples", "chunk_samples"):
+        for name in ("clip_tokens", "search_samples", "chunk_samples", "grid"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -391,7 +392,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         if settings.search_clip and g.inp in grams:
             clipped = {lin: grams[g.inp] for lin in g.linears if lin not in NO_CLIP}
         results[g.name] = search_scale(w, bs, g, search[g.inp], x_mean[g.inp], cos, sin, settings.bits,
-                                       group_sizes, sal, settings.duo, grams=clipped)
+                                       group_sizes, sal, settings.duo, n_grid=settings.grid, grams=clipped)
     del search
 
     w_new = w

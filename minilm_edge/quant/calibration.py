@@ -133,7 +133,7 @@ def self_generated(src, cfg, tokenizer, n_samples: int = 128, seq_len: int = 512
     model, caches = _batch_model(src, cfg, seq_len, min(batch, n_samples))
     out = np.empty((n_samples, seq_len), np.int32)
     bar = tqdm(total=n_samples * seq_len, desc="self-generating calibration text", unit="tok",
-               disable=not progress, leave=False)
+               disable=not progress)          # left on screen: how long this step took
     for a in range(0, n_samples, batch):
         b = min(n_samples, a + batch)
         B = b - a

@@ -55,7 +55,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
              extra_config: dict | None = None, calib=None, samples: int | None = None, seq_len: int = 512,
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
              eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384,
-             target_bpw: float | None = None, max_size: int | None = None) -> Path:
+             target_bpw: float | None = None, max_size: int | None = None, awq_options: dict | None = None) -> Path:
     """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
 
     method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
@@ -70,7 +70,10 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     folder): mixed precision, each AWQ scale group's linears at the group size a measured
     sensitivity picks within the budget (budget.py); the folder written is checked against it.
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
+    `awq_options`: further AWQSettings fields (awq.py), e.g. the store's first-run search settings.
     """
+    import dataclasses
+
     from .awq import AWQSettings
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -91,7 +94,11 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError("--target-bpw and --max-size measure on calibration text: use --method awq")
     if eval_data and not report:
         raise UsageError("--eval fills in the report: give --report too")
-    settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed)
+    unknown = set(awq_options or {}) - {f.name for f in dataclasses.fields(AWQSettings)}
+    if unknown:
+        raise UsageError(f"unknown AWQ settings: {', '.join(sorted(unknown))}")
+    settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed,
+                           **(awq_options or {}))
     if samples is None:
         samples = DEFAULT_SAMPLES if calib else DEFAULT_SELF_GENERATED_SAMPLES
     if samples < 1 or seq_len < 2:
@@ -244,7 +251,7 @@ def _awq_config(settings, cal, res) -> dict:
         "search_samples": settings.search_samples, "search_tokens": settings.search_tokens,
         "clip_all_tokens": settings.clip_all_tokens, "clip_two_sided": settings.clip_two_sided,
         "search_clip": settings.search_clip, "clip_joint_tokens": settings.clip_joint_tokens,
-        "clip_sweeps": settings.clip_sweeps,
+        "clip_sweeps": settings.clip_sweeps, "grid": settings.grid,
         "calibration": cal.describe(),
         "alpha": [{k: v["alpha"] for k, v in layer["groups"].items()} for layer in res.layers],
         "notes": cal.notes + res.notes,
