@@ -463,6 +463,7 @@ def build_parser():
                    help="repetitions inside one llama-bench / minilm_edge bench process, their median is one "
                         "round's value (default 3)")
     p.add_argument("--json", action="store_true", help="print JSON (all samples) instead of the markdown table")
+    p.add_argument("--save", metavar="FILE", help="also write the JSON (all samples) to FILE")
     p.add_argument("--llamacpp-dir", default=DEFAULT_LLAMACPP_DIR, metavar="DIR",
                    help="where tools/setup_llamacpp.sh put paths.env (default $LLAMACPP_DIR or /work/llamacpp)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
@@ -494,6 +495,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("bench_vs_llamacpp: interrupted", file=sys.stderr)
         return 130
+    if args.save:
+        try:
+            Path(args.save).write_text(json.dumps(res, indent=2) + "\n")
+        except OSError as e:
+            print(f"bench_vs_llamacpp: error: cannot write {args.save}: {e}", file=sys.stderr)
+            print(json.dumps(res, indent=2))
+            return 1
     print(json.dumps(res, indent=2) if args.json else markdown(res))
     return 0
 
