@@ -14,12 +14,16 @@ QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, 
 PROMPTS = ["the capital of France", "hello", "and the", "Paris is the capital and", "x", "hello hello the"]
 
 
-@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act"])
+@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act", "q4-int8-f32act"])
 def model(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("b")
     src, _, _ = make_model_dir(d / "src", **QUANTIZABLE)
     if request.param == "f32":
         return minilm_edge.load(src)
+    if request.param == "q4-int8-f32act":      # int8 block linears (quantize --int8): no one-call B-row step
+        q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8",
+                     int8="v@0,down@1,o@0")
+        return minilm_edge.load(q, int8_activations=False)
     q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8")
     return minilm_edge.load(q, int8_activations=request.param == "q4")
 
@@ -176,8 +180,10 @@ def test_decode_batch_logits_match_single_stream(model, n_threads):
             np.testing.assert_allclose(model.decode_batch(toks, own), want, atol=1e-4, rtol=1e-4)
     with pytest.raises(UsageError):
         model.decode_batch([1, 2], [own[0], own[0]])
-    # all-int4 blocks step pooled rows through the one-call B-row step (kernels/decode_step_batch.py)
-    assert (model._batch_step is not None) == (model.decode_plan is not None)
+    # all-int4 blocks step pooled rows through the one-call B-row step (kernels/decode_step_batch.py);
+    # a plan with int8 linears (their low nibble planes) goes through the per-linear path
+    plan = model.decode_plan
+    assert (model._batch_step is not None) == (plan is not None and not plan.has_int8)
 
 
 @pytest.mark.parametrize("B", [2, 3, 5, 8])

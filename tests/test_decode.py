@@ -245,3 +245,76 @@ def test_attention_parts_joined_are_softmax_attention(n, dh, rep, parts, seed, s
         z = (k[:n].astype(np.float64) @ q[h * dh:(h + 1) * dh]) * scale
         p = np.exp(z - z.max())
         np.testing.assert_allclose(out[h * dh:(h + 1) * dh], (p / p.sum()) @ v[:n], rtol=1e-4, atol=1e-5)
+
+
+def _mixed_folder(tmp_path):
+    src, cfg, _ = make_model_dir(tmp_path / "src", num_hidden_layers=3, **QUANTIZABLE)
+    q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False,
+                 int8="v@0+2,down@1+2,o@1,k@2")
+    return src, cfg, q
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_mixed_int4_int8_folder_decodes_fused_as_unfused(tmp_path, n_threads):
+    """int8 block linears (quantize --int8) run in the one-call step as two int4 nibble planes
+    (decode.q8_planes): in float32 the fused step gives the prefill's hidden states and the same
+    greedy tokens as the per-linear path (Q8 kernels)."""
+    from minilm_edge.runtime.linear import Q8
+    src, cfg, q = _mixed_folder(tmp_path)
+    model = minilm_edge.load(q, int8_activations=False)
+    assert model.fused_decode and model.decode_plan.down.lo is not None
+    assert isinstance(model.weights.blocks[2].down, Q8) and isinstance(model.weights.blocks[0].v, Q8)
+    ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 24)
+    full = model.hidden_states(ids)
+    runs = {}
+    for fused in (True, False):
+        model.fused_decode = fused
+        cache = model.new_cache(64)
+        with threads(n_threads):
+            steps = np.concatenate([model.hidden_states([t], cache) for t in ids])
+            tok, gen = int(ids[-1]), []
+            for _ in range(8):
+                tok = int(np.argmax(model.forward([tok], cache)[-1]))
+                gen.append(tok)
+        np.testing.assert_allclose(steps, full, atol=2e-4)
+        runs[fused] = gen
+    assert runs[True] == runs[False]
+    rtn = minilm_edge.load(quantize(src, tmp_path / "q4", method="rtn", group_size=32, progress=False),
+                           int8_activations=False)
+    assert np.linalg.norm(rtn.hidden_states(ids) - full) > 1e-3 * np.linalg.norm(full)   # int8 did change them
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX512-VNNI: decode runs in float32 only")
+def test_mixed_folder_fused_with_int8_activations(tmp_path):
+    """With int8 activations the planes meet the int4 kernels' activation quantizer, the unfused
+    Q8 matvec float32 ones: both stay as close to the float32 prefill as int8 activations allow."""
+    _, cfg, q = _mixed_folder(tmp_path)
+    ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 24)
+    f32 = minilm_edge.load(q, int8_activations=False).hidden_states(ids)
+    model = minilm_edge.load(q)
+    assert model.fused_decode and model.decode_plan.int8_ok
+    for fused in (True, False):
+        model.fused_decode = fused
+        cache = model.new_cache(64)
+        steps = np.concatenate([model.hidden_states([t], cache) for t in ids])
+        assert np.linalg.norm(steps - f32) / np.linalg.norm(f32) < 0.1
+
+
+def test_int8_planes_sum_to_the_int8_weight():
+    from minilm_edge.formats.q4 import Q4Linear, dequantize, quantize_q8
+    from minilm_edge.kernels.quant_f32 import prepare_q8
+    from minilm_edge.runtime.decode import q8_planes
+    w = np.random.default_rng(7).normal(size=(6, 256)).astype(np.float32)
+    q8 = quantize_q8(w, 128)
+    hi, lo = q8_planes(prepare_q8(q8), 32)
+    as_q4 = lambda p: dequantize(Q4Linear(p.qweight, p.scales.astype(np.float16), p.zeros, p.group_size))
+    want = q8.qweight.astype(np.float32) * np.repeat(q8.scales.astype(np.float32), 128, axis=1)
+    np.testing.assert_array_equal(as_q4(hi) + as_q4(lo), want)
+    assert q8_planes(prepare_q8(quantize_q8(w, 32)), 64) is None
+
+
+def test_no_plan_when_gate_or_up_is_int8(tmp_path):
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False, int8="up@1")
+    model = minilm_edge.load(q)
+    assert model.decode_plan is None and not model.fused_decode

@@ -302,3 +302,32 @@ def test_too_little_free_space_is_refused_before_quantizing(tmp_path, monkeypatc
     with pytest.raises(minilm_edge.UsageError, match="needs about .* MiB free"):
         quantize(src, tmp_path / "out", method="awq", seq_len=64, samples=2, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_linears_are_stored_int8_and_run(tmp_path):
+    """--int8 v@all,down@1: those linears come out as int8 (Q8Linear tensors, no zeros), recorded in
+    config.json; the model loads them as int8 and stays close to the float model."""
+    from minilm_edge.runtime.linear import Q4, Q8
+    src, _, _ = make_model_dir(tmp_path / "src", num_hidden_layers=2, **QUANTIZABLE)
+    out = quantize(src, tmp_path / "out", method="awq", seq_len=32, samples=2, group_size=32,
+                   int8="v@all,down@1", progress=False)
+    t = load_file(str(out / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
+        assert t[name + ".qweight"].dtype == np.int8 and name + ".zeros" not in t
+    assert t["model.layers.0.mlp.down_proj.qweight"].dtype == np.uint8
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["int8_layers"] == {"down": [1], "v": [0, 1]}
+    m, f = minilm_edge.load(out), minilm_edge.load(src)
+    assert isinstance(m.weights.blocks[1].down, Q8) and isinstance(m.weights.blocks[0].down, Q4)
+    ids = np.arange(3, 19)
+    a, b = m.forward(ids), f.forward(ids)
+    assert np.abs(a - b).max() < 0.5 * np.abs(b).max()
+
+
+def test_int8_spec_is_checked(tmp_path):
+    from minilm_edge.quant.quantize import int8_linears
+    assert int8_linears("v@more", 30) == tuple((i, "v") for i in (0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29))
+    assert int8_linears("down@0-1+3,o@2", 4) == ((0, "down"), (1, "down"), (2, "o"), (3, "down"))
+    for bad in ("v", "x@all", "v@1-x", "v@9"):
+        with pytest.raises(minilm_edge.UsageError, match="--int8"):
+            int8_linears(bad, 4)

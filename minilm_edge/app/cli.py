@@ -243,6 +243,9 @@ stored once (so --quantize-head int4 needs --embed fp16 there).
 --target-bpw BITS (bits per weight of the whole weight file) or --max-size BYTES (the whole folder)
 choose per AWQ scale group (q|k|v, o, gate|up, down) the int4 group size (128/64/32) within the
 budget, by each group's measured KL on the calibration text; the result is checked before it appears.
+--int8 LINEAR@LAYERS,... stores those block linears int8 (8.125 bits per weight) instead of int4:
+LINEAR one of q k v o gate up down; LAYERS all, more (the layers llama.cpp's Q4_K_M gives Q6_K: first
+and last eighth, every third between) or indices/ranges joined by '+'. AWQ leaves them unclipped.
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
@@ -251,6 +254,7 @@ examples:
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --report --eval wikitext2-valid.txt
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn --method rtn
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn-g64 --method rtn --group-size 64 --quantize-head int8
+  python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --group-size 32 --int8 v@all,down@more
   python -m minilm_edge quantize ./smollm2 ./sweep --sweep method=rtn,awq --sweep bits=3,4 --cluster tcp://sched:8786
 """
 
@@ -272,7 +276,7 @@ def cmd_quantize(args):
         return 0
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
                    quantize_head=args.quantize_head, embed=args.embed, target_bpw=args.target_bpw,
-                   max_size=args.max_size, **awq)
+                   max_size=args.max_size, int8=args.int8, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(out)
     return 0
@@ -523,6 +527,8 @@ def build_parser():
     q.add_argument("--target-bpw", type=float, metavar="BITS",
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
+    q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
+                   help="store these block linears int8, e.g. v@all,down@more (see above)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

@@ -293,6 +293,18 @@ def _rows(i8, mode, st, base, up, i0, i1, p, out):
         _rows_f32(mode, st, base, up, i0, i1, p, out)
 
 
+@kernel(fastmath=FASTMATH_REDUCE)
+def _lo(i8, st, tab, a, b, p, out):
+    """The low nibble planes of a block's int8 rows (runtime/decode.q8_planes: an int8 linear is a
+    high plane in the stack plus this one): tab = (first row in st or −1, pairs p0, p1); pairs
+    max(a, p0) .. min(b, p1) − 1 of the block's output get their low plane's product added, by the
+    thread that wrote them (no barrier)."""
+    if tab[0] >= 0:
+        i0, i1 = max(a, tab[1]), min(b, tab[2])
+        if i0 < i1:
+            _rows(i8, ADD, st, tab[0] - 2 * tab[1], 0, i0, i1, p, out)
+
+
 @kernel()
 def _share(n, t, T):
     """Thread t's part [a, b) of range(n) split evenly over T threads."""
@@ -304,13 +316,14 @@ def _share(n, t, T):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kv, sh, sc):
+def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_lo, o_lo, down_lo, lo_tab,
+                   kv, sh, sc):
     """Thread t of T: its share of every phase of every block, with a barrier after each phase.
 
     Shared (written by parts, read whole after a barrier): x, sh.qkv, sh.act, the cache.
     Private to the thread (row t of the scratch): h, att and the matvec prologue. Each thread
     normalises and prepares the whole input itself: cheaper than a barrier. The stacks' N:
-    (H + 2 Hkv) Dh, D, 2F, D.
+    (H + 2 Hkv) Dh, D, 2F, D. qkv_lo, o_lo, down_lo, lo_tab [3, L, 3]: the int8 linears' low planes (`_lo`).
     """
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     nq, nkv, half, F, D = H * Dh, Hkv * Dh, Dh // 2, sh.act.shape[0], x.shape[0]
@@ -328,6 +341,7 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         _prologue(i8, h, qkv_w, l, p)
         a, b = _share(Na // 2, t, T)             # rows in pairs (N is even: heads × even Dh)
         _rows(i8, STORE, qkv_w, l * Na, 0, a, b, p, qkv)                               # qkv = W h + b
+        _lo(i8, qkv_lo, lo_tab[0, l], a, b, p, qkv)
         k = barrier(bar, k, T)
         # RoPE on q and k heads (every T-th head); k and v of this position into the cache
         for head in range(t, H + Hkv, T):
@@ -353,6 +367,7 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         _prologue(i8, att, o_w, l, p)
         a, b = _share(D // 2, t, T)
         _rows(i8, ADD, o_w, l * D, 0, a, b, p, x)                                      # x += Wo att
+        _lo(i8, o_lo, lo_tab[1, l], a, b, p, x)
         k = barrier(bar, k, T)
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, w.mlp_norm[l], w.eps, h)
@@ -363,16 +378,18 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         _prologue(i8, act, down_w, l, p)
         a, b = _share(D // 2, t, T)
         _rows(i8, ADD, down_w, l * D, 0, a, b, p, x)                                   # x += Wdown act
+        _lo(i8, down_lo, lo_tab[2, l], a, b, p, x)
         k = barrier(bar, k, T)
 
 
 # ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
 @parallel_kernel()
-def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kv, sh, sc):
+def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_lo, o_lo, down_lo, lo_tab, kv, sh, sc):
     """x [D] float32 (modified in place) through all L blocks (w: Blocks; the linears: Q4Stack
-    each); writes the cache
+    each, plus the int8 linears' low planes: `_lo`); writes the cache
     kv at `pos`. cos, sin: [Dh/2] at `pos`; i8: int8 activations (needs VNNI) or float32 in the
     block matvecs; T threads, each at most the scratch's P and running concurrently (sync.py);
     sh.bar zeroed."""
     for t in prange(T):
-        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kv, sh, sc)
+        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_lo, o_lo, down_lo, lo_tab,
+                       kv, sh, sc)

@@ -112,6 +112,8 @@ class AWQSettings:
     seed: int = 0
     grid: int = N_GRID            # α on 0, 1/grid, …, (grid−1)/grid
     group_sizes: tuple = ()       # (linear short name, preferred g) pairs overriding group_size (quant/budget.py)
+    int8: tuple = ()              # (block, linear short name) pairs stored int8 (quantize.py): not clipped,
+                                  # and searched with 8-bit rounding
 
     def __post_init__(self):
         if self.bits not in (3, 4):
@@ -265,14 +267,14 @@ class GroupResult:
 
 
 def search_scale(w, bs, group: ScaleGroup, x, x_mean, cos, sin, bits, group_sizes, salient_idx=None,
-                 duo=False, n_grid=N_GRID, grams=None) -> GroupResult:
+                 duo=False, n_grid=N_GRID, grams=None, bits_of=None) -> GroupResult:
     """argmin over the α grid of L(s) = mean (Y_fp − Y_q)² through the group's module.
 
     w: the block's fp weights; x: the group's input on the search samples [B, T, K]; x_mean [K];
     group_sizes: {linear: g}; grams: {linear: mean x_g x_gᵀ [G, g, g]} for the linears that the
     clip search will clip (None: none): for each α, those are clipped before rounding, so the loss
-    is that of weights as they will be stored (`scaled_fake_quantize`). Returns the chosen scales
-    and every α's loss.
+    is that of weights as they will be stored (`scaled_fake_quantize`); bits_of: {linear: bits}
+    where a linear is stored at other than `bits` (int8). Returns the chosen scales and every α's loss.
     """
     module = MODULES[group.module]
     y_fp = module(w, bs, x, cos, sin, group.linears)
@@ -285,7 +287,8 @@ def search_scale(w, bs, group: ScaleGroup, x, x_mean, cos, sin, bits, group_size
         s = awq_scales(x_mean, alpha, w_mean)
         wq = dict(w)
         for n in group.linears:
-            wq[n] = scaled_fake_quantize(w[n], s, bits, group_sizes[n], salient_idx, (grams or {}).get(n))
+            wq[n] = scaled_fake_quantize(w[n], s, (bits_of or {}).get(n, bits), group_sizes[n], salient_idx,
+                                         (grams or {}).get(n))
         with np.errstate(over="ignore", invalid="ignore"):
             d = module(wq, bs, x, cos, sin, group.linears) - y_fp
             return s, float(np.mean(np.square(d, dtype=np.float64)))
@@ -320,11 +323,12 @@ def _group_of_linear(groups):
 
 
 def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
-              search_rows_idx=None, joint_rows_idx=None):
+              search_rows_idx=None, joint_rows_idx=None, int8=frozenset()):
     """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx,
     joint_rows_idx: flat token indices (sample·T + position) of the clip search's tokens, of the
     scale loss's tokens for the token-wise modules (MLP, single linear; None: the search samples'
     tokens, as attention), and of the joint clip's cross-group moments (None: no joint clip).
+    int8: the block's linears stored int8 (not clipped; 8-bit rounding in the scale search).
 
     Returns (new weights dict, {linear: salient idx}, report dict, next block input [n, T, D]).
     """
@@ -334,7 +338,9 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     clip_rows = {g.inp: [] for g in groups}
     tok_rows = {g.inp: [] for g in groups if g.module != "attention" and search_rows_idx is not None}
     # per-group second moments of each clipped linear's input, over every calibration token
-    gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in NO_CLIP for l in g.linears)}
+    no_clip = set(NO_CLIP) | set(int8)
+    bits_of = {lin: 8 for lin in int8}
+    gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in no_clip for l in g.linears)}
     grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
     fulls = {k: 0.0 for k in grams} if joint_rows_idx is not None else {}
 
@@ -390,9 +396,10 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             continue
         clipped = {}
         if settings.search_clip and g.inp in grams:
-            clipped = {lin: grams[g.inp] for lin in g.linears if lin not in NO_CLIP}
+            clipped = {lin: grams[g.inp] for lin in g.linears if lin not in no_clip}
         results[g.name] = search_scale(w, bs, g, search[g.inp], x_mean[g.inp], cos, sin, settings.bits,
-                                       group_sizes, sal, settings.duo, n_grid=settings.grid, grams=clipped)
+                                       group_sizes, sal, settings.duo, n_grid=settings.grid, grams=clipped,
+                                       bits_of=bits_of)
     del search
 
     w_new = w
@@ -406,7 +413,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         g = of[lin]
         s = results[g.name].scales
         wl, clip_rep = w_new[lin], None
-        if settings.clip and lin not in NO_CLIP:
+        if settings.clip and lin not in no_clip:
             gram = full = None
             if g.inp in grams:                                  # mean x xᵀ per group, of x ÷ s
                 gram = scaled_gram(grams[g.inp], s, gsz[g.inp])
@@ -416,7 +423,8 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
                                    gram, settings.clip_two_sided, full, settings.clip_sweeps)
             clip_rep = {"mean": float(kept.mean()), "min": float(kept.min()),     # range kept
                         "frac_clipped": float(np.mean(kept < 1.0))}
-        err = _output_errors(w[lin], wl, s, clip_x[g.inp], settings.bits, group_sizes[lin], salient[lin])
+        err = _output_errors(w[lin], wl, s, clip_x[g.inp], bits_of.get(lin, settings.bits), group_sizes[lin],
+                             salient[lin])
         return lin, wl, clip_rep, err
 
     clip_report, err_report = {}, {}
@@ -509,7 +517,8 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
             pref = dict(settings.group_sizes)
             gs = {k: choose_group_size(k_in, pref.get(k, settings.group_size)) for _, k, _, (_, k_in) in linears}
             w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
-                                                  joint_rows_idx=joint_idx)
+                                                  joint_rows_idx=joint_idx,
+                                                  int8=frozenset(k for j, k in settings.int8 if j == i))
             del w
             src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
             tensors, salient = {}, {}

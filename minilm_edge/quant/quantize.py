@@ -55,7 +55,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
              extra_config: dict | None = None, calib=None, samples: int | None = None, seq_len: int = 512,
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
              eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384,
-             target_bpw: float | None = None, max_size: int | None = None, awq_options: dict | None = None) -> Path:
+             target_bpw: float | None = None, max_size: int | None = None, int8: str | None = None,
+             awq_options: dict | None = None) -> Path:
     """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
 
     method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
@@ -69,6 +70,9 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     `target_bpw` (bits per weight of the whole weight file) or `max_size` (bytes of the whole
     folder): mixed precision, each AWQ scale group's linears at the group size a measured
     sensitivity picks within the budget (budget.py); the folder written is checked against it.
+    `int8` (see `int8_linears`, e.g. "v@all,down@more") stores those block linears as int8
+    (formats/q4.py Q8Linear, g = 128 where it divides K): more bits where llama.cpp's k-quant
+    recipes also put them; AWQ does not clip them and searches their scales with 8-bit rounding.
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
     `awq_options`: further AWQSettings fields (awq.py), e.g. the store's first-run search settings.
     """
@@ -97,8 +101,14 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     unknown = set(awq_options or {}) - {f.name for f in dataclasses.fields(AWQSettings)}
     if unknown:
         raise UsageError(f"unknown AWQ settings: {', '.join(sorted(unknown))}")
+    cfg0 = load_config(src_dir)
+    eight = int8_linears(int8, cfg0.num_hidden_layers)
+    if eight and (target_bpw is not None or max_size is not None):
+        raise UsageError("--int8 picks its layers itself: give a --group-size instead of --target-bpw/--max-size")
+    if eight and keep_salient:
+        raise UsageError("--int8 and --keep-salient do not combine (the int8 format keeps no fp16 channels)")
     settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed,
-                           **(awq_options or {}))
+                           int8=eight, **(awq_options or {}))
     if samples is None:
         samples = DEFAULT_SAMPLES if calib else DEFAULT_SELF_GENERATED_SAMPLES
     if samples < 1 or seq_len < 2:
@@ -147,7 +157,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     group_of = alloc.group_of if alloc is not None else None
 
     out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
-                                         linear_hook, block_fp=block_fp, embed=embed, group_of=group_of)
+                                         linear_hook, block_fp=block_fp, embed=embed, group_of=group_of,
+                                         int8=eight)
     if method == "awq":
         for note in awq_res.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -160,6 +171,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
         "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
         "lm_head": _head_record(cfg, quantize_head, embed), "embed": "int8" if embed == "int8" else "float16",
+        **({"int8_linears": int8, "int8_layers": {k: sorted(j for j, kk in eight if kk == k)
+                                                  for k in sorted({k for _, k in eight})}} if eight else {}),
         "tool": _tool_version(),
         "source": {"path": str(src_dir.resolve()), "weights_sha256": weights_digest(src)},
         **(extra_config or {}),
@@ -186,7 +199,46 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
 
 # quantization_config keys that are settings (the rest is provenance or a result)
 RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size", "group_size_per_layer", "zero_point",
-               "lm_head", "embed", "mixed_precision")
+               "lm_head", "embed", "mixed_precision", "int8_linears", "int8_layers")
+
+LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+INT8_GROUP_SIZE = 128           # the int8 block linears' scale groups (fp16 scale per 128 weights: 8.125 bits)
+
+
+def more_bits_layers(n_layers: int) -> list:
+    """The layers llama.cpp's Q4_K_M gives more bits (Q6_K) in attn_v and ffn_down (`use_more_bits` in
+    src/llama-quant.cpp): the first and last eighth, and every third layer between."""
+    a, b = n_layers // 8, 7 * n_layers // 8
+    return [i for i in range(n_layers) if i < a or i >= b or (i - a) % 3 == 2]
+
+
+def int8_linears(spec: str | None, n_layers: int) -> tuple:
+    """Parse `--int8`: comma-separated LINEAR@LAYERS, LINEAR one of q k v o gate up down, LAYERS `all`,
+    `more` (`more_bits_layers`) or indices and ranges joined by '+' (`0-2+27+29`).
+    -> sorted ((layer, linear), ...); () for None or ""."""
+    if not spec:
+        return ()
+    out = set()
+    for item in spec.split(","):
+        lin, _, layers = item.strip().partition("@")
+        if lin not in LINEAR_NAMES or not layers:
+            raise UsageError(f"--int8: expected LINEAR@LAYERS with LINEAR one of {' '.join(LINEAR_NAMES)} "
+                             f"and LAYERS all, more or e.g. 0-2+27, got {item.strip()!r}")
+        if layers == "all":
+            idx = range(n_layers)
+        elif layers == "more":
+            idx = more_bits_layers(n_layers)
+        else:
+            idx = []
+            for part in layers.split("+"):
+                a, _, b = part.partition("-")
+                if not a.isdigit() or (b and not b.isdigit()):
+                    raise UsageError(f"--int8: layers must be all, more or N, N-M joined by '+', got {layers!r}")
+                idx += range(int(a), int(b or a) + 1)
+            if any(i >= n_layers for i in idx):
+                raise UsageError(f"--int8: layer {max(idx)} does not exist (the model has {n_layers})")
+        out |= {(i, lin) for i in idx}
+    return tuple(sorted(out))
 
 
 def _head_record(cfg, quantize_head, embed) -> str:
@@ -260,16 +312,18 @@ def _awq_config(settings, cal, res) -> dict:
 
 def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
                       fp: dict | None = None, salient: dict | None = None, block_fp=None, embed: str = "fp16",
-                      group_of: dict | None = None):
+                      group_of: dict | None = None, int8=()):
     """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
 
     `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
     maps a linear's prefix to the input channels it keeps in fp16. `block_fp(i)` gives both for
     block i, asked for in block order (AWQ streamed: one block's float32 weights at a time).
+    `int8`: (layer, linear) pairs stored as int8 (Q8Linear at INT8_GROUP_SIZE where it divides K).
     """
     from ..formats.q4 import choose_group_size, quantize_q4, quantize_q8
 
     fp, salient = fp or {}, salient or {}
+    eight = set(int8)
     out: dict[str, np.ndarray] = {}
     per_layer_g = {}
 
@@ -292,6 +346,12 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             sal = salient_i.get(prefix)
             if linear_hook is not None:
                 w, sal = linear_hook(i, key, w)
+            if (i, key) in eight:
+                q8 = quantize_q8(w, choose_group_size(w.shape[1], INT8_GROUP_SIZE))
+                out[prefix + ".qweight"], out[prefix + ".scales"] = q8.qweight, q8.scales
+                if cfg.attention_bias and key in ("q", "k", "v"):
+                    out[prefix + ".bias"] = get(prefix + ".bias", (shape[0],))
+                continue
             g = choose_group_size(w.shape[1], (group_of or {}).get(key, group_size))
             if g != group_size:
                 per_layer_g[prefix] = g

@@ -1,5 +1,10 @@
 """The one-call decode plan: every block's int4 weights stacked, and the buffers of one step.
 
+int8 block linears (`quantize --int8`) join the stacks as two int4 nibble planes (`q8_planes`):
+the high plane sits in the stack in the linear's place, the low plane in a second, small stack of
+that kind (q|k|v, o, down) that the step adds to the same output rows. So an int8 layer runs in the
+same kernels at the same bytes per second as int4 (twice the bytes of an int4 layer).
+
 When every block linear is int4 (minilm-q4) and the stacks line up, the weights of all L blocks
 are stacked once at load into [L, ...] arrays of one kind each (q|k|v fused by rows, o, gate|up
 fused, down), and a decoded token goes through all of them in ONE compiled call
@@ -36,6 +41,8 @@ class StackedQ4:
     n_salient: list         # L × m
     bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
     mapped: bool = False    # qweight and zeros are views of the mapped file (see `stack_q4`)
+    lo: "StackedQ4 | None" = None   # [1, R, ...]: the low nibble planes of the int8 linears' rows
+    lo_table: np.ndarray | None = None   # int64 [L, 3]: per block (first row in lo or -1, pairs p0, p1)
 
     @property
     def shape(self):
@@ -62,10 +69,35 @@ class StackedQ4:
         return lin
 
 
-def stack_q4(layers: list) -> StackedQ4 | None:
-    """layers: L lists of Q4 linears to fuse by rows; None if they cannot share one stack."""
-    first = layers[0][0].p
+def q8_planes(p8, g: int):
+    """An int8 linear (Q8Prepared: W = q·s, q in -127..127) as two int4 planes at group size g whose
+    sum is W: with u = q + 128 = 16·hi + lo (hi, lo in 0..15),
+        W = 16s·(hi − 8) + s·lo        -> (hi: scales 16s, zeros 8; lo: scales s, zeros 0)
+    Both exact (16s is s with the exponent + 4). None if g does not divide the int8 group size."""
+    from ..formats.q4 import pack_nibbles
+    n, k = p8.shape
+    if p8.group_size % g or k % g:
+        return None
+    u = p8.qweight.view(np.uint8) ^ np.uint8(0x80)                  # q + 128, [N, K]
+    s = np.repeat(p8.scales.astype(np.float32), p8.group_size // g, axis=1)   # [N, K/g]
+    none_i, none_w = np.zeros(0, np.int64), np.zeros((n, 0), np.float32)
+    hi = Q4Prepared(pack_nibbles(u >> 4), s * np.float32(16), np.full(s.shape, 8, np.uint8), g, none_i, none_w, 0)
+    lo = Q4Prepared(pack_nibbles(u & np.uint8(15)), s.copy(), np.zeros(s.shape, np.uint8), g, none_i, none_w, 0)
+    return hi, lo
+
+
+def stack_q4(layers: list, lo_ok: bool = True) -> StackedQ4 | None:
+    """layers: L lists of Q4 (or Q8: `q8_planes`, where `lo_ok` and the int8 parts of a block are
+    adjacent and in whole row pairs) linears to fuse by rows; None if they cannot share one stack."""
+    kinds = {lin.kind for parts in layers for lin in parts}
+    if not kinds <= {"q4", "q8"}:
+        return None
+    first = next((lin.p for parts in layers for lin in parts if lin.kind == "q4"), layers[0][0].p)
     K, g = first.shape[1], first.group_size
+    if "q8" in kinds:
+        if not lo_ok:
+            return None
+        return _stack_mixed(layers, K, g)
     for parts in layers:
         for lin in parts:
             if lin.kind != "q4" or lin.p.shape[1] != K or lin.p.group_size != g:
@@ -98,6 +130,64 @@ def stack_q4(layers: list) -> StackedQ4 | None:
             r += n
         st.sal_idx[l, :parts[0].p.sal_idx.shape[0]] = parts[0].p.sal_idx
     return st
+
+
+class _Part:
+    """A stand-in linear for `stack_q4`: a prepared int4 part (an int8 linear's high plane)."""
+    kind = "q4"
+
+    def __init__(self, p, bias=None):
+        self.p, self.bias = p, bias
+
+
+def _stack_mixed(layers, K, g):
+    """`stack_q4` for kinds with int8 parts: their high planes in the stack, the low planes (one
+    block's int8 rows r0:r1, adjacent) in `lo`, where the step adds them (lo_table)."""
+    L = len(layers)
+    main, lo_parts, table = [], [], np.full((L, 3), -1, np.int64)
+    R = 0
+    for l, parts in enumerate(layers):
+        row, span, ps = 0, None, []
+        for lin in parts:
+            n = lin.p.shape[0]
+            if lin.kind == "q8":
+                planes = q8_planes(lin.p, g) if lin.p.shape[1] == K else None
+                if planes is None or (span is not None and span[1] != row):
+                    return None
+                span = (span[0] if span else row, row + n)
+                ps.append(_Part(planes[0], lin.bias))
+                lo_parts.append(planes[1])
+            else:
+                if lin.p.n_salient:
+                    return None
+                ps.append(lin)
+            row += n
+        main.append(ps)
+        if span is not None:
+            if span[0] % 2 or span[1] % 2:
+                return None
+            table[l] = (R, span[0] // 2, span[1] // 2)
+            R += span[1] - span[0]
+    st = stack_q4(main)
+    if st is None:
+        return None
+    if not lo_parts:                                   # unreachable: a q8 part was seen
+        return None
+    lo = stack_q4([[_Part(p) for p in lo_parts]])
+    if lo is None:
+        return None
+    st.lo, st.lo_table = lo, table
+    return st
+
+
+def _dummy_lo(st: StackedQ4) -> StackedQ4:
+    """An empty low-plane stack (two zero rows) for a kind without int8 linears: the step's
+    records keep one type."""
+    N, K, g = 2, st.shape[1], st.group_size
+    m16 = st.sal_idx.shape[1]
+    return StackedQ4(np.zeros((1, N, K // 2), np.uint8), np.zeros((1, N, K // g), np.float32),
+                     np.zeros((1, N, K // g), np.uint8), g, np.zeros((1, m16), np.int64),
+                     np.zeros((1, N, m16), np.float32), [0], np.zeros((1, N), np.float32))
 
 
 def _buffer_owner(a: np.ndarray):
@@ -145,6 +235,11 @@ class DecodePlan:
         m16 = max(st.sal_idx.shape[1] for st in (qkv, o, gate_up, down))
         self.blocks = Blocks(self.attn_norm, self.mlp_norm, np.float32(cfg.rms_norm_eps), H, Hkv, Dh)
         self.stacks = (qkv.record(), o.record(), gate_up.record(), down.record())   # kernels' Q4Stack
+        # the int8 linears' low nibble planes (q|k|v, o, down) and where they go (kernels' _lo)
+        self.lo = tuple((st.lo or _dummy_lo(st)).record() for st in (qkv, o, down))
+        L = self.attn_norm.shape[0]
+        self.lo_table = np.stack([st.lo_table if st.lo_table is not None else np.full((L, 3), -1, np.int64)
+                                  for st in (qkv, o, down)])                      # int64 [3, L, 3]
         self.shared = Shared(qkv=np.empty((H + 2 * Hkv) * Dh, np.float32),   # [(H + 2 Hkv) Dh]
                              act=np.empty(F, np.float32),                     # [F]
                              bar=np.zeros(8, np.int64))                       # barrier counter
@@ -163,14 +258,20 @@ class DecodePlan:
         self._concurrent = None                                   # sync.barrier_safe(), once known
 
     @property
+    def has_int8(self) -> bool:
+        """Whether some block linear is int8 (its low nibble plane in `lo`)."""
+        return bool((self.lo_table[..., 0] >= 0).any())
+
+    @property
     def mapped(self) -> bool:
         """Whether the stacked codes and zero points are views of the mapped file (no copy)."""
         return all(st.mapped for st in (self.qkv, self.o, self.gate_up, self.down))
 
     @property
     def nbytes(self) -> int:
+        stacks = [self.qkv, self.o, self.gate_up, self.down]
         return sum(s.qweight.nbytes + s.scales.nbytes + s.zeros.nbytes + s.sal_w.nbytes
-                   for s in (self.qkv, self.o, self.gate_up, self.down))
+                   for s in stacks + [st.lo for st in stacks if st.lo is not None])
 
     def run(self, x, cache, pos, cos, sin):
         """x [D] float32 (modified in place) through every block; writes the cache at `pos`."""
@@ -178,20 +279,21 @@ class DecodePlan:
             self._concurrent = barrier_safe()
         T = numba.get_num_threads() if self._concurrent else 1   # None (layer not chosen yet): 1
         self.shared.bar[0] = 0
-        decode_blocks(T, self.int8 and self.int8_ok, x, pos, cos, sin, self.blocks, *self.stacks,
-                      KVCache(cache.k, cache.v, cache.scratch), self.shared, self.scratch)
+        decode_blocks(T, self.int8 and self.int8_ok, x, pos, cos, sin, self.blocks, *self.stacks, *self.lo,
+                      self.lo_table, KVCache(cache.k, cache.v, cache.scratch), self.shared, self.scratch)
 
 
 def build_plan(cfg, blocks):
-    """A DecodePlan when every block linear is int4 and the stacks line up, else None."""
-    if not all(getattr(b, n).kind == "q4" for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
+    """A DecodePlan when every block linear is int4 (or int8 in q|k|v, o, down: `q8_planes`) and the
+    stacks line up, else None."""
+    if not all(getattr(b, n).kind in ("q4", "q8") for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
         return None
     if cfg.head_dim % LANES or cfg.hidden_size % 2:   # whole 16-lane vectors; output rows in pairs
         return None
     if any(getattr(b, n).bias is not None for b in blocks for n in ("o", "gate", "up", "down")):
         return None
     stacks = [stack_q4([[b.q, b.k, b.v] for b in blocks]), stack_q4([[b.o] for b in blocks]),
-              stack_q4([[b.gate, b.up] for b in blocks]), stack_q4([[b.down] for b in blocks])]
+              stack_q4([[b.gate, b.up] for b in blocks], lo_ok=False), stack_q4([[b.down] for b in blocks])]
     if any(s is None for s in stacks):
         return None
     return DecodePlan(cfg, blocks, *stacks)

@@ -135,11 +135,18 @@ class Model:
     def _use_plan_views(self):
         c, p = self.config, self._plan
         nq, nkv, F = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+        fused = []
         for l, b in enumerate(self.weights.blocks):
+            # int8 linears stay themselves (the stacks hold their nibble planes: decode.q8_planes)
+            own = {n: getattr(b, n) for n in ("q", "k", "v", "o", "gate", "up", "down") if getattr(b, n).kind != "q4"}
             b.q, b.k, b.v = p.qkv.layer(l, 0, nq), p.qkv.layer(l, nq, nq + nkv), p.qkv.layer(l, nq + nkv)
             b.o, b.down = p.o.layer(l), p.down.layer(l)
             b.gate, b.up = p.gate_up.layer(l, 0, F), p.gate_up.layer(l, F)
-        return [(p.qkv.layer(l), p.gate_up.layer(l)) for l in range(c.num_hidden_layers)]
+            for n, lin in own.items():
+                setattr(b, n, lin)
+            qkv_own = any(n in own for n in ("q", "k", "v"))
+            fused.append((None if qkv_own else p.qkv.layer(l), p.gate_up.layer(l)))
+        return fused
 
     @property
     def decode_plan(self):
@@ -167,9 +174,9 @@ class Model:
         from .linear import Q4, Q8
         blocks = self.weights.blocks
         linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
-        # Every block linear int4: with int8 activations Numba kernels do all of a block's products
+        # Every block linear int4 (or int8): with int8 activations Numba kernels do all of a block's products
         # and BLAS only attention (see hidden_states).
-        self._int8_blocks = on and all(isinstance(lin, Q4) for lin in linears)
+        self._int8_blocks = on and all(isinstance(lin, (Q4, Q8)) for lin in linears)
         linears += [lin for pair in self._fused for lin in pair] + [self.weights.lm_head]
         for lin in linears:
             if isinstance(lin, (Q4, Q8)):
@@ -252,7 +259,8 @@ class Model:
         pooled = pool is not None and all(cache.pool is not None and cache.pool[0] is pool[0] for cache in caches)
         slots = np.array([cache.pool[2] for cache in caches], np.int64) if pooled else None   # [B]
         x = self.weights.embed[ids].astype(np.float32)                     # [B, D]
-        if pooled and self._fused_decode:                                  # one call: decode_step_batch.py
+        # one call: decode_step_batch.py (int4 stacks only: it has no low nibble planes of int8 linears)
+        if pooled and self._fused_decode and not self._plan.has_int8:
             if self._batch_step is None:
                 from .batch import BatchStep
                 self._batch_step = BatchStep(c, self._plan)
