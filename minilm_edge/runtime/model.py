@@ -16,7 +16,7 @@ from ..errors import ContextOverflowError, UsageError
 from ..formats.manifest import check_folder
 from ..formats.trust import enforce_policy
 from ..kernels import ops_f32 as kernels
-from ..kernels.policy import blas_threads, threads
+from ..kernels.policy import blas_threads
 from ..kernels.quant_i8_matmul import use_int8_activations
 from .blocks import layer_inv_freqs, project_qkv, run_blocks
 from .checkpoint import Weights, load_weights
@@ -30,13 +30,6 @@ BLAS_PARALLEL_MIN_TOKENS = 64   # tokens per forward call from which BLAS gets m
 # is mapped lazily, but its address space must exist: a config.json claiming 1e9 positions ended in
 # ENOMEM, and a 128k-position model would map gigabytes per session. --ctx asks for more.
 DEFAULT_CONTEXT = 32768
-# A busy PC: when a multi-threaded decode step's threads had to sleep at its barriers this many
-# times (kernels/sync.py: a sibling was descheduled by another program), the next BUSY_SOLO_TOKENS
-# tokens decode on one thread, then two threads are tried again. Measured (BENCHMARKS.md, "Decode at
-# the memory limit"): 135M at 2 threads on a machine at load 22, 1.5-4.3 tokens/s spinning at every
-# barrier, 15.6-32.9 this way.
-BUSY_SLEEPS = 2
-BUSY_SOLO_TOKENS = 64
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -129,8 +122,6 @@ class Model:
         else:
             self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
         self.set_int8_activations(int8_activations)
-        self._sleeps = 0          # decode barrier sleeps seen (kernels/sync.py), and tokens left to
-        self._solo_left = 0       # decode single-threaded because another program has a core
 
     def _use_plan_views(self):
         c, p = self.config, self._plan
@@ -206,17 +197,7 @@ class Model:
         Without a cache the tokens are the whole sequence. With `last_only`, only the last position's
         logits are computed ([1, V]): what generation needs, and 1/T of the lm_head cost.
         """
-        step = self._fused_decode and np.size(ids) == 1 and numba.get_num_threads() > 1
-        if step and self._solo_left > 0:                                   # a busy PC: one thread
-            self._solo_left -= 1
-            with threads(1):
-                return self.weights.lm_head(self.hidden_states(ids, cache, last_only))
         x = self.hidden_states(ids, cache, last_only)
-        if step:
-            slept = int(self._plan.shared.bar[2])                          # the barrier's sleeps so far
-            if slept - self._sleeps >= BUSY_SLEEPS:
-                self._solo_left = BUSY_SOLO_TOKENS
-            self._sleeps = slept
         return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
 
     def decode_batch(self, tokens, caches: list) -> np.ndarray:
