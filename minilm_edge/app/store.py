@@ -124,8 +124,12 @@ KNOWN_MODELS = {
 # other alpha of the grid, the MLP and linear losses on 2,048 tokens). Measured against 64 x 512 and
 # against C4 calibration of the same size, on WikiText-2 valid: BENCHMARKS.md "First run from an
 # empty store". A key of `quantize` (and so of the recipe): changing it makes a new version.
-FIRST_RUN_CALIBRATION = {"samples": 16, "seq_len": 512, "awq_options": {"grid": 10, "search_tokens": 2048}}
-FIRST_RUN_MINUTES = 5.0      # pull + calibration + AWQ, estimated from contended runs (BENCHMARKS.md)
+# The lighter 16 x 512 recipe with the coarse search ({"samples": 16, "seq_len": 512, "awq_options":
+# {"grid": 10, "search_tokens": 2048}}) stayed within 10% of C4's gap in perplexity but FAILED the
+# shipped `check` (golden 6/9 < 70%, tests/test_check.py) on a quiet newcomer run (2026-12-07), so the
+# default keeps the 64 x 512 set and the full search that pass it (BENCHMARKS.md, the quiet window).
+FIRST_RUN_CALIBRATION = {"samples": 64, "seq_len": 512}
+FIRST_RUN_MINUTES = 11.0     # pull + calibration + AWQ, the CI run of 2026-12-06 (BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
