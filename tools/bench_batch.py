@@ -62,7 +62,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
     p.add_argument("--threads", type=int, help="Numba threads (default: all)")
     p.add_argument("--row-kernel", choices=["tiled", "per-row"], default="tiled",
-                   help="the one-call batched step's int8 row kernel (runtime/batch.BatchStep.variant): four "
+                   help="the one-call batched step's int8 row kernel (runtime/batch_step.BatchStep.variant): four "
                         "activation rows per pass over a weight pair (tiled, the default) or one (per-row); an A/B")
     args = p.parse_args(argv)
     sizes = args.batch or [1, 2, 4, 8]

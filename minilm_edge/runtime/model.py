@@ -114,7 +114,7 @@ class Model:
         self._plan = build_plan(config, weights.blocks) if config.arch.plain else None
         self._layer_inv_freq = layer_inv_freqs(config, self._inv_freq)   # RoPE base per layer (blocks.py)
         self._fused_decode = self._plan is not None
-        self._batch_step = None                     # batch.BatchStep: the B-row step's buffers, made at first use
+        self._batch_step = None                     # batch_step.BatchStep: the B-row step's buffers, made at first use
         if self._plan is not None:
             self._fused = self._use_plan_views()
             if weights.source is not None and not self._plan.mapped:
@@ -243,7 +243,7 @@ class Model:
         # one call: decode_step_batch.py (int4 stacks only: it has no low nibble planes of int8 linears)
         if pooled and self._fused_decode and not self._plan.has_int8:
             if self._batch_step is None:
-                from .batch import BatchStep
+                from .batch_step import BatchStep
                 self._batch_step = BatchStep(c, self._plan)
             self._batch_step.run(x, pos, slots, cos, sin, pool[0], pool[1])
             for cache, t in zip(caches, ids):
