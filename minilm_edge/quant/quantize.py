@@ -98,7 +98,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError("--target-bpw and --max-size measure on calibration text: use --method awq")
     if eval_data and not report:
         raise UsageError("--eval fills in the report: give --report too")
-    unknown = set(awq_options or {}) - {f.name for f in dataclasses.fields(AWQSettings)}
+    own = {"bits", "group_size", "duo", "keep_salient", "seed", "int8"}      # set by quantize's own arguments
+    unknown = set(awq_options or {}) - ({f.name for f in dataclasses.fields(AWQSettings)} - own)
     if unknown:
         raise UsageError(f"unknown AWQ settings: {', '.join(sorted(unknown))}")
     cfg0 = load_config(src_dir)
