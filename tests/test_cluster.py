@@ -62,7 +62,7 @@ def test_check_jobs_record_every_run(local_cluster, tiny, home, tmp_path, capsys
                  "--data", str(tiny["d1"]), "--data", str(tiny["d2"]), "--thresholds", str(th),
                  "--cluster", local_cluster])
     out, err = capsys.readouterr()
-    assert code == 1, err                                      # "other" regressed
+    assert code == check.REGRESSION_EXIT, err                  # "other" regressed (1: a job could not run)
     rows = check.history(home=home)
     assert [(r["model"], r["passed"]) for r in rows] == [("same", True), ("same", True), ("other", False),
                                                          ("other", False)]

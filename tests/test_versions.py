@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -195,6 +196,28 @@ def test_a_new_package_version_is_a_new_recipe(prepared, monkeypatch):
     monkeypatch.setattr(store, "__version__", "9.9.9")
     second = store.resolve_model("tiny-q", progress=False)
     assert second != first and manifest.read_manifest(second)["recipe"]["tool"] == "minilm_edge 9.9.9"
+
+
+def test_a_changed_quantizer_is_a_new_recipe_under_the_same_version(prepared, monkeypatch):
+    first = store.resolve_model("tiny-q", progress=False)
+    assert store.resolve_model("tiny-q", progress=False) == first              # same code: reused
+    monkeypatch.setattr("minilm_edge.quant.quantize.quantizer_code_digest", lambda root=None: "sha256:changed")
+    second = store.resolve_model("tiny-q", progress=False)
+    assert second != first and manifest.read_manifest(second)["recipe"]["code"] == "sha256:changed"
+    assert json.loads((second / "config.json").read_text())["quantization_config"]["code"] == "sha256:changed"
+
+
+def test_the_quantizer_digest_follows_its_source_files(tmp_path):
+    from minilm_edge.quant.quantize import quantizer_code_digest
+    pkg = Path(minilm_edge.__file__).parent
+    copy = tmp_path / "minilm_edge"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert quantizer_code_digest(copy) == quantizer_code_digest()
+    (copy / "runtime" / "model.py").write_text("# not the quantizer\n", encoding="utf-8")
+    assert quantizer_code_digest(copy) == quantizer_code_digest()
+    awq = copy / "quant" / "awq.py"
+    awq.write_text(awq.read_text(encoding="utf-8") + "\n# changed\n", encoding="utf-8")
+    assert quantizer_code_digest(copy) != quantizer_code_digest()
 
 
 def test_a_plain_prepared_folder_made_by_todays_recipe_is_adopted(prepared, home, monkeypatch):

@@ -33,7 +33,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import ModelNotFoundError, UsageError
 from ..formats.home import default_home
 
 DATA = Path(__file__).parent / "data"
@@ -45,6 +45,7 @@ BASELINE_FORMAT = "minilm-check-baseline/1"
 GOLDEN_MAX_NEW_TOKENS = 32     # greedy answer length for a golden prompt (a case may set max_new_tokens)
 DEFAULT_CTX = 512
 DEFAULT_MAX_TOKENS = 4096
+REGRESSION_EXIT = 3            # exit code of a check that ran and found a regression (1: could not run)
 LOG_LIMIT = 500                # most recent logged turns sampled by --from-log
 
 # metric -> (threshold key, direction, label, how it is printed)
@@ -516,7 +517,10 @@ windows of --ctx), or --from-log [--since 7d] (the conversation log, see the REA
 
 Each run appends to <home>/check.sqlite and rewrites <home>/check-report.html (metrics over time,
 and each version's quantization report); --history prints the trend. With --cluster ADDRESS several
-MODELs × several --data files run as independent Dask jobs. Exit: 0 pass, 1 regression, 2 usage.
+MODELs × several --data files run as independent Dask jobs. Exit: 0 pass, 3 regression (a metric
+past its threshold), 1 the check could not run (a missing model, an unreadable file; with --cluster
+also when only some jobs failed), 2 usage. A nightly job can so tell "the model got worse" from "the
+check is broken".
 
 examples:
   python -m minilm_edge check smollm2-135m-instruct-awq --baseline smollm2-135m-instruct --data wiki.txt \\
@@ -611,7 +615,11 @@ def cmd_check(args):
         if len(args.models) > 1:
             raise UsageError("--history takes at most one MODEL")
         rows = history(args.models[0] if args.models else None)
-        print(format_history(rows) if rows else "no checks recorded yet")
+        if not rows and args.models and not _known_model(args.models[0]):
+            raise ModelNotFoundError(f"{args.models[0]} is neither a model folder, a store name, nor a model "
+                                     f"with recorded checks (`check --history` lists them all)")
+        print(format_history(rows) if rows else
+              "no checks recorded yet" + (f" for {args.models[0]}" if args.models else ""))
         if args.html:
             print(f"report: {write_html(args.html, rows)}", file=sys.stderr)
         return 0
@@ -642,8 +650,13 @@ def cmd_check(args):
     return finish(rec, args)
 
 
+def _known_model(arg: str) -> bool:
+    from .store import knows
+    return Path(arg).expanduser().is_dir() or knows(arg)
+
+
 def finish(rec: dict, args) -> int:
-    """Record the run, rewrite the report, print the result; the exit code (0 pass, 1 regression)."""
+    """Record the run, rewrite the report, print the result; the exit code (0 pass, 3 regression)."""
     record_run(rec)
     rows = history()
     report = write_html(_report_path(), rows)
@@ -654,7 +667,7 @@ def finish(rec: dict, args) -> int:
     else:
         print_record(rec)
     print(f"recorded in {default_home() / HISTORY_DB}; report {report}", file=sys.stderr)
-    return 0 if rec["passed"] else 1
+    return 0 if rec["passed"] else REGRESSION_EXIT
 
 
 # ---- many models × data files on a Dask cluster (app/cluster.py)
@@ -669,7 +682,7 @@ def check_job(model_path, baseline, data_path, golden, thresholds, ctx, max_toke
 
 def check_jobs(args, thresholds, golden) -> int:
     """`check MODEL... --data FILE... --cluster ADDRESS`: every model on every file; each run recorded.
-    Exit 0 when all pass, 1 when any regressed or failed."""
+    Exit 0 when all pass, 1 when any job could not run, else 3 when any regressed."""
     import itertools
 
     from .cluster import fail_line, run_jobs
@@ -682,11 +695,11 @@ def check_jobs(args, thresholds, golden) -> int:
     models, baseline = [(_resolve(m), m) for m in args.models], _resolve(args.baseline)
     jobs = [(str(m), str(baseline), str(Path(d).resolve()), golden, thresholds, args.ctx, args.max_tokens,
              model_name(arg, m)) for (m, arg), d in itertools.product(models, args.data)]
-    code = 0
+    failed = regressed = False
     for job, res in zip(jobs, run_jobs(args.cluster, check_job, jobs, "check")):
         if isinstance(res, Exception):
             print(fail_line(job[:3], res), file=sys.stderr)
-            code = 1
+            failed = True
         else:
-            code = max(code, finish(res, args))
-    return code
+            regressed |= finish(res, args) != 0
+    return 1 if failed else REGRESSION_EXIT if regressed else 0

@@ -284,7 +284,9 @@ def _prepared_provenance(spec: PreparedModel, base: Path, made: Path) -> dict:
 
 def prepared_recipe(spec: PreparedModel, base_manifest: dict | None) -> dict:
     """What decides a prepared model's bytes: its source's content, the quantizer's settings and
-    calibration, and the package version (the quantizer's code)."""
+    calibration, the package version and the digest of the quantizer's source (quantize.py
+    QUANTIZER_SOURCES: a changed quantizer is a new recipe even under the same version)."""
+    from ..quant.quantize import quantizer_code_digest
     q = spec.quantize
     calib = q.get("calib")
     if calib:
@@ -296,7 +298,7 @@ def prepared_recipe(spec: PreparedModel, base_manifest: dict | None) -> dict:
     return {"kind": "quantize", "base": spec.base,
             "source": content_digest(base_manifest) if base_manifest else None,
             "quantize": {k: v for k, v in q.items() if k != "calib"}, "calibration": calibration,
-            "tool": f"minilm_edge {__version__}"}
+            "tool": f"minilm_edge {__version__}", "code": quantizer_code_digest()}
 
 
 def _without_source(recipe: dict | None) -> dict | None:
@@ -315,7 +317,7 @@ def _legacy_matches(legacy: Path, spec: PreparedModel, base: Path) -> bool:
     """Was a plain prepared folder of the store before versions made by today's recipe? Its
     quantization_config records method, settings, tool and the source's weights sha256."""
     from ..formats.tensors import TensorSource
-    from ..quant.quantize import DEFAULT_SELF_GENERATED_SAMPLES, weights_digest
+    from ..quant.quantize import DEFAULT_SELF_GENERATED_SAMPLES, quantizer_code_digest, weights_digest
 
     if _missing_files(legacy):
         return False
@@ -328,7 +330,7 @@ def _legacy_matches(legacy: Path, spec: PreparedModel, base: Path) -> bool:
             and qc.get("group_size") == q.get("group_size")
             and qc.get("lm_head") == (q.get("quantize_head") or "float16")
             and (qc.get("awq") or {}).get("seed", 0) == q.get("seed", 0) and not q.get("calib")
-            and qc.get("tool") == f"minilm_edge {__version__}")
+            and qc.get("tool") == f"minilm_edge {__version__}" and qc.get("code") == quantizer_code_digest())
     if q.get("method") == "awq":                 # the calibration's size and the search's settings too
         awq = qc.get("awq") or {}
         cal = awq.get("calibration") or {}
@@ -381,6 +383,19 @@ def resolve_model(name_or_dir, *, home=None, progress: bool = True) -> Path:
     raise ModelNotFoundError(
         f"{text} is not an existing folder nor a known model ({_all_names()}); "
         f"to use a Hugging Face repo, fetch it first: python -m minilm_edge pull owner/name")
+
+
+def knows(text: str, home=None) -> bool:
+    """Does `text` name a model of the store (a known or prepared name, a tag, a stored version)?
+    Looked up only: nothing is pulled or prepared."""
+    ref = parse_ref(text, must=False)
+    if ref is None:
+        return False
+    if ref.digest is not None:
+        return any(v.startswith(ref.digest) for v in list_versions(home))
+    return (_known(ref.given) is not None or ref.given in PREPARED_MODELS
+            or tagged_path(ref.name, ref.tag, home=home) is not None
+            or (ref.tag == "latest" and (_models_dir(home) / ref.name).exists()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,24 @@ def _tool_version():
     return f"minilm_edge {__version__}"
 
 
+# The source files whose code decides a quantized folder's bytes: this package's quantizers and the
+# writers of the stored formats. Their digest goes into every folder's quantization_config and into
+# the store's recipes, so that a changed quantizer makes a new version even when the package version
+# stays the same (a development checkout, a patched install). Comments count too: a false "changed"
+# costs one re-quantization, a false "unchanged" would serve a model today's code does not make.
+QUANTIZER_SOURCES = ("quant/*.py", "formats/q4.py", "formats/safetensors.py")
+
+
+def quantizer_code_digest(root=None) -> str:
+    """'sha256:' + the first 16 hex digits of the sha256 over QUANTIZER_SOURCES (path and bytes,
+    sorted by path, relative to the package folder `root`, this package's by default)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted({f for pattern in QUANTIZER_SOURCES for f in root.glob(pattern)}):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
 def _progress(total, desc, enabled):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, leave=False)
@@ -174,7 +192,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         "lm_head": _head_record(cfg, quantize_head, embed), "embed": "int8" if embed == "int8" else "float16",
         **({"int8_linears": int8, "int8_layers": {k: sorted(j for j, kk in eight if kk == k)
                                                   for k in sorted({k for _, k in eight})}} if eight else {}),
-        "tool": _tool_version(),
+        "tool": _tool_version(), "code": quantizer_code_digest(),
         "source": {"path": str(src_dir.resolve()), "weights_sha256": weights_digest(src)},
         **(extra_config or {}),
     }
@@ -193,7 +211,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         recipe = {"kind": "quantize", "source_weights_sha256": qc["source"]["weights_sha256"],
                   "settings": {k: v for k, v in qc.items() if k in RECIPE_KEYS}, "calibration": calibration,
                   "awq": {k: v for k, v in (qc.get("awq") or {}).items() if k not in ("alpha", "notes")},
-                  "tool": qc["tool"]}
+                  "tool": qc["tool"], "code": qc["code"]}
         write_manifest(tmp, recipe, provenance(source=qc["source"], method=method, calibration=calibration))
     return write_model_folder(src_dir, out_dir, out, config, before_rename=finish)
 
