@@ -16,7 +16,7 @@ checked machine need not hold the full-precision model; KL over the top K plus t
 
 Every run appends a row to `<home>/check.sqlite` and rewrites `<home>/check-report.html` (the
 metrics over time, and each checked version's own quantization report). Exit codes: 0 pass,
-1 regression (or another error), 2 usage.
+3 regression, 1 another error (the check could not run), 2 usage.
 """
 from __future__ import annotations
 
