@@ -109,11 +109,17 @@ def test_logprobs_are_the_raw_distribution(model):
     s = dec.add(ids[0], SamplingSettings(max_new_tokens=3, temperature=2.0, seed=1), logprobs=5)
     dec.add(ids[1], SamplingSettings(max_new_tokens=3))
     ev = [e for e in dec.step() if e.seq == s][0]
+    later = [e for e in dec.step() if e.seq == s][0]
+    dec.step()                                      # the event computes its log-probs when read: after later steps
     z = model.forward(ids[0], model.new_cache(), last_only=True)[0].astype(np.float64)   # as Generation
     lsm = z - z.max() - np.log(np.exp(z - z.max()).sum())
     assert ev.logprob == pytest.approx(lsm[ev.token], abs=1e-4)
     assert [t for t, _ in ev.top_logprobs] == list(np.argsort(-lsm, kind="stable")[:5])
     np.testing.assert_allclose([lp for _, lp in ev.top_logprobs], np.sort(lsm)[::-1][:5], atol=1e-4)
+    z = model.forward(ids[0] + [ev.token], model.new_cache(), last_only=True)[0].astype(np.float64)
+    lsm = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    assert later.logprob == pytest.approx(lsm[later.token], abs=1e-4)
+    assert f"token={ev.token}" in repr(ev) and dec.active == 0
 
 
 def test_context_full_ends_with_length(model):

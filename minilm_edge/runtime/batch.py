@@ -40,14 +40,41 @@ from .tokenizer import TextStream
 MAX_LOGPROBS = 20            # most alternatives a step reports per token (as OpenAI's API)
 
 
-@dataclasses.dataclass
 class TokenEvent:
-    seq: int                 # sequence id returned by add()
-    token: int               # the token id chosen this step
-    text: str                # new text released this step ("" while a stop string or a UTF-8 char is pending)
-    logprob: float           # log-probability of `token` under the raw distribution (temperature 1, no top-k/p)
-    top_logprobs: list       # [(id, logprob)] the `logprobs` most likely tokens, most likely first
-    finish: str | None       # None while running; "stop" (EOS, stop string); "length" (max_new_tokens, context full)
+    """One step's outcome for one sequence:
+
+        seq            sequence id returned by add()
+        token          the token id chosen this step
+        text           new text released this step ("" while a stop string or a UTF-8 char is pending)
+        logprob        log-probability of `token` under the raw distribution (temperature 1, no top-k/p)
+        top_logprobs   [(id, logprob)] the `logprobs` most likely tokens, most likely first
+        finish         None while running; "stop" (EOS, stop string); "length" (max_new_tokens, context full)
+
+    `logprob` and `top_logprobs` are computed when first read (a softmax over the vocabulary: ~70 µs
+    a step for SmolLM2's 49k, which a single-stream decode does not pay when nobody reads them)."""
+    __slots__ = ("seq", "token", "text", "finish", "_logits", "_k", "_lp")
+
+    def __init__(self, seq: int, token: int, text: str, logits: np.ndarray, k: int, finish: str | None):
+        self.seq, self.token, self.text, self.finish = seq, token, text, finish
+        self._logits, self._k, self._lp = logits, k, None      # logits [V]: this step's, never written again
+
+    def _logprobs(self):
+        if self._lp is None:
+            self._lp = raw_logprobs(self._logits, self.token, self._k)
+            self._logits = None
+        return self._lp
+
+    @property
+    def logprob(self) -> float:
+        return self._logprobs()[0]
+
+    @property
+    def top_logprobs(self) -> list:
+        return self._logprobs()[1]
+
+    def __repr__(self):
+        return (f"TokenEvent(seq={self.seq}, token={self.token}, text={self.text!r}, logprob={self.logprob}, "
+                f"top_logprobs={self.top_logprobs}, finish={self.finish!r})")
 
 
 @dataclasses.dataclass
@@ -163,24 +190,24 @@ class BatchDecoder:
     def _advance(self, s: _Seq) -> TokenEvent:
         """Sample s's next token and turn it into an event (text released, finish)."""
         tok = s.sampler(s.logits, s.history)
-        lp, top = raw_logprobs(s.logits, tok, s.logprobs)
+        logits, k = s.logits, s.logprobs            # the event computes the log-probs if they are read
         s.n_new += 1
         stops = s.settings.stop
         if tok in self._eos:
-            return TokenEvent(s.id, tok, self._final_text(s), lp, top, "stop")
+            return TokenEvent(s.id, tok, self._final_text(s), logits, k, "stop")
         if s.history:
             s.history.append(tok)
         s.pending += s.stream.push(tok)
         cut = _find_stop(s.pending, stops)
         if cut is not None:
             text, s.pending = s.pending[:cut], ""
-            return TokenEvent(s.id, tok, text, lp, top, "stop")
+            return TokenEvent(s.id, tok, text, logits, k, "stop")
         # The token fills position cache.length; the last position ends the sequence (as Generation).
         if s.n_new >= s.settings.max_new_tokens or s.cache.length + 1 >= s.cache.max_len:
-            return TokenEvent(s.id, tok, self._final_text(s), lp, top, "length")
+            return TokenEvent(s.id, tok, self._final_text(s), logits, k, "length")
         keep = _stop_prefix_len(s.pending, stops)
         out, s.pending = s.pending[:len(s.pending) - keep], s.pending[len(s.pending) - keep:]
-        return TokenEvent(s.id, tok, out, lp, top, None)
+        return TokenEvent(s.id, tok, out, logits, k, None)
 
     @staticmethod
     def _final_text(s: _Seq) -> str:
