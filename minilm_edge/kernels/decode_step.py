@@ -26,6 +26,9 @@ The whole step is tested against the Python path (prefill of the same tokens) in
 The arguments are records (namedtuples, built once by runtime/decode.DecodePlan):
     Q4Stack      one stacked linear kind, (L, N) axes merged into rows: row l·N + n (four of them:
                  q|k|v, o, gate|up, down)
+    Q8Stack      the int8 block linears' rows of one kind (q|k|v, o, down; quantize --int8), computed
+                 in one pass where the int4 stack holds zero placeholders (`_rows_mixed`); a block's
+                 int8 row pairs count Q8_COST to an int4 pair's Q4_COST when the threads share a phase
     Blocks       the norms, eps and the head shape
     Shared       buffers every thread writes parts of and reads whole after a barrier
     KVCache      the cache the token joins (k, v) and the attention scores' scratch
