@@ -187,7 +187,7 @@ def test_decode_batch_logits_match_single_stream(model, n_threads):
     with pytest.raises(UsageError):
         model.decode_batch([1, 2], [own[0], own[0]])
     # all-int4 blocks step pooled rows through the one-call B-row step (kernels/decode_step_batch.py);
-    # a plan with int8 linears (their low nibble planes) goes through the per-linear path
+    # a plan with int8 linears (decode.stack_q8: the B-row step has no int8 row path) goes through the per-linear path
     plan = model.decode_plan
     assert (model._batch_step is not None) == (plan is not None and not plan.has_int8)
 

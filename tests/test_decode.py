@@ -189,13 +189,13 @@ def _mixed_folder(tmp_path):
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_mixed_int4_int8_folder_decodes_fused_as_unfused(tmp_path, n_threads):
-    """int8 block linears (quantize --int8) run in the one-call step as two int4 nibble planes
-    (decode.q8_planes): in float32 the fused step gives the prefill's hidden states and the same
-    greedy tokens as the per-linear path (Q8 kernels)."""
+    """int8 block linears (quantize --int8) run in the one-call step as int8 rows (decode.stack_q8,
+    one pass, shared out by cost): in float32 the fused step gives the prefill's hidden states and
+    the same greedy tokens as the per-linear path (Q8 kernels)."""
     from minilm_edge.runtime.linear import Q8
     src, cfg, q = _mixed_folder(tmp_path)
     model = minilm_edge.load(q, int8_activations=False)
-    assert model.fused_decode and model.decode_plan.down.lo is not None
+    assert model.fused_decode and model.decode_plan.down.q8 is not None and model.decode_plan.has_int8
     assert isinstance(model.weights.blocks[2].down, Q8) and isinstance(model.weights.blocks[0].v, Q8)
     ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 24)
     full = model.hidden_states(ids)
@@ -219,8 +219,9 @@ def test_mixed_int4_int8_folder_decodes_fused_as_unfused(tmp_path, n_threads):
 
 @pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX512-VNNI: decode runs in float32 only")
 def test_mixed_folder_fused_with_int8_activations(tmp_path):
-    """With int8 activations the planes meet the int4 kernels' activation quantizer, the unfused
-    Q8 matvec float32 ones: both stay as close to the float32 prefill as int8 activations allow."""
+    """With int8 activations the int8 rows meet the int4 kernels' activation quantizer (int8 x int8,
+    quant_i8_matvec.dot2_q8_i8), the unfused Q8 matvec float32 ones: both stay as close to the
+    float32 prefill as int8 activations allow."""
     _, cfg, q = _mixed_folder(tmp_path)
     ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 24)
     f32 = minilm_edge.load(q, int8_activations=False).hidden_states(ids)
@@ -231,19 +232,6 @@ def test_mixed_folder_fused_with_int8_activations(tmp_path):
         cache = model.new_cache(64)
         steps = np.concatenate([model.hidden_states([t], cache) for t in ids])
         assert np.linalg.norm(steps - f32) / np.linalg.norm(f32) < 0.1
-
-
-def test_int8_planes_sum_to_the_int8_weight():
-    from minilm_edge.formats.q4 import Q4Linear, dequantize, quantize_q8
-    from minilm_edge.kernels.quant_f32 import prepare_q8
-    from minilm_edge.runtime.decode import q8_planes
-    w = np.random.default_rng(7).normal(size=(6, 256)).astype(np.float32)
-    q8 = quantize_q8(w, 128)
-    hi, lo = q8_planes(prepare_q8(q8), 32)
-    as_q4 = lambda p: dequantize(Q4Linear(p.qweight, p.scales.astype(np.float16), p.zeros, p.group_size))
-    want = q8.qweight.astype(np.float32) * np.repeat(q8.scales.astype(np.float32), 128, axis=1)
-    np.testing.assert_array_equal(as_q4(hi) + as_q4(lo), want)
-    assert q8_planes(prepare_q8(quantize_q8(w, 32)), 64) is None
 
 
 def test_no_plan_when_gate_or_up_is_int8(tmp_path):

@@ -26,6 +26,9 @@ The whole step is tested against the Python path (prefill of the same tokens) in
 The arguments are records (namedtuples, built once by runtime/decode.DecodePlan):
     Q4Stack      one stacked linear kind, (L, N) axes merged into rows: row l·N + n (four of them:
                  q|k|v, o, gate|up, down)
+    Q8Stack      the int8 block linears' rows of one kind (q|k|v, o, down; quantize --int8), computed
+                 in one pass where the int4 stack holds zero placeholders (`_rows_mixed`); a block's
+                 int8 row pairs count Q8_COST to an int4 pair's Q4_COST when the threads share a phase
     Blocks       the norms, eps and the head shape
     Shared       buffers every thread writes parts of and reads whole after a barrier
     KVCache      the cache the token joins (k, v) and the attention scores' scratch
@@ -43,14 +46,14 @@ import numpy as np
 from numba import prange
 
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
-from .quant_f32 import dot2_q4_f32, split_x
+from .quant_f32 import dot2_q4_f32, dot2_q8_f32, split_x
 from .quant_i8_matmul import VNNI
 from .quant_i8_matvec import quantize_vec, salient_x
 from .simd import LANES, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
 from .sync import barrier
 
 if VNNI:
-    from .quant_i8_matvec import dot2_q4_i8
+    from .quant_i8_matvec import dot2_q4_i8, dot2_q8_i8, q8_lane_zero
 
 # ----------------------------------------------------------------------------------------------
 # The records. Shapes: L blocks, N rows of one block's stacked linear, K its inputs, G = K / g,
@@ -68,6 +71,12 @@ Q4Stack = namedtuple("Q4Stack", [
     "gpc",          # int     the int8 matvec's chunk -> group tables (quant_i8_matvec.group_index):
     "gidx",         # int32   [16]         groups per chunk, lane -> group, each chunk's first group
     "g0s",          # int64   [K/128 ↑]
+])
+Q8Stack = namedtuple("Q8Stack", [       # the int8 block linears' rows of one kind, all blocks (R rows)
+    "qweight",      # uint8   [R, K]     quant_i8_matvec.q8_rows: u = q + 128, per 128 channels even then odd
+    "scales",       # float32 [R, K/g8]
+    "group_size",   # int     g8
+    "gpc", "gidx", "g0s",   # quant_i8_matvec.group_index(g8, K)
 ])
 Blocks = namedtuple("Blocks", [
     "attn_norm", "mlp_norm",         # float32 [L, D]
@@ -97,8 +106,9 @@ Scratch = namedtuple("Scratch", [
     "qe", "qo",     # int8    [P, K/2 ↑ 64] even and odd channels' codes
     "sxl",          # float32 [P, K/8 ↑ 16] lane scales
     "nzt",          # float32 [P, G ↑ 16]  −zt
+    "nzl",          # float32 [P, K/8 ↑ 16] the int8 rows' −128 · lane sums (quant_i8_matvec.q8_lane_zero)
 ])
-Prologue = namedtuple("Prologue", "xe xo xs xsal xz qe qo sxl nzt")   # one thread's row of those
+Prologue = namedtuple("Prologue", "xe xo xs xsal xz qe qo sxl nzt nzl")   # one thread's row of those
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,15 +304,47 @@ def _rows(i8, mode, st, base, up, i0, i1, p, out):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _lo(i8, st, tab, a, b, p, out):
-    """The low nibble planes of a block's int8 rows (runtime/decode.q8_planes: an int8 linear is a
-    high plane in the stack plus this one): tab = (first row in st or −1, pairs p0, p1); pairs
-    max(a, p0) .. min(b, p1) − 1 of the block's output get their low plane's product added, by the
-    thread that wrote them (no barrier)."""
-    if tab[0] >= 0:
-        i0, i1 = max(a, tab[1]), min(b, tab[2])
-        if i0 < i1:
-            _rows(i8, ADD, st, tab[0] - 2 * tab[1], 0, i0, i1, p, out)
+def _rows_q8_f32(mode, q8, r0, st, base, i0, i1, p, out):
+    """Output pairs i0 .. i1−1 from int8 rows r0 + 2i, r0 + 2i + 1 of q8 (float32 prologue); the
+    bias from the int4 stack's rows (base + 2i, ...), where the linear sits (as a placeholder)."""
+    for i in range(i0, i1):
+        ya, yb = dot2_q8_f32(q8.qweight, q8.scales, r0 + 2 * i, r0 + 2 * i + 1, q8.group_size, p.xe, p.xo)
+        _put(mode, out, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_q8_i8(mode, q8, r0, st, base, i0, i1, p, out):
+        """`_rows_q8_f32` with int8 activations (prologue `quantize_vec`, then `q8_lane_zero`)."""
+        q8_lane_zero(p.qe, p.qo, p.sxl, p.nzl)
+        for i in range(i0, i1):
+            ya, yb = dot2_q8_i8(q8.qweight, q8.scales, r0 + 2 * i, r0 + 2 * i + 1, q8.gpc, q8.gidx, q8.g0s,
+                                p.qe, p.qo, p.sxl, p.nzl)
+            _put(mode, out, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+else:
+    @kernel()
+    def _rows_q8_i8(mode, q8, r0, st, base, i0, i1, p, out):
+        """Never called without VNNI (see `_rows_i8`)."""
+        return
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows_mixed(i8, mode, st, q8, tab, base, a, b, p, out):
+    """Output pairs a .. b−1 of one block of stack st (STORE or ADD) where the pairs
+    tab[1] .. tab[2]−1 are int8 rows of q8 from row tab[0] on (tab[0] = −1: none): the int4 pairs
+    before and after them by `_rows`, theirs by the int8 row kernels, one pass each."""
+    if tab[0] < 0:
+        _rows(i8, mode, st, base, 0, a, b, p, out)
+        return
+    p0, p1 = tab[1], tab[2]
+    _rows(i8, mode, st, base, 0, a, min(b, p0), p, out)
+    i0, i1 = max(a, p0), min(b, p1)
+    if i0 < i1:
+        if i8:
+            _rows_q8_i8(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
+        else:
+            _rows_q8_f32(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
+    _rows(i8, mode, st, base, 0, max(a, p1), b, p, out)
 
 
 @kernel()
@@ -311,19 +353,45 @@ def _share(n, t, T):
     return n * t // T, n * (t + 1) // T
 
 
+Q4_COST, Q8_COST = 5, 8      # a row pair's relative cost in `_share_mixed`: about its bytes (int4 g32 vs int8 g64)
+
+
+@kernel()
+def _share_mixed(n, t, T, tab):
+    """`_share` of n row pairs where pairs tab[1] .. tab[2]−1 (tab[0] >= 0) are int8 rows, which cost
+    Q8_COST to an int4 pair's Q4_COST: the split evens out the cost, not the count."""
+    if tab[0] < 0:
+        return _share(n, t, T)
+    p0, p1 = tab[1], tab[2]
+    total = Q4_COST * (n - (p1 - p0)) + Q8_COST * (p1 - p0)
+    return _pair_at(total * t // T, p0, p1), _pair_at(total * (t + 1) // T, p0, p1)
+
+
+@kernel(inline=True)
+def _pair_at(c, p0, p1):
+    """The first pair whose cost before it reaches c (`_share_mixed`'s costs; monotone in c)."""
+    c8 = Q4_COST * p0 + Q8_COST * (p1 - p0)          # the cost before pair p1
+    if c <= Q4_COST * p0:
+        return c // Q4_COST
+    if c <= c8:
+        return p0 + (c - Q4_COST * p0) // Q8_COST
+    return p1 + (c - c8) // Q4_COST
+
+
 # ----------------------------------------------------------------------------------------------
 # The step
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_lo, o_lo, down_lo, lo_tab,
+def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab,
                    kv, sh, sc):
     """Thread t of T: its share of every phase of every block, with a barrier after each phase.
 
     Shared (written by parts, read whole after a barrier): x, sh.qkv, sh.act, the cache.
     Private to the thread (row t of the scratch): h, att and the matvec prologue. Each thread
     normalises and prepares the whole input itself: cheaper than a barrier. The stacks' N:
-    (H + 2 Hkv) Dh, D, 2F, D. qkv_lo, o_lo, down_lo, lo_tab [3, L, 3]: the int8 linears' low planes (`_lo`).
+    (H + 2 Hkv) Dh, D, 2F, D. qkv_q8, o_q8, down_q8 (Q8Stack): the int8 linears' rows, q8_tab [3, L, 3]
+    where they go in each block (`_rows_mixed`); the int8 pairs are shared out by cost (`_share_mixed`).
     """
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     nq, nkv, half, F, D = H * Dh, Hkv * Dh, Dh // 2, sh.act.shape[0], x.shape[0]
@@ -332,16 +400,16 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
     scale = np.float32(1.0 / np.sqrt(Dh))
     qkv, act, bar = sh.qkv, sh.act, sh.bar
     h, att = sc.h[t], sc.att[t]
-    p = Prologue(sc.xe[t], sc.xo[t], sc.xs[t], sc.xsal[t], sc.xz[t], sc.qe[t], sc.qo[t], sc.sxl[t], sc.nzt[t])
+    p = Prologue(sc.xe[t], sc.xo[t], sc.xs[t], sc.xsal[t], sc.xz[t], sc.qe[t], sc.qo[t], sc.sxl[t], sc.nzt[t],
+                 sc.nzl[t])
     Na, Nu = qkv.shape[0], 2 * F                  # rows per block of the q|k|v and gate|up stacks
     k = 0                                         # barriers passed
     for l in range(w.attn_norm.shape[0]):
         # attention: h = norm(x); qkv = W h + b
         _rms_norm_vec(x, w.attn_norm[l], w.eps, h)
         _prologue(i8, h, qkv_w, l, p)
-        a, b = _share(Na // 2, t, T)             # rows in pairs (N is even: heads × even Dh)
-        _rows(i8, STORE, qkv_w, l * Na, 0, a, b, p, qkv)                               # qkv = W h + b
-        _lo(i8, qkv_lo, lo_tab[0, l], a, b, p, qkv)
+        a, b = _share_mixed(Na // 2, t, T, q8_tab[0, l])   # rows in pairs (N is even: heads × even Dh)
+        _rows_mixed(i8, STORE, qkv_w, qkv_q8, q8_tab[0, l], l * Na, a, b, p, qkv)         # qkv = W h + b
         k = barrier(bar, k, T)
         # RoPE on q and k heads (every T-th head); k and v of this position into the cache
         for head in range(t, H + Hkv, T):
@@ -365,9 +433,8 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         k = barrier(bar, k, T)
         merge_parts(T, H, Dh, sc.pm, sc.pl, sc.po, att)
         _prologue(i8, att, o_w, l, p)
-        a, b = _share(D // 2, t, T)
-        _rows(i8, ADD, o_w, l * D, 0, a, b, p, x)                                      # x += Wo att
-        _lo(i8, o_lo, lo_tab[1, l], a, b, p, x)
+        a, b = _share_mixed(D // 2, t, T, q8_tab[1, l])
+        _rows_mixed(i8, ADD, o_w, o_q8, q8_tab[1, l], l * D, a, b, p, x)                   # x += Wo att
         k = barrier(bar, k, T)
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, w.mlp_norm[l], w.eps, h)
@@ -376,20 +443,19 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         _rows(i8, SWIGLU, gate_up_w, l * Nu, F, a, b, p, act)
         k = barrier(bar, k, T)
         _prologue(i8, act, down_w, l, p)
-        a, b = _share(D // 2, t, T)
-        _rows(i8, ADD, down_w, l * D, 0, a, b, p, x)                                   # x += Wdown act
-        _lo(i8, down_lo, lo_tab[2, l], a, b, p, x)
+        a, b = _share_mixed(D // 2, t, T, q8_tab[2, l])
+        _rows_mixed(i8, ADD, down_w, down_q8, q8_tab[2, l], l * D, a, b, p, x)             # x += Wdown act
         k = barrier(bar, k, T)
 
 
 # ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
 @parallel_kernel()
-def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_lo, o_lo, down_lo, lo_tab, kv, sh, sc):
+def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab, kv, sh, sc):
     """x [D] float32 (modified in place) through all L blocks (w: Blocks; the linears: Q4Stack
-    each, plus the int8 linears' low planes: `_lo`); writes the cache
+    each, plus the int8 linears' rows: Q8Stack, `_rows_mixed`); writes the cache
     kv at `pos`. cos, sin: [Dh/2] at `pos`; i8: int8 activations (needs VNNI) or float32 in the
     block matvecs; T threads, each at most the scratch's P and running concurrently (sync.py);
     sh.bar zeroed."""
     for t in prange(T):
-        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_lo, o_lo, down_lo, lo_tab,
+        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab,
                        kv, sh, sc)

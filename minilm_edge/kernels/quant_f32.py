@@ -42,7 +42,7 @@ from numba import prange
 from ..errors import UsageError
 from ..formats.q4 import Q4Linear, Q8Linear
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
-from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_splat, v_store, v_unpack_q4, v_zeros
+from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_splat, v_store, v_unpack_q4, v_zeros
 
 # ----------------------------------------------------------------------------------------------
 # Runtime forms, built once at load
@@ -177,6 +177,34 @@ def dot2_q4_f32(qw, sc, z, sw, ra, rb, group_size, x_even, x_odd, x_sum, x_sal):
         acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)
         acc_b = v_fma(v_load(sw, rb * m16 + i), xs, acc_b)
     return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot2_q8_f32(qw, sc, ra, rb, group_size, x_even, x_odd):
+    """Rows ra and rb of int8 weights in the one-call decode step's layout (quant_i8_matvec.q8_rows:
+    uint8 u = q + 128, per chunk of 128 channels the even ones first) times float32 x, split as
+    `split_x` splits it: (y_a, y_b), y[n] = sum_g s[n, g] · ( sum_{k in g} u[n, k] x[k] − 128 sum_{k in g} x[k] ).
+    qw uint8 [rows, K], sc float32 [rows, G]; group_size % 32 == 0. 32 channels a step: 16 even
+    bytes and 16 odd ones per row, the x loads (and their sum) shared by the pair."""
+    K = qw.shape[-1]
+    wa, wb = ra * K, rb * K
+    ones, m128 = v_splat(np.float32(1.0)), v_splat(np.float32(-128.0))
+    acc_a, acc_b = v_zeros(), v_zeros()
+    da, db, cx = v_zeros(), v_zeros(), v_zeros()
+    for k0 in range(0, K, 32):
+        c0 = k0 - k0 % 128                          # the chunk's first channel (and byte)
+        e = c0 + (k0 - c0) // 2                     # the 16 even channels' bytes; the odd ones n later
+        n = min(64, (K - c0) // 2)
+        xe, xo = v_load(x_even, k0 // 2), v_load(x_odd, k0 // 2)
+        cx = v_fma(xe, ones, v_fma(xo, ones, cx))
+        da = v_fma(v_load_u8(qw, wa + e), xe, v_fma(v_load_u8(qw, wa + e + n), xo, da))
+        db = v_fma(v_load_u8(qw, wb + e), xe, v_fma(v_load_u8(qw, wb + e + n), xo, db))
+        if (k0 + 32) % group_size == 0:
+            g = k0 // group_size
+            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            da, db, cx = v_zeros(), v_zeros(), v_zeros()
+    return v_hsum(acc_a), v_hsum(acc_b)
 
 
 @parallel_kernel(fastmath=FASTMATH_REDUCE)

@@ -112,6 +112,24 @@ def v_dot_q4_i8(typingctx, w, w_off, n, qe, qo, x_off):
 
 
 @intrinsic
+def v_dot_q8_i8(typingctx, w, e_off, o_off, n, qe, qo, x_off):
+    """Lane i: the integer dot of channel octet i of a chunk of int8 rows (`q8_rows`: u = q + 128,
+    the chunk's even channels at w.flat[e_off : e_off+n], its odd ones at w.flat[o_off : o_off+n];
+    bytes past n read as 0) with the int8 activations qe[x_off : x_off+64] and qo[x_off : x_off+64]:
+    sum_k u_k qx_k, the + 128 left for the caller (`q8_lane_zero`)."""
+    def codegen(context, builder, sig, args):
+        w_t, eoff_t, ooff_t, n_t, qe_t, qo_t, xoff_t = sig.args
+        mask = _mask(builder, _intp(context, builder, args[3], n_t), CHUNK)
+        we = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], eoff_t, args[1], _VB), mask, _VB)
+        wo = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], ooff_t, args[2], _VB), mask, _VB)
+        xe = builder.load(_elem_ptr(context, builder, qe_t, args[4], xoff_t, args[6], _VB), align=1)
+        xo = builder.load(_elem_ptr(context, builder, qo_t, args[5], xoff_t, args[6], _VB), align=1)
+        acc = _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), we, xe)
+        return _dpbusd(builder, acc, wo, xo)
+    return i32x16(w, e_off, o_off, n, qe, qo, x_off), codegen
+
+
+@intrinsic
 def v_quantize_split(typingctx, x, off, inv, qe, qo, q_off):
     """The 32 channels x[off : off+32] -> rint(x · inv) as int8, even channels to qe[q_off : +16],
     odd channels to qo[q_off : +16]; returns the sum of the 32 codes. The caller guarantees
@@ -297,6 +315,65 @@ def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
         xs = v_load(x_sal, i)
         acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)
         acc_b = v_fma(v_load(sw, rb * m16 + i), xs, acc_b)
+    return v_hsum(acc_a), v_hsum(acc_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 weight rows (Q8Linear) in the one-call decode step: one pass, no nibble split
+
+
+def q8_rows(qweight: np.ndarray) -> np.ndarray:
+    """int8 codes [N, K] (K % 32 == 0) -> the rows as `dot2_q8_i8` and quant_f32.dot2_q8_f32 read them:
+    uint8 u = q + 128 (vpdpbusd multiplies unsigned by signed bytes), and in every chunk of 128
+    channels (the last may be shorter: n = its channels / 2) the even channels first, then the odd:
+
+        byte 128c + j      = u[128c + 2j]        j < n   (meets qe[64c + j])
+        byte 128c + n + j  = u[128c + 2j + 1]            (meets qo[64c + j])
+
+    so a chunk meets the activations in the int4 kernels' even/odd split, lane i = channel octet i."""
+    n_rows, k = qweight.shape
+    u = qweight.view(np.uint8) ^ np.uint8(0x80)                                   # q + 128
+    out = np.empty((n_rows, k), np.uint8)
+    for c in range(0, k, CHUNK_CHANNELS):
+        part = u[:, c:c + CHUNK_CHANNELS]
+        h = part.shape[1] // 2
+        out[:, c:c + h], out[:, c + h:c + 2 * h] = part[:, 0::2], part[:, 1::2]
+    return out
+
+
+@kernel()
+def q8_lane_zero(qe, qo, sxl, nzl):
+    """nzl[i] = −128 · sxl[i] · (sum of the activation codes of channel octet i): the + 128 of the
+    uint8 rows (`q8_rows`) taken back, per lane. Zero past K (qe, qo, sxl are zero there)."""
+    for i in range(sxl.shape[0]):
+        s = np.int32(0)
+        for m in range(4 * i, 4 * i + 4):
+            s += np.int32(qe[m]) + np.int32(qo[m])
+        nzl[i] = np.float32(-128.0) * sxl[i] * np.float32(s)
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot2_q8_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl):
+    """Rows ra and rb of int8 weights (`q8_rows`) times int8 activations (`quantize_vec`): (y_a, y_b),
+
+        y[n] = sum_lanes sw[n, g(lane)] · ( sx[lane] · sum_{k in lane} u[n, k] qx[k] + nzl[lane] )
+
+    with u = q + 128 and nzl from `q8_lane_zero`, i.e. sum_k W[n, k] · sx · qx[k]. qw uint8 [rows, K],
+    sc float32 [rows, G] (G = K / g, g the int8 group size, `supports_i8`); gpc, gidx, g0s:
+    `group_index(g, K)`. Per 128 channels: two masked 64-byte loads and two vpdpbusd per row, the
+    activation loads shared by the pair (twice the bytes of `dot2_q4_i8`, no nibble unpacking)."""
+    K, G = qw.shape[-1], sc.shape[-1]
+    wa, wb = ra * K, rb * K
+    acc_a, acc_b = v_zeros(), v_zeros()
+    for c in range(g0s.shape[0]):
+        o = c * CHUNK_CHANNELS
+        n = min(CHUNK, (K - o) // 2)
+        da = v_dot_q8_i8(qw, wa + o, wa + o + n, n, qe, qo, c * CHUNK)
+        db = v_dot_q8_i8(qw, wb + o, wb + o + n, n, qe, qo, c * CHUNK)
+        g0 = g0s[c]
+        sx, nz = v_load(sxl, c * LANES), v_load(nzl, c * LANES)
+        acc_a = v_fma(v_fma(v_i2f(da), sx, nz), _lane_scales(sc, ra, g0, gpc, gidx, G), acc_a)
+        acc_b = v_fma(v_fma(v_i2f(db), sx, nz), _lane_scales(sc, rb, g0, gpc, gidx, G), acc_b)
     return v_hsum(acc_a), v_hsum(acc_b)
 
 

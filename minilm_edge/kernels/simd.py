@@ -84,6 +84,15 @@ def v_load_i8(typingctx, q, off):
 
 
 @intrinsic
+def v_load_u8(typingctx, q, off):
+    """q[off : off+16] of a 1-D contiguous uint8 array, converted to float32."""
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _VI8)
+        return builder.uitofp(builder.load(p, align=1), _VF)
+    return f32x16(q, off), codegen
+
+
+@intrinsic
 def v_unpack_q4(typingctx, q, off):
     """16 packed bytes q[off : off+16] -> (low nibbles, high nibbles) as two float32 vectors.
 

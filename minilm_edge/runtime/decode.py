@@ -1,9 +1,10 @@
 """The one-call decode plan: every block's int4 weights stacked, and the buffers of one step.
 
-int8 block linears (`quantize --int8`) join the stacks as two int4 nibble planes (`q8_planes`):
-the high plane sits in the stack in the linear's place, the low plane in a second, small stack of
-that kind (q|k|v, o, down) that the step adds to the same output rows. So an int8 layer runs in the
-same kernels at the same bytes per second as int4 (twice the bytes of an int4 layer).
+int8 block linears (`quantize --int8`) of q|k|v, o and down keep their int8 rows: a second, small
+stack of that kind (`stack_q8`: uint8 q + 128, per 128 channels even then odd, quant_i8_matvec.q8_rows)
+that the step multiplies in one pass, int8 x int8 on VNNI (quant_i8_matvec.dot2_q8_i8), else with
+float32 activations (quant_f32.dot2_q8_f32). The int4 stack keeps a zero placeholder in their place
+(never read: its memory, not its bandwidth, is the cost).
 
 When every block linear is int4 (minilm-q4) and the stacks line up, the weights of all L blocks
 are stacked once at load into [L, ...] arrays of one kind each (q|k|v fused by rows, o, gate|up
@@ -21,10 +22,10 @@ import mmap
 import numba
 import numpy as np
 
-from ..kernels.decode_step import Blocks, KVCache, Q4Stack, Scratch, Shared, decode_blocks
+from ..kernels.decode_step import Blocks, KVCache, Q4Stack, Q8Stack, Scratch, Shared, decode_blocks
 from ..kernels.quant_f32 import Q4Prepared
 from ..kernels.quant_i8_matmul import ACT_BLOCK, VNNI
-from ..kernels.quant_i8_matvec import CHUNK, group_index, padded, supports_i8
+from ..kernels.quant_i8_matvec import CHUNK, group_index, padded, q8_rows, supports_i8
 from ..kernels.simd import LANES
 from ..kernels.sync import barrier_safe
 
@@ -41,8 +42,8 @@ class StackedQ4:
     n_salient: list         # L × m
     bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
     mapped: bool = False    # qweight and zeros are views of the mapped file (see `stack_q4`)
-    lo: "StackedQ4 | None" = None   # [1, R, ...]: the low nibble planes of the int8 linears' rows
-    lo_table: np.ndarray | None = None   # int64 [L, 3]: per block (first row in lo or -1, pairs p0, p1)
+    q8: "Q8Stack | None" = None     # the int8 linears' rows, R of them (`stack_q8`)
+    q8_table: np.ndarray | None = None   # int64 [L, 3]: per block (first row in q8 or -1, pairs p0, p1)
 
     @property
     def shape(self):
@@ -69,25 +70,19 @@ class StackedQ4:
         return lin
 
 
-def q8_planes(p8, g: int):
-    """An int8 linear (Q8Prepared: W = q·s, q in -127..127) as two int4 planes at group size g whose
-    sum is W: with u = q + 128 = 16·hi + lo (hi, lo in 0..15),
-        W = 16s·(hi − 8) + s·lo        -> (hi: scales 16s, zeros 8; lo: scales s, zeros 0)
-    Both exact (16s is s with the exponent + 4). None if g does not divide the int8 group size."""
-    from ..formats.q4 import pack_nibbles
-    n, k = p8.shape
-    if p8.group_size % g or k % g:
+def stack_q8(parts: list) -> Q8Stack | None:
+    """The int8 linears' rows (Q8Prepared, one K and one group size g8) as the step reads them
+    (quant_i8_matvec.q8_rows); None where the int8 kernels do not take them (`supports_i8`)."""
+    K, g8 = parts[0].shape[1], parts[0].group_size
+    if any(p.shape[1] != K or p.group_size != g8 for p in parts) or not supports_i8(g8, K):
         return None
-    u = p8.qweight.view(np.uint8) ^ np.uint8(0x80)                  # q + 128, [N, K]
-    s = np.repeat(p8.scales.astype(np.float32), p8.group_size // g, axis=1)   # [N, K/g]
-    none_i, none_w = np.zeros(0, np.int64), np.zeros((n, 0), np.float32)
-    hi = Q4Prepared(pack_nibbles(u >> 4), s * np.float32(16), np.full(s.shape, 8, np.uint8), g, none_i, none_w, 0)
-    lo = Q4Prepared(pack_nibbles(u & np.uint8(15)), s.copy(), np.zeros(s.shape, np.uint8), g, none_i, none_w, 0)
-    return hi, lo
+    qweight = np.concatenate([q8_rows(p.qweight) for p in parts])                    # uint8 [R, K]
+    scales = np.concatenate([p.scales.astype(np.float32) for p in parts])             # [R, K/g8]
+    return Q8Stack(qweight, scales, g8, *group_index(g8, K))
 
 
-def stack_q4(layers: list, lo_ok: bool = True) -> StackedQ4 | None:
-    """layers: L lists of Q4 (or Q8: `q8_planes`, where `lo_ok` and the int8 parts of a block are
+def stack_q4(layers: list, q8_ok: bool = True) -> StackedQ4 | None:
+    """layers: L lists of Q4 (or Q8: `stack_q8`, where `q8_ok` and the int8 parts of a block are
     adjacent and in whole row pairs) linears to fuse by rows; None if they cannot share one stack."""
     kinds = {lin.kind for parts in layers for lin in parts}
     if not kinds <= {"q4", "q8"}:
@@ -95,7 +90,7 @@ def stack_q4(layers: list, lo_ok: bool = True) -> StackedQ4 | None:
     first = next((lin.p for parts in layers for lin in parts if lin.kind == "q4"), layers[0][0].p)
     K, g = first.shape[1], first.group_size
     if "q8" in kinds:
-        if not lo_ok:
+        if not q8_ok:
             return None
         return _stack_mixed(layers, K, g)
     for parts in layers:
@@ -133,32 +128,38 @@ def stack_q4(layers: list, lo_ok: bool = True) -> StackedQ4 | None:
 
 
 class _Part:
-    """A stand-in linear for `stack_q4`: a prepared int4 part (an int8 linear's high plane)."""
+    """A stand-in linear for `stack_q4`: a prepared int4 part (an int8 linear's placeholder)."""
     kind = "q4"
 
     def __init__(self, p, bias=None):
         self.p, self.bias = p, bias
 
 
+def _placeholder(n: int, K: int, g: int) -> Q4Prepared:
+    """n zero int4 rows: where an int8 linear sits in the int4 stack (the step never reads them)."""
+    none_i, none_w = np.zeros(0, np.int64), np.zeros((n, 0), np.float32)
+    return Q4Prepared(np.zeros((n, K // 2), np.uint8), np.zeros((n, K // g), np.float32),
+                      np.zeros((n, K // g), np.uint8), g, none_i, none_w, 0)
+
+
 def _stack_mixed(layers, K, g):
-    """`stack_q4` for kinds with int8 parts: their high planes in the stack, the low planes (one
-    block's int8 rows r0:r1, adjacent) in `lo`, where the step adds them (lo_table)."""
+    """`stack_q4` for kinds with int8 parts: placeholders in the int4 stack, the int8 rows (one
+    block's int8 rows r0:r1, adjacent) in `q8` (`stack_q8`), where the step computes them (q8_table)."""
     L = len(layers)
-    main, lo_parts, table = [], [], np.full((L, 3), -1, np.int64)
+    main, q8_parts, table = [], [], np.full((L, 3), -1, np.int64)
     R = 0
     for l, parts in enumerate(layers):
         row, span, ps = 0, None, []
         for lin in parts:
             n = lin.p.shape[0]
             if lin.kind == "q8":
-                planes = q8_planes(lin.p, g) if lin.p.shape[1] == K else None
-                if planes is None or (span is not None and span[1] != row):
+                if lin.p.shape[1] != K or (span is not None and span[1] != row):
                     return None
                 span = (span[0] if span else row, row + n)
-                ps.append(_Part(planes[0], lin.bias))
-                lo_parts.append(planes[1])
+                ps.append(_Part(_placeholder(n, K, g), lin.bias))
+                q8_parts.append(lin.p)
             else:
-                if lin.p.n_salient:
+                if lin.p.n_salient:     # the int8 rows meet activations quantized with no salient channel
                     return None
                 ps.append(lin)
             row += n
@@ -169,25 +170,17 @@ def _stack_mixed(layers, K, g):
             table[l] = (R, span[0] // 2, span[1] // 2)
             R += span[1] - span[0]
     st = stack_q4(main)
-    if st is None:
+    q8 = stack_q8(q8_parts)
+    if st is None or q8 is None:
         return None
-    if not lo_parts:                                   # unreachable: a q8 part was seen
-        return None
-    lo = stack_q4([[_Part(p) for p in lo_parts]])
-    if lo is None:
-        return None
-    st.lo, st.lo_table = lo, table
+    st.q8, st.q8_table = q8, table
     return st
 
 
-def _dummy_lo(st: StackedQ4) -> StackedQ4:
-    """An empty low-plane stack (two zero rows) for a kind without int8 linears: the step's
-    records keep one type."""
-    N, K, g = 2, st.shape[1], st.group_size
-    m16 = st.sal_idx.shape[1]
-    return StackedQ4(np.zeros((1, N, K // 2), np.uint8), np.zeros((1, N, K // g), np.float32),
-                     np.zeros((1, N, K // g), np.uint8), g, np.zeros((1, m16), np.int64),
-                     np.zeros((1, N, m16), np.float32), [0], np.zeros((1, N), np.float32))
+def _dummy_q8(K: int) -> Q8Stack:
+    """An empty int8 stack (two zero rows) for a kind without int8 linears: the step's records
+    keep one type."""
+    return Q8Stack(np.zeros((2, K), np.uint8), np.zeros((2, 1), np.float32), K, *group_index(K, K))
 
 
 def _buffer_owner(a: np.ndarray):
@@ -235,10 +228,10 @@ class DecodePlan:
         m16 = max(st.sal_idx.shape[1] for st in (qkv, o, gate_up, down))
         self.blocks = Blocks(self.attn_norm, self.mlp_norm, np.float32(cfg.rms_norm_eps), H, Hkv, Dh)
         self.stacks = (qkv.record(), o.record(), gate_up.record(), down.record())   # kernels' Q4Stack
-        # the int8 linears' low nibble planes (q|k|v, o, down) and where they go (kernels' _lo)
-        self.lo = tuple((st.lo or _dummy_lo(st)).record() for st in (qkv, o, down))
+        # the int8 linears' rows (q|k|v, o, down) and where they go (kernels' _rows_mixed)
+        self.q8 = tuple(st.q8 or _dummy_q8(st.shape[1]) for st in (qkv, o, down))
         L = self.attn_norm.shape[0]
-        self.lo_table = np.stack([st.lo_table if st.lo_table is not None else np.full((L, 3), -1, np.int64)
+        self.q8_table = np.stack([st.q8_table if st.q8_table is not None else np.full((L, 3), -1, np.int64)
                                   for st in (qkv, o, down)])                      # int64 [3, L, 3]
         self.shared = Shared(qkv=np.empty((H + 2 * Hkv) * Dh, np.float32),   # [(H + 2 Hkv) Dh]
                              act=np.empty(F, np.float32),                     # [F]
@@ -251,7 +244,8 @@ class DecodePlan:
             xz=np.empty((P, K), np.float32),
             qe=np.zeros((P, padded(K // 2, CHUNK)), np.int8), qo=np.zeros((P, padded(K // 2, CHUNK)), np.int8),
             sxl=np.zeros((P, padded(K // 8, LANES)), np.float32),
-            nzt=np.zeros((P, padded(K // ACT_BLOCK, LANES)), np.float32))
+            nzt=np.zeros((P, padded(K // ACT_BLOCK, LANES)), np.float32),
+            nzl=np.zeros((P, padded(K // 8, LANES)), np.float32))
         # int8 activations in the block matvecs (VNNI; Model.set_int8_activations turns them off)
         self.int8_ok = VNNI and all(supports_i8(st.group_size, st.shape[1]) for st in (qkv, o, gate_up, down))
         self.int8 = self.int8_ok
@@ -259,8 +253,8 @@ class DecodePlan:
 
     @property
     def has_int8(self) -> bool:
-        """Whether some block linear is int8 (its low nibble plane in `lo`)."""
-        return bool((self.lo_table[..., 0] >= 0).any())
+        """Whether some block linear is int8 (its rows in a `q8` stack)."""
+        return bool((self.q8_table[..., 0] >= 0).any())
 
     @property
     def mapped(self) -> bool:
@@ -270,8 +264,8 @@ class DecodePlan:
     @property
     def nbytes(self) -> int:
         stacks = [self.qkv, self.o, self.gate_up, self.down]
-        return sum(s.qweight.nbytes + s.scales.nbytes + s.zeros.nbytes + s.sal_w.nbytes
-                   for s in stacks + [st.lo for st in stacks if st.lo is not None])
+        return sum(s.qweight.nbytes + s.scales.nbytes + s.zeros.nbytes + s.sal_w.nbytes for s in stacks) \
+            + sum(st.q8.qweight.nbytes + st.q8.scales.nbytes for st in stacks if st.q8 is not None)
 
     def run(self, x, cache, pos, cos, sin):
         """x [D] float32 (modified in place) through every block; writes the cache at `pos`."""
@@ -279,12 +273,12 @@ class DecodePlan:
             self._concurrent = barrier_safe()
         T = numba.get_num_threads() if self._concurrent else 1   # None (layer not chosen yet): 1
         self.shared.bar[0] = 0
-        decode_blocks(T, self.int8 and self.int8_ok, x, pos, cos, sin, self.blocks, *self.stacks, *self.lo,
-                      self.lo_table, KVCache(cache.k, cache.v, cache.scratch), self.shared, self.scratch)
+        decode_blocks(T, self.int8 and self.int8_ok, x, pos, cos, sin, self.blocks, *self.stacks, *self.q8,
+                      self.q8_table, KVCache(cache.k, cache.v, cache.scratch), self.shared, self.scratch)
 
 
 def build_plan(cfg, blocks):
-    """A DecodePlan when every block linear is int4 (or int8 in q|k|v, o, down: `q8_planes`) and the
+    """A DecodePlan when every block linear is int4 (or int8 in q|k|v, o, down: `stack_q8`) and the
     stacks line up, else None."""
     if not all(getattr(b, n).kind in ("q4", "q8") for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
         return None
@@ -293,7 +287,7 @@ def build_plan(cfg, blocks):
     if any(getattr(b, n).bias is not None for b in blocks for n in ("o", "gate", "up", "down")):
         return None
     stacks = [stack_q4([[b.q, b.k, b.v] for b in blocks]), stack_q4([[b.o] for b in blocks]),
-              stack_q4([[b.gate, b.up] for b in blocks], lo_ok=False), stack_q4([[b.down] for b in blocks])]
+              stack_q4([[b.gate, b.up] for b in blocks], q8_ok=False), stack_q4([[b.down] for b in blocks])]
     if any(s is None for s in stacks):
         return None
     return DecodePlan(cfg, blocks, *stacks)

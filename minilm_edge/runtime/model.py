@@ -128,7 +128,7 @@ class Model:
         nq, nkv, F = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
         fused = []
         for l, b in enumerate(self.weights.blocks):
-            # int8 linears stay themselves (the stacks hold their nibble planes: decode.q8_planes)
+            # int8 linears stay themselves (the stacks hold placeholders; their rows: decode.stack_q8)
             own = {n: getattr(b, n) for n in ("q", "k", "v", "o", "gate", "up", "down") if getattr(b, n).kind != "q4"}
             b.q, b.k, b.v = p.qkv.layer(l, 0, nq), p.qkv.layer(l, nq, nq + nkv), p.qkv.layer(l, nq + nkv)
             b.o, b.down = p.o.layer(l), p.down.layer(l)
@@ -240,7 +240,7 @@ class Model:
         pooled = pool is not None and all(cache.pool is not None and cache.pool[0] is pool[0] for cache in caches)
         slots = np.array([cache.pool[2] for cache in caches], np.int64) if pooled else None   # [B]
         x = self.weights.embed[ids].astype(np.float32)                     # [B, D]
-        # one call: decode_step_batch.py (int4 stacks only: it has no low nibble planes of int8 linears)
+        # one call: decode_step_batch.py (int4 stacks only: it has no int8 row path, decode.stack_q8)
         if pooled and self._fused_decode and not self._plan.has_int8:
             if self._batch_step is None:
                 from .batch_step import BatchStep
