@@ -118,11 +118,13 @@ def test_quantize_gptq_cli_loads_and_runs(tmp_path, capsys):
     assert np.all(np.isfinite(a)) and rms(a - b) < 0.5 * rms(b), (rms(a - b), rms(b))
 
 
-@pytest.mark.parametrize("args, msg", [(["--keep-salient", "1"], "--gptq and --keep-salient"),
-                                       (["--method", "rtn"], "apply to --method awq only")])
+@pytest.mark.parametrize("args, msg", [(["--gptq", "--keep-salient", "1"], "--gptq and --keep-salient"),
+                                       (["--gptq", "--method", "rtn"], "apply to --method awq only"),
+                                       (["--gptq-damp", "0.1"], "--gptq-damp applies to --gptq only"),
+                                       (["--gptq", "--gptq-damp", "0"], "gptq_damp must be a positive number")])
 def test_gptq_refuses_what_it_cannot_do(tmp_path, capsys, args, msg):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    assert main(["quantize", str(src), str(tmp_path / "out"), "--gptq", *args]) == 2
+    assert main(["quantize", str(src), str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

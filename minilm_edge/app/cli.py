@@ -272,6 +272,10 @@ def cmd_quantize(args):
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
     if args.gptq:
         awq["gptq"] = True
+        if args.gptq_damp is not None:
+            awq["awq_options"] = {"gptq_damp": args.gptq_damp}
+    elif args.gptq_damp is not None:
+        raise UsageError("--gptq-damp applies to --gptq only")
     if args.sweep or args.cluster:                 # app/cluster.py: one folder per setting, maybe on Dask
         from .cluster import quantize_sweep
         if not args.sweep:
@@ -544,6 +548,8 @@ def build_parser():
     qa.add_argument("--duo", action="store_true", help="scale form x_mean^a / w_mean^(1-a) instead of x_mean^a")
     qa.add_argument("--gptq", action="store_true",
                     help="GPTQ error feedback after AWQ's scales and clip: codes chosen column by column (see above)")
+    qa.add_argument("--gptq-damp", type=float, metavar="D",
+                    help="GPTQ's dampening: lambda = D * mean(diag H) (default 0.01)")
     qa.add_argument("--seed", type=int, default=0, metavar="S", help="seed for sampling calibration text (default 0)")
     qa.add_argument("--report", action="store_true", help="write report.html and report.json into OUT_DIR")
     qa.add_argument("--eval", metavar="FILE", help="with --report: perplexity of source, RTN and AWQ on FILE")
