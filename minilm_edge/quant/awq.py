@@ -118,6 +118,7 @@ class AWQSettings:
                                   # and searched with 8-bit rounding
     gptq: bool = False            # GPTQ chooses the codes for the clip's quantizers (gptq.py, docs/DESIGN.md §5.1)
     gptq_damp: float = 0.01       # GPTQ's dampening λ = gptq_damp · mean(diag H)
+    gptq_linears: tuple = ("q", "k", "v", "o", "gate", "up", "down")   # the linears GPTQ rounds (others: RTN)
 
     def __post_init__(self):
         if self.bits not in (3, 4):
@@ -448,7 +449,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         err = _output_errors(w[lin], wl, s, clip_x[g.inp], bits_of.get(lin, settings.bits), group_sizes[lin],
                              salient[lin])
         packed = None
-        if settings.gptq:                                # the codes for the clip's quantizers (gptq.py)
+        if settings.gptq and lin in settings.gptq_linears:   # the codes for the clip's quantizers (gptq.py)
             from ..formats.q4 import choose_group_size
             from .gptq import gptq_linear
             bits = bits_of.get(lin, settings.bits)
