@@ -128,3 +128,13 @@ def test_gptq_refuses_what_it_cannot_do(tmp_path, capsys, args, msg):
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_linears_limits_which_linears_gptq_rounds(tmp_path, monkeypatch):
+    shapes = []
+    real = G.gptq_linear
+    monkeypatch.setattr(G, "gptq_linear", lambda w, *a, **kw: shapes.append(w.shape) or real(w, *a, **kw))
+    src, _, _ = make_model_dir(tmp_path / "src", num_hidden_layers=2, **QUANTIZABLE)
+    quantize(src, tmp_path / "out", method="awq", seq_len=32, samples=4, group_size=32, gptq=True,
+             awq_options={"gptq_linears": ("down",)}, progress=False)
+    assert shapes == [(64, 96), (64, 96)]                   # down [D, F] in each block, nothing else
