@@ -232,6 +232,9 @@ Calibration (awq): --calib FILE ... reads text files (documents separated by bla
 --samples × --seq-len tokens with --seed; without --calib the model generates its own calibration
 text (no data needed; --samples defaults to 64 then). --keep-salient PCT keeps that percent of
 input channels (largest activations) in fp16. --duo uses the scale form x^α / w^(1−α).
+--gptq adds GPTQ error feedback after AWQ: with the ranges the clip search chose, the codes are picked
+column by column, each column's rounding error pushed into the later columns through the inverse
+Hessian of the calibration inputs (not with --keep-salient; int8 linears get 8-bit codes the same way).
 --report writes report.html and report.json into the output folder; --eval FILE adds the
 perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, windows of 512).
 
@@ -255,6 +258,7 @@ examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn --method rtn
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn-g64 --method rtn --group-size 64 --quantize-head int8
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --group-size 32 --int8 v@all,down@more
+  python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --samples 32 --group-size 32 --gptq
   python -m minilm_edge quantize ./smollm2 ./sweep --sweep method=rtn,awq --sweep bits=3,4 --cluster tcp://sched:8786
 """
 
@@ -266,6 +270,12 @@ def cmd_quantize(args):
     t0 = time.perf_counter()
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
+    if args.gptq:
+        awq["gptq"] = True
+        if args.gptq_damp is not None:
+            awq["awq_options"] = {"gptq_damp": args.gptq_damp}
+    elif args.gptq_damp is not None:
+        raise UsageError("--gptq-damp applies to --gptq only")
     if args.sweep or args.cluster:                 # app/cluster.py: one folder per setting, maybe on Dask
         from .cluster import quantize_sweep
         if not args.sweep:
@@ -536,6 +546,10 @@ def build_parser():
     qa.add_argument("--keep-salient", type=float, default=0.0, metavar="PCT",
                     help="percent of input channels kept in fp16, 0 <= PCT < 100 (default 0)")
     qa.add_argument("--duo", action="store_true", help="scale form x_mean^a / w_mean^(1-a) instead of x_mean^a")
+    qa.add_argument("--gptq", action="store_true",
+                    help="GPTQ error feedback after AWQ's scales and clip: codes chosen column by column (see above)")
+    qa.add_argument("--gptq-damp", type=float, metavar="D",
+                    help="GPTQ's dampening: lambda = D * mean(diag H) (default 0.01)")
     qa.add_argument("--seed", type=int, default=0, metavar="S", help="seed for sampling calibration text (default 0)")
     qa.add_argument("--report", action="store_true", help="write report.html and report.json into OUT_DIR")
     qa.add_argument("--eval", metavar="FILE", help="with --report: perplexity of source, RTN and AWQ on FILE")

@@ -89,6 +89,8 @@ SCALE_GROUPS = {"llama": LLAMA_GROUPS, "mistral": LLAMA_GROUPS, "qwen2": LLAMA_G
 NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax: clipping hurts (paper)
 
 N_GRID = 20                                        # α = 0, 0.05, …, 0.95
+INT8_GROUP_SIZE = 128          # the int8 block linears' scale groups as quantize.py stores them (fp16 scale per
+                               # 128 weights: 8.125 bits; choose_group_size falls back where 128 does not divide K)
 SCALE_FLOOR = 1e-4
 
 
@@ -114,6 +116,9 @@ class AWQSettings:
     group_sizes: tuple = ()       # (linear short name, preferred g) pairs overriding group_size (quant/budget.py)
     int8: tuple = ()              # (block, linear short name) pairs stored int8 (quantize.py): not clipped,
                                   # and searched with 8-bit rounding
+    gptq: bool = False            # GPTQ chooses the codes for the clip's quantizers (gptq.py, docs/DESIGN.md §5.1)
+    gptq_damp: float = 0.01       # GPTQ's dampening λ = gptq_damp · mean(diag H)
+    gptq_linears: tuple = ("q", "k", "v", "o", "gate", "up", "down")   # the linears GPTQ rounds (others: RTN)
 
     def __post_init__(self):
         if self.bits not in (3, 4):
@@ -124,6 +129,11 @@ class AWQSettings:
             raise UsageError(f"search_tokens must be >= 0, got {self.search_tokens}")
         if self.clip_joint_tokens < 0 or self.clip_sweeps < 0:
             raise UsageError("clip_joint_tokens and clip_sweeps must be >= 0")
+        if not (0.0 < self.gptq_damp and math.isfinite(self.gptq_damp)):
+            raise UsageError(f"gptq_damp must be a positive number, got {self.gptq_damp}")
+        if self.gptq and self.keep_salient:
+            raise UsageError("--gptq and --keep-salient do not combine (GPTQ would have to update the fp16 "
+                             "channels too); drop one of them")
         for name in ("clip_tokens", "search_samples", "chunk_samples", "grid"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -323,12 +333,15 @@ def _group_of_linear(groups):
 
 
 def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
-              search_rows_idx=None, joint_rows_idx=None, int8=frozenset()):
+              search_rows_idx=None, joint_rows_idx=None, int8=frozenset(), int8_group_size=128):
     """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx,
     joint_rows_idx: flat token indices (sample·T + position) of the clip search's tokens, of the
     scale loss's tokens for the token-wise modules (MLP, single linear; None: the search samples'
     tokens, as attention), and of the joint clip's cross-group moments (None: no joint clip).
-    int8: the block's linears stored int8 (not clipped; 8-bit rounding in the scale search).
+    int8: the block's linears stored int8 (not clipped; 8-bit rounding in the scale search), in scale
+    groups of int8_group_size (preferred; choose_group_size falls back per linear).
+    With settings.gptq, GPTQ chooses every linear's codes for the clip's quantizers (gptq.py): the
+    weights dict then has the dequantized GPTQ weights and, under "gptq", {linear: Q4Linear | Q8Linear}.
 
     Returns (new weights dict, {linear: salient idx}, report dict, next block input [n, T, D]).
     """
@@ -343,6 +356,10 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in no_clip for l in g.linears)}
     grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
     fulls = {k: 0.0 for k in grams} if joint_rows_idx is not None else {}
+    # GPTQ's H = mean x xᵀ over every calibration token, per input (the joint clip's `fulls` when those
+    # moments already saw every token)
+    all_joint = joint_rows_idx is not None and len(joint_rows_idx) == n * T
+    hess = {g.inp: 0.0 for g in groups if not (all_joint and g.inp in fulls)} if settings.gptq else {}
 
     def rows_in(idx, a, b):                              # flat token indices inside samples [a, b)
         return idx[(idx >= a * T) & (idx < b * T)] - a * T
@@ -358,6 +375,7 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
         if fulls:
             sel = rows_in(joint_rows_idx, a, b)
             st["fulls"] = {key: second_moments(flat[key][sel]) for key in fulls}
+        st["hess"] = {key: second_moments(flat[key]) for key in hess}
         if search_rows_idx is not None:
             st["tok"] = {key: flat[key][rows_in(search_rows_idx, a, b)] for key in tok_rows}
         return a, b, st
@@ -372,12 +390,17 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
             grams[key] = grams[key] + st["grams"][key]
         for key in fulls:
             fulls[key] = fulls[key] + st["fulls"][key]
+        for key in hess:
+            hess[key] = hess[key] + st["hess"][key]
         for key in tok_rows:
             tok_rows[key].append(st["tok"][key])
         del st
     x_mean = {k: (v / (n * T)).astype(np.float32) for k, v in sums.items()}
     grams = {k: v / (n * T) for k, v in grams.items()}                  # mean x_g x_gᵀ
     fulls = {k: v / len(joint_rows_idx) for k, v in fulls.items()}      # mean x xᵀ on a token subset
+    hess = {k: v / (n * T) for k, v in hess.items()}
+    if settings.gptq:
+        hess.update({g.inp: fulls[g.inp] for g in groups if g.inp not in hess})
     clip_x = {k: np.concatenate(v) for k, v in clip_rows.items()}
 
     ns = min(settings.search_samples, n)
@@ -425,15 +448,28 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
                         "frac_clipped": float(np.mean(kept < 1.0))}
         err = _output_errors(w[lin], wl, s, clip_x[g.inp], bits_of.get(lin, settings.bits), group_sizes[lin],
                              salient[lin])
-        return lin, wl, clip_rep, err
+        packed = None
+        if settings.gptq and lin in settings.gptq_linears:   # the codes for the clip's quantizers (gptq.py)
+            from ..formats.q4 import choose_group_size
+            from .gptq import gptq_linear
+            bits = bits_of.get(lin, settings.bits)
+            h = scaled_gram(hess[g.inp][None], s, s.size)[0]                # mean x xᵀ of x ÷ s
+            g8 = choose_group_size(wl.shape[1], int8_group_size)              # as quantize.py stores int8
+            packed, wl = gptq_linear(w_new[lin], wl, h, bits, g8 if bits == 8 else group_sizes[lin], settings.gptq_damp)
+            err["gptq"] = _relative_error(w[lin], wl / s[None, :], clip_x[g.inp])
+        return lin, wl, clip_rep, err, packed
 
-    clip_report, err_report = {}, {}
-    for lin, wl, clip_rep, err in parallel_map(finish, list(of)):
+    clip_report, err_report, packs = {}, {}, {}
+    for lin, wl, clip_rep, err, packed in parallel_map(finish, list(of)):
         w_new[lin] = wl
+        if packed is not None:
+            packs[lin] = packed
         if clip_rep is not None:
             clip_report[lin] = clip_rep
         err_report[lin] = err
 
+    if packs:
+        w_new["gptq"] = packs                            # {linear: Q4Linear | Q8Linear}: stored as they are
     report = {
         "groups": {name: {"alpha": r.alpha, "loss_identity": r.loss_identity, "loss_best": r.loss_best,
                           "losses": r.losses, "note": r.note} for name, r in results.items()},
@@ -450,6 +486,12 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
 def _top(x_mean, k=8):
     idx = np.argsort(-x_mean, kind="stable")[:k]
     return [[int(i), float(x_mean[i])] for i in idx]
+
+
+def _relative_error(w_fp, w_hat, x):
+    """||X(Ŵ−W)ᵀ|| / ||XWᵀ||."""
+    ref = x @ w_fp.T
+    return float(np.linalg.norm(x @ w_hat.T - ref)) / (float(np.linalg.norm(ref)) or 1.0)
 
 
 def _output_errors(w_fp, w_awq, s, x, bits, g, sal):
@@ -518,7 +560,8 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
             gs = {k: choose_group_size(k_in, pref.get(k, settings.group_size)) for _, k, _, (_, k_in) in linears}
             w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
                                                   joint_rows_idx=joint_idx,
-                                                  int8=frozenset(k for j, k in settings.int8 if j == i))
+                                                  int8=frozenset(k for j, k in settings.int8 if j == i),
+                                                  int8_group_size=INT8_GROUP_SIZE)
             del w
             src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
             tensors, salient = {}, {}
@@ -526,6 +569,11 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
                 tensors[name] = stored_norm(cfg, w_new[k])
             for _, k, prefix, _ in linears:
                 tensors[prefix + ".weight"] = w_new[k].astype(np.float32)
+                packed = w_new.get("gptq", {}).get(k)
+                if packed is not None:                  # GPTQ's codes: the writer stores these, not RTN's
+                    tensors[prefix + ".qweight"], tensors[prefix + ".scales"] = packed.qweight, packed.scales
+                    if hasattr(packed, "zeros"):
+                        tensors[prefix + ".zeros"] = packed.zeros
                 if cfg.attention_bias and k in BIASED:
                     tensors[prefix + ".bias"] = w_new[k + "_bias"].astype(np.float32)
                 if sal.get(k) is not None:

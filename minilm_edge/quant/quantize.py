@@ -33,6 +33,7 @@ from ..formats.tensors import (
 )
 from ..runtime.config import load_config
 from ..version import __version__
+from .awq import INT8_GROUP_SIZE
 
 HEAD_FORMATS = ("int8", "int4")
 EMBED_FORMATS = ("fp16", "int8")
@@ -74,7 +75,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
              eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384,
              target_bpw: float | None = None, max_size: int | None = None, int8: str | None = None,
-             awq_options: dict | None = None) -> Path:
+             gptq: bool = False, awq_options: dict | None = None) -> Path:
     """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
 
     method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
@@ -91,6 +92,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     `int8` (see `int8_linears`, e.g. "v@all,down@more") stores those block linears as int8
     (formats/q4.py Q8Linear, g = 128 where it divides K): more bits where llama.cpp's k-quant
     recipes also put them; AWQ does not clip them and searches their scales with 8-bit rounding.
+    `gptq` (AWQ only): GPTQ error feedback chooses the codes for the quantizers AWQ's clip search fixed
+    (gptq.py); the folder stores exactly those codes.
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
     `awq_options`: further AWQSettings fields (awq.py), e.g. the store's first-run search settings.
     """
@@ -109,14 +112,14 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"--quantize-head must be one of {', '.join(HEAD_FORMATS)}, got {quantize_head}")
     if embed not in EMBED_FORMATS:
         raise UsageError(f"--embed must be one of {', '.join(EMBED_FORMATS)}, got {embed}")
-    if method == "rtn" and (calib or keep_salient or duo or report or eval_data):
-        raise UsageError("--calib, --keep-salient, --duo, --report and --eval apply to --method awq only")
+    if method == "rtn" and (calib or keep_salient or duo or report or eval_data or gptq):
+        raise UsageError("--calib, --keep-salient, --duo, --gptq, --report and --eval apply to --method awq only")
     budgeted = target_bpw is not None or max_size is not None
     if budgeted and method != "awq":
         raise UsageError("--target-bpw and --max-size measure on calibration text: use --method awq")
     if eval_data and not report:
         raise UsageError("--eval fills in the report: give --report too")
-    own = {"bits", "group_size", "duo", "keep_salient", "seed", "int8"}      # set by quantize's own arguments
+    own = {"bits", "group_size", "duo", "keep_salient", "seed", "int8", "gptq"}      # set by quantize's own arguments
     unknown = set(awq_options or {}) - ({f.name for f in dataclasses.fields(AWQSettings)} - own)
     if unknown:
         raise UsageError(f"unknown AWQ settings: {', '.join(sorted(unknown))}")
@@ -127,7 +130,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     if eight and keep_salient:
         raise UsageError("--int8 and --keep-salient do not combine (the int8 format keeps no fp16 channels)")
     settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed,
-                           int8=eight, **(awq_options or {}))
+                           int8=eight, gptq=gptq, **(awq_options or {}))
     if samples is None:
         samples = DEFAULT_SAMPLES if calib else DEFAULT_SELF_GENERATED_SAMPLES
     if samples < 1 or seq_len < 2:
@@ -221,7 +224,6 @@ RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size",
                "lm_head", "embed", "mixed_precision", "int8_linears", "int8_layers")
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
-INT8_GROUP_SIZE = 128           # the int8 block linears' scale groups (fp16 scale per 128 weights: 8.125 bits)
 
 
 def more_bits_layers(n_layers: int) -> list:
@@ -323,6 +325,7 @@ def _awq_config(settings, cal, res) -> dict:
         "clip_all_tokens": settings.clip_all_tokens, "clip_two_sided": settings.clip_two_sided,
         "search_clip": settings.search_clip, "clip_joint_tokens": settings.clip_joint_tokens,
         "clip_sweeps": settings.clip_sweeps, "grid": settings.grid,
+        "gptq": settings.gptq, **({"gptq_damp": settings.gptq_damp} if settings.gptq else {}),
         "calibration": cal.describe(),
         "alpha": [{k: v["alpha"] for k, v in layer["groups"].items()} for layer in res.layers],
         "notes": cal.notes + res.notes,
@@ -361,6 +364,17 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
         for _, name, shape in block_norms(cfg, i):
             out[name] = get(name, shape).astype(np.float16)
         for _, key, prefix, shape in block_linears(cfg, i):
+            if prefix + ".qweight" in fp_i:            # codes chosen by GPTQ (awq.py, gptq.py): stored as they are
+                _check_stored(fp_i, prefix, shape, (i, key) in eight)
+                for suffix in (".qweight", ".scales", ".zeros"):
+                    if prefix + suffix in fp_i:
+                        out[prefix + suffix] = fp_i[prefix + suffix]
+                if cfg.attention_bias and key in ("q", "k", "v"):
+                    out[prefix + ".bias"] = get(prefix + ".bias", (shape[0],))
+                g = shape[1] // fp_i[prefix + ".scales"].shape[1]
+                if (i, key) not in eight and g != group_size:
+                    per_layer_g[prefix] = g
+                continue
             w = get(prefix + ".weight", shape)
             sal = salient_i.get(prefix)
             if linear_hook is not None:
@@ -401,6 +415,17 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
         else:
             out[head_name + ".weight"] = np.concatenate([w.astype(np.float16) for w in rows])
     return out, per_layer_g
+
+
+def _check_stored(fp_i, prefix, shape, is_int8) -> None:
+    """Internal invariant: codes handed over by AWQ + GPTQ are in the format this linear is stored in."""
+    from ..formats.q4 import Q4Linear, Q8Linear
+    qw, sc = fp_i[prefix + ".qweight"], fp_i[prefix + ".scales"]
+    g = shape[1] // sc.shape[1]
+    if is_int8:
+        Q8Linear(qw, sc, g).validate(*shape)
+    else:
+        Q4Linear(qw, sc, fp_i[prefix + ".zeros"], g).validate(*shape)
 
 
 HEAD_ROWS_PER_CHUNK = 8192     # [8192, D] float32: 64 MB at D = 2048

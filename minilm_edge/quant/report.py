@@ -30,6 +30,7 @@ def write_report(folder: Path, src_dir, src, cfg, res, calib, settings, qconfig,
     rep = {
         "method": "awq", "bits": settings.bits, "group_size": settings.group_size,
         "scale_form": "duo" if settings.duo else "x_mean^alpha", "keep_salient_percent": settings.keep_salient,
+        "gptq": settings.gptq, **({"gptq_damp": settings.gptq_damp} if settings.gptq else {}),
         "calibration": calib.describe(), "notes": list(calib.notes) + list(res.notes),
         "size": _size_summary(folder, cfg, res, qconfig),
         "layers": [_layer_json(l) for l in res.layers],
