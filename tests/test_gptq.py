@@ -90,7 +90,8 @@ def test_the_folder_stores_exactly_gptqs_codes(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "gptq_linear", recording)
     src, _, _ = make_model_dir(tmp_path / "src", num_hidden_layers=2, **QUANTIZABLE)
     out = quantize(src, tmp_path / "out", method="awq", seq_len=32, samples=4, group_size=32,
-                   int8="v@all,down@1", gptq=True, progress=False)
+                   int8="v@all,down@1", gptq=True, progress=False,
+                   awq_options={"gptq_linears": ("q", "k", "v", "o", "gate", "up", "down")})
     key = lambda *arrays: b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
     made_keys = {key(p.qweight, p.scales, *((p.zeros,) if isinstance(p, Q4Linear) else ())) for p in made}
     t = load_file(str(out / "model.safetensors"))
@@ -101,7 +102,7 @@ def test_the_folder_stores_exactly_gptqs_codes(tmp_path, monkeypatch):
         assert key(t[p + ".qweight"], t[p + ".scales"], *extra) in made_keys, p
     assert t["model.layers.1.mlp.down_proj.qweight"].dtype == np.int8
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["awq"]["gptq"] is True and qc["awq"]["gptq_damp"] == 0.01
+    assert qc["awq"]["gptq"] is True and qc["awq"]["gptq_damp"] == 0.1
 
 
 def test_quantize_gptq_cli_loads_and_runs(tmp_path, capsys):
@@ -120,7 +121,9 @@ def test_quantize_gptq_cli_loads_and_runs(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, msg", [(["--gptq", "--keep-salient", "1"], "--gptq and --keep-salient"),
                                        (["--gptq", "--method", "rtn"], "apply to --method awq only"),
-                                       (["--gptq-damp", "0.1"], "--gptq-damp applies to --gptq only"),
+                                       (["--gptq-damp", "0.1"], "--gptq-damp and --gptq-linears apply to --gptq only"),
+                                       (["--gptq-linears", "q"], "--gptq-damp and --gptq-linears apply to --gptq only"),
+                                       (["--gptq", "--gptq-linears", "q,x"], "gptq linears must be some of"),
                                        (["--gptq", "--gptq-damp", "0"], "gptq_damp must be a positive number")])
 def test_gptq_refuses_what_it_cannot_do(tmp_path, capsys, args, msg):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)

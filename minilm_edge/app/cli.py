@@ -235,6 +235,7 @@ input channels (largest activations) in fp16. --duo uses the scale form x^α / w
 --gptq adds GPTQ error feedback after AWQ: with the ranges the clip search chose, the codes are picked
 column by column, each column's rounding error pushed into the later columns through the inverse
 Hessian of the calibration inputs (not with --keep-salient; int8 linears get 8-bit codes the same way).
+By default only q and k get it (--gptq-linears), with dampening 0.1 (--gptq-damp): measured best.
 --report writes report.html and report.json into the output folder; --eval FILE adds the
 perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, windows of 512).
 
@@ -272,10 +273,15 @@ def cmd_quantize(args):
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
     if args.gptq:
         awq["gptq"] = True
+        opts = {}
         if args.gptq_damp is not None:
-            awq["awq_options"] = {"gptq_damp": args.gptq_damp}
-    elif args.gptq_damp is not None:
-        raise UsageError("--gptq-damp applies to --gptq only")
+            opts["gptq_damp"] = args.gptq_damp
+        if args.gptq_linears is not None:
+            opts["gptq_linears"] = tuple(n.strip() for n in args.gptq_linears.split(","))
+        if opts:
+            awq["awq_options"] = opts
+    elif args.gptq_damp is not None or args.gptq_linears is not None:
+        raise UsageError("--gptq-damp and --gptq-linears apply to --gptq only")
     if args.sweep or args.cluster:                 # app/cluster.py: one folder per setting, maybe on Dask
         from .cluster import quantize_sweep
         if not args.sweep:
@@ -549,7 +555,10 @@ def build_parser():
     qa.add_argument("--gptq", action="store_true",
                     help="GPTQ error feedback after AWQ's scales and clip: codes chosen column by column (see above)")
     qa.add_argument("--gptq-damp", type=float, metavar="D",
-                    help="GPTQ's dampening: lambda = D * mean(diag H) (default 0.01)")
+                    help="GPTQ's dampening: lambda = D * mean(diag H) (default 0.1)")
+    qa.add_argument("--gptq-linears", metavar="LIST",
+                    help="the linears GPTQ rounds, comma-separated from q,k,v,o,gate,up,down (default q,k: "
+                         "on the others it over-fit the calibration, BENCHMARKS.md)")
     qa.add_argument("--seed", type=int, default=0, metavar="S", help="seed for sampling calibration text (default 0)")
     qa.add_argument("--report", action="store_true", help="write report.html and report.json into OUT_DIR")
     qa.add_argument("--eval", metavar="FILE", help="with --report: perplexity of source, RTN and AWQ on FILE")
