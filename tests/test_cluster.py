@@ -83,6 +83,20 @@ def test_quantize_sweep_on_the_cluster(local_cluster, tiny, tmp_path, capsys):
         assert minilm_edge.load(path).forward([1, 2, 3]).shape[0] == 3
 
 
+def test_a_sweep_keeps_the_other_flags(tiny, tmp_path, capsys):
+    # Without --cluster the sweep runs here; every folder is made with the command's other flags
+    # (they were dropped once: --embed, --int8, --max-size and --target-bpw fell back to the library's
+    # defaults, so a sweep's folders differed from what the same command makes without --sweep).
+    out_root = tmp_path / "sweep"
+    code = main(["quantize", str(tiny["ref"]), str(out_root), "--method", "rtn", "--group-size", "32",
+                 "--int8", "v@all", "--sweep", "bits=3,4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for path, bits in zip(out.split(), (3, 4)):
+        qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+        assert (qc["bits"], qc["embed"], qc["int8_linears"]) == (bits, "int8", "v@all"), qc
+
+
 @pytest.mark.parametrize("argv, code, pattern", [
     (["eval", "REF", "OTHER", "--data", "D1"], 2, "need --cluster"),
     (["check", "REF", "OTHER", "--baseline", "REF", "--data", "D1"], 2, "need --cluster"),

@@ -287,7 +287,8 @@ def cmd_quantize(args):
         if not args.sweep:
             raise UsageError("--cluster with quantize runs a --sweep KEY=V1,V2 (see --help)")
         base = dict(method=args.method, bits=args.bits, group_size=args.group_size,
-                    quantize_head=args.quantize_head, **awq)
+                    quantize_head=args.quantize_head, embed=args.embed, target_bpw=args.target_bpw,
+                    max_size=args.max_size, int8=args.int8, **awq)
         print("\n".join(quantize_sweep(src, args.out_dir, base, args.sweep, args.cluster)))
         return 0
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
