@@ -175,6 +175,8 @@ def test_missing_folder_and_config(tmp_path):
     ({"model_type": "mistral", "sliding_window": 16}, "sliding_window"),
     ({"num_key_value_heads": 3}, "not a multiple"),
     ({"hidden_size": "wide"}, "wrong type"),
+    ({"hidden_size": float("inf")}, "wrong type"),        # json writes Infinity, Python's json reads it
+    ({"max_position_embeddings": float("-inf")}, "wrong type"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     # malformed values that used to surface as untyped internal errors
     ({"num_attention_heads": 0}, "num_attention_heads"),

@@ -572,7 +572,10 @@ def _token(meta: dict, tokens: list, which: str) -> str | None:
            "pad": "tokenizer.ggml.padding_token_id", "unk": "tokenizer.ggml.unknown_token_id"}[which]
     if key not in meta:
         return None
-    i = int(meta[key])
+    try:
+        i = int(meta[key])
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"{key} = {meta[key]!r} is not a token id") from None
     if not 0 <= i < len(tokens):
         raise CheckpointError(f"{key} = {i} is outside the vocabulary (size {len(tokens)})")
     return tokens[i]

@@ -109,7 +109,7 @@ class LlamaConfig:
                 cfg = dataclasses.replace(cfg, **_sliding_fields(d, cfg.num_hidden_layers, cfg.head_dim))
         except KeyError as e:
             raise UnsupportedModelError(f"config.json lacks the required field {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:      # OverflowError: int(Infinity), JSON allows it
             raise UnsupportedModelError(f"config.json has a field of the wrong type: {e}") from None
         if cfg.quantization is not None and not isinstance(cfg.quantization, dict):
             raise UnsupportedModelError(
