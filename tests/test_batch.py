@@ -14,18 +14,20 @@ QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, 
 PROMPTS = ["the capital of France", "hello", "and the", "Paris is the capital and", "x", "hello hello the"]
 
 
-@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act", "q4-int8-f32act"])
+INT8_LINEARS = "v@0,down@1,o@0"     # int8 rows in all three kinds the step takes (q|k|v, o, down), not in every block
+
+
+@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act", "q4-int8", "q4-int8-f32act"])
 def model(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("b")
     src, _, _ = make_model_dir(d / "src", **QUANTIZABLE)
     if request.param == "f32":
         return minilm_edge.load(src)
-    if request.param == "q4-int8-f32act":      # int8 block linears (quantize --int8): no one-call B-row step
-        q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8",
-                     int8="v@0,down@1,o@0")
-        return minilm_edge.load(q, int8_activations=False)
-    q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8")
-    return minilm_edge.load(q, int8_activations=request.param == "q4")
+    int8 = INT8_LINEARS if request.param.startswith("q4-int8") else None     # quantize --int8: int8 block linears
+    q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8", int8=int8)
+    m = minilm_edge.load(q, int8_activations=not request.param.endswith("f32act"))
+    assert m.decode_plan is not None and m.decode_plan.has_int8 == (int8 is not None)
+    return m
 
 
 def alone(model, ids, settings, max_len=None):
@@ -186,10 +188,49 @@ def test_decode_batch_logits_match_single_stream(model, n_threads):
             np.testing.assert_allclose(model.decode_batch(toks, own), want, atol=1e-4, rtol=1e-4)
     with pytest.raises(UsageError):
         model.decode_batch([1, 2], [own[0], own[0]])
-    # all-int4 blocks step pooled rows through the one-call B-row step (kernels/decode_step_batch.py);
-    # a plan with int8 linears (decode.stack_q8: the B-row step has no int8 row path) goes through the per-linear path
-    plan = model.decode_plan
-    assert (model._batch_step is not None) == (plan is not None and not plan.has_int8)
+    # a model with a decode plan (int4 blocks, int8 linears among them or not) steps pooled rows through
+    # the one-call B-row step (kernels/decode_step_batch.py)
+    assert (model._batch_step is not None) == (model.decode_plan is not None)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_batch_step_rows_are_single_stream_bit_for_bit(model, n_threads, variant):
+    """Teacher-forced, pooled: each row of the one-call B-row step (int4 rows, and int8 rows where the
+    folder has int8 linears; int8 or float32 activations; the row kernel taking four activation rows
+    per pass (variant 1: a whole tile and a short one at B = 5) or one (2)) gives exactly the logits of
+    the single-stream fused step of that sequence, for rows at different positions, as sequences
+    leave and join the batch between steps."""
+    if model.decode_plan is None:
+        return                                      # the float model has no one-call step (checked above)
+    rng = np.random.default_rng(n_threads)
+    V, B = model.config.vocab_size, 5
+    dec = BatchDecoder(model, max_batch=B + 1, max_len=48)
+    seqs = [dec.add(list(rng.integers(0, V, 2 + 5 * b)), SamplingSettings()) for b in range(B)]
+    ref = {}
+    for s in seqs:
+        ref[s] = model.new_cache(48)
+        model.forward(dec._seqs[s].cache.tokens, ref[s])
+    with threads(n_threads):
+        model.decode_batch([1, 2], [dec._seqs[s].cache for s in seqs[:2]])      # the step's buffers made
+        model._batch_step.variant = variant
+        for s in seqs[:2]:                                                       # ... and the same for ref
+            model.forward([1 + seqs.index(s)], ref[s], last_only=True)
+        try:
+            for step in range(5):
+                if step == 2:                       # one leaves, a longer one joins
+                    dec.remove(seqs[1])
+                    del ref[seqs[1]]
+                    s = dec.add(list(rng.integers(0, V, 30)), SamplingSettings())
+                    ref[s] = model.new_cache(48)
+                    model.forward(dec._seqs[s].cache.tokens, ref[s])
+                    seqs = [q for q in seqs if q != seqs[1]] + [s]
+                toks = rng.integers(0, V, len(seqs))
+                want = np.concatenate([model.forward([t], ref[s], last_only=True) for t, s in zip(toks, seqs)])
+                got = model.decode_batch(toks, [dec._seqs[s].cache for s in seqs])
+                np.testing.assert_array_equal(got, want)
+        finally:
+            model._batch_step.variant = 1
 
 
 @pytest.mark.parametrize("B", [2, 3, 5, 8])

@@ -36,12 +36,24 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, models, register_model
 
-from .decode_step import ADD, STORE, SWIGLU, _pair, _rms_norm_vec, _share, attend_part, merge_parts
+from .decode_step import ADD, STORE, SWIGLU, _pair, _rms_norm_vec, _share, _share_mixed, attend_part, merge_parts
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import split_x
 from .quant_i8_matmul import VNNI, i32x16
-from .quant_i8_matvec import _VB, _VI32, CHUNK, _dpbusd, _intp, _mask, _masked_load, quantize_vec, salient_x
-from .simd import LANES, _elem_ptr, v_fma, v_hsum, v_load, v_load_i8, v_mul, v_splat, v_unpack_q4, v_zeros
+from .quant_i8_matvec import (
+    _VB,
+    _VI32,
+    CHUNK,
+    CHUNK_CHANNELS,
+    _dpbusd,
+    _intp,
+    _mask,
+    _masked_load,
+    q8_lane_zero,
+    quantize_vec,
+    salient_x,
+)
+from .simd import LANES, _elem_ptr, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_mul, v_splat, v_unpack_q4, v_zeros
 from .sync import barrier
 
 if VNNI:
@@ -76,6 +88,21 @@ def v_nibbles(typingctx, w, w_off, n):
 
 
 @intrinsic
+def v_q8_bytes(typingctx, w, e_off, o_off, n):
+    """The even and odd channels' bytes of a chunk of int8 rows (quant_i8_matvec.q8_rows):
+    w.flat[e_off : e_off+n] and w.flat[o_off : o_off+n], bytes past n read as 0. The loads of
+    quant_i8_matvec.v_dot_q8_i8, kept for several activation rows (`v_dot_nibbles` does its dots:
+    the same two vpdpbusd on the same operands)."""
+    def codegen(context, builder, sig, args):
+        w_t, eoff_t, ooff_t, n_t = sig.args
+        mask = _mask(builder, _intp(context, builder, args[3], n_t), CHUNK)
+        we = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], eoff_t, args[1], _VB), mask, _VB)
+        wo = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], ooff_t, args[2], _VB), mask, _VB)
+        return context.make_tuple(builder, sig.return_type, [we, wo])
+    return types.UniTuple(u8x64, 2)(w, e_off, o_off, n), codegen
+
+
+@intrinsic
 def v_dot_nibbles(typingctx, lo, hi, qe, qo, x_off):
     """The second half of v_dot_q4_i8: lane i = the integer dot of channel octet i of the chunk
     (lo, hi from `v_nibbles`) with the int8 activations qe.flat[x_off : +64], qo.flat[x_off : +64]."""
@@ -101,6 +128,7 @@ BatchShared = namedtuple("BatchShared", [
     "qe", "qo",     # int8    [B, K/2 ↑ 64]
     "sxl",          # float32 [B, K/8 ↑ 16]
     "nzt",          # float32 [B, G ↑ 16]
+    "nzl",          # float32 [B, K/8 ↑ 16]   the int8 rows' −128 · lane sums (quant_i8_matvec.q8_lane_zero)
     "pm", "pl",     # float32 [B, P, H]       each thread's part of each row's attention
     "po",           # float32 [B, P, H, Dh]
 ])
@@ -237,6 +265,88 @@ if VNNI:
 
 
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _dot2_q8_f32_at(qw, sc, ra, rb, group_size, xe, xo, b):
+    """quant_f32.dot2_q8_f32 of int8 rows ra, rb (q8_rows) with row b of the float32 prologue (xe, xo [B, ·])."""
+    K = qw.shape[-1]
+    wa, wb = ra * K, rb * K
+    ox = b * xe.shape[1]
+    ones, m128 = v_splat(np.float32(1.0)), v_splat(np.float32(-128.0))
+    acc_a, acc_b = v_zeros(), v_zeros()
+    da, db, cx = v_zeros(), v_zeros(), v_zeros()
+    for k0 in range(0, K, 32):
+        c0 = k0 - k0 % 128                          # the chunk's first channel (and byte)
+        e = c0 + (k0 - c0) // 2                     # the 16 even channels' bytes; the odd ones n later
+        n = min(64, (K - c0) // 2)
+        x_e, x_o = v_load(xe, ox + k0 // 2), v_load(xo, ox + k0 // 2)
+        cx = v_fma(x_e, ones, v_fma(x_o, ones, cx))
+        da = v_fma(v_load_u8(qw, wa + e), x_e, v_fma(v_load_u8(qw, wa + e + n), x_o, da))
+        db = v_fma(v_load_u8(qw, wb + e), x_e, v_fma(v_load_u8(qw, wb + e + n), x_o, db))
+        if (k0 + 32) % group_size == 0:
+            g = k0 // group_size
+            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            da, db, cx = v_zeros(), v_zeros(), v_zeros()
+    return v_hsum(acc_a), v_hsum(acc_b)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def _dot2_q8_i8_at(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, b):
+        """quant_i8_matvec.dot2_q8_i8 of int8 rows ra, rb with row b of the int8 prologue
+        (qe, qo, sxl, nzl [B, ·])."""
+        K, G = qw.shape[-1], sc.shape[-1]
+        wa, wb = ra * K, rb * K
+        oq, osx, onz = b * qe.shape[1], b * sxl.shape[1], b * nzl.shape[1]
+        acc_a, acc_b = v_zeros(), v_zeros()
+        for c in range(g0s.shape[0]):
+            o = c * CHUNK_CHANNELS
+            n = min(CHUNK, (K - o) // 2)
+            ea, oa = v_q8_bytes(qw, wa + o, wa + o + n, n)
+            eb, ob = v_q8_bytes(qw, wb + o, wb + o + n, n)
+            da = v_dot_nibbles(ea, oa, qe, qo, oq + c * CHUNK)
+            db = v_dot_nibbles(eb, ob, qe, qo, oq + c * CHUNK)
+            g0 = g0s[c]
+            sx, nz = v_load(sxl, osx + c * LANES), v_load(nzl, onz + c * LANES)
+            acc_a = v_fma(v_fma(v_i2f(da), sx, nz), _lane_scales(sc, ra, g0, gpc, gidx, G), acc_a)
+            acc_b = v_fma(v_fma(v_i2f(db), sx, nz), _lane_scales(sc, rb, g0, gpc, gidx, G), acc_b)
+        return v_hsum(acc_a), v_hsum(acc_b)
+
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def _dot2x4_q8_i8_at(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, b0, b1, b2, b3):
+        """`_dot2_q8_i8_at` for the activation rows b0..b3 at once: each chunk of the two weight rows
+        is loaded once, then meets the four rows (8 accumulators in registers). Per (weight row,
+        activation row) the operations and their order are dot2_q8_i8's. Returns (ra·b0, rb·b0,
+        ra·b1, rb·b1, ..., rb·b3)."""
+        K, G = qw.shape[-1], sc.shape[-1]
+        wa, wb = ra * K, rb * K
+        Sq, Ss, Sn = qe.shape[1], sxl.shape[1], nzl.shape[1]
+        a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        c0, c1, c2, c3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+        for c in range(g0s.shape[0]):
+            o = c * CHUNK_CHANNELS
+            n = min(CHUNK, (K - o) // 2)
+            ea, oa = v_q8_bytes(qw, wa + o, wa + o + n, n)
+            eb, ob = v_q8_bytes(qw, wb + o, wb + o + n, n)
+            g0 = g0s[c]
+            swa = _lane_scales(sc, ra, g0, gpc, gidx, G)
+            swb = _lane_scales(sc, rb, g0, gpc, gidx, G)
+            cs, xq = c * LANES, c * CHUNK
+            sx, nz = v_load(sxl, b0 * Ss + cs), v_load(nzl, b0 * Sn + cs)
+            a0 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b0 * Sq + xq)), sx, nz), swa, a0)
+            c0 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b0 * Sq + xq)), sx, nz), swb, c0)
+            sx, nz = v_load(sxl, b1 * Ss + cs), v_load(nzl, b1 * Sn + cs)
+            a1 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b1 * Sq + xq)), sx, nz), swa, a1)
+            c1 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b1 * Sq + xq)), sx, nz), swb, c1)
+            sx, nz = v_load(sxl, b2 * Ss + cs), v_load(nzl, b2 * Sn + cs)
+            a2 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b2 * Sq + xq)), sx, nz), swa, a2)
+            c2 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b2 * Sq + xq)), sx, nz), swb, c2)
+            sx, nz = v_load(sxl, b3 * Ss + cs), v_load(nzl, b3 * Sn + cs)
+            a3 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b3 * Sq + xq)), sx, nz), swa, a3)
+            c3 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b3 * Sq + xq)), sx, nz), swb, c3)
+        return (v_hsum(a0), v_hsum(c0), v_hsum(a1), v_hsum(c1), v_hsum(a2), v_hsum(c2), v_hsum(a3), v_hsum(c3))
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
 def _put_at(mode, out, b, i, ra, rb, ya, yb, bias):
     """decode_step._put into row b of out [B, ·]."""
     if mode == SWIGLU:
@@ -311,6 +421,78 @@ def _rows_batch(i8, mode, st, base, up, i0, i1, sh, out):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
+def _rows_batch_q8_f32(mode, q8, r0, st, base, i0, i1, sh, out):
+    """Output pairs i0 .. i1−1 of every row b of out [B, ·] from int8 rows r0 + 2i, r0 + 2i + 1 of q8
+    (float32 prologue); the bias from the int4 stack's rows (base + 2i, ...), as decode_step._rows_q8_f32."""
+    for i in range(i0, i1):
+        ra, rb = r0 + 2 * i, r0 + 2 * i + 1
+        for b in range(out.shape[0]):
+            ya, yb = _dot2_q8_f32_at(q8.qweight, q8.scales, ra, rb, q8.group_size, sh.xe, sh.xo, b)
+            _put_at(mode, out, b, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_batch_q8_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out):
+        """`_rows_batch_q8_f32` with int8 activations (prologue `quantize_vec`, then `q8_lane_zero`),
+        one activation row per pass."""
+        for i in range(i0, i1):
+            ra, rb = r0 + 2 * i, r0 + 2 * i + 1
+            for b in range(out.shape[0]):
+                ya, yb = _dot2_q8_i8_at(q8.qweight, q8.scales, ra, rb, q8.gpc, q8.gidx, q8.g0s,
+                                        sh.qe, sh.qo, sh.sxl, sh.nzl, b)
+                _put_at(mode, out, b, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_batch_q8_i8(mode, q8, r0, st, base, i0, i1, sh, out):
+        """`_rows_batch_q8_i8_naive` four activation rows per pass (`_dot2x4_q8_i8_at`; a short last
+        tile repeats row B − 1 and drops its results)."""
+        B = out.shape[0]
+        for i in range(i0, i1):
+            ra, rb = r0 + 2 * i, r0 + 2 * i + 1
+            sa, sb = base + 2 * i, base + 2 * i + 1
+            for b0 in range(0, B, 4):
+                y = _dot2x4_q8_i8_at(q8.qweight, q8.scales, ra, rb, q8.gpc, q8.gidx, q8.g0s,
+                                     sh.qe, sh.qo, sh.sxl, sh.nzl,
+                                     b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
+                _put_at(mode, out, b0, i, sa, sb, y[0], y[1], st.bias)
+                if b0 + 1 < B:
+                    _put_at(mode, out, b0 + 1, i, sa, sb, y[2], y[3], st.bias)
+                if b0 + 2 < B:
+                    _put_at(mode, out, b0 + 2, i, sa, sb, y[4], y[5], st.bias)
+                if b0 + 3 < B:
+                    _put_at(mode, out, b0 + 3, i, sa, sb, y[6], y[7], st.bias)
+else:
+    @kernel()
+    def _rows_batch_q8_i8(mode, q8, r0, st, base, i0, i1, sh, out):
+        """Never called without VNNI (i8 is False there); typed by `_rows_batch_mixed`'s branch."""
+        return
+
+    _rows_batch_q8_i8_naive = _rows_batch_q8_i8
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out):
+    """decode_step._rows_mixed for B rows: output pairs a .. e−1 of one block of stack st where the
+    pairs tab[1] .. tab[2]−1 are int8 rows of q8 from row tab[0] on (tab[0] = −1: none)."""
+    if tab[0] < 0:
+        _rows_batch(i8, mode, st, base, 0, a, e, sh, out)
+        return
+    p0, p1 = tab[1], tab[2]
+    _rows_batch(i8, mode, st, base, 0, a, min(e, p0), sh, out)
+    i0, i1 = max(a, p0), min(e, p1)
+    if i0 < i1:
+        r0 = tab[0] - 2 * p0
+        if i8 == 2:
+            _rows_batch_q8_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out)
+        elif i8:
+            _rows_batch_q8_i8(mode, q8, r0, st, base, i0, i1, sh, out)
+        else:
+            _rows_batch_q8_f32(mode, q8, r0, st, base, i0, i1, sh, out)
+    _rows_batch(i8, mode, st, base, 0, max(a, p1), e, sh, out)
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
 def _prologue_row(i8, x, st, l, sh, b):
     """decode_step._prologue of input x for block l of stack st, into row b of the shared buffers."""
     if i8:
@@ -319,6 +501,15 @@ def _prologue_row(i8, x, st, l, sh, b):
         salient_x(x, st.sal_idx[l], sh.xsal[b])
     else:
         split_x(x, st.group_size, st.sal_idx[l], sh.xe[b], sh.xo[b], sh.xs[b], sh.xsal[b])
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _prologue_row_mixed(i8, x, st, tab, l, sh, b):
+    """`_prologue_row`, plus the int8 rows' lane sums (`q8_lane_zero`) where block l of the stack has
+    int8 rows (tab = q8_tab[kind, l]) and the activations are int8."""
+    _prologue_row(i8, x, st, l, sh, b)
+    if i8 and tab[0] >= 0:
+        q8_lane_zero(sh.qe[b], sh.qo[b], sh.sxl[b], sh.nzl[b])
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
@@ -344,8 +535,11 @@ def _rope_store(t, T, l, qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kp, vp, sh, sc):
-    """Thread t of T: its share of every phase of every block for all B rows, a barrier after each."""
+def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab,
+                  kp, vp, sh, sc):
+    """Thread t of T: its share of every phase of every block for all B rows, a barrier after each.
+    The int8 linears' rows (qkv_q8, o_q8, down_q8, q8_tab: decode_step._decode_thread's) are computed
+    where the int4 stacks hold placeholders (`_rows_batch_mixed`), shared out by cost (`_share_mixed`)."""
     B, D = x.shape
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     F, Na = sh.act.shape[1], sh.qkv.shape[1]
@@ -357,10 +551,10 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
     for l in range(w.attn_norm.shape[0]):
         for b in range(t, B, T):                                          # h = norm(x), prologue
             _rms_norm_vec(x[b], w.attn_norm[l], w.eps, h)
-            _prologue_row(i8, h, qkv_w, l, sh, b)
+            _prologue_row_mixed(i8, h, qkv_w, q8_tab[0, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share(Na // 2, t, T)
-        _rows_batch(i8, STORE, qkv_w, l * Na, 0, a, e, sh, sh.qkv)                   # qkv = W h + b
+        a, e = _share_mixed(Na // 2, t, T, q8_tab[0, l])
+        _rows_batch_mixed(i8, STORE, qkv_w, qkv_q8, q8_tab[0, l], l * Na, a, e, sh, sh.qkv)   # qkv = W h + b
         k = barrier(bar, k, T)
         _rope_store(t, T, l, sh.qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp)
         k = barrier(bar, k, T)
@@ -372,10 +566,10 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
         k = barrier(bar, k, T)
         for b in range(t, B, T):                                          # merge, prologue
             merge_parts(T, H, Dh, sh.pm[b], sh.pl[b], sh.po[b], att)
-            _prologue_row(i8, att, o_w, l, sh, b)
+            _prologue_row_mixed(i8, att, o_w, q8_tab[1, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share(D // 2, t, T)
-        _rows_batch(i8, ADD, o_w, l * D, 0, a, e, sh, x)                              # x += Wo att
+        a, e = _share_mixed(D // 2, t, T, q8_tab[1, l])
+        _rows_batch_mixed(i8, ADD, o_w, o_q8, q8_tab[1, l], l * D, a, e, sh, x)                # x += Wo att
         k = barrier(bar, k, T)
         for b in range(t, B, T):
             _rms_norm_vec(x[b], w.mlp_norm[l], w.eps, h)
@@ -385,21 +579,25 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
         _rows_batch(i8, SWIGLU, gate_up_w, l * 2 * F, F, a, e, sh, sh.act)           # act = silu(g) ⊙ u
         k = barrier(bar, k, T)
         for b in range(t, B, T):
-            _prologue_row(i8, sh.act[b], down_w, l, sh, b)
+            _prologue_row_mixed(i8, sh.act[b], down_w, q8_tab[2, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share(D // 2, t, T)
-        _rows_batch(i8, ADD, down_w, l * D, 0, a, e, sh, x)                           # x += Wdown act
+        a, e = _share_mixed(D // 2, t, T, q8_tab[2, l])
+        _rows_batch_mixed(i8, ADD, down_w, down_q8, q8_tab[2, l], l * D, a, e, sh, x)          # x += Wdown act
         k = barrier(bar, k, T)
 
 
 @parallel_kernel()
-def decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kp, vp, sh, sc):
+def decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8,
+                        q8_tab, kp, vp, sh, sc):
     """x [B, D] float32 (modified in place) through all L blocks; row b is a token at position pos[b]
     of pool slot slots[b] (kp, vp [slots, L, Hkv, S, Dh]; its k, v written there). cos, sin
-    [B, Dh/2] at pos; i8: int8 activations (VNNI) or float32; T threads running concurrently
-    (sync.py), at most the scratch's P; the shared buffers' first dimension is B; sh.bar zeroed."""
+    [B, Dh/2] at pos; i8: int8 activations (VNNI) or float32; the linears: Q4Stack each, plus the int8
+    linears' rows (Q8Stack) and q8_tab [3, L, 3], as decode_step.decode_blocks takes them; T threads
+    running concurrently (sync.py), at most the scratch's P; the shared buffers' first dimension is B;
+    sh.bar zeroed."""
     for t in prange(T):
-        _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, kp, vp, sh, sc)
+        _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8,
+                      q8_tab, kp, vp, sh, sc)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The buffers of the one-call batched decode step (kernels/decode_step_batch.py), which
-`Model.decode_batch` runs for pooled caches when every block linear is int4 (runtime/batch.py says
-what batched decoding is). A module of its own: model.py uses it, and batch.py uses model.py.
+`Model.decode_batch` runs for pooled caches when the model has a DecodePlan (every block linear
+int4, or int8 where decode.stack_q8 takes it; runtime/batch.py says what batched decoding is).
+A module of its own: model.py uses it, and batch.py uses model.py.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ..kernels.sync import barrier_safe
 
 class BatchStep:
     """The buffers of the one-call batched step (kernels/decode_step_batch.decode_blocks_batch) over a
-    model's DecodePlan (its stacked int4 weights): allocated for up to `rows` rows and `S` cache
+    model's DecodePlan (its stacked int4 weights and int8 rows): allocated for up to `rows` rows and `S` cache
     positions, grown when a step needs more, so a step allocates nothing else."""
 
     def __init__(self, cfg, plan):
@@ -42,6 +43,7 @@ class BatchStep:
             qe=np.zeros((B, padded(K // 2, CHUNK)), np.int8), qo=np.zeros((B, padded(K // 2, CHUNK)), np.int8),
             sxl=np.zeros((B, padded(K // 8, LANES)), np.float32),
             nzt=np.zeros((B, padded(K // ACT_BLOCK, LANES)), np.float32),
+            nzl=np.zeros((B, padded(K // 8, LANES)), np.float32),
             pm=np.empty((B, P, H), np.float32), pl=np.empty((B, P, H), np.float32),
             po=np.empty((B, P, H, Dh), np.float32))
         self._scratch = BatchScratch(h=np.empty((P, D), np.float32), att=np.empty((P, H * Dh), np.float32),
@@ -64,4 +66,5 @@ class BatchStep:
         sh.bar[0] = 0
         p = self.plan
         i8 = int(p.int8 and p.int8_ok) * self.variant       # 0: float32 activations
-        decode_blocks_batch(T, i8, x, pos, slots, cos, sin, p.blocks, *p.stacks, kp, vp, sh, self._scratch)
+        decode_blocks_batch(T, i8, x, pos, slots, cos, sin, p.blocks, *p.stacks, *p.q8, p.q8_table, kp, vp, sh,
+                            self._scratch)

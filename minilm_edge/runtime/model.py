@@ -205,8 +205,8 @@ class Model:
         own position).                                                   [B] -> logits [B, V] float32
 
         One sequence: the single-stream decode (the fused step where there is one). Several, with a
-        decode plan (every block linear int4) and caches that are slots of one pool
-        (batch.BatchDecoder's): one compiled call for all blocks and all B rows
+        decode plan (every block linear int4, or int8 where decode.stack_q8 takes it) and caches that
+        are slots of one pool (batch.BatchDecoder's): one compiled call for all blocks and all B rows
         (kernels/decode_step_batch.py: each weight read once per step, each row the arithmetic of
         its single-stream step). Otherwise every linear multiplies all B rows at once (the prefill
         matmul kernels), attention per sequence over its own cache (pooled: one call for all).
@@ -240,8 +240,8 @@ class Model:
         pooled = pool is not None and all(cache.pool is not None and cache.pool[0] is pool[0] for cache in caches)
         slots = np.array([cache.pool[2] for cache in caches], np.int64) if pooled else None   # [B]
         x = self.weights.embed[ids].astype(np.float32)                     # [B, D]
-        # one call: decode_step_batch.py (int4 stacks only: it has no int8 row path, decode.stack_q8)
-        if pooled and self._fused_decode and not self._plan.has_int8:
+        # one call: decode_step_batch.py (the plan's int4 stacks and int8 rows, decode.stack_q8)
+        if pooled and self._fused_decode:
             if self._batch_step is None:
                 from .batch_step import BatchStep
                 self._batch_step = BatchStep(c, self._plan)
