@@ -19,13 +19,17 @@ Per block l, for every row b (x: [B, D], float32):
     x[b] += Wo[l] att[b];  h[b] = rms_norm(x[b]) ⊙ mlp_norm[l]
     act[b] = silu(gate) ⊙ up of Wgu[l] h[b];  x[b] += Wdown[l] act[b]
 Each row meets the arithmetic of its single-stream step: the same prologue (`quantize_vec` or
-`split_x`), the same row-pair function body (`dot2_q4_i8` / `dot2_q4_f32`, here reading row b of
-the prologue buffers by offset), the same attention parts split at the same positions for the same
-T, the same merge. So a row's hidden state is the single-stream one (bit for bit where LLVM emits
-the same code; tests/test_batch.py checks to 1e-4).
+`split_x`, plus `q8_lane_zero` where a block has int8 rows), the same row-pair function body
+(`dot2_q4_i8` / `dot2_q4_f32`, and for the int8 block linears (quantize --int8, decode.stack_q8)
+`dot2_q8_i8` / `dot2_q8_f32`, here reading row b of the prologue buffers by offset), the same
+attention parts split at the same positions for the same T, the same merge. So a row's logits are
+the single-stream ones bit for bit (tests/test_batch.py, test_batch_step_rows_are_single_stream_bit_for_bit:
+int4 and int4 + int8 folders, int8 and float32 activations; with fastmath's reassociation allowed this
+holds because LLVM emits the same code for the same bodies, which is what that test watches).
 
-Records: the stacks (Q4Stack) and Blocks of decode_step; the pool (kp, vp [slots, L, Hkv, S, Dh]);
-BatchShared (every thread reads, parts written by each) and BatchScratch (row t for thread t).
+Records: the stacks (Q4Stack), the int8 rows (Q8Stack, q8_tab) and Blocks of decode_step; the pool
+(kp, vp [slots, L, Hkv, S, Dh]); BatchShared (every thread reads, parts written by each) and
+BatchScratch (row t for thread t).
 """
 from __future__ import annotations
 

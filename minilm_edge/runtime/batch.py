@@ -4,8 +4,9 @@
 `[max_batch, L, Hkv, S, Dh]`. `add` prefills a prompt into a free slot (single-stream prefill);
 `step` samples one token for every active sequence and then runs all their new tokens through the
 model in one batched step (`Model.decode_batch`: the B activation rows meet each int4 weight once,
-attention per sequence over its own slot; with all-int4 blocks, one compiled call for every block
-and row, whose buffers `batch_step.BatchStep` holds: kernels/decode_step_batch.py). Sequences join (`add`)
+attention per sequence over its own slot; with a decode plan (int4 blocks, int8 linears among them
+or not), one compiled call for every block and row, whose buffers `batch_step.BatchStep` holds:
+kernels/decode_step_batch.py). Sequences join (`add`)
 and leave (`remove`, or by themselves after their final event) between steps. One active sequence
 steps through today's fused single-stream decode, so B = 1 is no slower.
 
