@@ -188,10 +188,45 @@ def _batch_model(src, cfg, seq_len, batch, generator="int4"):
     from ..runtime.checkpoint import load_weights
     from ..runtime.model import KVCache, Model
     if generator == "int4":
-        from .quantize import quantized_tensors
-        tensors, _ = quantized_tensors(src, cfg, "rtn", 4, GENERATOR_GROUP_SIZE, None, False, embed="int8")
-        src = ArraySource(tensors)
+        src = ArraySource(_rtn_int4(src, cfg))
     model = Model(cfg, load_weights(None, cfg, src), None)
     shape = (batch, cfg.num_hidden_layers, cfg.num_key_value_heads, seq_len, cfg.head_dim)
     kp, vp = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     return model, [KVCache(cfg, seq_len, pool=(kp, vp, b)) for b in range(batch)]
+
+
+ROWS_PER_CHUNK = 8192       # the embedding and head are rounded in row chunks: no [V, D] float32 copy
+
+
+def _rtn_int4(src, cfg) -> dict:
+    """The int4 generator's tensors, as a minilm-q4 folder would hold them: every block linear RTN W4
+    (GENERATOR_GROUP_SIZE, or the largest that divides K), the embedding int8 (with tied embeddings
+    also the head), an untied head int8, norms fp16 and biases float32: the tensors `quantize(method="rtn",
+    embed="int8")` writes (the same bytes, so the same generated text)."""
+    from ..formats.q4 import choose_group_size, quantize_q4, quantize_q8
+    from ..formats.safetensors import to_float32
+    from ..formats.tensors import BIASED, EMBED_PREFIX, GLOBAL_TENSORS, HEAD, block_linears, block_norms
+
+    def int8_rows(name, prefix):                   # row chunks of a [V, D] table -> prefix.qweight/.scales
+        arr, dt = src.raw(name)
+        parts = [quantize_q8(to_float32(arr[r:r + ROWS_PER_CHUNK], dt), choose_group_size(arr.shape[1],
+                                                                                            GENERATOR_GROUP_SIZE))
+                 for r in range(0, arr.shape[0], ROWS_PER_CHUNK)]
+        out[prefix + ".qweight"] = np.concatenate([q.qweight for q in parts])
+        out[prefix + ".scales"] = np.concatenate([q.scales for q in parts])
+
+    out = {}
+    int8_rows(GLOBAL_TENSORS["embed"][0], EMBED_PREFIX)
+    name, shape = GLOBAL_TENSORS["norm"]
+    out[name] = src.float32(name, shape(cfg)).astype(np.float16)       # norms fp16, as quantize stores them
+    if not cfg.tie_word_embeddings:
+        int8_rows(HEAD[0] + ".weight", HEAD[0])
+    for i in range(cfg.num_hidden_layers):
+        for _, name, shape in block_norms(cfg, i):
+            out[name] = src.float32(name, shape).astype(np.float16)
+        for _, key, prefix, shape in block_linears(cfg, i):
+            q = quantize_q4(src.float32(prefix + ".weight", shape), choose_group_size(shape[1], GENERATOR_GROUP_SIZE))
+            out[prefix + ".qweight"], out[prefix + ".scales"], out[prefix + ".zeros"] = q.qweight, q.scales, q.zeros
+            if cfg.attention_bias and key in BIASED:
+                out[prefix + ".bias"] = src.float32(prefix + ".bias", (shape[0],))
+    return out
