@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import minilm_edge
 from minilm_edge.app.cli import main
+from minilm_edge.errors import UsageError
 from minilm_edge.formats.tensors import TensorSource
 from minilm_edge.quant import awq, clip, llama_block, parallel
 from minilm_edge.quant.calibration import from_files, self_generated, split_documents
@@ -118,6 +119,42 @@ def test_chosen_scale_loss_is_never_above_identity(duo, bits, clipped):
         r = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, bits, gs, duo=duo,
                              grams=grams)
         assert len(r.losses) == 20 and r.loss_best <= r.loss_identity
+
+
+@pytest.mark.parametrize("n_grid", [1, 2, 7, 10, 20])
+@pytest.mark.parametrize("coarse", [0, 2, 4, 8])
+def test_coarse_to_fine_finds_the_argmin_of_a_unimodal_loss(n_grid, coarse):
+    """search_coarse's α schedule: on any loss that falls then rises over the grid it ends at the
+    full grid's argmin, measuring each α at most once and fewer than the grid where c > 2."""
+    for m in range(n_grid):
+        for loss in ([abs(i - m) for i in range(n_grid)], [(i - m) ** 2 + 0.5 * (i > m) for i in range(n_grid)]):
+            measured = []
+
+            def best(measured=measured, loss=loss):
+                return min(measured, key=lambda j: (loss[j], j)) if measured else None
+            for idx in awq.coarse_to_fine(n_grid, coarse, best):
+                measured += idx
+            assert best() == m and len(set(measured)) == len(measured) and set(measured) <= set(range(n_grid))
+    if coarse == 4 and n_grid == 20:
+        assert len(measured) <= 9
+
+
+def test_coarse_search_measures_fewer_alphas_and_keeps_identity():
+    d, cfg = tiny_cfg(**QUANTIZABLE)
+    w, _ = block_weights(d, 3)
+    bs = llama_block.BlockShape.of(cfg)
+    x = np.random.default_rng(1).standard_normal((2, 16, 64)).astype(np.float32)
+    x[..., 5] *= 20
+    cos, sin = llama_block.rope_tables(cfg, 16)
+    inter = llama_block.block_forward(w, bs, x, cos, sin)
+    gs = {k: (64 if w[k].shape[1] % 64 == 0 else 32) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+    for g in awq.LLAMA_GROUPS:
+        full = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, 4, gs)
+        fast = awq.search_scale(w, bs, g, inter[g.inp], awq.activation_mean(inter[g.inp]), cos, sin, 4, gs, coarse=4)
+        got = [i for i, l in enumerate(fast.losses) if np.isfinite(l)]
+        assert 0 in got and len(got) <= 9 and fast.loss_best <= fast.loss_identity
+        assert all(fast.losses[i] == full.losses[i] for i in got)        # the same trials, only fewer
+        assert fast.alpha == got[int(np.argmin([fast.losses[i] for i in got]))] / 20
 
 
 @settings(max_examples=10, deadline=None)
@@ -399,6 +436,20 @@ def test_self_generated_calibration_is_reproducible(tmp_path):
     c = self_generated(ts, cfg, tok, n_samples=3, seq_len=24, seed=6, batch=2, progress=False)
     assert a.ids.shape == (3, 24) and a.ids.max() < cfg.vocab_size
     assert a.sha256 == b.sha256 and a.sha256 != c.sha256 and a.source == ["self-generated"]
+
+
+def test_self_generated_text_is_written_by_the_int4_model_unless_asked(tmp_path):
+    src, d, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    cfg, tok, ts = LlamaConfig.from_dict(d), Tokenizer(src), TensorSource(src)
+    i4 = self_generated(ts, cfg, tok, n_samples=4, seq_len=24, seed=5, batch=4, progress=False)
+    fp = self_generated(ts, cfg, tok, n_samples=4, seq_len=24, seed=5, batch=4, progress=False, generator="float")
+    assert i4.generator == "int4" and i4.describe()["generator"] == "int4" and fp.generator == "float"
+    assert i4.sha256 != fp.sha256              # another model wrote it (random tiny weights: int4 differs)
+    with pytest.raises(UsageError, match="generator"):
+        self_generated(ts, cfg, tok, n_samples=1, seq_len=4, progress=False, generator="int8")
+    with pytest.raises(UsageError, match="generator"):
+        quantize(src, tmp_path / "q", method="awq", calib=[src / "config.json"], generator="float", progress=False)
+    assert not (tmp_path / "q").exists()
 
 
 @settings(max_examples=30, deadline=None)

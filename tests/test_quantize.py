@@ -309,8 +309,10 @@ def test_int8_linears_are_stored_int8_and_run(tmp_path):
     config.json; the model loads them as int8 and stays close to the float model."""
     from minilm_edge.runtime.linear import Q4, Q8
     src, _, _ = make_model_dir(tmp_path / "src", num_hidden_layers=2, **QUANTIZABLE)
+    # The float generator: the bound below was set with its calibration; with the int4 generator's 2 x 32
+    # tokens this random tiny model lands at 3.43 against 3.39 (real-model quality: BENCHMARKS.md).
     out = quantize(src, tmp_path / "out", method="awq", seq_len=32, samples=2, group_size=32,
-                   int8="v@all,down@1", progress=False)
+                   int8="v@all,down@1", progress=False, generator="float")
     t = load_file(str(out / "model.safetensors"))
     for name in ("model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"):
         assert t[name + ".qweight"].dtype == np.int8 and name + ".zeros" not in t

@@ -230,7 +230,9 @@ then rounds. rtn rounds each group of weights to the nearest of 2^bits levels (m
 
 Calibration (awq): --calib FILE ... reads text files (documents separated by blank lines) and draws
 --samples × --seq-len tokens with --seed; without --calib the model generates its own calibration
-text (no data needed; --samples defaults to 64 then). --keep-salient PCT keeps that percent of
+text (no data needed; --samples defaults to 64 then), written by the source rounded to int4 and the
+batched int4 runtime (--generator float: by the full-precision model, about 3x slower; AWQ measures
+activations with the full-precision model either way). --keep-salient PCT keeps that percent of
 input channels (largest activations) in fp16. --duo uses the scale form x^α / w^(1−α).
 --gptq adds GPTQ error feedback after AWQ: with the ranges the clip search chose, the codes are picked
 column by column, each column's rounding error pushed into the later columns through the inverse
@@ -253,6 +255,7 @@ and last eighth, every third between) or indices/ranges joined by '+'. AWQ leave
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
+  python -m minilm_edge quantize ./smollm2 ./smollm2-awq --samples 32 --generator float
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq --calib my_docs.txt --report
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq3 --bits 3 --calib a.txt b.txt --keep-salient 1
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --report --eval wikitext2-valid.txt
@@ -271,6 +274,8 @@ def cmd_quantize(args):
     t0 = time.perf_counter()
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
                duo=args.duo, seed=args.seed, report=args.report, eval_data=args.eval)
+    if args.generator is not None:
+        awq["generator"] = args.generator
     if args.gptq:
         awq["gptq"] = True
         opts = {}
@@ -550,6 +555,9 @@ def build_parser():
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")
     qa.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per sample (default 512)")
+    qa.add_argument("--generator", choices=["int4", "float"],
+                    help="who writes self-generated calibration text: the int4-rounded model on the batched "
+                         "runtime (default) or the full-precision model")
     qa.add_argument("--keep-salient", type=float, default=0.0, metavar="PCT",
                     help="percent of input channels kept in fp16, 0 <= PCT < 100 (default 0)")
     qa.add_argument("--duo", action="store_true", help="scale form x_mean^a / w_mean^(1-a) instead of x_mean^a")

@@ -120,17 +120,18 @@ KNOWN_MODELS = {
 }
 
 # Self-generated calibration for a first run from an empty store (issue 15): SAMPLES x SEQ_LEN tokens
-# the model writes (quant/calibration.py), and a lighter AWQ search (quant/awq.py AWQSettings: every
-# other alpha of the grid, the MLP and linear losses on 2,048 tokens). Measured against 64 x 512 and
-# against C4 calibration of the same size, on WikiText-2 valid: BENCHMARKS.md "First run from an
-# empty store". A key of `quantize` (and so of the recipe): changing it makes a new version.
-# The lighter 16 x 512 recipe with the coarse search ({"samples": 16, "seq_len": 512, "awq_options":
-# {"grid": 10, "search_tokens": 2048}}) stayed within 10% of C4's gap in perplexity but FAILED the
-# shipped `check` (golden 6/9 < 70%, tests/test_check.py) on a quiet newcomer run (2026-12-07), so the
-# default keeps the 64 x 512 set and the full search that pass it (BENCHMARKS.md, the quiet window).
-FIRST_RUN_CALIBRATION = {"samples": 64, "seq_len": 512}
-FIRST_RUN_MINUTES = 11.0     # pull + calibration + AWQ, the CI run of 2026-12-06 (BENCHMARKS.md)
-
+# the model writes (quant/calibration.py), with the int4 generator (the source rounded to int4 in
+# memory, decoded by the batched int4 runtime: ~3x the float model's tokens per second), and AWQ's
+# coarse-to-fine alpha search on 2,048 loss tokens (quant/awq.py AWQSettings.search_coarse: 9 losses
+# per group instead of 20). A key of `quantize` (and so of the recipe): changing it makes a new
+# version. History: 64 x 512 float-generated tokens with the full search took ~11 min; 16 x 512 with a
+# coarse grid (every other alpha) answered in 8 min but FAILED the shipped `check` (golden 6/9 < 70%,
+# tests/test_check.py); measurements of this recipe against C4 calibration of the same size and the
+# newcomer's time: BENCHMARKS.md "First run: int4-generated calibration".
+FIRST_RUN_CALIBRATION = {"samples": 32, "seq_len": 512, "generator": "int4",
+                         "awq_options": {"search_coarse": 4, "search_tokens": 2048}}
+FIRST_RUN_MINUTES = 4.5      # pull + calibration + AWQ: a newcomer's quiet run of 2026-12-07 (7 s + 4.4 min,
+                             # the first answer at 5.1 min; BENCHMARKS.md "First run: int4-generated calibration")
 
 @dataclass(frozen=True)
 class PreparedModel:

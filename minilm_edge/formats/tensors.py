@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ModelNotFoundError
-from .safetensors import SafetensorsFile, to_float32
+from .safetensors import _TAGS, SafetensorsFile, to_float32
 
 # Our name -> (Hugging Face name, expected shape as a function of the config).
 # {i} is the block index. Shapes use the vocabulary of runtime/config.py: [N out, K in] for linears.
@@ -210,6 +210,26 @@ class TensorSource:
         arr, dt = self.raw(name)
         check_shape(name, arr.shape, shape)
         return to_float32(arr, dt)
+
+
+class ArraySource(TensorSource):
+    """A TensorSource over arrays in memory ({name: array}, as a folder's safetensors would hold them):
+    a model built without writing a folder (the int4 generator of self-generated calibration,
+    quant/calibration.py)."""
+
+    def __init__(self, tensors: dict):
+        self.files, self.metadata = {}, {}
+        self._tensors = tensors
+        self.where = {name: "<memory>" for name in tensors}
+
+    def release_pages(self) -> None:
+        pass
+
+    def raw(self, name: str):
+        if name not in self._tensors:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        a = self._tensors[name]
+        return a, _TAGS[a.dtype.newbyteorder("<")]
 
 
 def check_shape(name, actual, expected):
