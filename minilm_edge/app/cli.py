@@ -423,6 +423,81 @@ def _add_eval_parser(sub):
     e.set_defaults(func=cmd_eval)
 
 
+# ---- sensitivity
+SENSITIVITY_HELP = """\
+Measure which block linears of an int4 folder most deserve int8, and print the `quantize --int8`
+spec that spends a byte budget best (quant/sensitivity.py). For every int4 linear, alone: its
+full-precision weights (in the folder's AWQ basis, fitted) rounded to int8 instead of its int4
+codes; the gain is how much that lowers the mean KL divergence from the full-precision source on
+--data (first --samples × --seq-len tokens, drawn as quantize draws calibration text). The spec
+takes linears by gain per added byte while they fit under --max-size (the whole folder's bytes).
+Each linear costs one forward pass over the tokens: SmolLM2-135M, 210 linears × 2,048 tokens, is
+about 35 minutes on 2 cores. Measure on your calibration or validation text, never on test text.
+
+examples:
+  python -m minilm_edge sensitivity ./smollm2-g32 --data c4.txt --max-size 105454144
+  python -m minilm_edge sensitivity ./smollm2-g32 --data valid.txt --linears v,o,down --json > gains.json
+  python -m minilm_edge quantize ./smollm2 ./smollm2-mixed --group-size 32 --int8 "$(... spec printed above ...)"
+"""
+
+
+def cmd_sensitivity(args):
+    import json
+
+    from ..quant.calibration import from_files
+    from ..quant.sensitivity import choose_int8, int8_gains, int8_spec
+    from ..runtime.config import read_json
+    from ..runtime.tokenizer import Tokenizer
+    from .store import resolve_model
+    folder = resolve_model(args.model_dir)
+    qc = read_json(folder / "config.json", "config.json").get("quantization_config") or {}
+    source = args.source or (qc.get("source") or {}).get("path")
+    if not source:
+        raise UsageError(f"{folder} records no source model: give --source FOLDER")
+    source = resolve_model(source)
+    if args.samples < 1 or args.seq_len < 2:
+        raise UsageError("--samples must be at least 1 and --seq-len at least 2")
+    folder_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    budget = None if args.max_size is None else args.max_size - folder_bytes - 4096   # config.json grows a little
+    if budget is not None and budget < 0:
+        raise UsageError(f"--max-size {args.max_size:,} is below the folder's {folder_bytes:,} bytes already")
+    ids = from_files(args.data, Tokenizer(source), args.samples, args.seq_len, args.seed).ids
+    kinds = tuple(k.strip() for k in args.linears.split(",")) if args.linears else None
+    res = int8_gains(folder, source, ids, **({"kinds": kinds} if kinds else {}))
+    if budget is not None:
+        chosen = choose_int8(res["linears"], budget)
+        res.update(budget_bytes=budget, int8=int8_spec(chosen),
+                   added_bytes=sum(t["extra_bytes"] for t in res["linears"] if (t["layer"], t["linear"]) in chosen))
+    if args.json:
+        print(json.dumps({"model": str(folder), "source": str(source), **res}, indent=2))
+        return 0
+    print(f"KL(source || folder) {res['base_kl']:.5f} nats/token on {res['tokens']} tokens; "
+          "gain of int8, per MB added:")
+    for t in sorted(res["linears"], key=lambda t: t["gain"] / t["extra_bytes"], reverse=True):
+        print(f"  {t['linear']:>4}@{t['layer']:<3} gain {t['gain']:+.5f}  +{t['extra_bytes'] / 1e6:.3f} MB  "
+              f"{t['gain'] / t['extra_bytes'] * 1e6:+.5f}/MB")
+    if budget is not None:
+        print(f"--int8 {res['int8'] or '(none fits)'}   (+{res['added_bytes']:,} of {budget:,} bytes)")
+    return 0
+
+
+def _add_sensitivity_parser(sub):
+    s = sub.add_parser("sensitivity", help="which linears deserve int8 under a size budget",
+                       description=SENSITIVITY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model_dir", metavar="MODEL_DIR", help="an int4 folder made by quantize (or a known name)")
+    s.add_argument("--data", required=True, nargs="+", metavar="FILE", help="text to measure on (not test text)")
+    s.add_argument("--source", metavar="FOLDER",
+                   help="its full-precision source (default: the one config.json records)")
+    s.add_argument("--samples", type=int, default=4, metavar="N", help="rows of text (default 4)")
+    s.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per row (default 512)")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="seed for drawing the rows (default 0)")
+    s.add_argument("--linears", metavar="LIST",
+                   help="comma-separated kinds to measure (default all: q,k,v,o,gate,up,down)")
+    s.add_argument("--max-size", type=int, metavar="BYTES", help="print the --int8 spec that fits the folder in BYTES")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_sensitivity)
+
+
 # ---- export-awq
 EXPORT_AWQ_HELP = """\
 Write a minilm-q4 model (made by `quantize`) as an AutoAWQ "GEMM" folder that AutoAWQ, transformers
@@ -580,6 +655,7 @@ def build_parser():
     b.add_argument("--f32-activations", action="store_true", help=F32_ACTIVATIONS_HELP)
     b.set_defaults(func=cmd_bench)
     _add_eval_parser(sub)
+    _add_sensitivity_parser(sub)
     _add_export_awq_parser(sub)
     _add_inspect_parser(sub)
     from .check import add_parser as add_check_parser  # check: re-evaluation against a reference
