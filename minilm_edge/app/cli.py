@@ -239,8 +239,13 @@ By default only q and k get it (--gptq-linears), with dampening 0.1 (--gptq-damp
 --report writes report.html and report.json into the output folder; --eval FILE adds the
 perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, windows of 512).
 
-Group size 128 by default; a layer whose input size it does not divide uses 64 or 32 (recorded in
-config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
+The default recipe: int4 at group size 32, with v in every layer and down in the layers llama.cpp's
+Q4_K_M favours (--int8 v@all,down@more) stored int8, and the embedding int8: about 6 bits per weight
+over the whole file, smaller and better than Q4_K_M on SmolLM2 (BENCHMARKS.md). For the smallest
+folder: --group-size 128 --int8 none (about 5.2 bits per weight, better than Q4_0). `sensitivity`
+measures which linears deserve int8 for your model and text. A layer whose input size the group size
+does not divide uses 64 or 32 (recorded in config.json). --bits 3 stores 3-bit codes in the 4-bit
+format (for measuring W3 quality).
 --quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). The embedding is stored
 int8 (--embed fp16 keeps it fp16); with tied embeddings (SmolLM2) that one table is the head too,
 stored once (so --quantize-head int4 needs --embed fp16 there).
@@ -252,7 +257,8 @@ LINEAR one of q k v o gate up down; LAYERS all, more (the layers llama.cpp's Q4_
 and last eighth, every third between) or indices/ranges joined by '+'. AWQ leaves them unclipped.
 
 examples:
-  python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
+  python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ, the default recipe
+  python -m minilm_edge quantize ./smollm2 ./smollm2-small --group-size 128 --int8 none   # the smallest
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq --calib my_docs.txt --report
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq3 --bits 3 --calib a.txt b.txt --keep-salient 1
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --report --eval wikitext2-valid.txt
@@ -264,9 +270,30 @@ examples:
 """
 
 
+# The default recipe of `quantize` (issue 17): int4 at g = 32 with v in every layer and down in llama.cpp's
+# `use_more_bits` layers int8, int8 embedding: the recipe class that beat llama.cpp's Q4_K_M on SmolLM2
+# (BENCHMARKS.md, "Smaller and better than Q4_K_M"); the store's default model uses the same recipe with
+# its int8 layers chosen by `sensitivity` (app/store.py). The library's quantize() keeps plain int4 g = 128.
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_INT8 = "v@all,down@more"
+
+
+def quantize_defaults(args) -> None:
+    """Fill --group-size and --int8 when not given: the default recipe, except where an option rules
+    it out (a size budget chooses group sizes itself; fp16 salient channels and int8 do not combine)."""
+    budget = args.target_bpw is not None or args.max_size is not None
+    if args.group_size is None:
+        args.group_size = 128 if budget else DEFAULT_GROUP_SIZE
+    if args.int8 is None:
+        args.int8 = None if budget or args.keep_salient else DEFAULT_INT8
+    elif args.int8.strip().lower() == "none":
+        args.int8 = None
+
+
 def cmd_quantize(args):
     from ..quant.quantize import quantize
     from .store import resolve_model
+    quantize_defaults(args)
     src = resolve_model(args.src_dir)
     t0 = time.perf_counter()
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
@@ -612,7 +639,8 @@ def build_parser():
     q.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the quantized model (must not exist or be empty)")
     q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="quantization method (default awq)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
-    q.add_argument("--group-size", type=int, default=128, metavar="G", help="32, 64 or 128 (default 128)")
+    q.add_argument("--group-size", type=int, metavar="G",
+                   help="32, 64 or 128 (default 32; 128 with --target-bpw/--max-size, the largest it may choose)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
     q.add_argument("--embed", choices=["fp16", "int8"], default="int8",
                    help="embedding storage; int8 with tied embeddings also serves as the head (default int8)")
@@ -620,7 +648,7 @@ def build_parser():
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
-                   help="store these block linears int8, e.g. v@all,down@more (see above)")
+                   help=f"store these block linears int8 (default {DEFAULT_INT8}; none: all int4; see above)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")
