@@ -62,6 +62,18 @@ def test_the_choice_takes_gain_per_byte_within_the_budget():
     assert S.choose_int8(lin, 10**9) == [(0, "down"), (1, "v"), (2, "down")]
 
 
+def test_q_and_v_of_a_layer_take_k_with_them():
+    # the fused decode stacks a block's int8 rows of q|k|v adjacent: q and v int8 without k cannot run there
+    lin = [dict(layer=0, linear="v", gain=0.005, extra_bytes=100),
+           dict(layer=0, linear="q", gain=0.004, extra_bytes=300),
+           dict(layer=0, linear="k", gain=0.0001, extra_bytes=100)]
+    assert S.choose_int8(lin, 500) == [(0, "k"), (0, "q"), (0, "v")]
+    assert S.choose_int8(lin, 450) == [(0, "k"), (0, "v")]   # q + k does not fit after v; k alone then does
+    assert S.choose_int8(lin, 150) == [(0, "v")]
+    lin[2]["gain"] = -0.001                                      # k made worse: q never goes without it
+    assert S.choose_int8(lin, 10**6) == [(0, "k"), (0, "q"), (0, "v")]
+
+
 def test_the_spec_reads_back_as_the_same_linears():
     chosen = [(0, "down"), (1, "down"), (2, "down"), (5, "down"), (3, "v"), (0, "q")]
     spec = S.int8_spec(chosen)
@@ -96,3 +108,24 @@ def test_the_command_refuses_a_budget_below_the_folder(tiny, capsys):
     rc = main(["sensitivity", str(awq), "--data", str(base / "c.txt"), "--max-size", "1000"])
     assert rc == 2
     assert "below the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, fused", [("q@0,k@0-1,o@1,down@0", True), ("q@0,v@0", False)])
+def test_what_the_fused_decode_takes(tiny, spec, fused):
+    # the rule choose_int8 keeps: q|k|v int8 rows adjacent in a block, else no one-call decode plan
+    import minilm_edge
+    base, src, _ = tiny
+    out = quantize(src, base / f"plan-{fused}", method="rtn", group_size=32, int8=spec, progress=False)
+    m = minilm_edge.load(out)
+    assert (m._plan is not None) == fused
+    if fused:
+        assert m._plan.has_int8
+
+
+def test_the_store_default_spec_keeps_the_fused_decode():
+    from minilm_edge.app.store import SMOLLM2_INT8
+    chosen = int8_linears(SMOLLM2_INT8, 30)
+    for i in range(30):
+        qkv = "".join(k[0] for k in ("q", "k", "v") if (i, k) in chosen)
+        assert qkv in ("", "q", "k", "v", "qk", "kv", "qkv"), (i, qkv)
+    assert not {k for _, k in chosen} & {"gate", "up"}

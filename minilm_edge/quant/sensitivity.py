@@ -124,14 +124,28 @@ def int8_gains(folder, source, ids: np.ndarray, kinds=KINDS, progress: bool = Tr
 
 def choose_int8(linears: list, budget: int) -> list:
     """The linears to store int8 within `budget` extra bytes: by gain per byte, largest first, skipping
-    what no longer fits; never a gain ≤ 0. -> [(layer, linear), ...] sorted."""
+    what no longer fits; never a gain ≤ 0. -> [(layer, linear), ...] sorted.
+
+    One rule of the fused decode (runtime/decode.py `_stack_mixed`): a block's int8 rows of q|k|v must
+    be adjacent, so q and v int8 in one layer take k with them (its bytes counted, its gain too)."""
     if budget < 0:
         raise UsageError(f"the budget is {budget:,} bytes: nothing can be added")
-    chosen, used = [], 0
+    by = {(t["layer"], t["linear"]): t for t in linears}
+    chosen, used = set(), 0
     for t in sorted(linears, key=lambda t: t["gain"] / t["extra_bytes"], reverse=True):
-        if t["gain"] > 0 and used + t["extra_bytes"] <= budget:
-            chosen.append((t["layer"], t["linear"]))
-            used += t["extra_bytes"]
+        i, k = t["layer"], t["linear"]
+        if t["gain"] <= 0 or (i, k) in chosen:
+            continue
+        take = [(i, k)]
+        other = {"q": "v", "v": "q"}.get(k)
+        if other and (i, other) in chosen and (i, "k") not in chosen:
+            if (i, "k") not in by:           # k is not int4 (or not measured): leave this one out
+                continue
+            take.append((i, "k"))
+        cost = sum(by[x]["extra_bytes"] for x in take)
+        if used + cost <= budget:
+            chosen.update(take)
+            used += cost
     return sorted(chosen)
 
 
