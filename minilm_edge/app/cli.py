@@ -241,11 +241,11 @@ perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, window
 
 The default recipe: int4 at group size 32, with v in every layer and down in the layers llama.cpp's
 Q4_K_M favours (--int8 v@all,down@more) stored int8, and the embedding int8: about 6 bits per weight
-over the whole file, smaller and better than Q4_K_M on SmolLM2 (BENCHMARKS.md). For the smallest
-folder: --group-size 128 --int8 none (about 5.2 bits per weight, better than Q4_0). `sensitivity`
-measures which linears deserve int8 for your model and text. A layer whose input size the group size
-does not divide uses 64 or 32 (recorded in config.json). --bits 3 stores 3-bit codes in the 4-bit
-format (for measuring W3 quality).
+over the whole file, Q4_K_M's class (on SmolLM2 2% smaller than Q4_K_M, within 0.7% of its perplexity
+on WikiText-2: BENCHMARKS.md). For the smallest folder: --group-size 128 --int8 none (about 5.2 bits
+per weight, smaller and better than Q4_0). `sensitivity` measures what int8 buys each linear. A
+layer whose input size the group size does not divide uses 64 or 32 (recorded in config.json).
+--bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
 --quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). The embedding is stored
 int8 (--embed fp16 keeps it fp16); with tied embeddings (SmolLM2) that one table is the head too,
 stored once (so --quantize-head int4 needs --embed fp16 there).
@@ -458,6 +458,9 @@ full-precision weights (in the folder's AWQ basis, fitted) rounded to int8 inste
 codes; the gain is how much that lowers the mean KL divergence from the full-precision source on
 --data (first --samples × --seq-len tokens, drawn as quantize draws calibration text). The spec
 takes linears by gain per added byte while they fit under --max-size (the whole folder's bytes).
+Gains are measured one linear at a time and do not add up exactly: on SmolLM2 the spec chosen this way
+within Q4_K_M's size scored worse on validation text than the default v@all,down@more (BENCHMARKS.md,
+"int8 linears chosen by measured KL"); compare candidates with `eval` on validation text.
 Each linear costs one forward pass over the tokens: SmolLM2-135M, 210 linears × 2,048 tokens, is
 about 35 minutes on 2 cores. Measure on your calibration or validation text, never on test text.
 
