@@ -500,10 +500,32 @@ def test_cli_bad_awq_input_is_one_line_and_leaves_nothing(tmp_path, capsys):
 def test_cli_quantize_awq_default(tmp_path, capsys):
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     assert main(["quantize", str(src), str(tmp_path / "q"), "--samples", "2", "--seq-len", "16"]) == 0
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["method"] == "awq"
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "awq"
+    # the CLI's default recipe: g = 32, v everywhere and down in the more-bits layers int8, int8 embedding
+    from minilm_edge.quant.quantize import more_bits_layers
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    assert qc["group_size"] == 32 and qc["embed"] == "int8"
+    assert qc["int8_layers"] == {"v": list(range(n)), "down": more_bits_layers(n)}
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "--calib" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, group, int8", [
+    (["--int8", "none"], 32, None),                          # every block linear int4
+    (["--group-size", "128", "--int8", "none"], 128, None),  # the smallest folder
+    (["--method", "awq", "--samples", "2", "--seq-len", "16", "--max-size", "10000000"], None, None),  # a budget
+    # chooses the group sizes, no int8 by default
+    (["--int8", "down@0"], 32, {"down": [0]}),
+])
+def test_cli_quantize_defaults_give_way(tmp_path, extra, group, int8):
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--method", "rtn", *extra]) == 0   # a later --method wins
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc.get("int8_layers") == int8
+    if group is not None:
+        assert qc["group_size"] == group
 
 
 @settings(max_examples=30, deadline=None)

@@ -15,7 +15,8 @@ def run(argv, capsys, monkeypatch, stdin=""):
     return code, out, err
 
 
-COMMANDS = ["chat", "generate", "pull", "import-gguf", "quantize", "bench", "eval", "export-awq", "inspect"]
+COMMANDS = ["chat", "generate", "pull", "import-gguf", "quantize", "bench", "eval", "export-awq", "inspect",
+            "sensitivity"]
 
 
 def test_help_everywhere_has_examples(capsys, monkeypatch):

@@ -241,8 +241,13 @@ By default only q and k get it (--gptq-linears), with dampening 0.1 (--gptq-damp
 --report writes report.html and report.json into the output folder; --eval FILE adds the
 perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, windows of 512).
 
-Group size 128 by default; a layer whose input size it does not divide uses 64 or 32 (recorded in
-config.json). --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
+The default recipe: int4 at group size 32, with v in every layer and down in the layers llama.cpp's
+Q4_K_M favours (--int8 v@all,down@more) stored int8, and the embedding int8: about 6 bits per weight
+over the whole file, Q4_K_M's class (on SmolLM2 2% smaller than Q4_K_M, within 0.8% of its perplexity
+on WikiText-2: BENCHMARKS.md). For the smallest folder: --group-size 128 --int8 none (about 5.2 bits
+per weight, smaller and better than Q4_0). `sensitivity` measures what int8 buys each linear. A
+layer whose input size the group size does not divide uses 64 or 32 (recorded in config.json).
+--bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
 --quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). The embedding is stored
 int8 (--embed fp16 keeps it fp16); with tied embeddings (SmolLM2) that one table is the head too,
 stored once (so --quantize-head int4 needs --embed fp16 there).
@@ -254,7 +259,8 @@ LINEAR one of q k v o gate up down; LAYERS all, more (the layers llama.cpp's Q4_
 and last eighth, every third between) or indices/ranges joined by '+'. AWQ leaves them unclipped.
 
 examples:
-  python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ W4
+  python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ, the default recipe
+  python -m minilm_edge quantize ./smollm2 ./smollm2-small --group-size 128 --int8 none   # the smallest
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq --samples 32 --generator float
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq --calib my_docs.txt --report
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq3 --bits 3 --calib a.txt b.txt --keep-salient 1
@@ -267,9 +273,30 @@ examples:
 """
 
 
+# The default recipe of `quantize` (issue 17): int4 at g = 32 with v in every layer and down in llama.cpp's
+# `use_more_bits` layers int8, int8 embedding: llama.cpp Q4_K_M's class (on SmolLM2 2% smaller, within
+# 0.8% of its WikiText-2 perplexity; BENCHMARKS.md "int8 linears chosen by measured KL"); the store's
+# default model uses the same recipe (app/store.py). The library's quantize() keeps plain int4 g = 128.
+DEFAULT_GROUP_SIZE = 32
+DEFAULT_INT8 = "v@all,down@more"
+
+
+def quantize_defaults(args) -> None:
+    """Fill --group-size and --int8 when not given: the default recipe, except where an option rules
+    it out (a size budget chooses group sizes itself; fp16 salient channels and int8 do not combine)."""
+    budget = args.target_bpw is not None or args.max_size is not None
+    if args.group_size is None:
+        args.group_size = 128 if budget else DEFAULT_GROUP_SIZE
+    if args.int8 is None:
+        args.int8 = None if budget or args.keep_salient else DEFAULT_INT8
+    elif args.int8.strip().lower() == "none":
+        args.int8 = None
+
+
 def cmd_quantize(args):
     from ..quant.quantize import quantize
     from .store import resolve_model
+    quantize_defaults(args)
     src = resolve_model(args.src_dir)
     t0 = time.perf_counter()
     awq = dict(calib=args.calib, samples=args.samples, seq_len=args.seq_len, keep_salient=args.keep_salient,
@@ -428,6 +455,84 @@ def _add_eval_parser(sub):
     e.set_defaults(func=cmd_eval)
 
 
+# ---- sensitivity
+SENSITIVITY_HELP = """\
+Measure which block linears of an int4 folder most deserve int8, and print the `quantize --int8`
+spec that spends a byte budget best (quant/sensitivity.py). For every int4 linear, alone: its
+full-precision weights (in the folder's AWQ basis, fitted) rounded to int8 instead of its int4
+codes; the gain is how much that lowers the mean KL divergence from the full-precision source on
+--data (first --samples × --seq-len tokens, drawn as quantize draws calibration text). The spec
+takes linears by gain per added byte while they fit under --max-size (the whole folder's bytes).
+Gains are measured one linear at a time and do not add up exactly: on SmolLM2 the spec chosen this way
+within Q4_K_M's size scored worse on validation text than the default v@all,down@more (BENCHMARKS.md,
+"int8 linears chosen by measured KL"); compare candidates with `eval` on validation text.
+Each linear costs one forward pass over the tokens: SmolLM2-135M, 210 linears × 2,048 tokens, is
+about 35 minutes on 2 cores. Measure on your calibration or validation text, never on test text.
+
+examples:
+  python -m minilm_edge sensitivity ./smollm2-g32 --data c4.txt --max-size 105454144
+  python -m minilm_edge sensitivity ./smollm2-g32 --data valid.txt --linears v,o,down --json > gains.json
+  python -m minilm_edge quantize ./smollm2 ./smollm2-mixed --group-size 32 --int8 "$(... spec printed above ...)"
+"""
+
+
+def cmd_sensitivity(args):
+    import json
+
+    from ..quant.calibration import from_files
+    from ..quant.sensitivity import choose_int8, int8_gains, int8_spec
+    from ..runtime.config import read_json
+    from ..runtime.tokenizer import Tokenizer
+    from .store import resolve_model
+    folder = resolve_model(args.model_dir)
+    qc = read_json(folder / "config.json", "config.json").get("quantization_config") or {}
+    source = args.source or (qc.get("source") or {}).get("path")
+    if not source:
+        raise UsageError(f"{folder} records no source model: give --source FOLDER")
+    source = resolve_model(source)
+    if args.samples < 1 or args.seq_len < 2:
+        raise UsageError("--samples must be at least 1 and --seq-len at least 2")
+    folder_bytes = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    budget = None if args.max_size is None else args.max_size - folder_bytes - 4096   # config.json grows a little
+    if budget is not None and budget < 0:
+        raise UsageError(f"--max-size {args.max_size:,} is below the folder's {folder_bytes:,} bytes already")
+    ids = from_files(args.data, Tokenizer(source), args.samples, args.seq_len, args.seed).ids
+    kinds = tuple(k.strip() for k in args.linears.split(",")) if args.linears else None
+    res = int8_gains(folder, source, ids, **({"kinds": kinds} if kinds else {}))
+    if budget is not None:
+        chosen = choose_int8(res["linears"], budget)
+        res.update(budget_bytes=budget, int8=int8_spec(chosen),
+                   added_bytes=sum(t["extra_bytes"] for t in res["linears"] if (t["layer"], t["linear"]) in chosen))
+    if args.json:
+        print(json.dumps({"model": str(folder), "source": str(source), **res}, indent=2))
+        return 0
+    print(f"KL(source || folder) {res['base_kl']:.5f} nats/token on {res['tokens']} tokens; "
+          "gain of int8, per MB added:")
+    for t in sorted(res["linears"], key=lambda t: t["gain"] / t["extra_bytes"], reverse=True):
+        print(f"  {t['linear']:>4}@{t['layer']:<3} gain {t['gain']:+.5f}  +{t['extra_bytes'] / 1e6:.3f} MB  "
+              f"{t['gain'] / t['extra_bytes'] * 1e6:+.5f}/MB")
+    if budget is not None:
+        print(f"--int8 {res['int8'] or '(none fits)'}   (+{res['added_bytes']:,} of {budget:,} bytes)")
+    return 0
+
+
+def _add_sensitivity_parser(sub):
+    s = sub.add_parser("sensitivity", help="which linears deserve int8 under a size budget",
+                       description=SENSITIVITY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("model_dir", metavar="MODEL_DIR", help="an int4 folder made by quantize (or a known name)")
+    s.add_argument("--data", required=True, nargs="+", metavar="FILE", help="text to measure on (not test text)")
+    s.add_argument("--source", metavar="FOLDER",
+                   help="its full-precision source (default: the one config.json records)")
+    s.add_argument("--samples", type=int, default=4, metavar="N", help="rows of text (default 4)")
+    s.add_argument("--seq-len", type=int, default=512, metavar="T", help="tokens per row (default 512)")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="seed for drawing the rows (default 0)")
+    s.add_argument("--linears", metavar="LIST",
+                   help="comma-separated kinds to measure (default all: q,k,v,o,gate,up,down)")
+    s.add_argument("--max-size", type=int, metavar="BYTES", help="print the --int8 spec that fits the folder in BYTES")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_sensitivity)
+
+
 # ---- export-awq
 EXPORT_AWQ_HELP = """\
 Write a minilm-q4 model (made by `quantize`) as an AutoAWQ "GEMM" folder that AutoAWQ, transformers
@@ -542,7 +647,8 @@ def build_parser():
     q.add_argument("out_dir", metavar="OUT_DIR", help="new folder for the quantized model (must not exist or be empty)")
     q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="quantization method (default awq)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
-    q.add_argument("--group-size", type=int, default=128, metavar="G", help="32, 64 or 128 (default 128)")
+    q.add_argument("--group-size", type=int, metavar="G",
+                   help="32, 64 or 128 (default 32; 128 with --target-bpw/--max-size, the largest it may choose)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
     q.add_argument("--embed", choices=["fp16", "int8"], default="int8",
                    help="embedding storage; int8 with tied embeddings also serves as the head (default int8)")
@@ -550,7 +656,7 @@ def build_parser():
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
-                   help="store these block linears int8, e.g. v@all,down@more (see above)")
+                   help=f"store these block linears int8 (default {DEFAULT_INT8}; none: all int4; see above)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")
@@ -588,6 +694,7 @@ def build_parser():
     b.add_argument("--f32-activations", action="store_true", help=F32_ACTIVATIONS_HELP)
     b.set_defaults(func=cmd_bench)
     _add_eval_parser(sub)
+    _add_sensitivity_parser(sub)
     _add_export_awq_parser(sub)
     _add_inspect_parser(sub)
     from .check import add_parser as add_check_parser  # check: re-evaluation against a reference
