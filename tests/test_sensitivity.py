@@ -123,8 +123,8 @@ def test_what_the_fused_decode_takes(tiny, spec, fused):
 
 
 def test_the_store_default_spec_keeps_the_fused_decode():
-    from minilm_edge.app.store import SMOLLM2_INT8
-    chosen = int8_linears(SMOLLM2_INT8, 30)
+    from minilm_edge.app.store import PREPARED_MODELS
+    chosen = int8_linears(PREPARED_MODELS["smollm2-135m-instruct-awq"].quantize["int8"], 30)
     for i in range(30):
         qkv = "".join(k[0] for k in ("q", "k", "v") if (i, k) in chosen)
         assert qkv in ("", "q", "k", "v", "qk", "kv", "qkv"), (i, qkv)
