@@ -273,22 +273,15 @@ examples:
 """
 
 
-# The default recipe of `quantize` (issue 17): int4 at g = 32 with v in every layer and down in llama.cpp's
-# `use_more_bits` layers int8, int8 embedding: llama.cpp Q4_K_M's class (on SmolLM2 2% smaller, within
-# 0.8% of its WikiText-2 perplexity; BENCHMARKS.md "int8 linears chosen by measured KL"); the store's
-# default model uses the same recipe (app/store.py). The library's quantize() keeps plain int4 g = 128.
-DEFAULT_GROUP_SIZE = 32
-DEFAULT_INT8 = "v@all,down@more"
-
-
 def quantize_defaults(args) -> None:
     """Fill --group-size and --int8 when not given: the default recipe, except where an option rules
     it out (a size budget chooses group sizes itself; fp16 salient channels and int8 do not combine)."""
+    from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
     budget = args.target_bpw is not None or args.max_size is not None
     if args.group_size is None:
-        args.group_size = 128 if budget else DEFAULT_GROUP_SIZE
+        args.group_size = 128 if budget else RECIPE_GROUP_SIZE
     if args.int8 is None:
-        args.int8 = None if budget or args.keep_salient else DEFAULT_INT8
+        args.int8 = None if budget or args.keep_salient else RECIPE_INT8
     elif args.int8.strip().lower() == "none":
         args.int8 = None
 
@@ -656,7 +649,7 @@ def build_parser():
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
-                   help=f"store these block linears int8 (default {DEFAULT_INT8}; none: all int4; see above)")
+                   help="store these block linears int8 (default v@all,down@more; none: all int4; see above)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

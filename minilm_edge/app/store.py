@@ -59,6 +59,7 @@ from ..formats.manifest import (
     write_manifest,
 )
 from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_folders  # modes: README
+from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
 from ..version import __version__
 
 
@@ -147,13 +148,13 @@ PREPARED_MODELS = {
     # perplexity as fp16, half the bytes read per token; the folder is 54 MiB smaller than with an
     # fp16 embedding beside an int8 head: BENCHMARKS.md, issue 17). Calibration and search sized for
     # a first answer within minutes (issue 15): FIRST_RUN_CALIBRATION, chosen by measurement.
-    # The weights: `quantize`'s default recipe (app/cli.py DEFAULT_GROUP_SIZE, DEFAULT_INT8), int4 at
-    # g = 32 with v everywhere and down in llama.cpp's more-bits layers int8: llama.cpp Q4_K_M's class,
+    # The weights: the `quantize` command's default recipe (quant/recipe.py), int4 at g = 32
+    # with v everywhere and down in llama.cpp's more-bits layers int8: llama.cpp Q4_K_M's class,
     # 3 ppl better than int4 g = 128 on WikiText-2 for 13 MB more (BENCHMARKS.md, issue 17).
     "smollm2-135m-instruct-awq": PreparedModel(
         base="smollm2-135m-instruct",
-        quantize={"method": "awq", "bits": 4, "group_size": 32, "int8": "v@all,down@more", "embed": "int8",
-                  "seed": 0, **FIRST_RUN_CALIBRATION},
+        quantize={"method": "awq", "bits": 4, "group_size": RECIPE_GROUP_SIZE, "int8": RECIPE_INT8,
+                  "embed": "int8", "seed": 0, **FIRST_RUN_CALIBRATION},
         minutes=FIRST_RUN_MINUTES,
     ),
 }

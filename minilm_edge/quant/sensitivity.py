@@ -23,9 +23,9 @@ with 8-bit rounding), which changes the folder slightly from the one measured he
 
 Measured once (BENCHMARKS.md, "int8 linears chosen by measured KL"): on SmolLM2-135M, 150 linears
 on 2,048 tokens, the spec chosen within Q4_K_M's size predicted 0.035 nats of KL gain against 0.023
-for llama.cpp's v/down pattern at the same size, yet its folder (AWQ redone) scored worse on
+for a hand-made v/down spec of the same size, yet its folder (AWQ redone) scored worse on
 WikiText-2 validation (26.87 against 26.71): single-linear gains of a few 1e-4 nats are within the
-noise of 2,048 tokens and do not add. So the default recipe keeps the pattern; this measures.
+noise of 2,048 tokens and do not add. So the default recipe keeps llama.cpp's pattern; this measures.
 """
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ from ..errors import UsageError
 from ..formats.q4 import choose_group_size
 from .awq import INT8_GROUP_SIZE
 from .budget import HEADER_BYTES_PER_TENSOR, linear_bytes, q8_bytes
-
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+from .quantize import LINEAR_NAMES as KINDS
 
 
 def fit_basis(w: np.ndarray, q: np.ndarray, iters: int = 6) -> tuple:
