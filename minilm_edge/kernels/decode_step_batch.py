@@ -48,9 +48,9 @@ from .decode_step import (
     _rms_norm_vec,
     _share,
     _share_mixed,
-    _silu_mul,
     attend_part,
     merge_parts,
+    silu_mul_span,
 )
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import split_x
@@ -516,8 +516,7 @@ def _rows_batch_gate_up_mixed(i8, st, q8, tab, base, F, a, e, sh):
     _rows_batch_mixed(i8, STORE, st, q8, tab, base, a, e, sh, sh.gu)            # gate rows 2a .. 2e−1
     _rows_batch_mixed(i8, STORE, st, q8, tab, base, h + a, h + e, sh, sh.gu)    # up rows F + 2a ..
     for b in range(sh.act.shape[0]):
-        for f in range(2 * a, 2 * e):
-            sh.act[b, f] = _silu_mul(sh.gu[b, f], sh.gu[b, F + f])
+        silu_mul_span(sh.gu[b], F, 2 * a, 2 * e, sh.act[b])
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
