@@ -14,7 +14,8 @@ QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, 
 PROMPTS = ["the capital of France", "hello", "and the", "Paris is the capital and", "x", "hello hello the"]
 
 
-INT8_LINEARS = "v@0,down@1,o@0"     # int8 rows in all three kinds the step takes (q|k|v, o, down), not in every block
+# int8 rows in every kind the step takes (q|k|v, o, gate|up, down), not in every block; gate and up in one, up alone
+INT8_LINEARS = "v@0,down@1,o@0,gate@0,up@0+1"
 
 
 @pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act", "q4-int8", "q4-int8-f32act"])

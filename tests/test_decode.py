@@ -180,10 +180,12 @@ def test_attention_parts_joined_are_softmax_attention(n, dh, rep, parts, seed, s
         np.testing.assert_allclose(out[h * dh:(h + 1) * dh], (p / p.sum()) @ v[:n], rtol=1e-4, atol=1e-5)
 
 
+MIXED_INT8 = "v@0+2,down@1+2,o@1,k@2,gate@0+2,up@1+2"   # gate|up: gate alone (0), up alone (1), both (2)
+
+
 def _mixed_folder(tmp_path):
     src, cfg, _ = make_model_dir(tmp_path / "src", num_hidden_layers=3, **QUANTIZABLE)
-    q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False,
-                 int8="v@0+2,down@1+2,o@1,k@2")
+    q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False, int8=MIXED_INT8)
     return src, cfg, q
 
 
@@ -195,8 +197,14 @@ def test_mixed_int4_int8_folder_decodes_fused_as_unfused(tmp_path, n_threads):
     from minilm_edge.runtime.linear import Q8
     src, cfg, q = _mixed_folder(tmp_path)
     model = minilm_edge.load(q, int8_activations=False)
-    assert model.fused_decode and model.decode_plan.down.q8 is not None and model.decode_plan.has_int8
+    plan = model.decode_plan
+    assert model.fused_decode and plan.down.q8 is not None and plan.gate_up.q8 is not None and plan.has_int8
     assert isinstance(model.weights.blocks[2].down, Q8) and isinstance(model.weights.blocks[0].v, Q8)
+    blocks = model.weights.blocks
+    assert [(type(b.gate).__name__, type(b.up).__name__) for b in blocks] == [("Q8", "Q4"), ("Q4", "Q8"), ("Q8", "Q8")]
+    F = cfg["intermediate_size"]
+    # gate|up's int8 row pairs per block (first row, pairs p0, p1 of the block's 2F rows): gate, up, both
+    assert plan.q8_table[2].tolist() == [[0, 0, F // 2], [F, F // 2, F], [2 * F, 0, F]]
     ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 24)
     full = model.hidden_states(ids)
     runs = {}
@@ -234,8 +242,23 @@ def test_mixed_folder_fused_with_int8_activations(tmp_path):
         assert np.linalg.norm(steps - f32) / np.linalg.norm(f32) < 0.1
 
 
-def test_no_plan_when_gate_or_up_is_int8(tmp_path):
-    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
-    q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False, int8="up@1")
-    model = minilm_edge.load(q)
-    assert model.decode_plan is None and not model.fused_decode
+@pytest.mark.parametrize("spec", ["up@1", "gate@0", "gate@1,up@1"])
+@pytest.mark.parametrize("int8_act", [False, True])
+def test_int8_gate_up_alone_decode_fused_as_unfused(tmp_path, spec, int8_act):
+    """Only gate and/or up int8 (the int4 stacks of q|k|v, o, down without int8 rows): the one-call step
+    takes them (kernels/decode_step._rows_gate_up_mixed) and gives the per-linear path's hidden states,
+    in float32 to float precision and with int8 activations (where the two quantize the activations of
+    the int8 rows differently) as close as int8 activations allow."""
+    src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False, int8=spec)
+    model = minilm_edge.load(q, int8_activations=int8_act)
+    assert model.fused_decode and model.decode_plan.has_int8 and model.decode_plan.gate_up.q8 is not None
+    assert model.decode_plan.int8_ok == VNNI
+    ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], 20)
+    runs = {}
+    for fused in (True, False):
+        model.fused_decode = fused
+        cache = model.new_cache(32)
+        runs[fused] = np.concatenate([model.hidden_states([t], cache) for t in ids])
+    err = np.linalg.norm(runs[True] - runs[False]) / np.linalg.norm(runs[False])
+    assert err < (0.1 if int8_act and VNNI else 1e-5)

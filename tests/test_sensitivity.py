@@ -62,6 +62,16 @@ def test_the_choice_takes_gain_per_byte_within_the_budget():
     assert S.choose_int8(lin, 10**9) == [(0, "down"), (1, "v"), (2, "down")]
 
 
+def test_gate_and_up_are_chosen_on_their_own():
+    # unlike q and v, neither of gate and up takes the other along (the fused decode takes any of them)
+    lin = [dict(layer=0, linear="up", gain=0.005, extra_bytes=100),
+           dict(layer=0, linear="gate", gain=0.001, extra_bytes=100),
+           dict(layer=1, linear="gate", gain=0.003, extra_bytes=100),
+           dict(layer=1, linear="down", gain=0.002, extra_bytes=100)]
+    assert S.choose_int8(lin, 250) == [(0, "up"), (1, "gate")]
+    assert S.choose_int8(lin, 10**6) == [(0, "gate"), (0, "up"), (1, "down"), (1, "gate")]
+
+
 def test_q_and_v_of_a_layer_take_k_with_them():
     # the fused decode stacks a block's int8 rows of q|k|v adjacent: q and v int8 without k cannot run there
     lin = [dict(layer=0, linear="v", gain=0.005, extra_bytes=100),
@@ -110,12 +120,15 @@ def test_the_command_refuses_a_budget_below_the_folder(tiny, capsys):
     assert "below the folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("spec, fused", [("q@0,k@0-1,o@1,down@0", True), ("q@0,v@0", False)])
+@pytest.mark.parametrize("spec, fused", [("q@0,k@0-1,o@1,down@0", True), ("q@0,v@0", False),
+                                         ("gate@0,up@1,v@1", True), ("gate@0-1,up@0,k@1,v@1", True)])
 def test_what_the_fused_decode_takes(tiny, spec, fused):
-    # the rule choose_int8 keeps: q|k|v int8 rows adjacent in a block, else no one-call decode plan
+    # the rule choose_int8 keeps: q|k|v int8 rows adjacent in a block, else no one-call decode plan;
+    # gate and up int8 in any combination run there (no rule needed)
     import minilm_edge
     base, src, _ = tiny
-    out = quantize(src, base / f"plan-{fused}", method="rtn", group_size=32, int8=spec, progress=False)
+    name = "plan-" + spec.replace(",", "_").replace("@", "-")
+    out = quantize(src, base / name, method="rtn", group_size=32, int8=spec, progress=False)
     m = minilm_edge.load(out)
     assert (m._plan is not None) == fused
     if fused:
@@ -128,4 +141,3 @@ def test_the_store_default_spec_keeps_the_fused_decode():
     for i in range(30):
         qkv = "".join(k[0] for k in ("q", "k", "v") if (i, k) in chosen)
         assert qkv in ("", "q", "k", "v", "qk", "kv", "qkv"), (i, qkv)
-    assert not {k for _, k in chosen} & {"gate", "up"}

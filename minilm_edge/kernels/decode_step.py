@@ -26,9 +26,10 @@ The whole step is tested against the Python path (prefill of the same tokens) in
 The arguments are records (namedtuples, built once by runtime/decode.DecodePlan):
     Q4Stack      one stacked linear kind, (L, N) axes merged into rows: row l·N + n (four of them:
                  q|k|v, o, gate|up, down)
-    Q8Stack      the int8 block linears' rows of one kind (q|k|v, o, down; quantize --int8), computed
-                 in one pass where the int4 stack holds zero placeholders (`_rows_mixed`); a block's
-                 int8 row pairs count Q8_COST to an int4 pair's Q4_COST when the threads share a phase
+    Q8Stack      the int8 block linears' rows of one kind (q|k|v, o, gate|up, down; quantize --int8),
+                 computed in one pass where the int4 stack holds zero placeholders (`_rows_mixed`); a
+                 block's int8 row pairs count Q8_COST to an int4 pair's Q4_COST when the threads share
+                 a phase. A block with int8 gate or up rows takes two passes (`_rows_gate_up_mixed`)
     Blocks       the norms, eps and the head shape
     Shared       buffers every thread writes parts of and reads whole after a barrier
     KVCache      the cache the token joins (k, v) and the attention scores' scratch
@@ -49,7 +50,7 @@ from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import dot2_q4_f32, dot2_q8_f32, split_x
 from .quant_i8_matmul import VNNI
 from .quant_i8_matvec import quantize_vec, salient_x
-from .simd import LANES, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
+from .simd import LANES, v_div, v_exp, v_fma, v_hsum, v_load, v_mul, v_splat, v_store, v_zeros
 from .sync import barrier
 
 if VNNI:
@@ -86,6 +87,7 @@ Blocks = namedtuple("Blocks", [
 Shared = namedtuple("Shared", [
     "qkv",          # float32 [(H + 2 Hkv) Dh]
     "act",          # float32 [F]        silu(gate) ⊙ up
+    "gu",           # float32 [2F]       gate | up before the product, in blocks with int8 gate or up rows
     "bar",          # int64   [8]        barrier counter (one cache line), zeroed before each call
 ])
 KVCache = namedtuple("KVCache", [
@@ -255,6 +257,14 @@ def _pair(mode, base, up, i):
 
 
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _silu_mul(g, u):
+    """silu(g)·u of one gate and one up output (`_put` spells the same formula out: called there, it
+    made LLVM emit different code for the single-stream and the B-row SWIGLU, whose rows then
+    differed in the last bit; tests/test_batch.py watches that)."""
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
 def _put(mode, out, i, ra, rb, ya, yb, bias):
     if mode == SWIGLU:
         out[i] = ya / (np.float32(1.0) + np.exp(-ya)) * yb
@@ -347,6 +357,35 @@ def _rows_mixed(i8, mode, st, q8, tab, base, a, b, p, out):
     _rows(i8, mode, st, base, 0, max(a, p1), b, p, out)
 
 
+@kernel(fastmath=FASTMATH_REDUCE)
+def _rows_gate_up_mixed(i8, st, q8, tab, base, F, a, b, p, gu, act):
+    """Gate and up rows 2a .. 2b−1 of one block of the gate|up stack st whose gate or up (or both) are
+    int8 rows of q8 (tab), and act[f] = silu(gate f)·(up f) for those f. SWIGLU pairs gate row f with
+    up row f in one row-pair call, which takes two rows of one format; here they may be of two. So
+    two passes of `_rows_mixed` (STORE: pairs of adjacent rows, int4 or int8, as in q|k|v): the gate
+    pairs a .. b−1, then the up pairs F/2 + a .. F/2 + b − 1, into gu [2F]; then the product. The
+    thread reads back only what it wrote: no barrier. F even (decode._stack_mixed: whole row pairs)."""
+    h = F // 2
+    _rows_mixed(i8, STORE, st, q8, tab, base, a, b, p, gu)                      # gate rows 2a .. 2b−1
+    _rows_mixed(i8, STORE, st, q8, tab, base, h + a, h + b, p, gu)              # up rows F + 2a ..
+    silu_mul_span(gu, F, 2 * a, 2 * b, act)
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def silu_mul_span(gu, F, f0, f1, act):
+    """act[f] = silu(gu[f])·gu[F + f] for f0 <= f < f1, 16 lanes at a time (v_exp), the rest one by one.
+    Vectorised: a scalar e^x per output, outside the row loop that hides it under memory reads in
+    SWIGLU, cost ~1 ns each. Not inlined: the single-stream and B-row steps call this one compiled code,
+    so their rows stay bit-identical."""
+    one, m1 = v_splat(np.float32(1.0)), v_splat(np.float32(-1.0))
+    f16 = f1 - (f1 - f0) % LANES
+    for f in range(f0, f16, LANES):
+        g = v_load(gu, f)
+        v_store(act, f, v_mul(v_div(g, v_fma(v_exp(v_mul(g, m1)), one, one)), v_load(gu, F + f)))
+    for f in range(f16, f1):
+        act[f] = _silu_mul(gu[f], gu[F + f])
+
+
 @kernel()
 def _share(n, t, T):
     """Thread t's part [a, b) of range(n) split evenly over T threads."""
@@ -383,15 +422,17 @@ def _pair_at(c, p0, p1):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab,
-                   kv, sh, sc):
+def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                   down_q8, q8_tab, kv, sh, sc):
     """Thread t of T: its share of every phase of every block, with a barrier after each phase.
 
     Shared (written by parts, read whole after a barrier): x, sh.qkv, sh.act, the cache.
     Private to the thread (row t of the scratch): h, att and the matvec prologue. Each thread
     normalises and prepares the whole input itself: cheaper than a barrier. The stacks' N:
-    (H + 2 Hkv) Dh, D, 2F, D. qkv_q8, o_q8, down_q8 (Q8Stack): the int8 linears' rows, q8_tab [3, L, 3]
-    where they go in each block (`_rows_mixed`); the int8 pairs are shared out by cost (`_share_mixed`).
+    (H + 2 Hkv) Dh, D, 2F, D. qkv_q8, o_q8, gate_up_q8, down_q8 (Q8Stack): the int8 linears' rows,
+    q8_tab [4, L, 3] where they go in each block (`_rows_mixed`); the int8 pairs are shared out by cost
+    (`_share_mixed`), except gate|up's: a thread's gate rows and up rows are the same f, so each f costs
+    the same and an even split of the pairs is even.
     """
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     nq, nkv, half, F, D = H * Dh, Hkv * Dh, Dh // 2, sh.act.shape[0], x.shape[0]
@@ -439,23 +480,28 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         # MLP: h = norm(x); gate|up = W h; x += down(silu(gate) ⊙ up)
         _rms_norm_vec(x, w.mlp_norm[l], w.eps, h)
         _prologue(i8, h, gate_up_w, l, p)
-        a, b = _share(F, t, T)                   # gate row f and up row F+f together, SiLU fused in
-        _rows(i8, SWIGLU, gate_up_w, l * Nu, F, a, b, p, act)
+        if q8_tab[2, l, 0] < 0:
+            a, b = _share(F, t, T)               # gate row f and up row F+f together, SiLU fused in
+            _rows(i8, SWIGLU, gate_up_w, l * Nu, F, a, b, p, act)
+        else:                                    # int8 gate or up rows: in row pairs, two passes
+            a, b = _share(F // 2, t, T)
+            _rows_gate_up_mixed(i8, gate_up_w, gate_up_q8, q8_tab[2, l], l * Nu, F, a, b, p, sh.gu, act)
         k = barrier(bar, k, T)
         _prologue(i8, act, down_w, l, p)
-        a, b = _share_mixed(D // 2, t, T, q8_tab[2, l])
-        _rows_mixed(i8, ADD, down_w, down_q8, q8_tab[2, l], l * D, a, b, p, x)             # x += Wdown act
+        a, b = _share_mixed(D // 2, t, T, q8_tab[3, l])
+        _rows_mixed(i8, ADD, down_w, down_q8, q8_tab[3, l], l * D, a, b, p, x)             # x += Wdown act
         k = barrier(bar, k, T)
 
 
 # ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
 @parallel_kernel()
-def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab, kv, sh, sc):
+def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab,
+                  kv, sh, sc):
     """x [D] float32 (modified in place) through all L blocks (w: Blocks; the linears: Q4Stack
-    each, plus the int8 linears' rows: Q8Stack, `_rows_mixed`); writes the cache
+    each, plus the int8 linears' rows: Q8Stack per kind and q8_tab [4, L, 3], `_rows_mixed`); writes the cache
     kv at `pos`. cos, sin: [Dh/2] at `pos`; i8: int8 activations (needs VNNI) or float32 in the
     block matvecs; T threads, each at most the scratch's P and running concurrently (sync.py);
     sh.bar zeroed."""
     for t in prange(T):
-        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab,
-                       kv, sh, sc)
+        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                       down_q8, q8_tab, kv, sh, sc)

@@ -40,7 +40,18 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, models, register_model
 
-from .decode_step import ADD, STORE, SWIGLU, _pair, _rms_norm_vec, _share, _share_mixed, attend_part, merge_parts
+from .decode_step import (
+    ADD,
+    STORE,
+    SWIGLU,
+    _pair,
+    _rms_norm_vec,
+    _share,
+    _share_mixed,
+    attend_part,
+    merge_parts,
+    silu_mul_span,
+)
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import split_x
 from .quant_i8_matmul import VNNI, i32x16
@@ -123,6 +134,7 @@ def v_dot_nibbles(typingctx, lo, hi, qe, qo, x_off):
 BatchShared = namedtuple("BatchShared", [
     "qkv",          # float32 [B, (H + 2 Hkv) Dh]
     "act",          # float32 [B, F]          silu(gate) ⊙ up
+    "gu",           # float32 [B, 2F]         gate | up before the product, in blocks with int8 gate or up rows
     "bar",          # int64   [8]             barrier counter, zeroed before each call
     # each row's matvec prologue (written by the row's owner, read by every thread after a barrier):
     "xe", "xo",     # float32 [B, K/2]        float32 activations (quant_f32.split_x)
@@ -497,6 +509,17 @@ def _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
+def _rows_batch_gate_up_mixed(i8, st, q8, tab, base, F, a, e, sh):
+    """decode_step._rows_gate_up_mixed for B rows: gate and up rows 2a .. 2e−1 of a block with int8
+    gate or up rows into sh.gu (two passes of `_rows_batch_mixed`), then sh.act = silu(gate)·up there."""
+    h = F // 2
+    _rows_batch_mixed(i8, STORE, st, q8, tab, base, a, e, sh, sh.gu)            # gate rows 2a .. 2e−1
+    _rows_batch_mixed(i8, STORE, st, q8, tab, base, h + a, h + e, sh, sh.gu)    # up rows F + 2a ..
+    for b in range(sh.act.shape[0]):
+        silu_mul_span(sh.gu[b], F, 2 * a, 2 * e, sh.act[b])
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
 def _prologue_row(i8, x, st, l, sh, b):
     """decode_step._prologue of input x for block l of stack st, into row b of the shared buffers."""
     if i8:
@@ -539,11 +562,12 @@ def _rope_store(t, T, l, qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8, q8_tab,
-                  kp, vp, sh, sc):
+def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                  down_q8, q8_tab, kp, vp, sh, sc):
     """Thread t of T: its share of every phase of every block for all B rows, a barrier after each.
-    The int8 linears' rows (qkv_q8, o_q8, down_q8, q8_tab: decode_step._decode_thread's) are computed
-    where the int4 stacks hold placeholders (`_rows_batch_mixed`), shared out by cost (`_share_mixed`)."""
+    The int8 linears' rows (qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab: decode_step._decode_thread's) are
+    computed where the int4 stacks hold placeholders (`_rows_batch_mixed`), shared out by cost
+    (`_share_mixed`; gate|up's evenly, in two passes: `_rows_batch_gate_up_mixed`)."""
     B, D = x.shape
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     F, Na = sh.act.shape[1], sh.qkv.shape[1]
@@ -577,31 +601,35 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
         k = barrier(bar, k, T)
         for b in range(t, B, T):
             _rms_norm_vec(x[b], w.mlp_norm[l], w.eps, h)
-            _prologue_row(i8, h, gate_up_w, l, sh, b)
+            _prologue_row_mixed(i8, h, gate_up_w, q8_tab[2, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share(F, t, T)
-        _rows_batch(i8, SWIGLU, gate_up_w, l * 2 * F, F, a, e, sh, sh.act)           # act = silu(g) ⊙ u
+        if q8_tab[2, l, 0] < 0:
+            a, e = _share(F, t, T)
+            _rows_batch(i8, SWIGLU, gate_up_w, l * 2 * F, F, a, e, sh, sh.act)       # act = silu(g) ⊙ u
+        else:                                                             # int8 gate or up rows
+            a, e = _share(F // 2, t, T)
+            _rows_batch_gate_up_mixed(i8, gate_up_w, gate_up_q8, q8_tab[2, l], l * 2 * F, F, a, e, sh)
         k = barrier(bar, k, T)
         for b in range(t, B, T):
-            _prologue_row_mixed(i8, sh.act[b], down_w, q8_tab[2, l], l, sh, b)
+            _prologue_row_mixed(i8, sh.act[b], down_w, q8_tab[3, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_mixed(D // 2, t, T, q8_tab[2, l])
-        _rows_batch_mixed(i8, ADD, down_w, down_q8, q8_tab[2, l], l * D, a, e, sh, x)          # x += Wdown act
+        a, e = _share_mixed(D // 2, t, T, q8_tab[3, l])
+        _rows_batch_mixed(i8, ADD, down_w, down_q8, q8_tab[3, l], l * D, a, e, sh, x)          # x += Wdown act
         k = barrier(bar, k, T)
 
 
 @parallel_kernel()
-def decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8,
-                        q8_tab, kp, vp, sh, sc):
+def decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                        down_q8, q8_tab, kp, vp, sh, sc):
     """x [B, D] float32 (modified in place) through all L blocks; row b is a token at position pos[b]
     of pool slot slots[b] (kp, vp [slots, L, Hkv, S, Dh]; its k, v written there). cos, sin
     [B, Dh/2] at pos; i8: int8 activations (VNNI) or float32; the linears: Q4Stack each, plus the int8
-    linears' rows (Q8Stack) and q8_tab [3, L, 3], as decode_step.decode_blocks takes them; T threads
+    linears' rows (Q8Stack per kind) and q8_tab [4, L, 3], as decode_step.decode_blocks takes them; T threads
     running concurrently (sync.py), at most the scratch's P; the shared buffers' first dimension is B;
     sh.bar zeroed."""
     for t in prange(T):
-        _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, down_q8,
-                      q8_tab, kp, vp, sh, sc)
+        _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                      down_q8, q8_tab, kp, vp, sh, sc)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -132,7 +132,9 @@ def choose_int8(linears: list, budget: int) -> list:
     what no longer fits; never a gain ≤ 0. -> [(layer, linear), ...] sorted.
 
     One rule of the fused decode (runtime/decode.py `_stack_mixed`): a block's int8 rows of q|k|v must
-    be adjacent, so q and v int8 in one layer take k with them (its bytes counted, its gain too)."""
+    be adjacent, so q and v int8 in one layer take k with them (its bytes counted, its gain too).
+    gate and up need no such rule: they are the only two parts of their stack, so any of gate, up or
+    both is adjacent (the step computes such a block in row pairs: kernels/decode_step._rows_gate_up_mixed)."""
     if budget < 0:
         raise UsageError(f"the budget is {budget:,} bytes: nothing can be added")
     by = {(t["layer"], t["linear"]): t for t in linears}

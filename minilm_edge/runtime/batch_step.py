@@ -36,6 +36,7 @@ class BatchStep:
         B, S = self.rows, self.positions
         self._shared = BatchShared(
             qkv=np.empty((B, (H + 2 * Hkv) * Dh), np.float32), act=np.empty((B, F), np.float32),
+            gu=np.empty((B, 2 * F), np.float32),
             bar=np.zeros(8, np.int64),
             xe=np.empty((B, K // 2), np.float32), xo=np.empty((B, K // 2), np.float32),
             xs=np.empty((B, K // 32), np.float32), xsal=np.zeros((B, m16), np.float32),

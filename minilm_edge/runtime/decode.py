@@ -1,10 +1,14 @@
 """The one-call decode plan: every block's int4 weights stacked, and the buffers of one step.
 
-int8 block linears (`quantize --int8`) of q|k|v, o and down keep their int8 rows: a second, small
-stack of that kind (`stack_q8`: uint8 q + 128, per 128 channels even then odd, quant_i8_matvec.q8_rows)
-that the step multiplies in one pass, int8 x int8 on VNNI (quant_i8_matvec.dot2_q8_i8), else with
-float32 activations (quant_f32.dot2_q8_f32). The int4 stack keeps a zero placeholder in their place
-(never read: its memory, not its bandwidth, is the cost).
+int8 block linears (`quantize --int8`, any of q, k, v, o, gate, up, down in any block) keep their
+int8 rows: a second, small stack of that kind (`stack_q8`: uint8 q + 128, per 128 channels even then
+odd, quant_i8_matvec.q8_rows) that the step multiplies in one pass, int8 x int8 on VNNI
+(quant_i8_matvec.dot2_q8_i8), else with float32 activations (quant_f32.dot2_q8_f32). The int4 stack
+keeps a zero placeholder in their place (never read: its memory, not its bandwidth, is the cost).
+A block's int8 rows of one kind must be adjacent in whole row pairs: q|k|v's (q and v int8 take k
+along, quant/sensitivity.choose_int8); gate|up's always are (gate, up or both), and such a block
+computes gate and up in row pairs, then the SiLU product (kernels/decode_step._rows_gate_up_mixed),
+while all-int4 blocks keep the fused gate-row-with-up-row kernel.
 
 When every block linear is int4 (minilm-q4) and the stacks line up, the weights of all L blocks
 are stacked once at load into [L, ...] arrays of one kind each (q|k|v fused by rows, o, gate|up
@@ -81,17 +85,15 @@ def stack_q8(parts: list) -> Q8Stack | None:
     return Q8Stack(qweight, scales, g8, *group_index(g8, K))
 
 
-def stack_q4(layers: list, q8_ok: bool = True) -> StackedQ4 | None:
-    """layers: L lists of Q4 (or Q8: `stack_q8`, where `q8_ok` and the int8 parts of a block are
-    adjacent and in whole row pairs) linears to fuse by rows; None if they cannot share one stack."""
+def stack_q4(layers: list) -> StackedQ4 | None:
+    """layers: L lists of Q4 (or Q8: `stack_q8`, where the int8 parts of a block are adjacent and in
+    whole row pairs) linears to fuse by rows; None if they cannot share one stack."""
     kinds = {lin.kind for parts in layers for lin in parts}
     if not kinds <= {"q4", "q8"}:
         return None
     first = next((lin.p for parts in layers for lin in parts if lin.kind == "q4"), layers[0][0].p)
     K, g = first.shape[1], first.group_size
     if "q8" in kinds:
-        if not q8_ok:
-            return None
         return _stack_mixed(layers, K, g)
     for parts in layers:
         for lin in parts:
@@ -228,13 +230,15 @@ class DecodePlan:
         m16 = max(st.sal_idx.shape[1] for st in (qkv, o, gate_up, down))
         self.blocks = Blocks(self.attn_norm, self.mlp_norm, np.float32(cfg.rms_norm_eps), H, Hkv, Dh)
         self.stacks = (qkv.record(), o.record(), gate_up.record(), down.record())   # kernels' Q4Stack
-        # the int8 linears' rows (q|k|v, o, down) and where they go (kernels' _rows_mixed)
-        self.q8 = tuple(st.q8 or _dummy_q8(st.shape[1]) for st in (qkv, o, down))
+        # the int8 linears' rows (q|k|v, o, gate|up, down) and where they go (kernels' _rows_mixed)
+        kinds = (qkv, o, gate_up, down)
+        self.q8 = tuple(st.q8 or _dummy_q8(st.shape[1]) for st in kinds)
         L = self.attn_norm.shape[0]
         self.q8_table = np.stack([st.q8_table if st.q8_table is not None else np.full((L, 3), -1, np.int64)
-                                  for st in (qkv, o, down)])                      # int64 [3, L, 3]
+                                  for st in kinds])                              # int64 [4, L, 3]
         self.shared = Shared(qkv=np.empty((H + 2 * Hkv) * Dh, np.float32),   # [(H + 2 Hkv) Dh]
                              act=np.empty(F, np.float32),                     # [F]
+                             gu=np.empty(2 * F, np.float32),                  # [2F]
                              bar=np.zeros(8, np.int64))                       # barrier counter
         self.scratch = Scratch(                                              # per thread (kernels/decode_step)
             h=np.empty((P, D), np.float32), att=np.empty((P, H * Dh), np.float32),
@@ -278,8 +282,8 @@ class DecodePlan:
 
 
 def build_plan(cfg, blocks):
-    """A DecodePlan when every block linear is int4 (or int8 in q|k|v, o, down: `stack_q8`) and the
-    stacks line up, else None."""
+    """A DecodePlan when every block linear is int4 (or int8: `stack_q8`) and the stacks line up, else
+    None."""
     if not all(getattr(b, n).kind in ("q4", "q8") for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
         return None
     if cfg.head_dim % LANES or cfg.hidden_size % 2:   # whole 16-lane vectors; output rows in pairs
@@ -287,7 +291,7 @@ def build_plan(cfg, blocks):
     if any(getattr(b, n).bias is not None for b in blocks for n in ("o", "gate", "up", "down")):
         return None
     stacks = [stack_q4([[b.q, b.k, b.v] for b in blocks]), stack_q4([[b.o] for b in blocks]),
-              stack_q4([[b.gate, b.up] for b in blocks], q8_ok=False), stack_q4([[b.down] for b in blocks])]
+              stack_q4([[b.gate, b.up] for b in blocks]), stack_q4([[b.down] for b in blocks])]
     if any(s is None for s in stacks):
         return None
     return DecodePlan(cfg, blocks, *stacks)

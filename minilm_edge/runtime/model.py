@@ -136,7 +136,8 @@ class Model:
             for n, lin in own.items():
                 setattr(b, n, lin)
             qkv_own = any(n in own for n in ("q", "k", "v"))
-            fused.append((None if qkv_own else p.qkv.layer(l), p.gate_up.layer(l)))
+            gate_up_own = "gate" in own or "up" in own
+            fused.append((None if qkv_own else p.qkv.layer(l), None if gate_up_own else p.gate_up.layer(l)))
         return fused
 
     @property
