@@ -438,6 +438,22 @@ def test_self_generated_calibration_is_reproducible(tmp_path):
     assert a.sha256 == b.sha256 and a.sha256 != c.sha256 and a.source == ["self-generated"]
 
 
+def test_the_int4_generator_holds_what_rtn_writes_at_its_group_size(tmp_path):
+    """The int4 generator (built in memory) is the folder `quantize(method="rtn", embed="int8")`
+    writes at GENERATOR_GROUP_SIZE: the same bytes, so it writes the same text such a folder would."""
+    from minilm_edge.formats.safetensors import SafetensorsFile
+    from minilm_edge.quant.calibration import GENERATOR_GROUP_SIZE, _rtn_int4
+    src, d, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    cfg = LlamaConfig.from_dict(d)
+    gen = _rtn_int4(TensorSource(src), cfg)
+    out = quantize(src, tmp_path / "q", method="rtn", group_size=GENERATOR_GROUP_SIZE, embed="int8", progress=False)
+    stored = SafetensorsFile(out / "model.safetensors")
+    assert sorted(gen) == sorted(stored.keys())
+    for name, a in gen.items():
+        b = stored.tensor(name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
 def test_self_generated_text_is_written_by_the_int4_model_unless_asked(tmp_path):
     src, d, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     cfg, tok, ts = LlamaConfig.from_dict(d), Tokenizer(src), TensorSource(src)

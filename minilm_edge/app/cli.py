@@ -82,10 +82,11 @@ conversation, /exit (or Ctrl-D) quits. Ctrl-C stops the current answer, not the 
 When stdin is not a terminal, each input line is one user turn, answers go to stdout, and
 the program exits at end of input, so it can be scripted.
 
-Without MODEL_DIR the default model is used: SmolLM2-135M-Instruct quantized with AWQ to int4
-(int8 lm_head) on text it generates itself (smollm2-135m-instruct-awq). The first use pulls the
-model and quantizes it, with progress shown (10–15 minutes on 2 cores); later starts load it
-from the store in about a second.
+Without MODEL_DIR the default model is used: SmolLM2-135M-Instruct quantized with AWQ (int4 at
+group 32, v and some down projections int8, the tied embedding int8 and used as the head) on text
+it generates itself (smollm2-135m-instruct-awq). The first use pulls the model and quantizes it,
+with a progress bar for each step (about 5 minutes on 2 cores); later starts load it from the
+store in about a second.
 
 examples:
   python -m minilm_edge chat

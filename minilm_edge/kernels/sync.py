@@ -11,6 +11,14 @@ have added their 1 to it, i.e. when it reaches (k + 1)·T. The caller zeroes it 
 The atomic add is sequentially consistent and the load is an acquire, so every write a thread made
 before the barrier is visible to every thread after it.
 
+A waiting thread spins with `pause` for about SPIN_PAUSES rounds (tens of microseconds: the usual
+wait between two phases of a step), then gives its core away with sched_yield at every round. A
+pure spin is fastest on an idle machine but collapses on a busy one: when the other thread of the
+region has been descheduled, the spinner burns whole time slices waiting for it (BENCHMARKS.md:
+decode at 2 threads fell to 40 tok/s, the batched step of calibration to 15 tok/s, with other jobs
+running). On an idle machine sched_yield returns at once, so it only adds a system call's latency
+to waits that are long anyway.
+
 This needs the T iterations of the region to run at the same time on T threads (otherwise the first
 would wait forever for the others): true of the omp and workqueue threading layers, which give each
 thread one chunk of a `prange(T)` when T equals the thread count; not promised by tbb's task
@@ -18,7 +26,9 @@ scheduler, so callers use one thread there (`barrier_safe`).
 """
 from __future__ import annotations
 
+from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .policy import kernel
@@ -54,14 +64,43 @@ def atomic_load(typingctx, arr, idx):
     return types.int64(arr, idx), codegen
 
 
+@intrinsic
+def spin_pause(typingctx):
+    """x86 `pause`: a spin-wait hint (the core spends less power and lets its sibling hyperthread run)."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def sched_yield(typingctx):
+    """The C library's sched_yield(): let another runnable thread have this core. Called by symbol
+    name (resolved when the code is linked), so kernels that use it still go to Numba's disk cache."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        return builder.call(fn, [])
+    return types.int32(), codegen
+
+
+SPIN_PAUSES = 1024      # pause rounds before a waiting thread starts yielding (~10–50 µs)
+
+
 @kernel()
 def barrier(counter, k, n_threads):
     """Barrier number k of a region of n_threads threads; returns k + 1 (the next barrier's number).
     counter: int64 [≥ 1], zero when the region started."""
     atomic_add(counter, 0, 1)
     target = (k + 1) * n_threads
+    spins = 0
     while atomic_load(counter, 0) < target:
-        pass
+        if spins < SPIN_PAUSES:
+            spin_pause()
+            spins += 1
+        else:
+            sched_yield()
     return k + 1
 
 
