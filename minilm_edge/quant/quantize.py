@@ -215,7 +215,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
         "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
         "lm_head": _head_record(cfg, quantize_head, embed), "embed": "float16" if embed == "fp16" else embed,
-        **({"embed_group_size": embed_g} if embed != "fp16" and embed_g != group_size else {}),
+        **({"embed_group_size": choose_group_size(cfg.hidden_size, embed_g)}       # as stored (falls back as int4)
+           if embed != "fp16" and embed_g != group_size else {}),
         **({"int8_linears": int8, "int8_layers": _layers_of(eight)} if eight else {}),
         **({"int6_linears": int6, "int6_layers": _layers_of(six), "int6_group_size": INT6_GROUP_SIZE} if six else {}),
         "tool": _tool_version(), "code": quantizer_code_digest(),
