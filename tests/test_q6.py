@@ -128,7 +128,7 @@ def test_q6_runs_bit_identically_to_int8_with_the_same_codes(q6_folder, tmp_path
     (lambda raw: raw.__setitem__(V_PROJ + ".qweight", raw[V_PROJ + ".qweight"][:, :-3].copy()), "v_proj"),
     (lambda raw: raw.__setitem__(EMBED + ".qweight", raw[EMBED + ".qweight"][:-1].copy()), "embed_tokens"),
     (lambda raw: raw.__setitem__(EMBED + ".qweight", np.zeros_like(raw[EMBED + ".qweight"])), "-32"),
-    (lambda raw: raw.__setitem__(V_PROJ + ".scales", raw[V_PROJ + ".scales"][:, :1].copy()), "v_proj"),
+    (lambda raw: raw.__setitem__(V_PROJ + ".scales", np.tile(raw[V_PROJ + ".scales"], (1, 3))), "v_proj"),
 ])
 def test_broken_q6_tensors_are_refused_in_one_line(q6_folder, tmp_path, tamper, msg, capsys):
     import shutil
@@ -141,7 +141,7 @@ def test_broken_q6_tensors_are_refused_in_one_line(q6_folder, tmp_path, tamper, 
     save_file(raw, str(bad / "model.safetensors"))
     with pytest.raises((minilm_edge.QuantFormatError, minilm_edge.errors.CheckpointError), match=msg):
         minilm_edge.load(bad)
-    assert main(["generate", str(bad), "hello", "--max-new-tokens", "1"]) == 1
+    assert main(["generate", str(bad), "--prompt", "hello", "--max-new-tokens", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err and "Traceback" not in err
 
