@@ -12,6 +12,8 @@ int4 (asymmetric, per row and group):
     salient columns: W[:, salient_idx[i]] = salient_w[:, i]
 int8 (symmetric, per row and group):
     W[n, k] = q[n, k] * scales[n, k // g],  q in -127..127
+q6 (symmetric, 6-bit codes, int8 in memory): as int8 with q in -31..31; in the file 4 codes in 3 bytes:
+    u = q + 32;  bits 6i .. 6i+5 of the little-endian 24-bit word of bytes 3j..3j+2 hold u[4j + i]
 int4 weights x int8 activations (the prefill kernel minilm_edge/kernels/quant_i8_matmul.py): X quantized per token
 and block of B channels, integer dots, scales applied per block (see matmul_q4_i8).
 """
@@ -214,3 +216,16 @@ def matmul_q8(q, scales, group_size, X):
     """Y [T, N] = X W^T for the int8 format."""
     w = dequantize_q8(q, scales, group_size)
     return (X.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+
+
+def unpack_q6(packed, k):
+    """q6 codes from the file: uint8 [N, 3K/4] -> int8 [N, K] in -31..31 (-32 would be a corrupt file).
+    Bit by bit: code k of a row is the 6 bits starting at bit 6k of the row read as one little-endian
+    bit string (byte b holds bits 8b .. 8b+7)."""
+    n = packed.shape[0]
+    assert packed.dtype == np.uint8 and packed.shape == (n, 3 * k // 4)
+    bits = np.unpackbits(packed, axis=1, bitorder="little")          # [N, 6K] bit 8b+i = bit i of byte b
+    q = np.zeros((n, k), np.int64)
+    for i in range(6):
+        q += bits[:, i::6].astype(np.int64) << i
+    return (q - 32).astype(np.int8)

@@ -258,6 +258,10 @@ budget, by each group's measured KL on the calibration text; the result is check
 --int8 LINEAR@LAYERS,... stores those block linears int8 (8.125 bits per weight) instead of int4:
 LINEAR one of q k v o gate up down; LAYERS all, more (the layers llama.cpp's Q4_K_M gives Q6_K: first
 and last eighth, every third between) or indices/ranges joined by '+'. AWQ leaves them unclipped.
+--int6 LINEAR@LAYERS,... (same syntax) stores those linears q6 instead: 6-bit codes packed 4 in 3
+bytes with an fp16 scale per 128 (6.125 bits per weight in the file; unpacked to int8 at load, so the
+same kernels run them and memory holds 8 bits); a linear in both lists is q6. --embed q6 stores the
+embedding that way (6 + 16/G bits, G = --embed-group-size, default --group-size).
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ, the default recipe
@@ -270,6 +274,7 @@ examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-rtn-g64 --method rtn --group-size 64 --quantize-head int8
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --group-size 32 --int8 v@all,down@more
   python -m minilm_edge quantize ./smollm2 ./q --calib c4.txt --samples 32 --group-size 32 --gptq
+  python -m minilm_edge quantize ./smollm2 ./q6 --calib c4.txt --embed q6 --embed-group-size 64 --int6 v@all,down@all
   python -m minilm_edge quantize ./smollm2 ./sweep --sweep method=rtn,awq --sweep bits=3,4 --cluster tcp://sched:8786
 """
 
@@ -319,7 +324,8 @@ def cmd_quantize(args):
         return 0
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
                    quantize_head=args.quantize_head, embed=args.embed, target_bpw=args.target_bpw,
-                   max_size=args.max_size, int8=args.int8, **awq)
+                   max_size=args.max_size, int8=args.int8, int6=args.int6,
+                   embed_group_size=args.embed_group_size, **awq)
     print(f"quantized in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(out)
     return 0
@@ -644,13 +650,19 @@ def build_parser():
     q.add_argument("--group-size", type=int, metavar="G",
                    help="32, 64 or 128 (default 32; 128 with --target-bpw/--max-size, the largest it may choose)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
-    q.add_argument("--embed", choices=["fp16", "int8"], default="int8",
-                   help="embedding storage; int8 with tied embeddings also serves as the head (default int8)")
+    q.add_argument("--embed", choices=["fp16", "int8", "q6"], default="int8",
+                   help="embedding storage; int8 or q6 (6-bit codes, int8 in memory) with tied embeddings also "
+                        "serves as the head (default int8)")
+    q.add_argument("--embed-group-size", type=int, metavar="G",
+                   help="int8/q6 embedding: one fp16 scale per G values, 32, 64 or 128 (default: --group-size)")
     q.add_argument("--target-bpw", type=float, metavar="BITS",
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
                    help="store these block linears int8 (default v@all,down@more; none: all int4; see above)")
+    q.add_argument("--int6", metavar="LINEAR@LAYERS,...",
+                   help="store these block linears q6 (6-bit codes, 6.125 bits per weight in the file, int8 in "
+                        "memory); taken out of --int8's set (see above)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

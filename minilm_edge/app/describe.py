@@ -50,15 +50,16 @@ def _linear_info(src: TensorSource, prefix: str, shape: tuple, bits: int | None)
     stored = sum(_tensor_bytes(src, t) for t in src.where if t.startswith(prefix + ".") and t != prefix + ".bias")
     info = {"format": fmt, "shape": [n, k], "bpw": round(8 * stored / (n * k), 4), "bytes": stored}
     scales = src.raw(prefix + ".scales")[0] if prefix + ".scales" in src else None
-    if fmt in ("q4", "awq_gemm", "q8") and (scales is None or scales.ndim != 2):
+    if fmt in ("q4", "awq_gemm", "q8", "q6") and (scales is None or scales.ndim != 2):
         raise QuantFormatError(f"{prefix}.scales: expected a 2-D array, got "
                                f"{'none' if scales is None else list(scales.shape)}")
     if fmt in ("q4", "awq_gemm"):
         groups = scales.shape[1] if fmt == "q4" else scales.shape[0]
         info.update(bits=bits or 4, group_size=k // groups if groups else None,
                     salient=int(src.raw(prefix + ".salient_idx")[0].shape[0]) if prefix + ".salient_idx" in src else 0)
-    elif fmt == "q8":
-        info.update(bits=8, group_size=k // scales.shape[1] if scales.shape[1] else None, salient=0)
+    elif fmt in ("q8", "q6"):
+        info.update(bits=8 if fmt == "q8" else 6, group_size=k // scales.shape[1] if scales.shape[1] else None,
+                    salient=0)
     else:
         info.update(bits=DENSE_BITS.get(fmt.upper()), group_size=None, salient=0)
     return info

@@ -48,6 +48,15 @@ Also here: `Q8Linear`, a symmetric int8 per-(row, group) format for an optionall
     scale = max(max|w|, 1e-5) / 127 (rounded to fp16);  q = clamp(round(w / scale), -127, 127)
 Symmetric because lm_head rows are near zero-mean, a zero point buys little there, and the kernel
 then needs no zero-point correction. Cost 8 + 16/g bits per weight (8.25 at g = 64).
+
+And "q6", the same symmetric format with 6-bit codes (issue 17: where llama.cpp's Q4_K_M puts Q6_K):
+    codes in -31..31, scale = max(max|w|, 1e-5) / 31;  in memory a Q8Linear holding those codes
+In the file the codes are packed 4 in 3 bytes (`pack_q6`): u = code + 32 (1..63, 0 never written),
+    word = u0 | u1 << 6 | u2 << 12 | u3 << 18     (codes 4j .. 4j+3 of a row, 24 bits)
+    bytes 3j, 3j+1, 3j+2 = word & 0xFF, (word >> 8) & 0xFF, word >> 16     (little-endian)
+    qweight uint8 [N, 3K/4] (no zeros tensor: that tells it from minilm-q4), scales float16 [N, G]
+Loading unpacks to int8 (`unpack_q6`), so every int8 kernel serves q6 unchanged and bit-identically
+to an int8 folder holding the same codes; memory and decode read 8 bits per weight, the file 6 + 16/g.
 """
 from __future__ import annotations
 
@@ -65,6 +74,8 @@ GROUP_SIZES = (128, 64, 32)       # supported, in order of preference
 DEFAULT_GROUP_SIZE = 128
 SCALE_FLOOR = 1e-5                # max - min of a constant group is replaced by this
 Q8_MAX = 127                      # int8 codes are symmetric: -127..127 (-128 unused)
+Q6_MAX = 31                       # q6 codes: -31..31, stored as code + 32 in 6 bits
+Q6_ROWS_PER_CHUNK = 4096
 PSEUDO_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -299,16 +310,59 @@ def dequantize(q4: Q4Linear) -> np.ndarray:
     return w
 
 
-def quantize_q8(w: np.ndarray, group_size: int) -> Q8Linear:
-    """Symmetric int8 per (row, group): w float32 [N, K] -> Q8Linear."""
+def quantize_q8(w: np.ndarray, group_size: int, qmax: int = Q8_MAX) -> Q8Linear:
+    """Symmetric int8 per (row, group): w float32 [N, K] -> Q8Linear (codes in -qmax..qmax)."""
     _check_group_size(group_size)
     w = _as_weight(w, group_size)
     n, k = w.shape
     wg = w.reshape(n, k // group_size, group_size)                          # [N, G, g]
     amax = np.abs(wg).max(axis=2)                                           # [N, G]
-    scales = fp16_scale(np.maximum(amax, np.float32(SCALE_FLOOR)) / np.float32(Q8_MAX), "scales")
-    q = np.clip(np.round(wg / scales[..., None].astype(np.float32)), -Q8_MAX, Q8_MAX)
+    scales = fp16_scale(np.maximum(amax, np.float32(SCALE_FLOOR)) / np.float32(qmax), "scales")
+    q = np.clip(np.round(wg / scales[..., None].astype(np.float32)), -qmax, qmax)
     return Q8Linear(q.reshape(n, k).astype(np.int8), scales, group_size)
+
+
+def quantize_q6(w: np.ndarray, group_size: int) -> Q8Linear:
+    """Symmetric 6-bit per (row, group): a Q8Linear whose codes are in -31..31 (store with pack_q6)."""
+    return quantize_q8(w, group_size, Q6_MAX)
+
+
+def q6_packed_width(k: int) -> int:
+    """Bytes of one packed q6 row of K codes (K a multiple of 4)."""
+    return 3 * k // 4
+
+
+def pack_q6(q: np.ndarray) -> np.ndarray:
+    """int8 codes [N, K] in -31..31 (K a multiple of 4) -> uint8 [N, 3K/4] (module docstring)."""
+    if not isinstance(q, np.ndarray) or q.dtype != np.int8 or q.ndim != 2 or q.shape[1] % 4:
+        raise UsageError(f"pack_q6: expected int8 [N, K] with K a multiple of 4, got "
+                         f"{getattr(q, 'dtype', type(q).__name__)} {getattr(q, 'shape', '')}")
+    if q.size and int(np.abs(q).max()) > Q6_MAX:
+        raise UsageError(f"pack_q6: codes must be in -{Q6_MAX}..{Q6_MAX}, got {int(np.abs(q).max())}")
+    n, k = q.shape
+    u = (q.astype(np.int32) + (Q6_MAX + 1)).astype(np.uint32).reshape(n, k // 4, 4)
+    word = u[..., 0] | (u[..., 1] << 6) | (u[..., 2] << 12) | (u[..., 3] << 18)      # [N, K/4]
+    out = np.empty((n, k // 4, 3), np.uint8)
+    out[..., 0], out[..., 1], out[..., 2] = word & 0xFF, (word >> 8) & 0xFF, word >> 16
+    return out.reshape(n, 3 * k // 4)
+
+
+def unpack_q6(packed: np.ndarray, k: int, name: str = "qweight") -> np.ndarray:
+    """uint8 [N, 3K/4] -> int8 codes [N, K] in -31..31 (inverse of pack_q6). QuantFormatError (naming
+    `name`) for a wrong dtype or width, or a byte pattern no q6 writer makes (the unused code -32)."""
+    _check(name, packed, np.uint8, (packed.shape[0] if getattr(packed, "ndim", 0) == 2 else -1,
+                                    q6_packed_width(k)))
+    n = packed.shape[0]
+    q = np.empty((n, k // 4, 4), np.int8)
+    for r in range(0, n, Q6_ROWS_PER_CHUNK):         # row chunks: the uint32 temporaries stay a few MB
+        b = packed[r:r + Q6_ROWS_PER_CHUNK].reshape(-1, k // 4, 3).astype(np.uint32)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)              # [rows, K/4]
+        for j in range(4):
+            q[r:r + Q6_ROWS_PER_CHUNK, :, j] = ((word >> (6 * j)) & 0x3F).astype(np.int8) - np.int8(Q6_MAX + 1)
+    q = q.reshape(n, k)
+    if q.size and int(q.min()) < -Q6_MAX:
+        raise QuantFormatError(f"{name}: holds the code -{Q6_MAX + 1}, which no q6 writer makes (corrupted?)")
+    return q
 
 
 def dequantize_q8(q8: Q8Linear) -> np.ndarray:
@@ -327,6 +381,8 @@ def _check_invariants():
     assert QMAX == 15 and BITS == 4
     assert all(g % 32 == 0 for g in GROUP_SIZES), "kernels read whole 16-byte vectors per group"
     assert bits_per_weight(64) == 4.375 and bits_per_weight(128) == 4.1875
+    six = np.arange(-Q6_MAX, Q6_MAX + 1, dtype=np.int8)[:60].reshape(1, 60)
+    assert np.array_equal(unpack_q6(pack_q6(six), 60), six), "q6 packing round-trips"
     codes = np.arange(32, dtype=np.uint8).reshape(1, 32) % 16
     packed = pack_nibbles(codes)
     assert packed[0, 0] == (codes[0, 0] | codes[0, 1] << 4), "low nibble holds the even channel"

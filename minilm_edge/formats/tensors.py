@@ -19,8 +19,8 @@ GLOBAL_TENSORS = {
     "norm": ("model.norm.weight", lambda c: (c.hidden_size,)),
 }
 HEAD = ("lm_head", lambda c: (c.vocab_size, c.hidden_size))     # absent when embeddings are tied
-# The embedding may also be stored as int8 (formats/q4.py Q8Linear: EMBED_PREFIX.qweight + .scales,
-# no .weight); with tied embeddings that one table then serves the lookups and the head.
+# The embedding may also be stored as int8 or q6 (formats/q4.py Q8Linear: EMBED_PREFIX.qweight + .scales,
+# no .weight; q6's qweight is uint8, packed); with tied embeddings that one table then serves the lookups and the head.
 EMBED_PREFIX = "model.embed_tokens"
 BLOCK_NORMS = {
     "attn_norm": ("model.layers.{i}.input_layernorm.weight", lambda c: (c.hidden_size,)),
@@ -128,6 +128,8 @@ def linear_format(src, prefix: str) -> str | None:
         "awq_gemm"  AutoAWQ GEMM (formats/awq_gemm.py)        prefix.qweight + prefix.qzeros
         "q8"        int8 (formats/q4.py Q8Linear)             prefix.qweight (int8) alone
                     (an lm_head, or the embedding: EMBED_PREFIX)
+        "q6"        6-bit codes packed 4 in 3 bytes           prefix.qweight (uint8) alone
+                    (formats/q4.py pack_q6; loaded as a Q8Linear)
     None when nothing of it is stored (or a qweight matches no format)."""
     if prefix + ".weight" in src:
         return src.raw(prefix + ".weight")[1].lower()
@@ -137,7 +139,7 @@ def linear_format(src, prefix: str) -> str | None:
         return "q4"
     if prefix + ".qzeros" in src:
         return "awq_gemm"
-    return "q8" if src.raw(prefix + ".qweight")[1] == "I8" else None
+    return {"I8": "q8", "U8": "q6"}.get(src.raw(prefix + ".qweight")[1])
 
 
 class TensorSource:

@@ -93,6 +93,7 @@ NO_CLIP = ("q", "k")           # their error passes through q·k and the softmax
 N_GRID = 20                                        # α = 0, 0.05, …, 0.95
 INT8_GROUP_SIZE = 128          # the int8 block linears' scale groups as quantize.py stores them (fp16 scale per
                                # 128 weights: 8.125 bits; choose_group_size falls back where 128 does not divide K)
+INT6_GROUP_SIZE = 128          # the q6 block linears' (6.125 bits; BENCHMARKS.md "q6" measures 32/64/128)
 SCALE_FLOOR = 1e-4
 
 
@@ -119,6 +120,7 @@ class AWQSettings:
     group_sizes: tuple = ()       # (linear short name, preferred g) pairs overriding group_size (quant/budget.py)
     int8: tuple = ()              # (block, linear short name) pairs stored int8 (quantize.py): not clipped,
                                   # and searched with 8-bit rounding
+    int6: tuple = ()              # the same for pairs stored q6 (formats/q4.py quantize_q6): 6-bit rounding
     gptq: bool = False            # GPTQ chooses the codes for the clip's quantizers (gptq.py, docs/DESIGN.md §5.1)
     gptq_damp: float = 0.1        # GPTQ's dampening λ = gptq_damp · mean(diag H) (the paper: 0.01; 0.1 measured better)
     gptq_linears: tuple = ("q", "k")  # the linears GPTQ rounds (the others: RTN on the clip's ranges); q and k
@@ -369,13 +371,14 @@ def _group_of_linear(groups):
 
 
 def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes, clip_rows_idx,
-              search_rows_idx=None, joint_rows_idx=None, int8=frozenset(), int8_group_size=128):
+              search_rows_idx=None, joint_rows_idx=None, int8=frozenset(), int8_group_size=128, int6=frozenset()):
     """AWQ on one block. x_all [n, T, D] fp block inputs; clip_rows_idx, search_rows_idx,
     joint_rows_idx: flat token indices (sample·T + position) of the clip search's tokens, of the
     scale loss's tokens for the token-wise modules (MLP, single linear; None: the search samples'
     tokens, as attention), and of the joint clip's cross-group moments (None: no joint clip).
     int8: the block's linears stored int8 (not clipped; 8-bit rounding in the scale search), in scale
-    groups of int8_group_size (preferred; choose_group_size falls back per linear).
+    groups of int8_group_size (preferred; choose_group_size falls back per linear). int6: the same for
+    linears stored q6 (6-bit rounding in the scale search).
     With settings.gptq, GPTQ chooses every linear's codes for the clip's quantizers (gptq.py): the
     weights dict then has the dequantized GPTQ weights and, under "gptq", {linear: Q4Linear | Q8Linear}.
 
@@ -387,8 +390,8 @@ def awq_block(w, bs, groups, x_all, cos, sin, settings: AWQSettings, group_sizes
     clip_rows = {g.inp: [] for g in groups}
     tok_rows = {g.inp: [] for g in groups if g.module != "attention" and search_rows_idx is not None}
     # per-group second moments of each clipped linear's input, over every calibration token
-    no_clip = set(NO_CLIP) | set(int8)
-    bits_of = {lin: 8 for lin in int8}
+    no_clip = set(NO_CLIP) | set(int8) | set(int6)
+    bits_of = {lin: 8 for lin in int8} | {lin: 6 for lin in int6}
     gsz = {g.inp: group_sizes[g.linears[0]] for g in groups if any(l not in no_clip for l in g.linears)}
     grams = {k: 0.0 for k in gsz} if settings.clip and settings.clip_all_tokens else {}
     fulls = {k: 0.0 for k in grams} if joint_rows_idx is not None else {}
@@ -597,7 +600,8 @@ def awq_blocks(src, cfg, ids: np.ndarray, settings: AWQSettings, res: AWQResult,
             w_new, sal, rep, x_all = awq_block(w, bs, groups, x_all, cos, sin, settings, gs, clip_idx, search_idx,
                                                   joint_rows_idx=joint_idx,
                                                   int8=frozenset(k for j, k in settings.int8 if j == i),
-                                                  int8_group_size=INT8_GROUP_SIZE)
+                                                  int8_group_size=INT8_GROUP_SIZE,
+                                                  int6=frozenset(k for j, k in settings.int6 if j == i))
             del w
             src.release_pages()            # the block's mapped source pages are read (TensorSource.release_pages)
             tensors, salient = {}, {}

@@ -72,16 +72,16 @@ def units(cfg, group_size: int) -> list:
 def weight_file_bytes(cfg, group_of: dict, group_size: int, embed: str, quantize_head: str | None,
                       salient_percent: float = 0.0) -> int:
     """Predicted bytes of model.safetensors for linears at group sizes `group_of` {short name: g}
-    (others at choose_group_size(K, group_size)), the embedding "fp16"/"int8", the head as
+    (others at choose_group_size(K, group_size)), the embedding "fp16"/"int8"/"q6", the head as
     quantize.quantized_tensors writes it, `salient_percent` of each linear's input channels in fp16
     (as awq.salient_channels rounds it)."""
     from ..formats.tensors import BIASED, GLOBAL_TENSORS, HEAD, block_linears, block_norms
     names, total = [], 0
     V, D = cfg.vocab_size, cfg.hidden_size
     g_d = choose_group_size(D, group_size)
-    if embed == "int8":
+    if embed in ("int8", "q6"):
         names += ["model.embed_tokens.qweight", "model.embed_tokens.scales"]
-        total += q8_bytes(V, D, g_d)
+        total += q8_bytes(V, D, g_d) if embed == "int8" else q6_bytes(V, D, g_d)
     else:
         names.append(GLOBAL_TENSORS["embed"][0])
         total += 2 * V * D
@@ -102,7 +102,7 @@ def weight_file_bytes(cfg, group_of: dict, group_size: int, embed: str, quantize
                 names.append(prefix + ".bias")
                 total += 4 * n
     head = HEAD[0]
-    if not (embed == "int8" and cfg.tie_word_embeddings) and (quantize_head or not cfg.tie_word_embeddings):
+    if not (embed != "fp16" and cfg.tie_word_embeddings) and (quantize_head or not cfg.tie_word_embeddings):
         if quantize_head == "int8":
             names += [head + ".qweight", head + ".scales"]
             total += q8_bytes(V, D, g_d)
@@ -114,6 +114,11 @@ def weight_file_bytes(cfg, group_of: dict, group_size: int, embed: str, quantize
             total += 2 * V * D
     header = 8 + 64 + sum(len(n) + HEADER_BYTES_PER_TENSOR for n in names)
     return total + header
+
+
+def q6_bytes(n: int, k: int, g: int) -> int:
+    """Bytes of one q6 table (formats/q4.py pack_q6): codes 4 in 3 bytes and an fp16 scale per group."""
+    return 3 * n * k // 4 + 2 * n * (k // g)
 
 
 @dataclasses.dataclass

@@ -38,7 +38,8 @@ def export_awq(model_dir, out_dir, *, regroup_layers: bool = True) -> tuple[Path
         raise UsageError("lm_head is quantized, but AutoAWQ keeps lm_head in fp16; "
                          "quantize without --quantize-head to export")
     if "model.embed_tokens.qweight" in src:
-        raise UsageError("the embedding is int8, but AutoAWQ keeps it in fp16; quantize with --embed fp16 to export")
+        raise UsageError("the embedding is quantized (int8 or q6), but AutoAWQ keeps it in fp16; quantize with "
+                         "--embed fp16 to export")
 
     layers = {}                                                              # prefix -> Q4Linear
     for _, _, prefix, _ in block_linears(cfg):

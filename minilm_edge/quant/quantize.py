@@ -33,11 +33,11 @@ from ..formats.tensors import (
 )
 from ..runtime.config import load_config
 from ..version import __version__
-from .awq import INT8_GROUP_SIZE
+from .awq import INT6_GROUP_SIZE, INT8_GROUP_SIZE
 from .calibration import GENERATORS
 
 HEAD_FORMATS = ("int8", "int4")
-EMBED_FORMATS = ("fp16", "int8")
+EMBED_FORMATS = ("fp16", "int8", "q6")
 METHODS = ("awq", "rtn")
 DEFAULT_SAMPLES = 128                  # calibration samples drawn from text files
 DEFAULT_SELF_GENERATED_SAMPLES = 64    # generating costs about one more pass: fewer keep AWQ ≤ 10 min
@@ -76,7 +76,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
              keep_salient: float = 0.0, duo: bool = False, seed: int = 0, report: bool = False,
              eval_data=None, eval_ctx: int = 512, eval_tokens: int | None = 16384,
              target_bpw: float | None = None, max_size: int | None = None, int8: str | None = None,
-             gptq: bool = False, awq_options: dict | None = None, generator: str = "int4") -> Path:
+             gptq: bool = False, awq_options: dict | None = None, generator: str = "int4",
+             int6: str | None = None, embed_group_size: int | None = None) -> Path:
     """Quantize every block linear of `src_dir` and write the model folder `out_dir`.
 
     method "rtn" rounds the weights as they are; "awq" calibrates on `calib` (text files; None: text
@@ -95,6 +96,10 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     `int8` (see `int8_linears`, e.g. "v@all,down@more") stores those block linears as int8
     (formats/q4.py Q8Linear, g = 128 where it divides K): more bits where llama.cpp's k-quant
     recipes also put them; AWQ does not clip them and searches their scales with 8-bit rounding.
+    `int6` (the same syntax): block linears stored q6 (formats/q4.py: 6-bit codes packed 4 in 3 bytes, an
+    fp16 scale per INT6_GROUP_SIZE weights; int8 in memory); it takes precedence over `int8`, so
+    int6="v@all,down@more" turns the default recipe's int8 linears 6-bit. `embed` "q6" stores the
+    embedding that way; `embed_group_size` its scale groups (default: `group_size`).
     `gptq` (AWQ only): GPTQ error feedback chooses the codes for the quantizers AWQ's clip search fixed
     (gptq.py); the folder stores exactly those codes.
     `linear_hook(layer, name, w) -> (w, salient_idx)` lets a caller transform a weight before rounding.
@@ -126,18 +131,28 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError("--generator chooses who writes self-generated calibration text: not with --calib")
     if eval_data and not report:
         raise UsageError("--eval fills in the report: give --report too")
-    own = {"bits", "group_size", "duo", "keep_salient", "seed", "int8", "gptq"}      # set by quantize's own arguments
+    own = {"bits", "group_size", "duo", "keep_salient", "seed", "int8", "int6", "gptq"}   # quantize's own arguments
     unknown = set(awq_options or {}) - ({f.name for f in dataclasses.fields(AWQSettings)} - own)
     if unknown:
         raise UsageError(f"unknown AWQ settings: {', '.join(sorted(unknown))}")
     cfg0 = load_config(src_dir)
-    eight = int8_linears(int8, cfg0.num_hidden_layers)
+    six = int8_linears(int6, cfg0.num_hidden_layers, "--int6")
+    eight = tuple(p for p in int8_linears(int8, cfg0.num_hidden_layers) if p not in set(six))
+    if six and gptq:
+        raise UsageError("--int6 and --gptq do not combine (GPTQ writes int4 and int8 codes only)")
+    if six and (budgeted or keep_salient):
+        raise UsageError("--int6 does not combine with --target-bpw/--max-size or --keep-salient")
+    embed_g = group_size if embed_group_size is None else embed_group_size
+    if embed_g not in GROUP_SIZES:
+        raise UsageError(f"--embed-group-size must be one of {', '.join(map(str, GROUP_SIZES))}, got {embed_g}")
+    if embed_group_size is not None and budgeted:
+        raise UsageError("--embed-group-size does not combine with --target-bpw/--max-size")
     if eight and (target_bpw is not None or max_size is not None):
         raise UsageError("--int8 picks its layers itself: give a --group-size instead of --target-bpw/--max-size")
     if eight and keep_salient:
         raise UsageError("--int8 and --keep-salient do not combine (the int8 format keeps no fp16 channels)")
     settings = AWQSettings(bits=bits, group_size=group_size, duo=duo, keep_salient=keep_salient, seed=seed,
-                           int8=eight, gptq=gptq, **(awq_options or {}))
+                           int8=eight, int6=six, gptq=gptq, **(awq_options or {}))
     if samples is None:
         samples = DEFAULT_SAMPLES if calib else DEFAULT_SELF_GENERATED_SAMPLES
     if samples < 1 or seq_len < 2:
@@ -149,10 +164,10 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"{src_dir} is already quantized; quantize a full-precision model")
     for _, _, _, (_, k) in block_linears(cfg, 0):      # fail before any work if a layer can't be stored
         choose_group_size(k, group_size)
-    if embed == "int8":
-        choose_group_size(cfg.hidden_size, group_size)
+    if embed != "fp16":
+        choose_group_size(cfg.hidden_size, embed_g)
         if cfg.tie_word_embeddings and quantize_head == "int4":
-            raise UsageError("--embed int8 with tied embeddings makes the int8 embedding the head too; "
+            raise UsageError(f"--embed {embed} with tied embeddings makes the {embed} embedding the head too; "
                              "drop --quantize-head int4 or keep the embedding fp16 (--embed fp16)")
     if method == "awq" and seq_len > cfg.max_position_embeddings:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
@@ -187,7 +202,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
 
     out, per_layer_g = quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress,
                                          linear_hook, block_fp=block_fp, embed=embed, group_of=group_of,
-                                         int8=eight)
+                                         int8=eight, int6=six, embed_group_size=embed_g)
     if method == "awq":
         for note in awq_res.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -199,9 +214,11 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     config["quantization_config"] = {
         "quant_method": "minilm-q4", "format_version": 1, "method": method, "bits": bits,
         "group_size": group_size, "group_size_per_layer": per_layer_g, "zero_point": True,
-        "lm_head": _head_record(cfg, quantize_head, embed), "embed": "int8" if embed == "int8" else "float16",
-        **({"int8_linears": int8, "int8_layers": {k: sorted(j for j, kk in eight if kk == k)
-                                                  for k in sorted({k for _, k in eight})}} if eight else {}),
+        "lm_head": _head_record(cfg, quantize_head, embed), "embed": "float16" if embed == "fp16" else embed,
+        **({"embed_group_size": choose_group_size(cfg.hidden_size, embed_g)}       # as stored (falls back as int4)
+           if embed != "fp16" and embed_g != group_size else {}),
+        **({"int8_linears": int8, "int8_layers": _layers_of(eight)} if eight else {}),
+        **({"int6_linears": int6, "int6_layers": _layers_of(six), "int6_group_size": INT6_GROUP_SIZE} if six else {}),
         "tool": _tool_version(), "code": quantizer_code_digest(),
         "source": {"path": str(src_dir.resolve()), "weights_sha256": weights_digest(src)},
         **(extra_config or {}),
@@ -215,7 +232,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
             from .report import write_report
             write_report(tmp, src_dir, src, cfg, awq_res, calib_set, settings, qc,
                          lambda: quantized_tensors(src, cfg, "rtn", bits, group_size, quantize_head, False,
-                                                   embed=embed, group_of=group_of)[0],
+                                                   embed=embed, group_of=group_of,
+                                                   embed_group_size=embed_g)[0],
                          eval_text, eval_ctx, eval_tokens, progress)
         calibration = calib_set.describe() if calib_set is not None else None
         recipe = {"kind": "quantize", "source_weights_sha256": qc["source"]["weights_sha256"],
@@ -228,7 +246,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
 
 # quantization_config keys that are settings (the rest is provenance or a result)
 RECIPE_KEYS = ("quant_method", "format_version", "method", "bits", "group_size", "group_size_per_layer", "zero_point",
-               "lm_head", "embed", "mixed_precision", "int8_linears", "int8_layers")
+               "lm_head", "embed", "mixed_precision", "int8_linears", "int8_layers", "embed_group_size",
+               "int6_linears", "int6_layers", "int6_group_size")
 
 LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -240,8 +259,14 @@ def more_bits_layers(n_layers: int) -> list:
     return [i for i in range(n_layers) if i < a or i >= b or (i - a) % 3 == 2]
 
 
-def int8_linears(spec: str | None, n_layers: int) -> tuple:
-    """Parse `--int8`: comma-separated LINEAR@LAYERS, LINEAR one of q k v o gate up down, LAYERS `all`,
+def _layers_of(pairs) -> dict:
+    """{linear: [layers]} of (layer, linear) pairs, for quantization_config."""
+    return {k: sorted(j for j, kk in pairs if kk == k) for k in sorted({k for _, k in pairs})}
+
+
+def int8_linears(spec: str | None, n_layers: int, flag: str = "--int8") -> tuple:
+    """Parse `--int8` (or `--int6`, named `flag` in errors): comma-separated LINEAR@LAYERS, LINEAR one of
+    q k v o gate up down, LAYERS `all`,
     `more` (`more_bits_layers`) or indices and ranges joined by '+' (`0-2+27+29`).
     -> sorted ((layer, linear), ...); () for None or ""."""
     if not spec:
@@ -250,7 +275,7 @@ def int8_linears(spec: str | None, n_layers: int) -> tuple:
     for item in spec.split(","):
         lin, _, layers = item.strip().partition("@")
         if lin not in LINEAR_NAMES or not layers:
-            raise UsageError(f"--int8: expected LINEAR@LAYERS with LINEAR one of {' '.join(LINEAR_NAMES)} "
+            raise UsageError(f"{flag}: expected LINEAR@LAYERS with LINEAR one of {' '.join(LINEAR_NAMES)} "
                              f"and LAYERS all, more or e.g. 0-2+27, got {item.strip()!r}")
         if layers == "all":
             idx = range(n_layers)
@@ -261,18 +286,18 @@ def int8_linears(spec: str | None, n_layers: int) -> tuple:
             for part in layers.split("+"):
                 a, _, b = part.partition("-")
                 if not a.isdigit() or (b and not b.isdigit()):
-                    raise UsageError(f"--int8: layers must be all, more or N, N-M joined by '+', got {layers!r}")
+                    raise UsageError(f"{flag}: layers must be all, more or N, N-M joined by '+', got {layers!r}")
                 idx += range(int(a), int(b or a) + 1)
             if any(i >= n_layers for i in idx):
-                raise UsageError(f"--int8: layer {max(idx)} does not exist (the model has {n_layers})")
+                raise UsageError(f"{flag}: layer {max(idx)} does not exist (the model has {n_layers})")
         out |= {(i, lin) for i in idx}
     return tuple(sorted(out))
 
 
 def _head_record(cfg, quantize_head, embed) -> str:
     """quantization_config's "lm_head": the head's format, or that it is the int8 embedding."""
-    if embed == "int8" and cfg.tie_word_embeddings:
-        return "int8 (the tied embedding, stored once)"
+    if embed != "fp16" and cfg.tie_word_embeddings:
+        return f"{embed} (the tied embedding, stored once)"
     return quantize_head or "float16"
 
 
@@ -342,26 +367,30 @@ def _awq_config(settings, cal, res) -> dict:
 
 def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progress, linear_hook=None,
                       fp: dict | None = None, salient: dict | None = None, block_fp=None, embed: str = "fp16",
-                      group_of: dict | None = None, int8=()):
+                      group_of: dict | None = None, int8=(), int6=(), embed_group_size: int | None = None):
     """Every tensor of the output folder: (name -> array, {linear: group size where it differs}).
 
     `fp` overrides source tensors by name (AWQ's transformed norms, weights and biases); `salient`
     maps a linear's prefix to the input channels it keeps in fp16. `block_fp(i)` gives both for
     block i, asked for in block order (AWQ streamed: one block's float32 weights at a time).
-    `int8`: (layer, linear) pairs stored as int8 (Q8Linear at INT8_GROUP_SIZE where it divides K).
+    `int8`: (layer, linear) pairs stored as int8 (Q8Linear at INT8_GROUP_SIZE where it divides K);
+    `int6` those stored q6 (INT6_GROUP_SIZE; codes packed, formats/q4.py pack_q6). `embed` "int8" or
+    "q6" with scale groups of `embed_group_size` (default `group_size`).
     """
-    from ..formats.q4 import choose_group_size, quantize_q4, quantize_q8
+    from ..formats.q4 import choose_group_size, pack_q6, quantize_q4, quantize_q6, quantize_q8
 
     fp, salient = fp or {}, salient or {}
-    eight = set(int8)
+    eight, six = set(int8), set(int6)
     out: dict[str, np.ndarray] = {}
     per_layer_g = {}
 
     for key, (name, shape) in GLOBAL_TENSORS.items():
-        if key == "embed" and embed == "int8":
-            g8 = choose_group_size(cfg.hidden_size, group_size)        # rows are quantized independently
-            q8s = [quantize_q8(w, g8) for w in _rows_f32(src, name, shape(cfg))]
-            out[EMBED_PREFIX + ".qweight"] = np.concatenate([q8.qweight for q8 in q8s])
+        if key == "embed" and embed in ("int8", "q6"):
+            g8 = choose_group_size(cfg.hidden_size, embed_group_size or group_size)   # rows quantized independently
+            q8s = [quantize_q8(w, g8) if embed == "int8" else quantize_q6(w, g8)
+                   for w in _rows_f32(src, name, shape(cfg))]
+            pack = (lambda q: q) if embed == "int8" else pack_q6
+            out[EMBED_PREFIX + ".qweight"] = np.concatenate([pack(q8.qweight) for q8 in q8s])
             out[EMBED_PREFIX + ".scales"] = np.concatenate([q8.scales for q8 in q8s])
         else:
             out[name] = np.concatenate(list(_rows_f32(src, name, shape(cfg), np.float16)))
@@ -387,9 +416,13 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             sal = salient_i.get(prefix)
             if linear_hook is not None:
                 w, sal = linear_hook(i, key, w)
-            if (i, key) in eight:
-                q8 = quantize_q8(w, choose_group_size(w.shape[1], INT8_GROUP_SIZE))
-                out[prefix + ".qweight"], out[prefix + ".scales"] = q8.qweight, q8.scales
+            if (i, key) in eight or (i, key) in six:
+                if (i, key) in six:
+                    q8 = quantize_q6(w, choose_group_size(w.shape[1], INT6_GROUP_SIZE))
+                    out[prefix + ".qweight"], out[prefix + ".scales"] = pack_q6(q8.qweight), q8.scales
+                else:
+                    q8 = quantize_q8(w, choose_group_size(w.shape[1], INT8_GROUP_SIZE))
+                    out[prefix + ".qweight"], out[prefix + ".scales"] = q8.qweight, q8.scales
                 if cfg.attention_bias and key in ("q", "k", "v"):
                     out[prefix + ".bias"] = get(prefix + ".bias", (shape[0],))
                 continue
@@ -408,7 +441,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
 
     head_name, head_shape = HEAD
     head_src = "model.embed_tokens.weight" if cfg.tie_word_embeddings else head_name + ".weight"
-    if (quantize_head and not (embed == "int8" and cfg.tie_word_embeddings)) or not cfg.tie_word_embeddings:
+    if (quantize_head and not (embed != "fp16" and cfg.tie_word_embeddings)) or not cfg.tie_word_embeddings:
         # Row chunks: rows are quantized independently, and a [V, D] float32 copy of a 128k vocabulary
         # (plus the quantizer's temporaries of its size) would be the largest allocation of the run.
         g = choose_group_size(cfg.hidden_size, group_size)

@@ -69,10 +69,11 @@ def load_linear(src: TensorSource, prefix: str, shape: tuple, bias: bool, cfg: L
 
 def load_embedding(src: TensorSource, cfg: LlamaConfig):
     """The embedding table as stored when NumPy can index it (f32/f16: rows are widened per lookup,
-    the table is not copied); bf16 is widened once; int8 (EMBED_PREFIX.qweight) as a Q8Rows."""
+    the table is not copied); bf16 is widened once; int8 or q6 (EMBED_PREFIX.qweight) as a Q8Rows."""
     name, shape = GLOBAL_TENSORS["embed"]
-    if name not in src and linear_format(src, EMBED_PREFIX) == "q8":
-        return Q8Rows(LINEAR_FORMATS["q8"].load(src, EMBED_PREFIX, shape(cfg), cfg))
+    fmt = linear_format(src, EMBED_PREFIX) if name not in src else None
+    if fmt in ("q8", "q6"):                 # q6: unpacked to the same int8 table (formats/q4.py pack_q6)
+        return Q8Rows(LINEAR_FORMATS[fmt].load(src, EMBED_PREFIX, shape(cfg), cfg))
     arr, dt = src.raw(name)
     check_shape(name, arr.shape, shape(cfg))
     return arr if dt in ("F32", "F16") else to_float32(arr, dt)

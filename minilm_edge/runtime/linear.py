@@ -258,6 +258,25 @@ class Q8(Linear):
         return self.p.nbytes
 
 
+class Q6(Q8):
+    """q6 in the file (formats/q4.py pack_q6: 6-bit codes, 4 in 3 bytes), unpacked at load into the
+    int8 arrays of a Q8: the same kernels, bit-identical to an int8 folder holding the same codes
+    (kind "q8" everywhere after load; in memory 8 bits per weight, the codes copied out of the map)."""
+
+    @classmethod
+    def load(cls, src, prefix, shape, cfg):
+        from ..formats.q4 import Q8Linear, unpack_q6
+        n, k = shape
+        packed, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
+        if packed.ndim != 2 or packed.shape[0] != n or k % 4 or scales.ndim != 2 or scales.shape[1] == 0:
+            raise QuantFormatError(f"{prefix}.qweight (q6) has shape {list(packed.shape)}, "
+                                   f"expected [{n}, {3 * k // 4}]")
+        try:
+            return Q8(Q8Linear(unpack_q6(packed, k, prefix + ".qweight"), scales, k // scales.shape[1]))
+        except QuantFormatError as e:
+            raise QuantFormatError(f"{prefix}: {e}") from None
+
+
 class Q8Rows:
     """An int8 embedding table (a Q8 linear [V, D]) looked up by rows, so that a tied embedding is
     stored once: `table[ids]` dequantizes only the rows asked for (float32 [T, D]), and the same Q8
@@ -301,7 +320,8 @@ class AWQGemm(Q4):
 
 
 # stored format (formats/tensors.linear_format) -> class. bf16 is widened to float32 at load.
-LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "bf16": DenseF32, "q4": Q4, "q8": Q8, "awq_gemm": AWQGemm}
+LINEAR_FORMATS = {"f16": DenseF16, "f32": DenseF32, "bf16": DenseF32, "q4": Q4, "q8": Q8, "q6": Q6,
+                  "awq_gemm": AWQGemm}
 
 
 def linear_class(fmt: str | None, k: int):
