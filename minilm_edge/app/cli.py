@@ -10,6 +10,7 @@ import sys
 import time
 
 from ..errors import MiniLMError, UsageError
+from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
 
 DEFAULT_MODEL = "smollm2-135m-instruct-awq"   # store.PREPARED_MODELS: AWQ W4 on self-generated text
 PROG = "minilm-edge"
@@ -282,7 +283,6 @@ examples:
 def quantize_defaults(args) -> None:
     """Fill --group-size and --int8 when not given: the default recipe, except where an option rules
     it out (a size budget chooses group sizes itself; fp16 salient channels and int8 do not combine)."""
-    from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
     budget = args.target_bpw is not None or args.max_size is not None
     if args.group_size is None:
         args.group_size = 128 if budget else RECIPE_GROUP_SIZE
@@ -648,7 +648,8 @@ def build_parser():
     q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="quantization method (default awq)")
     q.add_argument("--bits", type=int, default=4, metavar="B", help="3 or 4 (default 4)")
     q.add_argument("--group-size", type=int, metavar="G",
-                   help="32, 64 or 128 (default 32; 128 with --target-bpw/--max-size, the largest it may choose)")
+                   help=f"32, 64 or 128 (default {RECIPE_GROUP_SIZE}; 128 with --target-bpw/--max-size, "
+                        "the largest it may choose)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
     q.add_argument("--embed", choices=["fp16", "int8", "q6"], default="int8",
                    help="embedding storage; int8 or q6 (6-bit codes, int8 in memory) with tied embeddings also "
@@ -659,7 +660,7 @@ def build_parser():
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
-                   help="store these block linears int8 (default v@all,down@more; none: all int4; see above)")
+                   help=f"store these block linears int8 (default {RECIPE_INT8}; none: all int4; see above)")
     q.add_argument("--int6", metavar="LINEAR@LAYERS,...",
                    help="store these block linears q6 (6-bit codes, 6.125 bits per weight in the file, int8 in "
                         "memory); taken out of --int8's set (see above)")
