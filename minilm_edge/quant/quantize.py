@@ -137,7 +137,7 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
         raise UsageError(f"unknown AWQ settings: {', '.join(sorted(unknown))}")
     cfg0 = load_config(src_dir)
     six = int8_linears(int6, cfg0.num_hidden_layers, "--int6")
-    eight = tuple(p for p in int8_linears(int8, cfg0.num_hidden_layers) if p not in set(six))
+    eight = tuple(sorted(set(int8_linears(int8, cfg0.num_hidden_layers)) - set(six)))
     if six and gptq:
         raise UsageError("--int6 and --gptq do not combine (GPTQ writes int4 and int8 codes only)")
     if six and (budgeted or keep_salient):
