@@ -15,9 +15,10 @@ A waiting thread spins with `pause` for about SPIN_PAUSES rounds (tens of micros
 wait between two phases of a step), then gives its core away with sched_yield at every round. A
 pure spin is fastest on an idle machine but collapses on a busy one: when the other thread of the
 region has been descheduled, the spinner burns whole time slices waiting for it (BENCHMARKS.md:
-decode at 2 threads fell to 40 tok/s, the batched step of calibration to 15 tok/s, with other jobs
-running). On an idle machine sched_yield returns at once, so it only adds a system call's latency
-to waits that are long anyway.
+decode at 2 threads fell from ~145 to 42–49 tok/s next to one other CPU-bound process, and the
+batched step of calibration to 15 tok/s among ten jobs; with the yield: 58–61). On an idle
+machine sched_yield returns at once, so it only adds a system call's latency to waits that are
+long anyway.
 
 This needs the T iterations of the region to run at the same time on T threads (otherwise the first
 would wait forever for the others): true of the omp and workqueue threading layers, which give each
