@@ -203,8 +203,8 @@ def test_mixed_int4_int8_folder_decodes_fused_as_unfused(tmp_path, n_threads):
     blocks = model.weights.blocks
     assert [(type(b.gate).__name__, type(b.up).__name__) for b in blocks] == [("Q8", "Q4"), ("Q4", "Q8"), ("Q8", "Q8")]
     F = cfg["intermediate_size"]
-    # gate|up's int8 row pairs per block (first row, pairs p0, p1 of the block's 2F rows): gate, up, both
-    assert plan.q8_table[2].tolist() == [[0, 0, F // 2], [F, F // 2, F], [2 * F, 0, F]]
+    # gate|up's int8 row pairs per block (first row, pairs p0, p1 of the block's 2F rows, q6 or not): gate, up, both
+    assert plan.q8_table[2].tolist() == [[0, 0, F // 2, 0], [F, F // 2, F, 0], [2 * F, 0, F, 0]]
     ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 24)
     full = model.hidden_states(ids)
     runs = {}

@@ -55,8 +55,17 @@ In the file the codes are packed 4 in 3 bytes (`pack_q6`): u = code + 32 (1..63,
     word = u0 | u1 << 6 | u2 << 12 | u3 << 18     (codes 4j .. 4j+3 of a row, 24 bits)
     bytes 3j, 3j+1, 3j+2 = word & 0xFF, (word >> 8) & 0xFF, word >> 16     (little-endian)
     qweight uint8 [N, 3K/4] (no zeros tensor: that tells it from minilm-q4), scales float16 [N, G]
-Loading unpacks to int8 (`unpack_q6`), so every int8 kernel serves q6 unchanged and bit-identically
-to an int8 folder holding the same codes; memory and decode read 8 bits per weight, the file 6 + 16/g.
+In memory q6 stays 6-bit (`pack_q6_rows`, re-packed at load; kernels/quant_q6.py reads it): per row,
+per chunk of 128 channels (the last may hold fewer: n = its channels / 2, a multiple of 16 when
+K % 32 == 0), n + n/4 + n/4 bytes at byte 96c of the row, u = code + 32:
+
+    nib[j]             = (u[2j] & 15) | (u[2j+1] & 15) << 4            j < n (channel pairs of the chunk)
+    hiE[4e + i] bits 2p..2p+1 = u[2j] >> 4,   hiO likewise u[2j+1] >> 4,   j = 16e + 4p + i
+
+so 64 nibble bytes give the chunk's even and odd channels as the int4 kernels split them, and the
+two-bit planes spread to 64 bytes each with one dword permute and one dword rotate (dword d of the
+output takes source dword d // 4, bit pair d % 4). The kernels rebuild u + 96 = code + 128, the bytes
+of the int8 rows (kernels/quant_i8_matvec.q8_rows), so q6 computes bit-identically to int8.
 """
 from __future__ import annotations
 
@@ -365,6 +374,60 @@ def unpack_q6(packed: np.ndarray, k: int, name: str = "qweight") -> np.ndarray:
     return q
 
 
+Q6_CHUNK = 128          # channels per chunk of the in-memory layout (`pack_q6_rows`)
+
+
+def pack_q6_rows(q: np.ndarray) -> np.ndarray:
+    """int8 codes [N, K] in -31..31 (K % 32 == 0) -> uint8 [N, 3K/4] in the in-memory layout the q6
+    kernels read (module docstring: per 128 channels a nibble plane, then the even and odd channels'
+    two-bit planes)."""
+    n_rows, k = q.shape
+    if k % 32:
+        raise UsageError(f"pack_q6_rows: K must be a multiple of 32, got {k}")
+    u = (q.astype(np.int16) + (Q6_MAX + 1)).astype(np.uint8)
+    out = np.empty((n_rows, 3 * k // 4), np.uint8)
+    for c0 in range(0, k, Q6_CHUNK):
+        part = u[:, c0:c0 + Q6_CHUNK]
+        n = part.shape[1] // 2
+        ev, od = part[:, 0::2], part[:, 1::2]                                      # [N, n]
+        base = 3 * c0 // 4
+        out[:, base:base + n] = (ev & 15) | ((od & 15) << 4)
+        for par, src in ((0, ev), (1, od)):
+            h = (src >> 4).reshape(n_rows, n // 16, 4, 4)                          # [N, e, p, i]
+            b = h[:, :, 0] | (h[:, :, 1] << 2) | (h[:, :, 2] << 4) | (h[:, :, 3] << 6)   # [N, e, i]
+            o = base + n + par * (n // 4)
+            out[:, o:o + n // 4] = b.reshape(n_rows, n // 4)
+    return out
+
+
+def unpack_q6_rows(rows: np.ndarray, k: int) -> np.ndarray:
+    """uint8 [..., 3K/4] in the in-memory layout -> int8 codes [..., K] (inverse of `pack_q6_rows`)."""
+    lead = rows.shape[:-1]
+    r = rows.reshape(-1, rows.shape[-1])
+    q = np.empty((r.shape[0], k), np.int16)
+    for c0 in range(0, k, Q6_CHUNK):
+        n = min(Q6_CHUNK, k - c0) // 2
+        base = 3 * c0 // 4
+        nib = r[:, base:base + n]
+        for par, lo in ((0, nib & 15), (1, nib >> 4)):
+            o = base + n + par * (n // 4)
+            b = r[:, o:o + n // 4].reshape(-1, n // 16, 1, 4)                      # [N, e, 1, i]
+            h = (b >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3   # [N, e, p, i]
+            q[:, c0 + par:c0 + 2 * n:2] = lo.astype(np.int16) | (h.reshape(-1, n).astype(np.int16) << 4)
+    return (q - (Q6_MAX + 1)).astype(np.int8).reshape(*lead, k)
+
+
+def q6_rows_from_file(packed: np.ndarray, k: int, name: str = "qweight") -> np.ndarray:
+    """The file's q6 codes (`pack_q6`) re-packed into the in-memory layout (`pack_q6_rows`), a few
+    thousand rows at a time (the int8 temporaries stay a few MB); the checks of `unpack_q6`."""
+    _check(name, packed, np.uint8, (packed.shape[0] if getattr(packed, "ndim", 0) == 2 else -1,
+                                    q6_packed_width(k)))
+    out = np.empty((packed.shape[0], 3 * k // 4), np.uint8)
+    for r in range(0, packed.shape[0], Q6_ROWS_PER_CHUNK):
+        out[r:r + Q6_ROWS_PER_CHUNK] = pack_q6_rows(unpack_q6(packed[r:r + Q6_ROWS_PER_CHUNK], k, name))
+    return out
+
+
 def dequantize_q8(q8: Q8Linear) -> np.ndarray:
     """Q8Linear -> W float32 [N, K]."""
     n, k = q8.shape
@@ -383,6 +446,8 @@ def _check_invariants():
     assert bits_per_weight(64) == 4.375 and bits_per_weight(128) == 4.1875
     six = np.arange(-Q6_MAX, Q6_MAX + 1, dtype=np.int8)[:60].reshape(1, 60)
     assert np.array_equal(unpack_q6(pack_q6(six), 60), six), "q6 packing round-trips"
+    rows = np.resize(np.arange(-Q6_MAX, Q6_MAX + 1, dtype=np.int8), (2, 160))
+    assert np.array_equal(unpack_q6_rows(pack_q6_rows(rows), 160), rows), "the in-memory q6 layout round-trips"
     codes = np.arange(32, dtype=np.uint8).reshape(1, 32) % 16
     packed = pack_nibbles(codes)
     assert packed[0, 0] == (codes[0, 0] | codes[0, 1] << 4), "low nibble holds the even channel"

@@ -50,11 +50,13 @@ from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import dot2_q4_f32, dot2_q8_f32, split_x
 from .quant_i8_matmul import VNNI
 from .quant_i8_matvec import quantize_vec, salient_x
+from .quant_q6 import dot2_q6_f32
 from .simd import LANES, v_div, v_exp, v_fma, v_hsum, v_load, v_mul, v_splat, v_store, v_zeros
 from .sync import barrier
 
 if VNNI:
     from .quant_i8_matvec import dot2_q4_i8, dot2_q8_i8, q8_lane_zero
+    from .quant_q6 import dot2_q6_i8
 
 # ----------------------------------------------------------------------------------------------
 # The records. Shapes: L blocks, N rows of one block's stacked linear, K its inputs, G = K / g,
@@ -78,6 +80,11 @@ Q8Stack = namedtuple("Q8Stack", [       # the int8 block linears' rows of one ki
     "scales",       # float32 [R, K/g8]
     "group_size",   # int     g8
     "gpc", "gidx", "g0s",   # quant_i8_matvec.group_index(g8, K)
+    # the q6 block linears' rows of this kind (quant_q6.py: 6-bit codes, formats/q4.py pack_q6_rows)
+    "q6w",          # uint8   [R6, 3K/4]
+    "q6s",          # float32 [R6, K/g6]
+    "q6g",          # int     g6
+    "q6gpc", "q6gidx", "q6g0s",   # quant_i8_matvec.group_index(g6, K)
 ])
 Blocks = namedtuple("Blocks", [
     "attn_norm", "mlp_norm",         # float32 [L, D]
@@ -339,10 +346,35 @@ else:
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
+def _rows_q6_f32(mode, q8, r0, st, base, i0, i1, p, out):
+    """`_rows_q8_f32` for q6 rows (q8.q6w: quant_q6.dot2_q6_f32, bit-identical to the int8 rows)."""
+    for i in range(i0, i1):
+        ya, yb = dot2_q6_f32(q8.q6w, q8.q6s, r0 + 2 * i, r0 + 2 * i + 1, q8.q6g, p.xe, p.xo, 0)
+        _put(mode, out, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_q6_i8(mode, q8, r0, st, base, i0, i1, p, out):
+        """`_rows_q8_i8` for q6 rows (q8.q6w: quant_q6.dot2_q6_i8, bit-identical to the int8 rows)."""
+        q8_lane_zero(p.qe, p.qo, p.sxl, p.nzl)
+        for i in range(i0, i1):
+            ya, yb = dot2_q6_i8(q8.q6w, q8.q6s, r0 + 2 * i, r0 + 2 * i + 1, q8.q6gpc, q8.q6gidx, q8.q6g0s,
+                                p.qe, p.qo, p.sxl, p.nzl, 0, 0, 0)
+            _put(mode, out, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+else:
+    @kernel()
+    def _rows_q6_i8(mode, q8, r0, st, base, i0, i1, p, out):
+        """Never called without VNNI (see `_rows_i8`)."""
+        return
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
 def _rows_mixed(i8, mode, st, q8, tab, base, a, b, p, out):
     """Output pairs a .. b−1 of one block of stack st (STORE or ADD) where the pairs
     tab[1] .. tab[2]−1 are int8 rows of q8 from row tab[0] on (tab[0] = −1: none): the int4 pairs
-    before and after them by `_rows`, theirs by the int8 row kernels, one pass each."""
+    before and after them by `_rows`, theirs by the int8 row kernels, one pass each; tab[3] > 0: they
+    are q6 rows of q8.q6w (quant_q6.py)."""
     if tab[0] < 0:
         _rows(i8, mode, st, base, 0, a, b, p, out)
         return
@@ -350,7 +382,12 @@ def _rows_mixed(i8, mode, st, q8, tab, base, a, b, p, out):
     _rows(i8, mode, st, base, 0, a, min(b, p0), p, out)
     i0, i1 = max(a, p0), min(b, p1)
     if i0 < i1:
-        if i8:
+        if tab[3] > 0:                  # q6 rows (q8.q6w)
+            if i8:
+                _rows_q6_i8(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
+            else:
+                _rows_q6_f32(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
+        elif i8:
             _rows_q8_i8(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
         else:
             _rows_q8_f32(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
@@ -393,6 +430,7 @@ def _share(n, t, T):
 
 
 Q4_COST, Q8_COST = 5, 8      # a row pair's relative cost in `_share_mixed`: about its bytes (int4 g32 vs int8 g64)
+Q6_COST = 6                  # q6 g64/g128: 6.1–6.25 bits (its unpacking makes it a little more)
 
 
 @kernel()
@@ -402,18 +440,19 @@ def _share_mixed(n, t, T, tab):
     if tab[0] < 0:
         return _share(n, t, T)
     p0, p1 = tab[1], tab[2]
-    total = Q4_COST * (n - (p1 - p0)) + Q8_COST * (p1 - p0)
-    return _pair_at(total * t // T, p0, p1), _pair_at(total * (t + 1) // T, p0, p1)
+    cost = Q6_COST if tab[3] > 0 else Q8_COST
+    total = Q4_COST * (n - (p1 - p0)) + cost * (p1 - p0)
+    return _pair_at(total * t // T, p0, p1, cost), _pair_at(total * (t + 1) // T, p0, p1, cost)
 
 
 @kernel(inline=True)
-def _pair_at(c, p0, p1):
+def _pair_at(c, p0, p1, cost):
     """The first pair whose cost before it reaches c (`_share_mixed`'s costs; monotone in c)."""
-    c8 = Q4_COST * p0 + Q8_COST * (p1 - p0)          # the cost before pair p1
+    c8 = Q4_COST * p0 + cost * (p1 - p0)             # the cost before pair p1
     if c <= Q4_COST * p0:
         return c // Q4_COST
     if c <= c8:
-        return p0 + (c - Q4_COST * p0) // Q8_COST
+        return p0 + (c - Q4_COST * p0) // cost
     return p1 + (c - c8) // Q4_COST
 
 

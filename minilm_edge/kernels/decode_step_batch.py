@@ -68,11 +68,13 @@ from .quant_i8_matvec import (
     quantize_vec,
     salient_x,
 )
+from .quant_q6 import dot2_q6_f32
 from .simd import LANES, _elem_ptr, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_mul, v_splat, v_unpack_q4, v_zeros
 from .sync import barrier
 
 if VNNI:
     from .quant_i8_matvec import _lane_scales, v_dot_q4_i8, v_i2f, v_load_part, v_load_part_u8
+    from .quant_q6 import dot2_q6_i8, dot2x4_q6_i8
 
 class U8x64Type(types.Type):
     def __init__(self):
@@ -488,6 +490,56 @@ else:
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
+def _rows_batch_q6_f32(mode, q8, r0, st, base, i0, i1, sh, out):
+    """`_rows_batch_q8_f32` for q6 rows (q8.q6w, quant_q6.dot2_q6_f32)."""
+    S = sh.xe.shape[1]
+    for i in range(i0, i1):
+        ra, rb = r0 + 2 * i, r0 + 2 * i + 1
+        for b in range(out.shape[0]):
+            ya, yb = dot2_q6_f32(q8.q6w, q8.q6s, ra, rb, q8.q6g, sh.xe, sh.xo, b * S)
+            _put_at(mode, out, b, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+
+
+if VNNI:
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_batch_q6_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out):
+        """`_rows_batch_q8_i8_naive` for q6 rows (quant_q6.dot2_q6_i8), one activation row per pass."""
+        Sq, Ss, Sn = sh.qe.shape[1], sh.sxl.shape[1], sh.nzl.shape[1]
+        for i in range(i0, i1):
+            ra, rb = r0 + 2 * i, r0 + 2 * i + 1
+            for b in range(out.shape[0]):
+                ya, yb = dot2_q6_i8(q8.q6w, q8.q6s, ra, rb, q8.q6gpc, q8.q6gidx, q8.q6g0s,
+                                    sh.qe, sh.qo, sh.sxl, sh.nzl, b * Sq, b * Ss, b * Sn)
+                _put_at(mode, out, b, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
+
+    @kernel(fastmath=FASTMATH_REDUCE)
+    def _rows_batch_q6_i8(mode, q8, r0, st, base, i0, i1, sh, out):
+        """`_rows_batch_q8_i8` for q6 rows (quant_q6.dot2x4_q6_i8): four activation rows per pass."""
+        B = out.shape[0]
+        for i in range(i0, i1):
+            ra, rb = r0 + 2 * i, r0 + 2 * i + 1
+            sa, sb = base + 2 * i, base + 2 * i + 1
+            for b0 in range(0, B, 4):
+                y = dot2x4_q6_i8(q8.q6w, q8.q6s, ra, rb, q8.q6gpc, q8.q6gidx, q8.q6g0s,
+                                 sh.qe, sh.qo, sh.sxl, sh.nzl,
+                                 b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
+                _put_at(mode, out, b0, i, sa, sb, y[0], y[1], st.bias)
+                if b0 + 1 < B:
+                    _put_at(mode, out, b0 + 1, i, sa, sb, y[2], y[3], st.bias)
+                if b0 + 2 < B:
+                    _put_at(mode, out, b0 + 2, i, sa, sb, y[4], y[5], st.bias)
+                if b0 + 3 < B:
+                    _put_at(mode, out, b0 + 3, i, sa, sb, y[6], y[7], st.bias)
+else:
+    @kernel()
+    def _rows_batch_q6_i8(mode, q8, r0, st, base, i0, i1, sh, out):
+        """Never called without VNNI (i8 is False there); typed by `_rows_batch_mixed`'s branch."""
+        return
+
+    _rows_batch_q6_i8_naive = _rows_batch_q6_i8
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
 def _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out):
     """decode_step._rows_mixed for B rows: output pairs a .. e−1 of one block of stack st where the
     pairs tab[1] .. tab[2]−1 are int8 rows of q8 from row tab[0] on (tab[0] = −1: none)."""
@@ -499,7 +551,14 @@ def _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out):
     i0, i1 = max(a, p0), min(e, p1)
     if i0 < i1:
         r0 = tab[0] - 2 * p0
-        if i8 == 2:
+        if tab[3] > 0:                  # q6 rows (q8.q6w)
+            if i8 == 2:
+                _rows_batch_q6_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out)
+            elif i8:
+                _rows_batch_q6_i8(mode, q8, r0, st, base, i0, i1, sh, out)
+            else:
+                _rows_batch_q6_f32(mode, q8, r0, st, base, i0, i1, sh, out)
+        elif i8 == 2:
             _rows_batch_q8_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out)
         elif i8:
             _rows_batch_q8_i8(mode, q8, r0, st, base, i0, i1, sh, out)

@@ -47,7 +47,7 @@ class StackedQ4:
     bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
     mapped: bool = False    # qweight and zeros are views of the mapped file (see `stack_q4`)
     q8: "Q8Stack | None" = None     # the int8 linears' rows, R of them (`stack_q8`)
-    q8_table: np.ndarray | None = None   # int64 [L, 3]: per block (first row in q8 or -1, pairs p0, p1)
+    q8_table: np.ndarray | None = None   # int64 [L, 4]: per block (first row in q8 or -1, pairs p0, p1, q6)
 
     @property
     def shape(self):
@@ -74,26 +74,42 @@ class StackedQ4:
         return lin
 
 
-def stack_q8(parts: list) -> Q8Stack | None:
+def stack_q8(parts: list, q6_parts: list = (), K: int | None = None) -> Q8Stack | None:
     """The int8 linears' rows (Q8Prepared, one K and one group size g8) as the step reads them
-    (quant_i8_matvec.q8_rows); None where the int8 kernels do not take them (`supports_i8`)."""
-    K, g8 = parts[0].shape[1], parts[0].group_size
-    if any(p.shape[1] != K or p.group_size != g8 for p in parts) or not supports_i8(g8, K):
-        return None
-    qweight = np.concatenate([q8_rows(p.qweight) for p in parts])                    # uint8 [R, K]
-    scales = np.concatenate([p.scales.astype(np.float32) for p in parts])             # [R, K/g8]
-    return Q8Stack(qweight, scales, g8, *group_index(g8, K))
+    (quant_i8_matvec.q8_rows), and the q6 ones' (Q6Prepared, one group size g6: their packed rows,
+    kernels/quant_q6.py); None where the kernels do not take them (`supports_i8`, `supports_q6`)."""
+    from ..kernels.quant_q6 import supports_q6
+    K = K if K is not None else (parts or q6_parts)[0].shape[1]
+    if parts:
+        g8 = parts[0].group_size
+        if any(p.shape[1] != K or p.group_size != g8 for p in parts) or not supports_i8(g8, K):
+            return None
+        qweight = np.concatenate([q8_rows(p.qweight) for p in parts])                # uint8 [R, K]
+        scales = np.concatenate([p.scales.astype(np.float32) for p in parts])         # [R, K/g8]
+    else:
+        g8, qweight, scales = K, np.zeros((2, K), np.uint8), np.zeros((2, 1), np.float32)
+    if q6_parts:
+        g6 = q6_parts[0].group_size
+        if any(p.shape[1] != K or p.group_size != g6 for p in q6_parts) or not supports_i8(g6, K) \
+                or not supports_q6(g6, K):
+            return None
+        q6w = np.concatenate([p.qweight for p in q6_parts])                          # uint8 [R6, 3K/4]
+        q6s = np.concatenate([p.scales for p in q6_parts])                           # float32 [R6, K/g6]
+    else:
+        g6, q6w, q6s = K, np.zeros((2, 3 * K // 4), np.uint8), np.zeros((2, 1), np.float32)
+    return Q8Stack(qweight, scales, g8, *group_index(g8, K), q6w, q6s, g6, *group_index(g6, K))
 
 
 def stack_q4(layers: list) -> StackedQ4 | None:
     """layers: L lists of Q4 (or Q8: `stack_q8`, where the int8 parts of a block are adjacent and in
     whole row pairs) linears to fuse by rows; None if they cannot share one stack."""
     kinds = {lin.kind for parts in layers for lin in parts}
-    if not kinds <= {"q4", "q8"}:
+    if not kinds <= {"q4", "q8", "q6"}:
         return None
     first = next((lin.p for parts in layers for lin in parts if lin.kind == "q4"), layers[0][0].p)
-    K, g = first.shape[1], first.group_size
-    if "q8" in kinds:
+    K = first.shape[1]
+    g = first.group_size if first is not None and hasattr(first, "zeros") else _first_int4_group(K)
+    if kinds & {"q8", "q6"}:
         return _stack_mixed(layers, K, g)
     for parts in layers:
         for lin in parts:
@@ -144,22 +160,29 @@ def _placeholder(n: int, K: int, g: int) -> Q4Prepared:
                       np.zeros((n, K // g), np.uint8), g, none_i, none_w, 0)
 
 
+def _first_int4_group(K: int) -> int:
+    """The placeholders' group size in a kind with no int4 linear at all."""
+    return 128 if K % 128 == 0 else 64 if K % 64 == 0 else 32
+
+
 def _stack_mixed(layers, K, g):
-    """`stack_q4` for kinds with int8 parts: placeholders in the int4 stack, the int8 rows (one
-    block's int8 rows r0:r1, adjacent) in `q8` (`stack_q8`), where the step computes them (q8_table)."""
+    """`stack_q4` for kinds with int8 (or q6) parts: placeholders in the int4 stack, the int8 rows
+    (one block's int8 rows r0:r1, adjacent) in `q8` (`stack_q8`), where the step computes them
+    (q8_table); a block's rows of one kind are all int8 or all q6 (q8_table[l, 3] = 1: q6)."""
     L = len(layers)
-    main, q8_parts, table = [], [], np.full((L, 3), -1, np.int64)
-    R = 0
+    main, q8_parts, q6_parts, table = [], [], [], np.full((L, 4), -1, np.int64)
+    R = R6 = 0
     for l, parts in enumerate(layers):
-        row, span, ps = 0, None, []
+        row, span, ps, fmt = 0, None, [], None
         for lin in parts:
             n = lin.p.shape[0]
-            if lin.kind == "q8":
-                if lin.p.shape[1] != K or (span is not None and span[1] != row):
+            if lin.kind in ("q8", "q6"):
+                if lin.p.shape[1] != K or (span is not None and span[1] != row) or fmt not in (None, lin.kind):
                     return None
+                fmt = lin.kind
                 span = (span[0] if span else row, row + n)
                 ps.append(_Part(_placeholder(n, K, g), lin.bias))
-                q8_parts.append(lin.p)
+                (q6_parts if fmt == "q6" else q8_parts).append(lin.p)
             else:
                 if lin.p.n_salient:     # the int8 rows meet activations quantized with no salient channel
                     return None
@@ -169,10 +192,14 @@ def _stack_mixed(layers, K, g):
         if span is not None:
             if span[0] % 2 or span[1] % 2:
                 return None
-            table[l] = (R, span[0] // 2, span[1] // 2)
-            R += span[1] - span[0]
+            first = R6 if fmt == "q6" else R
+            table[l] = (first, span[0] // 2, span[1] // 2, int(fmt == "q6"))
+            if fmt == "q6":
+                R6 += span[1] - span[0]
+            else:
+                R += span[1] - span[0]
     st = stack_q4(main)
-    q8 = stack_q8(q8_parts)
+    q8 = stack_q8(q8_parts, q6_parts, K)
     if st is None or q8 is None:
         return None
     st.q8, st.q8_table = q8, table
@@ -182,7 +209,7 @@ def _stack_mixed(layers, K, g):
 def _dummy_q8(K: int) -> Q8Stack:
     """An empty int8 stack (two zero rows) for a kind without int8 linears: the step's records
     keep one type."""
-    return Q8Stack(np.zeros((2, K), np.uint8), np.zeros((2, 1), np.float32), K, *group_index(K, K))
+    return stack_q8([], [], K)
 
 
 def _buffer_owner(a: np.ndarray):
@@ -234,8 +261,8 @@ class DecodePlan:
         kinds = (qkv, o, gate_up, down)
         self.q8 = tuple(st.q8 or _dummy_q8(st.shape[1]) for st in kinds)
         L = self.attn_norm.shape[0]
-        self.q8_table = np.stack([st.q8_table if st.q8_table is not None else np.full((L, 3), -1, np.int64)
-                                  for st in kinds])                              # int64 [4, L, 3]
+        self.q8_table = np.stack([st.q8_table if st.q8_table is not None else np.full((L, 4), -1, np.int64)
+                                  for st in kinds])                              # int64 [4, L, 4]
         self.shared = Shared(qkv=np.empty((H + 2 * Hkv) * Dh, np.float32),   # [(H + 2 Hkv) Dh]
                              act=np.empty(F, np.float32),                     # [F]
                              gu=np.empty(2 * F, np.float32),                  # [2F]
@@ -269,7 +296,8 @@ class DecodePlan:
     def nbytes(self) -> int:
         stacks = [self.qkv, self.o, self.gate_up, self.down]
         return sum(s.qweight.nbytes + s.scales.nbytes + s.zeros.nbytes + s.sal_w.nbytes for s in stacks) \
-            + sum(st.q8.qweight.nbytes + st.q8.scales.nbytes for st in stacks if st.q8 is not None)
+            + sum(st.q8.qweight.nbytes + st.q8.scales.nbytes + st.q8.q6w.nbytes + st.q8.q6s.nbytes
+                  for st in stacks if st.q8 is not None)
 
     def run(self, x, cache, pos, cos, sin):
         """x [D] float32 (modified in place) through every block; writes the cache at `pos`."""
@@ -284,7 +312,8 @@ class DecodePlan:
 def build_plan(cfg, blocks):
     """A DecodePlan when every block linear is int4 (or int8: `stack_q8`) and the stacks line up, else
     None."""
-    if not all(getattr(b, n).kind in ("q4", "q8") for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")):
+    if not all(getattr(b, n).kind in ("q4", "q8", "q6") for b in blocks
+               for n in ("q", "k", "v", "o", "gate", "up", "down")):
         return None
     if cfg.head_dim % LANES or cfg.hidden_size % 2:   # whole 16-lane vectors; output rows in pairs
         return None

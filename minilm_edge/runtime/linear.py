@@ -259,22 +259,64 @@ class Q8(Linear):
 
 
 class Q6(Q8):
-    """q6 in the file (formats/q4.py pack_q6: 6-bit codes, 4 in 3 bytes), unpacked at load into the
-    int8 arrays of a Q8: the same kernels, bit-identical to an int8 folder holding the same codes
-    (kind "q8" everywhere after load; in memory 8 bits per weight, the codes copied out of the map)."""
+    """q6 weights (formats/q4.py: 6-bit codes, in the file 4 in 3 bytes, `pack_q6`), kept 6-bit in
+    memory: re-packed at load into the layout the q6 kernels read (`pack_q6_rows`, kernels/quant_q6.py),
+    which compute bit for bit what a Q8 holding the same codes computes: decode (the head, the
+    per-linear path, the one-call steps' rows: runtime/decode.stack_q8), batched head rows, prefill
+    with int8 or float32 activations. kind "q6". K not a multiple of 32: unpacked to a plain Q8."""
+    kind = "q6"
+
+    def __init__(self, p):
+        self.q8 = None
+        self.p = p                   # kernels/quant_q6.Q6Prepared
+        self.shape = p.shape
+        self.int8_activations = True
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
-        from ..formats.q4 import Q8Linear, unpack_q6
+        from ..formats.q4 import Q8Linear, _check, _check_group_size, q6_rows_from_file, unpack_q6
+        from ..kernels.quant_q6 import prepare_q6
         n, k = shape
         packed, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
         if packed.ndim != 2 or packed.shape[0] != n or k % 4 or scales.ndim != 2 or scales.shape[1] == 0:
             raise QuantFormatError(f"{prefix}.qweight (q6) has shape {list(packed.shape)}, "
                                    f"expected [{n}, {3 * k // 4}]")
+        g = k // scales.shape[1]
         try:
-            return Q8(Q8Linear(unpack_q6(packed, k, prefix + ".qweight"), scales, k // scales.shape[1]))
+            if k % 32:
+                return Q8(Q8Linear(unpack_q6(packed, k, prefix + ".qweight"), scales, g))
+            _check_group_size(g, k)
+            _check("scales", scales, np.float16, (n, k // g))
+            if not np.all(np.isfinite(scales)):
+                raise QuantFormatError("scales: expected finite values, got inf or nan")
+            return cls(prepare_q6(q6_rows_from_file(packed, k, prefix + ".qweight"), scales, g))
         except QuantFormatError as e:
             raise QuantFormatError(f"{prefix}: {e}") from None
+
+    def matvec(self, x):
+        from ..kernels.quant_q6 import matvec_q6_f32
+        return matvec_q6_f32(self.p, x)
+
+    def rows(self, X):
+        from ..kernels.quant_f32 import _check_mat
+        from ..kernels.quant_q6 import matvec_rows_q6
+        _check_mat(X, self.shape[1])
+        if X.shape[0] == 1:
+            return self.matvec(np.ascontiguousarray(X[0]))[None]
+        return matvec_rows_q6(self.p, np.ascontiguousarray(X))
+
+    def matmul(self, X):
+        from ..kernels.quant_i8_matmul import use_int8_activations
+        if self.int8_activations and use_int8_activations(X.shape[0]):
+            from ..kernels.quant_q6 import matmul_q6_i8
+            return matmul_q6_i8(self.p, X)
+        from ..kernels.quant_q6 import matmul_q6_f32
+        return matmul_q6_f32(self.p, X)
+
+    def codes(self, ids) -> np.ndarray:
+        """int8 codes of rows `ids` (an embedding lookup)."""
+        from ..formats.q4 import unpack_q6_rows
+        return unpack_q6_rows(self.p.qweight[ids], self.shape[1])
 
 
 class Q8Rows:
@@ -289,7 +331,7 @@ class Q8Rows:
 
     def __getitem__(self, ids) -> np.ndarray:
         p = self.linear.p
-        q = p.qweight[ids]                                         # [..., D] int8
+        q = self.linear.codes(ids) if isinstance(self.linear, Q6) else p.qweight[ids]   # [..., D] int8
         s = p.scales[ids]                                          # [..., G] float32
         g = p.group_size
         w = q.reshape(*q.shape[:-1], q.shape[-1] // g, g).astype(np.float32) * s[..., None]

@@ -1,0 +1,505 @@
+"""q6 weights read packed: 6 bits per weight in memory and per decoded token (issue 17).
+
+The rows are in the in-memory layout of formats/q4.py `pack_q6_rows` (per 128 channels: a nibble
+plane of the channel pairs, then the even and the odd channels' two-bit planes; u = code + 32). Every
+kernel here rebuilds, in registers, exactly the operands its int8 twin reads and then runs the int8
+twin's operations in the int8 twin's order, so a q6 linear computes bit for bit what an int8 linear
+holding the same codes computes (tests/test_q6.py):
+
+    int8 activations (VNNI): `dot2_q6_i8` = quant_i8_matvec.dot2_q8_i8, the chunk's even and odd bytes
+        u + 96 = code + 128 (quant_i8_matvec.q8_rows) rebuilt by `_q6_bytes`: a masked 64-byte load of
+        nibbles, two 16-byte loads of two-bit planes spread by a dword permute and a dword rotate
+        (`_q6_hi`), and/or/add; then the same two vpdpbusd.
+    float32 activations: `dot2_q6_f32` = quant_f32.dot2_q8_f32 (split order, 32 channels a step),
+        `_matvec_q6_f32` = quant_f32._matvec_q8_f32 (natural order, the head and the per-linear path),
+        `matvec_rows_q6_f32` = decode_step_batch.matvec_rows_q8_f32 (the batched head).
+    prefill: `matmul_q6_i8` = quant_i8_matmul.matmul_q8_i8 with the tile unpacked from q6 rows
+        (`_unpack_tile_q6`, the same tile bytes), `matmul_q6_f32` = quant_f32.matmul_q8_f32.
+
+Shapes: W [N, K] (K % 32 == 0), qweight uint8 [N, 3K/4], scales float32 [N, G], g % 32 == 0; a chunk
+= 128 channels = 96 bytes (the last chunk: n channel pairs, n + n/2 bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ..errors import UsageError
+from ..formats.q4 import Q8Linear, pack_q6_rows
+from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .quant_f32 import TILE_ROWS as F32_TILE_ROWS, _check_mat, _check_out, _check_vec
+from .quant_i8_matmul import (
+    ACT_BLOCK,
+    TILE_ROWS,
+    VNNI,
+    _check_block,
+    _tile_products,
+    i32x16,
+    quantize_activations,
+)
+from .quant_i8_matvec import CHUNK, CHUNK_CHANNELS, _dpbusd, _intp, _lane_scales, _mask, _masked_load, v_i2f
+from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
+
+CHUNK_BYTES = 3 * CHUNK_CHANNELS // 4        # 96 packed bytes per 128 channels
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+_VB = ir.VectorType(_I8, CHUNK)              # <64 x i8>
+_VI32 = ir.VectorType(_I32, LANES)
+_VF = ir.VectorType(ir.FloatType(), LANES)
+_V16B = ir.VectorType(_I8, LANES)            # <16 x i8>
+
+
+@dataclass(frozen=True)
+class Q6Prepared:
+    """A q6 linear as the kernels read it: qweight uint8 [N, 3K/4] (formats/q4.py pack_q6_rows),
+    scales float32 [N, G]."""
+    qweight: np.ndarray
+    scales: np.ndarray
+    group_size: int
+
+    @property
+    def shape(self):
+        return self.qweight.shape[0], 4 * self.qweight.shape[1] // 3
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scales.nbytes
+
+    @property
+    def kernel_args(self):
+        return self.qweight, self.scales, self.group_size
+
+
+def prepare_q6(rows: np.ndarray, scales: np.ndarray, group_size: int) -> Q6Prepared:
+    """rows: uint8 [N, 3K/4] already in the in-memory layout; scales float16 [N, G]."""
+    return Q6Prepared(np.ascontiguousarray(rows), scales.astype(np.float32), group_size)
+
+
+def prepare_q6_codes(q8: Q8Linear) -> Q6Prepared:
+    """A Q8Linear whose codes are in -31..31 -> Q6Prepared (tests, and linears built in memory)."""
+    return prepare_q6(pack_q6_rows(q8.qweight), q8.scales, q8.group_size)
+
+
+def supports_q6(group_size: int, k: int) -> bool:
+    """Whether the q6 kernels take K = k and this group size (whole 32-channel steps per group)."""
+    return k % 32 == 0 and group_size % 32 == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Unpacking in registers
+
+
+def _ptr(context, builder, w_t, w, off):
+    """Pointer to w.flat[off] (off an intp IR value) as i8*."""
+    a = context.make_array(w_t)(context, builder, w)
+    return builder.gep(a.data, [off])
+
+
+def _q6_hi(builder, ptr, n4):
+    """The two-bit plane of n4 (≤ 16) bytes at ptr spread over the 64 bytes of a chunk's channels:
+    byte j (= 16e + 4p + i) gets bits 2p..2p+1 of source byte 4e + i at bits 4..5, others 0."""
+    v = _masked_load(builder, builder.bitcast(ptr, _V16B.as_pointer()), _mask(builder, n4, LANES), _V16B)
+    d = builder.bitcast(v, ir.VectorType(_I32, 4))
+    s = builder.shuffle_vector(d, d, ir.Constant(_VI32, [k // 4 for k in range(LANES)]))
+    fshl = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI32, [_VI32] * 3), "llvm.fshl.v16i32")
+    r = builder.call(fshl, [s, s, ir.Constant(_VI32, [(4 - 2 * (k % 4)) % 32 for k in range(LANES)])])
+    return builder.and_(builder.bitcast(r, _VB), ir.Constant(_VB, [0x30] * CHUNK))
+
+
+def _q6_bytes(context, builder, w_t, w, off, n):
+    """(even, odd) <64 x i8>: code + 128 of the chunk's even and odd channels (the bytes of
+    quant_i8_matvec.q8_rows), bytes past the chunk's n pairs 0. off, n: intp IR values."""
+    it = off.type
+    mask = _mask(builder, n, CHUNK)
+    nib = _masked_load(builder, builder.bitcast(_ptr(context, builder, w_t, w, off), _VB.as_pointer()), mask, _VB)
+    n4 = builder.lshr(n, ir.Constant(it, 2))
+    pe = _ptr(context, builder, w_t, w, builder.add(off, n))
+    po = _ptr(context, builder, w_t, w, builder.add(builder.add(off, n), n4))
+    lo = builder.and_(nib, ir.Constant(_VB, [15] * CHUNK))
+    hi = builder.and_(builder.lshr(nib, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
+    c96, zero = ir.Constant(_VB, [96] * CHUNK), ir.Constant(_VB, [0] * CHUNK)
+    ue = builder.select(mask, builder.add(builder.or_(lo, _q6_hi(builder, pe, n4)), c96), zero)
+    uo = builder.select(mask, builder.add(builder.or_(hi, _q6_hi(builder, po, n4)), c96), zero)
+    return ue, uo
+
+
+def _args_intp(context, builder, sig, args, idx):
+    return [_intp(context, builder, args[i], sig.args[i]) for i in idx]
+
+
+@intrinsic
+def v_dot_q6_i8(typingctx, w, off, n, qe, qo, x_off):
+    """quant_i8_matvec.v_dot_q8_i8 for the q6 chunk at w.flat[off:] with n channel pairs: lane i =
+    sum over channel octet i of (code + 128) · qx, qx = qe.flat[x_off:+64] | qo.flat[x_off:+64]."""
+    def codegen(context, builder, sig, args):
+        off_, n_, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
+        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_)
+        xe = builder.load(_elem_ptr(context, builder, sig.args[3], args[3], types.intp, xo_, _VB), align=1)
+        xo = builder.load(_elem_ptr(context, builder, sig.args[4], args[4], types.intp, xo_, _VB), align=1)
+        return _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo)
+    return i32x16(w, off, n, qe, qo, x_off), codegen
+
+
+@intrinsic
+def v_dot4_q6_i8(typingctx, w, off, n, qe, qo, x0, x1, x2, x3):
+    """`v_dot_q6_i8` with four activation rows (offsets x0..x3), the chunk unpacked once."""
+    def codegen(context, builder, sig, args):
+        off_, n_, *xs = _args_intp(context, builder, sig, args, (1, 2, 5, 6, 7, 8))
+        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_)
+        out = []
+        for x_ in xs:
+            xe = builder.load(_elem_ptr(context, builder, sig.args[3], args[3], types.intp, x_, _VB), align=1)
+            xo = builder.load(_elem_ptr(context, builder, sig.args[4], args[4], types.intp, x_, _VB), align=1)
+            out.append(_dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo))
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(i32x16, 4)(w, off, n, qe, qo, x0, x1, x2, x3), codegen
+
+
+@intrinsic
+def v_q6_quads(typingctx, w, off, n, buf):
+    """The chunk's even and odd bytes (`_q6_bytes`) stored as 16 + 16 int32 quads: buf[0:16] the
+    even channels' quads (quant_i8_matmul's VNNI order), buf[16:32] the odd ones'."""
+    def codegen(context, builder, sig, args):
+        off_, n_ = _args_intp(context, builder, sig, args, (1, 2))
+        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_)
+        zero = ir.Constant(ir.IntType(64), 0)
+        sixteen = ir.Constant(ir.IntType(64), LANES)
+        for v, o in ((ue, zero), (uo, sixteen)):
+            dst = _elem_ptr(context, builder, sig.args[3], args[3], types.intp, o, _VI32)
+            builder.store(builder.bitcast(v, _VI32), dst, align=4)
+        return context.get_dummy_value()
+    return types.none(w, off, n, buf), codegen
+
+
+def _dword_at(context, builder, w_t, w, off):
+    """The little-endian 32-bit word at w.flat[off] (off an intp IR value)."""
+    p = builder.bitcast(_ptr(context, builder, w_t, w, off), _I32.as_pointer())
+    return builder.load(p, align=1)
+
+
+def _splat_i32(builder, x):
+    v = builder.insert_element(ir.Constant(_VI32, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_VI32, [0] * LANES))
+
+
+@intrinsic
+def v_q6_split_f32(typingctx, w, off, n, j0):
+    """(even, odd) f32x16: code + 128 of the chunk's channel pairs j0 .. j0+15 (j0 % 16 == 0), as
+    floats: the operands quant_f32.dot2_q8_f32 loads with v_load_u8 (even bytes, odd bytes)."""
+    def codegen(context, builder, sig, args):
+        off_, n_, j0_ = _args_intp(context, builder, sig, args, (1, 2, 3))
+        it = off_.type
+        nib = builder.load(builder.bitcast(_ptr(context, builder, sig.args[0], args[0], builder.add(off_, j0_)),
+                                           _V16B.as_pointer()), align=1)
+        nib = builder.zext(nib, _VI32)
+        lo = builder.and_(nib, ir.Constant(_VI32, [15] * LANES))
+        hi = builder.lshr(nib, ir.Constant(_VI32, [4] * LANES))
+        n4 = builder.lshr(n_, ir.Constant(it, 2))
+        e4 = builder.lshr(j0_, ir.Constant(it, 2))                     # 4e: the dword of pairs j0..j0+15
+        shifts = ir.Constant(_VI32, [8 * (l % 4) + 2 * (l // 4) for l in range(LANES)])
+        outs = []
+        for nibs, base in ((lo, builder.add(off_, n_)), (hi, builder.add(builder.add(off_, n_), n4))):
+            d = _splat_i32(builder, _dword_at(context, builder, sig.args[0], args[0], builder.add(base, e4)))
+            h = builder.and_(builder.lshr(d, shifts), ir.Constant(_VI32, [3] * LANES))
+            u = builder.add(builder.or_(nibs, builder.shl(h, ir.Constant(_VI32, [4] * LANES))),
+                            ir.Constant(_VI32, [96] * LANES))
+            outs.append(builder.sitofp(u, _VF))
+        return context.make_tuple(builder, sig.return_type, outs)
+    return types.UniTuple(f32x16, 2)(w, off, n, j0), codegen
+
+
+@intrinsic
+def v_q6_natural_f32(typingctx, w, off, n, r):
+    """f32x16: the codes (−31..31) of the chunk's channels r .. r+15 (r % 16 == 0) in natural order,
+    as floats: what quant_f32._matvec_q8_f32 loads with v_load_i8."""
+    def codegen(context, builder, sig, args):
+        off_, n_, r_ = _args_intp(context, builder, sig, args, (1, 2, 3))
+        it = off_.type
+        j0 = builder.lshr(r_, ir.Constant(it, 1))                       # first pair (a multiple of 8)
+        v8 = ir.VectorType(_I8, 8)
+        nib = builder.load(builder.bitcast(_ptr(context, builder, sig.args[0], args[0], builder.add(off_, j0)),
+                                           v8.as_pointer()), align=1)
+        nib = builder.shuffle_vector(nib, nib, ir.Constant(_VI32, [l // 2 for l in range(LANES)]))
+        nib = builder.lshr(builder.zext(nib, _VI32), ir.Constant(_VI32, [4 * (l % 2) for l in range(LANES)]))
+        lo = builder.and_(nib, ir.Constant(_VI32, [15] * LANES))
+        n4 = builder.lshr(n_, ir.Constant(it, 2))
+        e4 = builder.shl(builder.lshr(j0, ir.Constant(it, 4)), ir.Constant(it, 2))     # 4 · (j0 // 16)
+        base = builder.add(builder.add(off_, n_), e4)
+        de = _dword_at(context, builder, sig.args[0], args[0], base)
+        do = _dword_at(context, builder, sig.args[0], args[0], builder.add(base, n4))
+        pair = builder.insert_element(ir.Constant(ir.VectorType(_I32, 2), ir.Undefined), de, ir.Constant(_I32, 0))
+        pair = builder.insert_element(pair, do, ir.Constant(_I32, 1))
+        d = builder.shuffle_vector(pair, pair, ir.Constant(_VI32, [l % 2 for l in range(LANES)]))
+        # lane l: pair j = j0 + l // 2 -> byte j % 4, bit pair (j // 4) % 4 = p0 + l // 8
+        p0 = builder.trunc(builder.and_(builder.lshr(j0, ir.Constant(it, 1)), ir.Constant(it, 6)), _I32)   # 2·p0
+        sh = builder.add(ir.Constant(_VI32, [8 * ((l // 2) % 4) + 2 * (l // 8) for l in range(LANES)]),
+                         _splat_i32(builder, p0))
+        h = builder.and_(builder.lshr(d, sh), ir.Constant(_VI32, [3] * LANES))
+        q = builder.sub(builder.or_(lo, builder.shl(h, ir.Constant(_VI32, [4] * LANES))),
+                        ir.Constant(_VI32, [32] * LANES))
+        return builder.sitofp(q, _VF)
+    return f32x16(w, off, n, r), codegen
+
+
+# ----------------------------------------------------------------------------------------------
+# Row functions (two rows at a time, inlined), as their int8 twins
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot2_q6_f32(qw, sc, ra, rb, group_size, x_even, x_odd, ox):
+    """quant_f32.dot2_q8_f32 for q6 rows ra, rb (qw uint8 [rows, 3K/4]) with x's even/odd entries at
+    x_even.flat[ox:], x_odd.flat[ox:]: (y_a, y_b), the same operations in the same order."""
+    W = qw.shape[-1]
+    K = 4 * W // 3
+    wa, wb = ra * W, rb * W
+    ones, m128 = v_splat(np.float32(1.0)), v_splat(np.float32(-128.0))
+    acc_a, acc_b = v_zeros(), v_zeros()
+    da, db, cx = v_zeros(), v_zeros(), v_zeros()
+    for k0 in range(0, K, 32):
+        c0 = k0 - k0 % 128
+        o = 3 * c0 // 4
+        n = min(64, (K - c0) // 2)
+        j0 = (k0 - c0) // 2
+        xe, xo = v_load(x_even, ox + k0 // 2), v_load(x_odd, ox + k0 // 2)
+        cx = v_fma(xe, ones, v_fma(xo, ones, cx))
+        ea, oa = v_q6_split_f32(qw, wa + o, n, j0)
+        eb, ob = v_q6_split_f32(qw, wb + o, n, j0)
+        da = v_fma(ea, xe, v_fma(oa, xo, da))
+        db = v_fma(eb, xe, v_fma(ob, xo, db))
+        if (k0 + 32) % group_size == 0:
+            g = k0 // group_size
+            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            da, db, cx = v_zeros(), v_zeros(), v_zeros()
+    return v_hsum(acc_a), v_hsum(acc_b)
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot2_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, oq, osx, onz):
+    """quant_i8_matvec.dot2_q8_i8 for q6 rows ra, rb (qw uint8 [rows, 3K/4], sc float32 [rows, G];
+    gpc, gidx, g0s: group_index(g, K)) with the int8 prologue at qe.flat[oq:], qo.flat[oq:],
+    sxl.flat[osx:], nzl.flat[onz:] (q8_lane_zero): (y_a, y_b), the same operations in the same order."""
+    W, G = qw.shape[-1], sc.shape[-1]
+    K = 4 * W // 3
+    wa, wb = ra * W, rb * W
+    acc_a, acc_b = v_zeros(), v_zeros()
+    for c in range(g0s.shape[0]):
+        o = c * CHUNK_CHANNELS
+        n = min(CHUNK, (K - o) // 2)
+        da = v_dot_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
+        db = v_dot_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
+        g0 = g0s[c]
+        sx, nz = v_load(sxl, osx + c * LANES), v_load(nzl, onz + c * LANES)
+        acc_a = v_fma(v_fma(v_i2f(da), sx, nz), _lane_scales(sc, ra, g0, gpc, gidx, G), acc_a)
+        acc_b = v_fma(v_fma(v_i2f(db), sx, nz), _lane_scales(sc, rb, g0, gpc, gidx, G), acc_b)
+    return v_hsum(acc_a), v_hsum(acc_b)
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot2x4_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, b0, b1, b2, b3):
+    """decode_step_batch._dot2x4_q8_i8_at for q6 rows: activation rows b0..b3 of the [B, ·] prologue,
+    each chunk of the two weight rows unpacked once. Returns (ra·b0, rb·b0, ..., rb·b3)."""
+    W, G = qw.shape[-1], sc.shape[-1]
+    K = 4 * W // 3
+    wa, wb = ra * W, rb * W
+    Sq, Ss, Sn = qe.shape[1], sxl.shape[1], nzl.shape[1]
+    a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+    c0, c1, c2, c3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+    for c in range(g0s.shape[0]):
+        o = c * CHUNK_CHANNELS
+        n = min(CHUNK, (K - o) // 2)
+        xq = c * CHUNK
+        da0, da1, da2, da3 = v_dot4_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, b0 * Sq + xq, b1 * Sq + xq,
+                                          b2 * Sq + xq, b3 * Sq + xq)
+        db0, db1, db2, db3 = v_dot4_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, b0 * Sq + xq, b1 * Sq + xq,
+                                          b2 * Sq + xq, b3 * Sq + xq)
+        g0 = g0s[c]
+        swa = _lane_scales(sc, ra, g0, gpc, gidx, G)
+        swb = _lane_scales(sc, rb, g0, gpc, gidx, G)
+        cs = c * LANES
+        sx, nz = v_load(sxl, b0 * Ss + cs), v_load(nzl, b0 * Sn + cs)
+        a0 = v_fma(v_fma(v_i2f(da0), sx, nz), swa, a0)
+        c0 = v_fma(v_fma(v_i2f(db0), sx, nz), swb, c0)
+        sx, nz = v_load(sxl, b1 * Ss + cs), v_load(nzl, b1 * Sn + cs)
+        a1 = v_fma(v_fma(v_i2f(da1), sx, nz), swa, a1)
+        c1 = v_fma(v_fma(v_i2f(db1), sx, nz), swb, c1)
+        sx, nz = v_load(sxl, b2 * Ss + cs), v_load(nzl, b2 * Sn + cs)
+        a2 = v_fma(v_fma(v_i2f(da2), sx, nz), swa, a2)
+        c2 = v_fma(v_fma(v_i2f(db2), sx, nz), swb, c2)
+        sx, nz = v_load(sxl, b3 * Ss + cs), v_load(nzl, b3 * Sn + cs)
+        a3 = v_fma(v_fma(v_i2f(da3), sx, nz), swa, a3)
+        c3 = v_fma(v_fma(v_i2f(db3), sx, nz), swb, c3)
+    return (v_hsum(a0), v_hsum(c0), v_hsum(a1), v_hsum(c1), v_hsum(a2), v_hsum(c2), v_hsum(a3), v_hsum(c3))
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _q6_vec(qw, row_off, K, o):
+    """The codes of channels o .. o+15 of the row at qw.flat[row_off:], as floats (natural order)."""
+    c0 = o - o % 128
+    return v_q6_natural_f32(qw, row_off + 3 * c0 // 4, min(64, (K - c0) // 2), o - c0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole products
+
+
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
+def _matvec_q6_f32(qweight, scales, group_size, x, out):
+    """quant_f32._matvec_q8_f32 for q6 rows: out[n] = sum_g s[n, g] · dot(q[n, group g], x_g)."""
+    W = qweight.shape[1]
+    K = 4 * W // 3
+    for n in prange(qweight.shape[0]):
+        acc = v_zeros()
+        for g in range(scales.shape[1]):
+            d = v_zeros()
+            for o in range(g * group_size, g * group_size + group_size, LANES):
+                d = v_fma(_q6_vec(qweight, n * W, K, o), v_load(x, o), d)
+            acc = v_fma(v_splat(scales[n, g]), d, acc)
+        out[n] = v_hsum(acc)
+
+
+HEAD_TILE = 4
+
+
+@parallel_kernel(fastmath=FASTMATH_REDUCE)
+def matvec_rows_q6_f32(qweight, scales, group_size, X, out):
+    """decode_step_batch.matvec_rows_q8_f32 for q6 rows: out[b] = W X[b] for every row b of X [B, K],
+    each 16 codes unpacked once per HEAD_TILE rows; per row the sums of `_matvec_q6_f32`."""
+    W = qweight.shape[1]
+    K = 4 * W // 3
+    B, G = X.shape[0], scales.shape[1]
+    for n in prange(qweight.shape[0]):
+        wo = n * W
+        for b0 in range(0, B, HEAD_TILE):
+            o0, o1, o2, o3 = b0 * K, min(b0 + 1, B - 1) * K, min(b0 + 2, B - 1) * K, min(b0 + 3, B - 1) * K
+            a0, a1, a2, a3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+            for g in range(G):
+                d0, d1, d2, d3 = v_zeros(), v_zeros(), v_zeros(), v_zeros()
+                for o in range(g * group_size, g * group_size + group_size, LANES):
+                    wv = _q6_vec(qweight, wo, K, o)
+                    d0 = v_fma(wv, v_load(X, o0 + o), d0)
+                    d1 = v_fma(wv, v_load(X, o1 + o), d1)
+                    d2 = v_fma(wv, v_load(X, o2 + o), d2)
+                    d3 = v_fma(wv, v_load(X, o3 + o), d3)
+                sg = v_splat(scales[n, g])
+                a0 = v_fma(sg, d0, a0)
+                a1 = v_fma(sg, d1, a1)
+                a2 = v_fma(sg, d2, a2)
+                a3 = v_fma(sg, d3, a3)
+            out[b0, n] = v_hsum(a0)
+            if b0 + 1 < B:
+                out[b0 + 1, n] = v_hsum(a1)
+            if b0 + 2 < B:
+                out[b0 + 2, n] = v_hsum(a2)
+            if b0 + 3 < B:
+                out[b0 + 3, n] = v_hsum(a3)
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _dequant_q6(qweight, scales, group_size, row0, tile):
+    """quant_f32._dequant_q8 for q6 rows: tile[r] = W[row0 + r] as float32, natural order."""
+    W = qweight.shape[1]
+    K = 4 * W // 3
+    for r in range(tile.shape[0]):
+        n = row0 + r
+        dst = tile[r]
+        for g in range(scales.shape[1]):
+            s = v_splat(scales[n, g])
+            for o in range(g * group_size, g * group_size + group_size, LANES):
+                v_store(dst, o, v_fma(_q6_vec(qweight, n * W, K, o), s, v_zeros()))
+
+
+@kernel()
+def _unpack_tile_q6(qw, scales, n0, wq, sw, c, buf):
+    """quant_i8_matmul._unpack_tile_q8 from q6 rows: the same tile (codes + 128 in VNNI octet order,
+    rows past N: the last row's codes, scales 0). buf: int32 [32] scratch."""
+    n_rows, W = qw.shape
+    K = 4 * W // 3
+    for r in range(TILE_ROWS):
+        row = min(n0 + r, n_rows - 1)
+        for ch in range((K + CHUNK_CHANNELS - 1) // CHUNK_CHANNELS):
+            o = ch * CHUNK_CHANNELS
+            n = min(CHUNK, (K - o) // 2)
+            v_q6_quads(qw, row * W + 3 * o // 4, n, buf)
+            for i in range(n // 4):
+                j = 16 * ch + i
+                wq[2 * j * TILE_ROWS + r] = buf[i]
+                wq[(2 * j + 1) * TILE_ROWS + r] = buf[LANES + i]
+    for r in range(TILE_ROWS):
+        for g in range(scales.shape[1]):
+            live = n0 + r < n_rows
+            sw[g * TILE_ROWS + r] = scales[n0 + r, g] if live else np.float32(0.0)
+            c[g * TILE_ROWS + r] = np.float32(-128.0) * scales[n0 + r, g] if live else np.float32(0.0)
+
+
+@parallel_kernel()
+def _matmul_q6_i8(qw, scales, group_size, qx32, sx, zt, block, out):
+    """quant_i8_matmul._matmul_q8_i8 for q6 rows (each thread unpacks its tile from the packed rows)."""
+    n_rows, n_groups = qw.shape[0], scales.shape[1]
+    quads = 4 * qw.shape[1] // 3 // 4
+    for tile in prange((n_rows + TILE_ROWS - 1) // TILE_ROWS):
+        wq = np.empty(quads * TILE_ROWS, np.int32)
+        sw = np.empty(n_groups * TILE_ROWS, np.float32)
+        c = np.empty(n_groups * TILE_ROWS, np.float32)
+        buf = np.empty(2 * LANES, np.int32)
+        _unpack_tile_q6(qw, scales, tile * TILE_ROWS, wq, sw, c, buf)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public wrappers
+
+
+def matvec_q6_f32(p: Q6Prepared, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode (the head, the per-linear path): y [N] = W x, float32 activations."""
+    n, k = p.shape
+    _check_vec(x, k)
+    out = _check_out(out, (n,))
+    _matvec_q6_f32(*p.kernel_args, x, out)
+    return out
+
+
+def matmul_q6_f32(p: Q6Prepared, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Prefill, float32: Y [T, N] = X W^T, dequantized tiles x BLAS (quant_f32.matmul_q8_f32)."""
+    n, k = p.shape
+    _check_mat(X, k)
+    t = X.shape[0]
+    out = _check_out(out, (t, n))
+    x_t = np.ascontiguousarray(X.T)
+    y_t = np.empty((n, t), np.float32)
+    tile = np.empty((min(F32_TILE_ROWS, n), k), np.float32)
+    for r0 in range(0, n, F32_TILE_ROWS):
+        w = tile[: min(F32_TILE_ROWS, n - r0)]
+        _dequant_q6(p.qweight, p.scales, p.group_size, r0, w)
+        np.dot(w, x_t, out=y_t[r0: r0 + len(w)])
+    out[:] = y_t.T
+    return out
+
+
+def matmul_q6_i8(p: Q6Prepared, X: np.ndarray, out: np.ndarray | None = None,
+                 block: int = ACT_BLOCK) -> np.ndarray:
+    """Prefill with int8 activations (quant_i8_matmul.matmul_q8_i8, bit for bit). Needs VNNI."""
+    assert VNNI, "matmul_q6_i8 needs AVX512-VNNI; dispatch with use_int8_activations"
+    n, k = p.shape
+    _check_mat(X, k)
+    t = X.shape[0]
+    out = _check_out(out, (t, n))
+    _check_block(p.group_size, block)
+    qx, sx, zt = quantize_activations(np.ascontiguousarray(X), p.group_size, block)
+    _matmul_q6_i8(p.qweight, p.scales, p.group_size, qx.view(np.int32).reshape(-1),
+                  sx.reshape(-1), zt.reshape(-1), block, out.reshape(-1))
+    return out
+
+
+def matvec_rows_q6(p: Q6Prepared, X: np.ndarray) -> np.ndarray:
+    """The batched head: `matvec_rows_q6_f32` into a new [B, N] array."""
+    if p.shape[1] % 16 or p.group_size % 16:
+        raise UsageError("q6 rows need K and the group size multiples of 16")
+    Y = np.empty((X.shape[0], p.shape[0]), np.float32)
+    matvec_rows_q6_f32(*p.kernel_args, X, Y)
+    return Y
