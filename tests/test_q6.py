@@ -1,6 +1,7 @@
-"""The q6 storage format (formats/q4.py pack_q6): 6-bit codes packed 4 in 3 bytes in the file, int8
-in memory. A folder with a q6 embedding and q6 linears runs bit-identically to an int8 folder
-holding the same codes; its bytes are counted as stored; broken packed tensors are refused."""
+"""The q6 storage format (formats/q4.py pack_q6): 6-bit codes packed 4 in 3 bytes in the file, 6 bits
+in memory too (pack_q6_rows, kernels/quant_q6.py). A folder with a q6 embedding and q6 linears runs
+bit-identically to an int8 folder holding the same codes (the decode head with int8 activations: the
+int8 product of its codes); its bytes are counted as stored; broken packed tensors are refused."""
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import minilm_edge
 from minilm_edge.app.cli import main
-from minilm_edge.formats.q4 import Q6_MAX, pack_q6, quantize_q6, unpack_q6
+from minilm_edge.formats.q4 import Q6_MAX, pack_q6, pack_q6_rows, quantize_q6, unpack_q6, unpack_q6_rows
 from minilm_edge.quant.quantize import quantize
 from reference import q4 as ref_q4
 from tinymodel import make_model_dir
@@ -28,6 +29,8 @@ def test_unpack_matches_the_reference_and_round_trips(n, k):
     assert packed.dtype == np.uint8 and packed.shape == (n, 3 * k // 4)
     assert np.array_equal(unpack_q6(packed, k), q)
     assert np.array_equal(ref_q4.unpack_q6(packed, k), q)
+    if k % 32 == 0:                              # the in-memory layout round-trips
+        assert np.array_equal(unpack_q6_rows(pack_q6_rows(q), k), q)
     # any byte pattern a writer makes decodes the same both ways
     noise = rng.integers(0, 256, (n, 3 * k // 4)).astype(np.uint8)
     ref = ref_q4.unpack_q6(noise, k)
@@ -100,28 +103,93 @@ def test_q6_folder_is_stored_packed_and_recorded(q6_folder):
     assert row["bpw"] == round(8 * row["bytes"] / (n * k), 4)
 
 
-def test_q6_runs_bit_identically_to_int8_with_the_same_codes(q6_folder, tmp_path):
-    from minilm_edge.runtime.linear import Q8, Q8Rows
+def _decode_run(m):
+    """Logits of single-stream decode steps interleaved with batched steps (two pooled sequences)."""
+    ids = np.arange(3, 40)
+    cache, caches = m.new_cache(), [m.new_cache(), m.new_cache()]
+    logits = [m.forward(ids[:8], cache, last_only=True)]
+    for c, start in zip(caches, (5, 9)):
+        m.forward(ids[start:start + 6], c)
+    for t in range(10):
+        nxt = int(np.argmax(logits[-1]))
+        logits.append(m.decode_batch([int(ids[t]), int(ids[t + 1])], caches))
+        logits.append(m.forward(np.array([nxt]), cache, last_only=True))
+    return logits
+
+
+@pytest.mark.parametrize("int8_act", [True, False])
+def test_q6_runs_bit_identically_to_int8_with_the_same_codes(q6_folder, tmp_path, int8_act):
+    """Prefill, the head, the one-call single-stream and batched steps: the q6 kernels (6-bit rows in
+    memory, kernels/quant_q6.py) give the int8 kernels' bits. With int8 activations the decode head of a
+    q6 table multiplies int8 activations (an int8 table's keeps float32), so there the blocks are
+    compared under one head and the q6 head on its own (`test_q6_head_*`)."""
+    from minilm_edge.runtime.linear import Q6, Q8, Q8Rows
     _, out = q6_folder
     twin = _int8_twin(out, tmp_path / "i8")
-    a, b = minilm_edge.load(out), minilm_edge.load(twin)
-    assert isinstance(a.weights.embed, Q8Rows) and isinstance(a.weights.blocks[0].v, Q8)
+    a, b = minilm_edge.load(out, int8_activations=int8_act), minilm_edge.load(twin, int8_activations=int8_act)
+    assert isinstance(a.weights.embed, Q8Rows) and isinstance(a.weights.blocks[0].v, Q6)
+    assert isinstance(a.weights.lm_head, Q6) and type(b.weights.lm_head) is Q8 and a.weights.lm_head.decode_i8
+    assert not a.weights.blocks[0].v.decode_i8
     ids = np.arange(3, 40)
     assert np.array_equal(a.forward(ids), b.forward(ids))                          # prefill and the head
-    assert a.fused_decode and b.fused_decode
-    outs = []
-    for m in (a, b):                                 # single-stream decode steps, then the batched step
-        cache, caches = m.new_cache(), [m.new_cache(), m.new_cache()]
-        logits = [m.forward(ids[:8], cache, last_only=True)]
-        for c, start in zip(caches, (5, 9)):
-            m.forward(ids[start:start + 6], c)
-        for t in range(10):
-            nxt = int(np.argmax(logits[-1]))
-            logits.append(m.decode_batch([int(ids[t]), int(ids[t + 1])], caches))
-            logits.append(m.forward(np.array([nxt]), cache, last_only=True))
-        outs.append(logits)
-    for i, (x, y) in enumerate(zip(*outs)):
+    assert np.array_equal(a.weights.embed[ids], b.weights.embed[ids])              # lookups
+    assert a.fused_decode and b.fused_decode and a.decode_plan.q8_table[..., 3].max() == 1
+    if int8_act:
+        a.weights.lm_head = b.weights.lm_head        # the blocks under one head
+    for i, (x, y) in enumerate(zip(_decode_run(a), _decode_run(b))):
         assert np.array_equal(x, y), (i, float(np.abs(x - y).max()))
+
+
+def test_q6_head_with_int8_activations_is_the_int8_product(q6_folder):
+    """The q6 head in decode (int8 activations): the reference int8 x int8 product of its codes to
+    float32 rounding; the batched head's rows are the single-stream head's bits."""
+    from minilm_edge.kernels.quant_i8_matmul import ACT_BLOCK, VNNI
+    from minilm_edge.kernels.quant_q6 import i8_ok
+    _, out = q6_folder
+    m = minilm_edge.load(out)
+    head = m.weights.lm_head
+    X = np.random.default_rng(3).standard_normal((5, head.shape[1])).astype(np.float32)
+    rows = head.rows(X)
+    assert np.array_equal(rows, np.stack([head.matvec(x) for x in X]))
+    assert i8_ok(head.p) == VNNI
+    q = ref_q4.unpack_q6(load_file(str(out / "model.safetensors"))[EMBED + ".qweight"], head.shape[1])
+    scales = load_file(str(out / "model.safetensors"))[EMBED + ".scales"]
+    ref = (ref_q4.matmul_q8_i8(q, scales, head.p.group_size, X, ACT_BLOCK) if VNNI
+           else ref_q4.matmul_q8(q, scales, head.p.group_size, X))
+    np.testing.assert_allclose(rows, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+def test_q6_stays_6_bit_in_memory(q6_folder, tmp_path):
+    """A q6 linear's arrays hold 6 bits a code (3/4 of its int8 twin's), and so do the one-call step's
+    q6 rows: bytes read per token follow the file."""
+    _, out = q6_folder
+    a, b = minilm_edge.load(out), minilm_edge.load(_int8_twin(out, tmp_path / "i8"))
+    for name in ("v", "down"):
+        la, lb = getattr(a.weights.blocks[0], name), getattr(b.weights.blocks[0], name)
+        assert la.p.qweight.nbytes * 4 == lb.p.qweight.nbytes * 3
+        assert la.nbytes < lb.nbytes
+    ha, hb = a.weights.lm_head, b.weights.lm_head
+    assert ha.p.qweight.nbytes * 4 == hb.p.qweight.nbytes * 3
+    q8a, q8b = a.decode_plan.q8, b.decode_plan.q8
+    assert sum(s.q6w.nbytes + s.qweight.nbytes for s in q8a) < sum(s.q6w.nbytes + s.qweight.nbytes for s in q8b)
+    assert a.decode_plan.nbytes < b.decode_plan.nbytes
+
+
+@pytest.mark.parametrize("n, k, g", [(6, 576, 64), (4, 1536, 128), (2, 160, 32), (2, 96, 32)])
+def test_q6_kernels_match_int8_kernels(n, k, g):
+    """Every q6 product (float32 decode and batched rows, prefill with int8 and float32 activations) is
+    bit for bit the int8 kernel's on the same codes, whole chunks of 128 channels or a short last one."""
+    from minilm_edge.kernels.quant_q6 import prepare_q6_codes
+    from minilm_edge.runtime.linear import Q6, Q8
+    rng = np.random.default_rng(n * k)
+    q8 = quantize_q6(rng.standard_normal((n, k)).astype(np.float32), g)
+    a, b = Q8(q8), Q6(prepare_q6_codes(q8))
+    X = rng.standard_normal((40, k)).astype(np.float32)
+    assert np.array_equal(a.matmul(X), b.matmul(X))
+    a.int8_activations = b.int8_activations = False
+    assert np.array_equal(a.matmul(X), b.matmul(X))
+    assert np.array_equal(a.matvec(X[0]), b.matvec(X[0]))
+    assert np.array_equal(a.rows(X[:7]), b.rows(X[:7]))
 
 
 @pytest.mark.parametrize("tamper, msg", [

@@ -42,7 +42,21 @@ from .quant_i8_matmul import (
     i32x16,
     quantize_activations,
 )
-from .quant_i8_matvec import CHUNK, CHUNK_CHANNELS, _dpbusd, _intp, _lane_scales, _mask, _masked_load, v_i2f
+from .quant_i8_matvec import (
+    CHUNK,
+    CHUNK_CHANNELS,
+    _dpbusd,
+    _intp,
+    _lane_scales,
+    _mask,
+    _masked_load,
+    group_index,
+    padded,
+    q8_lane_zero,
+    quantize_vec,
+    supports_i8,
+    v_i2f,
+)
 from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
 
 CHUNK_BYTES = 3 * CHUNK_CHANNELS // 4        # 96 packed bytes per 128 channels
@@ -451,8 +465,89 @@ def _matmul_q6_i8(qw, scales, group_size, qx32, sx, zt, block, out):
         _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
 
 
+@parallel_kernel()
+def _matvec_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
+    """out[n] = row n of q6 W times the int8 activations of one token (`dot2_q6_i8`, rows in pairs)."""
+    n = qw.shape[0]
+    for i in prange((n + 1) // 2):
+        a, b = 2 * i, min(2 * i + 1, n - 1)
+        ya, yb = dot2_q6_i8(qw, sc, a, b, gpc, gidx, g0s, qe, qo, sxl, nzl, 0, 0, 0)
+        out[a] = ya
+        out[b] = yb
+
+
+@parallel_kernel()
+def _matvec_rows_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
+    """out[b, n] for every activation row b (qe, qo, sxl, nzl [B, ·]): each pair of weight rows read
+    once for four activation rows (`dot2x4_q6_i8`); per row the operations of `_matvec_q6_i8`."""
+    n, B = qw.shape[0], out.shape[0]
+    for i in prange((n + 1) // 2):
+        a, b = 2 * i, min(2 * i + 1, n - 1)
+        for b0 in range(0, B, 4):
+            y = dot2x4_q6_i8(qw, sc, a, b, gpc, gidx, g0s, qe, qo, sxl, nzl,
+                             b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
+            out[b0, a] = y[0]
+            out[b0, b] = y[1]
+            if b0 + 1 < B:
+                out[b0 + 1, a] = y[2]
+                out[b0 + 1, b] = y[3]
+            if b0 + 2 < B:
+                out[b0 + 2, a] = y[4]
+                out[b0 + 2, b] = y[5]
+            if b0 + 3 < B:
+                out[b0 + 3, a] = y[6]
+                out[b0 + 3, b] = y[7]
+
+
+@kernel()
+def _prologue_rows(X, group_size, sal, xz, qe, qo, sxl, nzt, nzl):
+    """Each row b of X [B, K]: quant_i8_matvec.quantize_vec into row b of qe, qo, sxl, nzt, then
+    q8_lane_zero into nzl (the int8 prologue of the q6 rows)."""
+    for b in range(X.shape[0]):
+        quantize_vec(X[b], sal, 0, group_size, xz, qe[b], qo[b], sxl[b], nzt[b])
+        q8_lane_zero(qe[b], qo[b], sxl[b], nzl[b])
+
+
 # ----------------------------------------------------------------------------------------------
 # Public wrappers
+
+
+def i8_ok(p: Q6Prepared) -> bool:
+    """Whether the int8-activation kernels take p (VNNI; blocks and chunks inside whole groups)."""
+    return VNNI and supports_i8(p.group_size, p.shape[1])
+
+
+def _prologue(p: Q6Prepared, X: np.ndarray):
+    """The int8 prologue of the rows of X [B, K] (quant_i8_matvec.quantize_vec, q8_lane_zero)."""
+    B, k = X.shape
+    c = padded(k // 2, CHUNK)
+    qe, qo = np.zeros((B, c), np.int8), np.zeros((B, c), np.int8)
+    sxl, nzl = np.zeros((B, padded(k // 8, LANES)), np.float32), np.zeros((B, padded(k // 8, LANES)), np.float32)
+    nzt = np.zeros((B, padded(k // ACT_BLOCK, LANES)), np.float32)
+    _prologue_rows(X, p.group_size, np.zeros(0, np.int64), np.empty(k, np.float32), qe, qo, sxl, nzt, nzl)
+    return qe, qo, sxl, nzl
+
+
+def matvec_q6_i8(p: Q6Prepared, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode with int8 activations (the head, the per-linear path): y [N] = W x, x quantized as
+    quant_i8_matvec.quantize_vec quantizes it (as the one-call step's rows meet it). Needs `i8_ok`."""
+    n, k = p.shape
+    _check_vec(x, k)
+    out = _check_out(out, (n,))
+    qe, qo, sxl, nzl = _prologue(p, x[None])
+    _matvec_q6_i8(p.qweight, p.scales, *group_index(p.group_size, k), qe[0], qo[0], sxl[0], nzl[0], out)
+    return out
+
+
+def matvec_rows_q6_i8(p: Q6Prepared, X: np.ndarray) -> np.ndarray:
+    """`matvec_q6_i8` of every row of X [B, K] (the batched head), the weights read once per four rows;
+    row b bit for bit `matvec_q6_i8(p, X[b])`."""
+    _check_mat(X, p.shape[1])
+    X = np.ascontiguousarray(X)
+    qe, qo, sxl, nzl = _prologue(p, X)
+    Y = np.empty((X.shape[0], p.shape[0]), np.float32)
+    _matvec_rows_q6_i8(p.qweight, p.scales, *group_index(p.group_size, p.shape[1]), qe, qo, sxl, nzl, Y)
+    return Y
 
 
 def matvec_q6_f32(p: Q6Prepared, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -26,7 +26,7 @@ from ..formats.tensors import (
     linear_format,
 )
 from .config import LlamaConfig
-from .linear import LINEAR_FORMATS, Linear, Q8Rows, linear_class
+from .linear import LINEAR_FORMATS, Q6, Linear, Q8Rows, linear_class
 
 
 @dataclasses.dataclass
@@ -103,6 +103,8 @@ def load_weights(model_dir: Path | None, cfg: LlamaConfig, src: TensorSource | N
         lm_head = LINEAR_FORMATS["f16"](embed) if f16 else LINEAR_FORMATS["f32"].from_array(embed)
     else:
         raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
+    if isinstance(lm_head, Q6):
+        lm_head.decode_i8 = True               # the head decodes with int8 activations (linear.Q6)
     return Weights(embed=embed, blocks=blocks, norm=norm_weight(src, norm_name, norm_shape(cfg), cfg),
                    lm_head=lm_head, source=src)
 

@@ -265,6 +265,10 @@ class Q6(Q8):
     per-linear path, the one-call steps' rows: runtime/decode.stack_q8), batched head rows, prefill
     with int8 or float32 activations. kind "q6". K not a multiple of 32: unpacked to a plain Q8."""
     kind = "q6"
+    # Decode (`matvec`, `rows`) with int8 activations where they are on and the CPU has VNNI: set for
+    # the head (runtime/checkpoint.py), whose float32 q6 product costs ~6x the int8 table's time
+    # (BENCHMARKS.md); block linears keep the float32 sums of their Q8 twin on the per-linear path.
+    decode_i8 = False
 
     def __init__(self, p):
         self.q8 = None
@@ -293,17 +297,28 @@ class Q6(Q8):
         except QuantFormatError as e:
             raise QuantFormatError(f"{prefix}: {e}") from None
 
+    def _i8(self) -> bool:
+        from ..kernels.quant_q6 import i8_ok
+        return self.decode_i8 and self.int8_activations and i8_ok(self.p)
+
     def matvec(self, x):
-        from ..kernels.quant_q6 import matvec_q6_f32
-        return matvec_q6_f32(self.p, x)
+        """Decode: with `decode_i8` int8 activations (kernels/quant_q6.matvec_q6_i8: what the one-call
+        step's rows compute), else float32, bit for bit the Q8 kernel's sums."""
+        from ..kernels import quant_q6
+        if self._i8():
+            return quant_q6.matvec_q6_i8(self.p, x)
+        return quant_q6.matvec_q6_f32(self.p, x)
 
     def rows(self, X):
+        """The single-stream `matvec` of each row of X, each weight row read once for all rows."""
+        from ..kernels import quant_q6
         from ..kernels.quant_f32 import _check_mat
-        from ..kernels.quant_q6 import matvec_rows_q6
         _check_mat(X, self.shape[1])
         if X.shape[0] == 1:
             return self.matvec(np.ascontiguousarray(X[0]))[None]
-        return matvec_rows_q6(self.p, np.ascontiguousarray(X))
+        if self._i8():
+            return quant_q6.matvec_rows_q6_i8(self.p, X)
+        return quant_q6.matvec_rows_q6(self.p, np.ascontiguousarray(X))
 
     def matmul(self, X):
         from ..kernels.quant_i8_matmul import use_int8_activations
