@@ -16,18 +16,23 @@ PROMPTS = ["the capital of France", "hello", "and the", "Paris is the capital an
 
 # int8 rows in every kind the step takes (q|k|v, o, gate|up, down), not in every block; gate and up in one, up alone
 INT8_LINEARS = "v@0,down@1,o@0,gate@0,up@0+1"
+# q6 rows (kernels/quant_q6.py) next to the int8 ones, in other blocks of the same kinds
+INT6_LINEARS = "v@1,down@0,o@1"
 
 
-@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act", "q4-int8", "q4-int8-f32act"])
+@pytest.fixture(scope="module", params=["f32", "q4", "q4-f32act", "q4-int8", "q4-int8-f32act", "q4-q6", "q4-q6-f32act"])
 def model(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("b")
     src, _, _ = make_model_dir(d / "src", **QUANTIZABLE)
     if request.param == "f32":
         return minilm_edge.load(src)
-    int8 = INT8_LINEARS if request.param.startswith("q4-int8") else None     # quantize --int8: int8 block linears
-    q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8", int8=int8)
+    int8 = INT8_LINEARS if request.param.startswith(("q4-int8", "q4-q6")) else None   # --int8: int8 block linears
+    int6 = INT6_LINEARS if request.param.startswith("q4-q6") else None                  # --int6: q6 ones
+    q = quantize(src, d / "q", method="rtn", group_size=64, progress=False, quantize_head="int8", int8=int8,
+                 int6=int6)
     m = minilm_edge.load(q, int8_activations=not request.param.endswith("f32act"))
     assert m.decode_plan is not None and m.decode_plan.has_int8 == (int8 is not None)
+    assert (m.decode_plan.q8_table[..., 3] == 1).any() == (int6 is not None)
     return m
 
 
