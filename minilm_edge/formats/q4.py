@@ -417,12 +417,13 @@ def unpack_q6_rows(rows: np.ndarray, k: int) -> np.ndarray:
     return (q - (Q6_MAX + 1)).astype(np.int8).reshape(*lead, k)
 
 
-def q6_rows_from_file(packed: np.ndarray, k: int, name: str = "qweight") -> np.ndarray:
+def q6_rows_from_file(packed: np.ndarray, k: int, name: str = "qweight", out: np.ndarray | None = None) -> np.ndarray:
     """The file's q6 codes (`pack_q6`) re-packed into the in-memory layout (`pack_q6_rows`), a few
-    thousand rows at a time (the int8 temporaries stay a few MB); the checks of `unpack_q6`."""
+    thousand rows at a time (the int8 temporaries stay a few MB), into `out` (uint8 [N, 3K/4]) if
+    given; the checks of `unpack_q6`."""
     _check(name, packed, np.uint8, (packed.shape[0] if getattr(packed, "ndim", 0) == 2 else -1,
                                     q6_packed_width(k)))
-    out = np.empty((packed.shape[0], 3 * k // 4), np.uint8)
+    out = np.empty((packed.shape[0], 3 * k // 4), np.uint8) if out is None else out
     for r in range(0, packed.shape[0], Q6_ROWS_PER_CHUNK):
         out[r:r + Q6_ROWS_PER_CHUNK] = pack_q6_rows(unpack_q6(packed[r:r + Q6_ROWS_PER_CHUNK], k, name))
     return out

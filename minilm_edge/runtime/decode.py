@@ -74,11 +74,14 @@ class StackedQ4:
         return lin
 
 
-def stack_q8(parts: list, q6_parts: list = (), K: int | None = None) -> Q8Stack | None:
+def stack_q8(parts: list, q6_lins: list = (), K: int | None = None) -> Q8Stack | None:
     """The int8 linears' rows (Q8Prepared, one K and one group size g8) as the step reads them
-    (quant_i8_matvec.q8_rows), and the q6 ones' (Q6Prepared, one group size g6: their packed rows,
-    kernels/quant_q6.py); None where the kernels do not take them (`supports_i8`, `supports_q6`)."""
+    (quant_i8_matvec.q8_rows), and the q6 linears' (linear.Q6, one group size g6: their packed rows,
+    kernels/quant_q6.py, moved into the stack: each linear then reads its rows there, its own copy is
+    freed); None where the kernels do not take them (`supports_i8`, `supports_q6`)."""
     from ..kernels.quant_q6 import supports_q6
+    from .linear import anon_array
+    q6_parts = [lin.p for lin in q6_lins]
     K = K if K is not None else (parts or q6_parts)[0].shape[1]
     if parts:
         g8 = parts[0].group_size
@@ -93,8 +96,16 @@ def stack_q8(parts: list, q6_parts: list = (), K: int | None = None) -> Q8Stack 
         if any(p.shape[1] != K or p.group_size != g6 for p in q6_parts) or not supports_i8(g6, K) \
                 or not supports_q6(g6, K):
             return None
-        q6w = np.concatenate([p.qweight for p in q6_parts])                          # uint8 [R6, 3K/4]
+        R6 = sum(p.shape[0] for p in q6_parts)
+        q6w = anon_array((R6, 3 * K // 4), np.uint8)                                  # uint8 [R6, 3K/4]
         q6s = np.concatenate([p.scales for p in q6_parts])                           # float32 [R6, K/g6]
+        del q6_parts
+        r = 0
+        for lin in q6_lins:        # one linear at a time, so the RSS holds one copy and the part moving
+            n = lin.p.shape[0]
+            q6w[r:r + n] = lin.p.qweight
+            lin.p = dataclasses.replace(lin.p, qweight=q6w[r:r + n], scales=q6s[r:r + n])
+            r += n
     else:
         g6, q6w, q6s = K, np.zeros((2, 3 * K // 4), np.uint8), np.zeros((2, 1), np.float32)
     return Q8Stack(qweight, scales, g8, *group_index(g8, K), q6w, q6s, g6, *group_index(g6, K))
@@ -134,12 +145,15 @@ def stack_q4(layers: list) -> StackedQ4 | None:
         r = 0
         for lin in parts:
             p, n = lin.p, lin.p.shape[0]
+            if lin.bias is not None:
+                st.bias[l, r:r + n] = lin.bias
+            if getattr(lin, "placeholder", False):
+                r += n           # never read (an int8/q6 linear's rows): its pages of np.empty stay untouched
+                continue
             st.scales[l, r:r + n] = p.scales
             if not mapped:
                 st.qweight[l, r:r + n], st.zeros[l, r:r + n] = p.qweight, p.zeros
             st.sal_w[l, r:r + n, :p.sal_w.shape[1]] = p.sal_w
-            if lin.bias is not None:
-                st.bias[l, r:r + n] = lin.bias
             r += n
         st.sal_idx[l, :parts[0].p.sal_idx.shape[0]] = parts[0].p.sal_idx
     return st
@@ -148,6 +162,7 @@ def stack_q4(layers: list) -> StackedQ4 | None:
 class _Part:
     """A stand-in linear for `stack_q4`: a prepared int4 part (an int8 linear's placeholder)."""
     kind = "q4"
+    placeholder = True
 
     def __init__(self, p, bias=None):
         self.p, self.bias = p, bias
@@ -170,7 +185,7 @@ def _stack_mixed(layers, K, g):
     (one block's int8 rows r0:r1, adjacent) in `q8` (`stack_q8`), where the step computes them
     (q8_table); a block's rows of one kind are all int8 or all q6 (q8_table[l, 3] = 1: q6)."""
     L = len(layers)
-    main, q8_parts, q6_parts, table = [], [], [], np.full((L, 4), -1, np.int64)
+    main, q8_parts, q6_lins, table = [], [], [], np.full((L, 4), -1, np.int64)
     R = R6 = 0
     for l, parts in enumerate(layers):
         row, span, ps, fmt = 0, None, [], None
@@ -182,7 +197,7 @@ def _stack_mixed(layers, K, g):
                 fmt = lin.kind
                 span = (span[0] if span else row, row + n)
                 ps.append(_Part(_placeholder(n, K, g), lin.bias))
-                (q6_parts if fmt == "q6" else q8_parts).append(lin.p)
+                (q6_lins if fmt == "q6" else q8_parts).append(lin if fmt == "q6" else lin.p)
             else:
                 if lin.p.n_salient:     # the int8 rows meet activations quantized with no salient channel
                     return None
@@ -199,7 +214,7 @@ def _stack_mixed(layers, K, g):
             else:
                 R += span[1] - span[0]
     st = stack_q4(main)
-    q8 = stack_q8(q8_parts, q6_parts, K)
+    q8 = stack_q8(q8_parts, q6_lins, K) if st is not None else None
     if st is None or q8 is None:
         return None
     st.q8, st.q8_table = q8, table

@@ -112,6 +112,17 @@ class DenseF16(Linear):
         return self.w.nbytes
 
 
+def anon_array(shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised array in its own anonymous memory map: freed, its pages go back to the OS at
+    once (a heap block of the same size may stay in the RSS). q6 rows live in these: re-packed at load,
+    then moved into the one-call step's stacks (runtime/decode.stack_q8), the first copy freed."""
+    import mmap
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
+
+
 def _optional(src, name):
     return src.raw(name)[0] if name in src else None
 
@@ -293,7 +304,10 @@ class Q6(Q8):
             _check("scales", scales, np.float16, (n, k // g))
             if not np.all(np.isfinite(scales)):
                 raise QuantFormatError("scales: expected finite values, got inf or nan")
-            return cls(prepare_q6(q6_rows_from_file(packed, k, prefix + ".qweight"), scales, g))
+            rows = q6_rows_from_file(packed, k, prefix + ".qweight", anon_array((n, 3 * k // 4), np.uint8))
+            lin = cls(prepare_q6(rows, scales, g))
+            src.release_pages()          # the file's copy is read: its pages need not count in the RSS
+            return lin
         except QuantFormatError as e:
             raise QuantFormatError(f"{prefix}: {e}") from None
 
