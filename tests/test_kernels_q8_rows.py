@@ -10,7 +10,7 @@ from kernel_cases import EPILOGUE_RTOL, activations
 
 from minilm_edge.formats import q4
 from minilm_edge.kernels import quant_i8_matvec as km
-from minilm_edge.kernels.decode_step import Q4_COST, Q8_COST, _share_mixed
+from minilm_edge.kernels.decode_step import Q4_COST, Q6_COST, Q8_COST, _share_mixed
 from minilm_edge.kernels.policy import FASTMATH_REDUCE, kernel
 from minilm_edge.kernels.quant_f32 import dot2_q8_f32, split_x
 from minilm_edge.kernels.quant_i8_matmul import ACT_BLOCK, VNNI
@@ -118,13 +118,15 @@ def test_int8_rows_with_int8_activations_match_reference(params, xkind):
 def test_share_mixed_tiles_the_pairs_and_evens_the_cost(n, data, T):
     p0 = data.draw(st.integers(0, n))
     p1 = data.draw(st.integers(p0, n))
-    tab = np.array([data.draw(st.sampled_from([-1, 0, 10])), p0, p1], np.int64)
+    q6 = data.draw(st.booleans())                        # q6 rows (q8_tab[.., 3] = 1) cost Q6_COST
+    tab = np.array([data.draw(st.sampled_from([-1, 0, 10])), p0, p1, int(q6)], np.int64)
     parts = [_share_mixed(n, t, T, tab) for t in range(T)]
     assert parts[0][0] == 0 and parts[-1][1] == n
     assert all(parts[t][1] == parts[t + 1][0] for t in range(T - 1)) and all(a <= b for a, b in parts)
     if tab[0] < 0:
         assert parts == [(n * t // T, n * (t + 1) // T) for t in range(T)]
         return
-    cost = lambda a, b: sum(Q8_COST if p0 <= i < p1 else Q4_COST for i in range(a, b))
+    c8 = Q6_COST if q6 else Q8_COST
+    cost = lambda a, b: sum(c8 if p0 <= i < p1 else Q4_COST for i in range(a, b))
     total = cost(0, n)
     assert all(abs(cost(a, b) - total / T) <= 2 * Q8_COST for a, b in parts)
