@@ -8,7 +8,7 @@ from numba import prange
 import minilm_edge
 from minilm_edge.errors import UsageError
 from minilm_edge.kernels.decode_step import attend_part, merge_parts
-from minilm_edge.kernels.policy import kernel, parallel_kernel, threads
+from minilm_edge.kernels.policy import compile_time_choice, kernel, parallel_kernel, threads
 from minilm_edge.kernels.quant_i8_matmul import VNNI
 from minilm_edge.kernels.sync import atomic_add, atomic_load, barrier
 from minilm_edge.quant.quantize import quantize
@@ -262,3 +262,43 @@ def test_int8_gate_up_alone_decode_fused_as_unfused(tmp_path, spec, int8_act):
         runs[fused] = np.concatenate([model.hidden_states([t], cache) for t in ids])
     err = np.linalg.norm(runs[True] - runs[False]) / np.linalg.norm(runs[False])
     assert err < (0.1 if int8_act and VNNI else 1e-5)
+
+
+def test_compile_time_choice_compiles_only_the_chosen_kernel():
+    """policy.compile_time_choice (how the decode steps pick their row kernels by activation kind): a
+    constant kind, written at the call or handed down as an argument, types and compiles the chosen
+    kernel only; the other one is never compiled. A kind known only at run time is refused rather than
+    compiling every kernel. Plain (uncached) jit functions: their signatures are what got compiled."""
+    import numba
+    from numba.core.errors import TypingError
+
+    @numba.njit
+    def plus_one(x):
+        return x + 1.0
+
+    @numba.njit
+    def twice(x):
+        return x * 2.0
+
+    @compile_time_choice(plus_one, twice)
+    def pick(kind, x):
+        """plus_one or twice."""
+
+    @numba.njit
+    def written(x):
+        return pick(1, x)
+
+    @numba.njit
+    def handed(kind, x):
+        return pick(kind, x)
+
+    @numba.njit
+    def handed_down(x):
+        return handed(0, x)
+
+    assert written(3.0) == 6.0
+    assert twice.signatures and not plus_one.signatures
+    assert handed_down(3.0) == 4.0 and len(plus_one.signatures) == 1 and len(twice.signatures) == 1
+    assert pick(1, 3.0) == 6.0 and pick.__doc__ == "plus_one or twice."        # from Python: chosen then
+    with pytest.raises(TypingError, match="compile-time constant"):
+        handed(1, 3.0)

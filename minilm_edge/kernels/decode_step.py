@@ -46,7 +46,7 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
-from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .policy import FASTMATH_REDUCE, compile_time_choice, kernel, parallel_kernel
 from .quant_f32 import dot2_q4_f32, dot2_q8_f32, split_x
 from .quant_i8_matmul import VNNI
 from .quant_i8_matvec import quantize_vec, salient_x
@@ -239,15 +239,21 @@ def merge_parts(T, H, Dh, pm, pl, po, out):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
+def _prologue_f32(x, st, l, p):
+    split_x(x, st.group_size, st.sal_idx[l], p.xe, p.xo, p.xs, p.xsal)
+
+
+@kernel(fastmath=FASTMATH_REDUCE)
+def _prologue_i8(x, st, l, p):
+    quantize_vec(x, st.sal_idx[l], st.n_salient[l], st.group_size, p.xz, p.qe, p.qo, p.sxl, p.nzt)
+    salient_x(x, st.sal_idx[l], p.xsal)
+
+
+@compile_time_choice(_prologue_f32, _prologue_i8)
 def _prologue(i8, x, st, l, p):
     """The matvec prologue of input x for block l of stack st, into this thread's buffers p:
     float32 (split into even/odd entries, group sums) or int8 (quantized); the salient entries
-    either way."""
-    if i8:
-        quantize_vec(x, st.sal_idx[l], st.n_salient[l], st.group_size, p.xz, p.qe, p.qo, p.sxl, p.nzt)
-        salient_x(x, st.sal_idx[l], p.xsal)
-    else:
-        split_x(x, st.group_size, st.sal_idx[l], p.xe, p.xo, p.xs, p.xsal)
+    either way. i8 (F32 or I8) a compile-time constant: policy.compile_time_choice."""
 
 
 # What a row kernel does with the outputs (ya, yb) of pair i:
@@ -311,13 +317,9 @@ else:
         return
 
 
-@kernel(fastmath=FASTMATH_REDUCE)
+@compile_time_choice(_rows_f32, _rows_i8)
 def _rows(i8, mode, st, base, up, i0, i1, p, out):
-    """Row pairs i0 .. i1−1 of stack st, float32 or int8 activations."""
-    if i8:
-        _rows_i8(mode, st, base, up, i0, i1, p, out)
-    else:
-        _rows_f32(mode, st, base, up, i0, i1, p, out)
+    """Row pairs i0 .. i1−1 of stack st, float32 or int8 activations (i8 a compile-time constant)."""
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
@@ -345,6 +347,11 @@ else:
         return
 
 
+@compile_time_choice(_rows_q8_f32, _rows_q8_i8)
+def _rows_q8(i8, mode, q8, r0, st, base, i0, i1, p, out):
+    """`_rows_q8_f32` or `_rows_q8_i8` (i8 a compile-time constant)."""
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def _rows_q6_f32(mode, q8, r0, st, base, i0, i1, p, out):
     """`_rows_q8_f32` for q6 rows (q8.q6w: quant_q6.dot2_q6_f32, bit-identical to the int8 rows)."""
@@ -369,6 +376,11 @@ else:
         return
 
 
+@compile_time_choice(_rows_q6_f32, _rows_q6_i8)
+def _rows_q6(i8, mode, q8, r0, st, base, i0, i1, p, out):
+    """`_rows_q6_f32` or `_rows_q6_i8` (i8 a compile-time constant)."""
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def _rows_mixed(i8, mode, st, q8, tab, base, a, b, p, out):
     """Output pairs a .. b−1 of one block of stack st (STORE or ADD) where the pairs
@@ -383,14 +395,9 @@ def _rows_mixed(i8, mode, st, q8, tab, base, a, b, p, out):
     i0, i1 = max(a, p0), min(b, p1)
     if i0 < i1:
         if tab[3] > 0:                  # q6 rows (q8.q6w)
-            if i8:
-                _rows_q6_i8(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
-            else:
-                _rows_q6_f32(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
-        elif i8:
-            _rows_q8_i8(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
+            _rows_q6(i8, mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
         else:
-            _rows_q8_f32(mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
+            _rows_q8(i8, mode, q8, tab[0] - 2 * p0, st, base, i0, i1, p, out)
     _rows(i8, mode, st, base, 0, max(a, p1), b, p, out)
 
 
@@ -532,15 +539,32 @@ def _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w,
         k = barrier(bar, k, T)
 
 
-# ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
-@parallel_kernel()
-def decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab,
-                  kv, sh, sc):
-    """x [D] float32 (modified in place) through all L blocks (w: Blocks; the linears: Q4Stack
+def _entry(i8):
+    """The step compiled for one activation kind, a constant here, so the kernels of the other kind
+    are never compiled (policy.compile_time_choice). The thread index t is a uint64, the type the
+    parallel region gives it: Numba types the body once before it makes the region and once inside,
+    and with an int64 t there it compiled `_decode_thread` and every kernel that takes t a second
+    time, for code that never runs (BENCHMARKS.md, "The first answer under 5 minutes")."""
+    # ONE parallel region per token: T threads, each running `_decode_thread` (sync.py says why).
+    @parallel_kernel()
+    def decode_blocks(T, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab,
+                      kv, sh, sc):
+        for t in prange(np.uint64(T)):     # t typed as the parallel region types it: see `_entry`
+            _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                           down_q8, q8_tab, kv, sh, sc)
+    return decode_blocks
+
+
+F32, I8 = 0, 1                     # the activation kinds: float32, int8 (VNNI)
+ENTRIES = (_entry(F32), _entry(I8))
+
+
+def decode_blocks(T, i8, *args):
+    """decode_blocks(T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+    down_q8, q8_tab, kv, sh, sc):
+    x [D] float32 (modified in place) through all L blocks (w: Blocks; the linears: Q4Stack
     each, plus the int8 linears' rows: Q8Stack per kind and q8_tab [4, L, 3], `_rows_mixed`); writes the cache
     kv at `pos`. cos, sin: [Dh/2] at `pos`; i8: int8 activations (needs VNNI) or float32 in the
-    block matvecs; T threads, each at most the scratch's P and running concurrently (sync.py);
-    sh.bar zeroed."""
-    for t in prange(T):
-        _decode_thread(t, T, i8, x, pos, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
-                       down_q8, q8_tab, kv, sh, sc)
+    block matvecs, the entry point compiled for it (`ENTRIES`); T threads, each at most the scratch's P and
+    running concurrently (sync.py); sh.bar zeroed."""
+    ENTRIES[i8](T, *args)

@@ -42,6 +42,8 @@ from numba.extending import intrinsic, models, register_model
 
 from .decode_step import (
     ADD,
+    F32,
+    I8,
     STORE,
     SWIGLU,
     _pair,
@@ -52,7 +54,7 @@ from .decode_step import (
     merge_parts,
     silu_mul_span,
 )
-from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
+from .policy import FASTMATH_REDUCE, compile_time_choice, kernel, parallel_kernel
 from .quant_f32 import split_x
 from .quant_i8_matmul import VNNI, i32x16
 from .quant_i8_matvec import (
@@ -428,14 +430,10 @@ else:
     _rows_batch_i8_naive = _rows_batch_i8
 
 
-@kernel(fastmath=FASTMATH_REDUCE)
+@compile_time_choice(_rows_batch_f32, _rows_batch_i8, _rows_batch_i8_naive)
 def _rows_batch(i8, mode, st, base, up, i0, i1, sh, out):
-    if i8 == 2:
-        _rows_batch_i8_naive(mode, st, base, up, i0, i1, sh, out)
-    elif i8:
-        _rows_batch_i8(mode, st, base, up, i0, i1, sh, out)
-    else:
-        _rows_batch_f32(mode, st, base, up, i0, i1, sh, out)
+    """Row pairs i0 .. i1−1 of stack st for every row of out, by the row kernel of activation kind i8
+    (F32, I8, I8_PER_ROW: a compile-time constant, policy.compile_time_choice)."""
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
@@ -489,6 +487,11 @@ else:
     _rows_batch_q8_i8_naive = _rows_batch_q8_i8
 
 
+@compile_time_choice(_rows_batch_q8_f32, _rows_batch_q8_i8, _rows_batch_q8_i8_naive)
+def _rows_batch_q8(i8, mode, q8, r0, st, base, i0, i1, sh, out):
+    """The int8 rows' kernel of activation kind i8 (a compile-time constant)."""
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def _rows_batch_q6_f32(mode, q8, r0, st, base, i0, i1, sh, out):
     """`_rows_batch_q8_f32` for q6 rows (q8.q6w, quant_q6.dot2_q6_f32)."""
@@ -539,6 +542,11 @@ else:
     _rows_batch_q6_i8_naive = _rows_batch_q6_i8
 
 
+@compile_time_choice(_rows_batch_q6_f32, _rows_batch_q6_i8, _rows_batch_q6_i8_naive)
+def _rows_batch_q6(i8, mode, q8, r0, st, base, i0, i1, sh, out):
+    """The q6 rows' kernel of activation kind i8 (a compile-time constant)."""
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out):
     """decode_step._rows_mixed for B rows: output pairs a .. e−1 of one block of stack st where the
@@ -552,18 +560,9 @@ def _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out):
     if i0 < i1:
         r0 = tab[0] - 2 * p0
         if tab[3] > 0:                  # q6 rows (q8.q6w)
-            if i8 == 2:
-                _rows_batch_q6_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out)
-            elif i8:
-                _rows_batch_q6_i8(mode, q8, r0, st, base, i0, i1, sh, out)
-            else:
-                _rows_batch_q6_f32(mode, q8, r0, st, base, i0, i1, sh, out)
-        elif i8 == 2:
-            _rows_batch_q8_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out)
-        elif i8:
-            _rows_batch_q8_i8(mode, q8, r0, st, base, i0, i1, sh, out)
+            _rows_batch_q6(i8, mode, q8, r0, st, base, i0, i1, sh, out)
         else:
-            _rows_batch_q8_f32(mode, q8, r0, st, base, i0, i1, sh, out)
+            _rows_batch_q8(i8, mode, q8, r0, st, base, i0, i1, sh, out)
     _rows_batch(i8, mode, st, base, 0, max(a, p1), e, sh, out)
 
 
@@ -579,23 +578,24 @@ def _rows_batch_gate_up_mixed(i8, st, q8, tab, base, F, a, e, sh):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _prologue_row(i8, x, st, l, sh, b):
-    """decode_step._prologue of input x for block l of stack st, into row b of the shared buffers."""
-    if i8:
-        quantize_vec(x, st.sal_idx[l], st.n_salient[l], st.group_size, sh.xz[b], sh.qe[b], sh.qo[b], sh.sxl[b],
-                     sh.nzt[b])
-        salient_x(x, st.sal_idx[l], sh.xsal[b])
-    else:
-        split_x(x, st.group_size, st.sal_idx[l], sh.xe[b], sh.xo[b], sh.xs[b], sh.xsal[b])
+def _prologue_row_f32(x, st, tab, l, sh, b):
+    split_x(x, st.group_size, st.sal_idx[l], sh.xe[b], sh.xo[b], sh.xs[b], sh.xsal[b])
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _prologue_row_mixed(i8, x, st, tab, l, sh, b):
-    """`_prologue_row`, plus the int8 rows' lane sums (`q8_lane_zero`) where block l of the stack has
-    int8 rows (tab = q8_tab[kind, l]) and the activations are int8."""
-    _prologue_row(i8, x, st, l, sh, b)
-    if i8 and tab[0] >= 0:
+def _prologue_row_i8(x, st, tab, l, sh, b):
+    quantize_vec(x, st.sal_idx[l], st.n_salient[l], st.group_size, sh.xz[b], sh.qe[b], sh.qo[b], sh.sxl[b],
+                 sh.nzt[b])
+    salient_x(x, st.sal_idx[l], sh.xsal[b])
+    if tab[0] >= 0:
         q8_lane_zero(sh.qe[b], sh.qo[b], sh.sxl[b], sh.nzl[b])
+
+
+@compile_time_choice(_prologue_row_f32, _prologue_row_i8, _prologue_row_i8)
+def _prologue_row_mixed(i8, x, st, tab, l, sh, b):
+    """decode_step._prologue of input x for block l of stack st, into row b of the shared buffers; with
+    int8 activations also the int8 rows' lane sums (`q8_lane_zero`) where block l of the stack has
+    int8 rows (tab = q8_tab[kind, l]). i8 a compile-time constant."""
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
@@ -677,18 +677,32 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
         k = barrier(bar, k, T)
 
 
-@parallel_kernel()
-def decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
-                        down_q8, q8_tab, kp, vp, sh, sc):
-    """x [B, D] float32 (modified in place) through all L blocks; row b is a token at position pos[b]
+def _entry(i8):
+    """The step compiled for one activation kind, a constant here (policy.compile_time_choice); t a
+    uint64 as in decode_step._entry."""
+    @parallel_kernel()
+    def decode_blocks_batch(T, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
+                            down_q8, q8_tab, kp, vp, sh, sc):
+        for t in prange(np.uint64(T)):     # t typed as the parallel region types it: see `_entry`
+            _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8,
+                          gate_up_q8, down_q8, q8_tab, kp, vp, sh, sc)
+    return decode_blocks_batch
+
+
+I8_PER_ROW = 2                     # int8 activations, one activation row per pass: the row kernels' A/B
+ENTRIES = (_entry(F32), _entry(I8), _entry(I8_PER_ROW))
+
+
+def decode_blocks_batch(T, i8, *args):
+    """decode_blocks_batch(T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8,
+    gate_up_q8, down_q8, q8_tab, kp, vp, sh, sc):
+    x [B, D] float32 (modified in place) through all L blocks; row b is a token at position pos[b]
     of pool slot slots[b] (kp, vp [slots, L, Hkv, S, Dh]; its k, v written there). cos, sin
-    [B, Dh/2] at pos; i8: int8 activations (VNNI) or float32; the linears: Q4Stack each, plus the int8
-    linears' rows (Q8Stack per kind) and q8_tab [4, L, 3], as decode_step.decode_blocks takes them; T threads
-    running concurrently (sync.py), at most the scratch's P; the shared buffers' first dimension is B;
-    sh.bar zeroed."""
-    for t in prange(T):
-        _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
-                      down_q8, q8_tab, kp, vp, sh, sc)
+    [B, Dh/2] at pos; i8: the activation kind, F32, I8 (int8, VNNI) or I8_PER_ROW, the entry point compiled
+    for it (`ENTRIES`); the linears: Q4Stack each, plus the int8 linears' rows (Q8Stack per kind) and
+    q8_tab [4, L, 3], as decode_step.decode_blocks takes them; T threads running concurrently (sync.py), at
+    most the scratch's P; the shared buffers' first dimension is B; sh.bar zeroed."""
+    ENTRIES[i8](T, *args)
 
 
 # ----------------------------------------------------------------------------------------------

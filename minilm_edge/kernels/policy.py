@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import numba
+from numba.core import errors, types
+from numba.extending import overload
 
 # Reassociation + contraction: lets LLVM vectorise float reductions; keeps NaN/inf semantics.
 FASTMATH_REDUCE = {"reassoc", "contract", "arcp", "nsz"}
@@ -45,6 +48,48 @@ def kernel(fastmath=False, inline=False):
 def parallel_kernel(fastmath=False):
     """Decorator for a kernel that splits independent rows across threads with `prange`."""
     return numba.njit(cache=True, nogil=True, parallel=True, fastmath=fastmath)
+
+
+def compile_time_choice(*impls):
+    """Decorator for a function `f(kind, *args)` with no body of its own (a signature and a docstring)
+    that calls `impls[kind](*args)`, chosen when Numba types the call: only the chosen kernel is
+    compiled.
+
+    Why: Numba types (and so compiles) both sides of an `if` on an argument, and every kernel called
+    there. A decode step with the activation kind as a run-time argument compiled the int8, the
+    float32 and a test-only row kernel into every specialization of the step, three times the
+    compile of the one that runs (BENCHMARKS.md, "The first answer under 5 minutes"). Here `kind`
+    must be a compile-time constant: a module-level int or an int literal at the call site (Numba
+    types it Literal[int] and passes the literal on when the caller hands its argument down). The
+    step's entry points are made one per kind with the kind as a constant (decode_step.ENTRIES).
+    A kind that is not a constant is a typing error, not a silent compile of every kernel.
+    Caveat (as for inlined helpers, policy.kernel): a cached caller does not notice a change of
+    `impls`; delete the kernels' __pycache__ after changing a choice."""
+    def wrap(stub):
+        signature = inspect.signature(stub)
+        names = list(signature.parameters)
+
+        @functools.wraps(stub)
+        def choose(kind, *args):            # called from Python (not compiled): chosen at run time
+            return impls[kind](*args)
+
+        def typed(kind, *args):
+            if not isinstance(kind, types.IntegerLiteral):
+                raise errors.TypingError(f"{stub.__name__}: the kind must be a compile-time constant, got {kind}")
+            return _forward(names, impls[kind.literal_value])
+        typed.__signature__ = signature
+        overload(choose, prefer_literal=True, inline="always")(typed)
+        return choose
+    return wrap
+
+
+def _forward(names, impl):
+    """`def call(kind, a, b, ...): return impl(a, b, ...)` with the stub's parameter names: inlined into
+    the caller by Numba (so the caller calls `impl` itself: no function of its own to compile and link),
+    which Numba's inliner does only for a function without *args."""
+    scope = {"impl": impl}
+    exec(f"def call({', '.join(names)}):\n    return impl({', '.join(names[1:])})\n", scope)
+    return scope["call"]
 
 
 @contextlib.contextmanager
