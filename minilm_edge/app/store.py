@@ -59,7 +59,7 @@ from ..formats.manifest import (
     write_manifest,
 )
 from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_folders  # modes: README
-from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
+from ..quant.recipe import RECIPE_EMBED, RECIPE_EMBED_GROUP_SIZE, RECIPE_GROUP_SIZE, RECIPE_INT6, RECIPE_INT8
 from ..version import __version__
 
 
@@ -154,7 +154,8 @@ PREPARED_MODELS = {
     "smollm2-135m-instruct-awq": PreparedModel(
         base="smollm2-135m-instruct",
         quantize={"method": "awq", "bits": 4, "group_size": RECIPE_GROUP_SIZE, "int8": RECIPE_INT8,
-                  "embed": "int8", "seed": 0, **FIRST_RUN_CALIBRATION},
+                  "int6": RECIPE_INT6, "embed": RECIPE_EMBED, "embed_group_size": RECIPE_EMBED_GROUP_SIZE,
+                  "seed": 0, **FIRST_RUN_CALIBRATION},
         minutes=FIRST_RUN_MINUTES,
     ),
 }
