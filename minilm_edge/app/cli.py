@@ -471,14 +471,15 @@ def _add_eval_parser(sub):
 
 # ---- sensitivity
 SENSITIVITY_HELP = """\
-Measure which block linears of an int4 folder most deserve int8, and print the `quantize --int8`
-spec that spends a byte budget best (quant/sensitivity.py). For every int4 linear, alone: its
-full-precision weights (in the folder's AWQ basis, fitted) rounded to int8 instead of its int4
-codes; the gain is how much that lowers the mean KL divergence from the full-precision source on
---data (first --samples × --seq-len tokens, drawn as quantize draws calibration text). The spec
-takes linears by gain per added byte while they fit under --max-size (the whole folder's bytes).
-Gains are measured one linear at a time and do not add up exactly: on SmolLM2 the spec chosen this way
-within Q4_K_M's size scored worse on validation text than the default v@all,down@more (BENCHMARKS.md,
+Measure which block linears of an int4 folder most deserve int8 (or, with --format q6, 6 bits), and
+print the `quantize --int8` (`--int6`) spec that spends a byte budget best (quant/sensitivity.py).
+For every int4 linear, alone: its full-precision weights (in the folder's AWQ basis, fitted) rounded
+to int8 (q6) instead of its int4 codes; the gain is how much that lowers the mean KL divergence
+from the full-precision source on --data (first --samples × --seq-len tokens, drawn as quantize
+draws calibration text). The spec takes linears by gain per added byte while they fit under
+--max-size (the whole folder's bytes). Gains are measured one linear at a time and do not add up
+exactly: on SmolLM2 the int8 spec chosen this way within Q4_K_M's size scored worse on validation
+text than a hand-made v@all,down@more (BENCHMARKS.md,
 "int8 linears chosen by measured KL"); compare candidates with `eval` on validation text.
 Each linear costs one forward pass over the tokens: SmolLM2-135M, 210 linears × 2,048 tokens, is
 about 35 minutes on 2 cores. Measure on your calibration or validation text, never on test text.
@@ -486,6 +487,7 @@ about 35 minutes on 2 cores. Measure on your calibration or validation text, nev
 examples:
   python -m minilm_edge sensitivity ./smollm2-g32 --data c4.txt --max-size 105454144
   python -m minilm_edge sensitivity ./smollm2-g32 --data valid.txt --linears v,o,down --json > gains.json
+  python -m minilm_edge sensitivity ./smollm2-g32 --data c4.txt --format q6 --max-size 105454144
   python -m minilm_edge quantize ./smollm2 ./smollm2-mixed --group-size 32 --int8 "$(... spec printed above ...)"
 """
 
@@ -512,26 +514,27 @@ def cmd_sensitivity(args):
         raise UsageError(f"--max-size {args.max_size:,} is below the folder's {folder_bytes:,} bytes already")
     ids = from_files(args.data, Tokenizer(source), args.samples, args.seq_len, args.seed).ids
     kinds = tuple(k.strip() for k in args.linears.split(",")) if args.linears else None
-    res = int8_gains(folder, source, ids, **({"kinds": kinds} if kinds else {}))
+    res = int8_gains(folder, source, ids, fmt=args.format, **({"kinds": kinds} if kinds else {}))
+    flag = "int8" if args.format == "int8" else "int6"
     if budget is not None:
         chosen = choose_int8(res["linears"], budget)
-        res.update(budget_bytes=budget, int8=int8_spec(chosen),
+        res.update(budget_bytes=budget, **{flag: int8_spec(chosen)},
                    added_bytes=sum(t["extra_bytes"] for t in res["linears"] if (t["layer"], t["linear"]) in chosen))
     if args.json:
         print(json.dumps({"model": str(folder), "source": str(source), **res}, indent=2))
         return 0
     print(f"KL(source || folder) {res['base_kl']:.5f} nats/token on {res['tokens']} tokens; "
-          "gain of int8, per MB added:")
+          f"gain of {args.format}, per MB added:")
     for t in sorted(res["linears"], key=lambda t: t["gain"] / t["extra_bytes"], reverse=True):
         print(f"  {t['linear']:>4}@{t['layer']:<3} gain {t['gain']:+.5f}  +{t['extra_bytes'] / 1e6:.3f} MB  "
               f"{t['gain'] / t['extra_bytes'] * 1e6:+.5f}/MB")
     if budget is not None:
-        print(f"--int8 {res['int8'] or '(none fits)'}   (+{res['added_bytes']:,} of {budget:,} bytes)")
+        print(f"--{flag} {res[flag] or '(none fits)'}   (+{res['added_bytes']:,} of {budget:,} bytes)")
     return 0
 
 
 def _add_sensitivity_parser(sub):
-    s = sub.add_parser("sensitivity", help="which linears deserve int8 under a size budget",
+    s = sub.add_parser("sensitivity", help="which linears deserve int8 or q6 under a size budget",
                        description=SENSITIVITY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model_dir", metavar="MODEL_DIR", help="an int4 folder made by quantize (or a known name)")
     s.add_argument("--data", required=True, nargs="+", metavar="FILE", help="text to measure on (not test text)")
@@ -542,7 +545,10 @@ def _add_sensitivity_parser(sub):
     s.add_argument("--seed", type=int, default=0, metavar="S", help="seed for drawing the rows (default 0)")
     s.add_argument("--linears", metavar="LIST",
                    help="comma-separated kinds to measure (default all: q,k,v,o,gate,up,down)")
-    s.add_argument("--max-size", type=int, metavar="BYTES", help="print the --int8 spec that fits the folder in BYTES")
+    s.add_argument("--format", choices=["int8", "q6"], default="int8",
+                   help="the format each linear is measured in: int8 (prints --int8) or q6 (prints --int6)")
+    s.add_argument("--max-size", type=int, metavar="BYTES",
+                   help="print the --int8 (--int6) spec that fits the folder in BYTES")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_sensitivity)
 
