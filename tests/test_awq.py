@@ -518,30 +518,50 @@ def test_cli_quantize_awq_default(tmp_path, capsys):
     assert main(["quantize", str(src), str(tmp_path / "q"), "--samples", "2", "--seq-len", "16"]) == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "awq"
-    # the CLI's default recipe: g = 32, v everywhere and down in the more-bits layers int8, int8 embedding
-    from minilm_edge.quant.quantize import more_bits_layers
+    # the CLI's default recipe (quant/recipe.py): g = 32; k, v, gate, up, down 6-bit everywhere and o in the
+    # first and last eighth; the embedding q6 with a scale per 64; no int8
+    from minilm_edge.quant.quantize import end_layers
     n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    assert qc["group_size"] == 32 and qc["embed"] == "int8"
-    assert qc["int8_layers"] == {"v": list(range(n)), "down": more_bits_layers(n)}
+    every = list(range(n))
+    assert qc["group_size"] == 32 and qc["embed"] == "q6" and qc["embed_group_size"] == 64
+    assert qc["int6_layers"] == {"v": every, "k": every, "o": end_layers(n), "gate": every, "up": every,
+                                 "down": every}
+    assert "int8_layers" not in qc
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "--calib" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra, group, int8", [
-    (["--int8", "none"], 32, None),                          # every block linear int4
-    (["--group-size", "128", "--int8", "none"], 128, None),  # the smallest folder
-    (["--method", "awq", "--samples", "2", "--seq-len", "16", "--max-size", "10000000"], None, None),  # a budget
-    # chooses the group sizes, no int8 by default
-    (["--int8", "down@0"], 32, {"down": [0]}),
+@pytest.mark.parametrize("extra, group, int8, int6, embed", [
+    (["--int6", "none"], 32, None, None, ("q6", 64)),               # every block linear int4
+    (["--group-size", "128", "--int6", "none", "--embed", "int8"], 128, None, None, ("int8", None)),  # the smallest
+    (["--method", "awq", "--samples", "2", "--seq-len", "16", "--max-size", "10000000"], None, None, None,
+     ("int8", None)),                                               # a budget chooses the group sizes itself
+    (["--int8", "down@0"], 32, {"down": [0]}, None, ("q6", 64)),    # a hand-given list replaces both defaults
+    (["--int6", "up@1"], 32, None, {"up": [1]}, ("q6", 64)),
+    (["--embed", "q6"], 32, None, "recipe", ("q6", None)),          # an explicit embedding keeps --group-size
 ])
-def test_cli_quantize_defaults_give_way(tmp_path, extra, group, int8):
+def test_cli_quantize_defaults_give_way(tmp_path, extra, group, int8, int6, embed):
+    from minilm_edge.quant.quantize import _layers_of, int8_linears
+    from minilm_edge.quant.recipe import RECIPE_INT6
     src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
     assert main(["quantize", str(src), str(tmp_path / "q"), "--method", "rtn", *extra]) == 0   # a later --method wins
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    n = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    if int6 == "recipe":
+        int6 = _layers_of(int8_linears(RECIPE_INT6, n))
     assert qc.get("int8_layers") == int8
+    assert qc.get("int6_layers") == int6
+    assert (qc["embed"], qc.get("embed_group_size")) == embed
     if group is not None:
         assert qc["group_size"] == group
+
+
+def test_end_layers_are_the_first_and_last_eighth():
+    from minilm_edge.quant.quantize import end_layers, int8_linears
+    assert end_layers(30) == [0, 1, 2, 3, 26, 27, 28, 29]          # SmolLM2: the measured o@0-3+26-29
+    assert end_layers(16) == [0, 1, 14, 15] and end_layers(2) == [0, 1] and end_layers(9) == [0, 1, 7, 8]
+    assert int8_linears("o@ends", 30, "--int6") == int8_linears("o@0-3+26-29", 30, "--int6")
 
 
 @settings(max_examples=30, deadline=None)

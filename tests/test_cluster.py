@@ -94,7 +94,7 @@ def test_a_sweep_keeps_the_other_flags(tiny, tmp_path, capsys):
     assert code == 0, err
     for path, bits in zip(out.split(), (3, 4)):
         qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
-        assert (qc["bits"], qc["embed"], qc["int8_linears"]) == (bits, "int8", "v@all"), qc
+        assert (qc["bits"], qc["embed"], qc["int8_linears"]) == (bits, "q6", "v@all"), qc   # the default embedding
 
 
 @pytest.mark.parametrize("argv, code, pattern", [

@@ -49,6 +49,10 @@ def test_extra_bytes_match_the_files_written(tiny):
     one = quantize(src, base / "rtn-down1", method="rtn", group_size=32, int8="down@1", progress=False)
     grown = (one / "model.safetensors").stat().st_size - (plain / "model.safetensors").stat().st_size
     assert abs(grown - S.int8_extra_bytes(n, k, 32)) <= 64
+    six = quantize(src, base / "rtn-down1-q6", method="rtn", group_size=32, int6="down@1", progress=False)
+    grown = (six / "model.safetensors").stat().st_size - (plain / "model.safetensors").stat().st_size
+    assert abs(grown - S.int8_extra_bytes(n, k, 32, "q6")) <= 64
+    assert S.int8_extra_bytes(n, k, 32, "q6") < S.int8_extra_bytes(n, k, 32)
 
 
 def test_the_choice_takes_gain_per_byte_within_the_budget():
@@ -113,6 +117,32 @@ def test_the_command_measures_every_int4_linear_and_prints_a_spec_that_fits(tiny
     assert sum(f.stat().st_size for f in out.iterdir() if f.is_file()) <= size + 30000
 
 
+def test_q6_gains_are_measured_in_6_bits_and_give_an_int6_spec_that_fits(tiny, capsys):
+    base, src, awq = tiny
+    cfg = load_config(awq)
+    size = sum(f.stat().st_size for f in awq.iterdir() if f.is_file())
+    argv = ["sensitivity", str(awq), "--data", str(base / "c.txt"), "--samples", "2", "--seq-len", "32",
+            "--linears", "v,down", "--max-size", str(size + 20000), "--json"]
+    assert main(argv + ["--format", "q6"]) == 0
+    six = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    eight = json.loads(capsys.readouterr().out)
+    assert six["format"] == "q6" and "int8" not in six and eight["format"] == "int8"
+    by8 = {(t["layer"], t["linear"]): t for t in eight["linears"]}
+    assert len(six["linears"]) == len(eight["linears"]) == 2 * cfg.num_hidden_layers
+    for t in six["linears"]:
+        t8 = by8[t["layer"], t["linear"]]
+        # the same linears on the same tokens, rounded in 6 bits: fewer bytes, another gain (a gain is
+        # not always below int8's: rounding errors of single linears do not order that way)
+        assert t["extra_bytes"] < t8["extra_bytes"] and t["gain"] != t8["gain"]
+    assert sum(t["gain"] for t in six["linears"]) > 0
+    chosen = int8_linears(six["int6"], cfg.num_hidden_layers, "--int6")
+    assert chosen and six["added_bytes"] <= six["budget_bytes"]
+    out = quantize(src, base / "mixed6", method="awq", group_size=32, calib=[base / "c.txt"], int6=six["int6"],
+                   **FAST)
+    assert sum(f.stat().st_size for f in out.iterdir() if f.is_file()) <= size + 20000
+
+
 def test_the_command_refuses_a_budget_below_the_folder(tiny, capsys):
     base, src, awq = tiny
     rc = main(["sensitivity", str(awq), "--data", str(base / "c.txt"), "--max-size", "1000"])
@@ -137,7 +167,9 @@ def test_what_the_fused_decode_takes(tiny, spec, fused):
 
 def test_the_store_default_spec_keeps_the_fused_decode():
     from minilm_edge.app.store import PREPARED_MODELS
-    chosen = int8_linears(PREPARED_MODELS["smollm2-135m-instruct-awq"].quantize["int8"], 30)
+    q = PREPARED_MODELS["smollm2-135m-instruct-awq"].quantize
+    chosen = set(int8_linears(q["int8"], 30)) | set(int8_linears(q["int6"], 30, "--int6"))    # q6 rows: int8 rows
+    assert chosen
     for i in range(30):
         qkv = "".join(k[0] for k in ("q", "k", "v") if (i, k) in chosen)
         assert qkv in ("", "q", "k", "v", "qk", "kv", "qkv"), (i, qkv)

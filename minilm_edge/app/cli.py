@@ -10,7 +10,7 @@ import sys
 import time
 
 from ..errors import MiniLMError, UsageError
-from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
+from ..quant.recipe import RECIPE_EMBED, RECIPE_EMBED_GROUP_SIZE, RECIPE_GROUP_SIZE, RECIPE_INT6, RECIPE_INT8
 
 DEFAULT_MODEL = "smollm2-135m-instruct-awq"   # store.PREPARED_MODELS: AWQ W4 on self-generated text
 PROG = "minilm-edge"
@@ -243,30 +243,33 @@ By default only q and k get it (--gptq-linears), with dampening 0.1 (--gptq-damp
 --report writes report.html and report.json into the output folder; --eval FILE adds the
 perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, windows of 512).
 
-The default recipe: int4 at group size 32, with v in every layer and down in the layers llama.cpp's
-Q4_K_M favours (--int8 v@all,down@more) stored int8, and the embedding int8: about 6 bits per weight
-over the whole file, Q4_K_M's class (on SmolLM2 2% smaller than Q4_K_M, within 0.8% of its perplexity
-on WikiText-2: BENCHMARKS.md). For the smallest folder: --group-size 128 --int8 none (about 5.2 bits
-per weight, smaller and better than Q4_0). `sensitivity` measures what int8 buys each linear. A
-layer whose input size the group size does not divide uses 64 or 32 (recorded in config.json).
+The default recipe (quant/recipe.py): q and the middle layers' o int4 at group size 32; k, v, gate, up,
+down in every layer and o in the first and last eighth 6-bit (--int6 v@all,k@all,o@ends,gate@all,
+up@all,down@all); the embedding 6-bit with a scale per 64 (--embed q6 --embed-group-size 64). About
+6.2 bits per weight over the whole file: on SmolLM2 smaller than llama.cpp's Q4_K_M and better on
+WikiText-2 and tiny-Shakespeare (BENCHMARKS.md). For the smallest folder: --group-size 128 --int6 none
+--embed int8 (about 5.2 bits per weight, smaller and better than Q4_0). `sensitivity` measures what
+int8 buys each linear. A layer whose input size the group size does not divide uses 64 or 32
+(recorded in config.json).
 --bits 3 stores 3-bit codes in the 4-bit format (for measuring W3 quality).
 --quantize-head int8|int4 also quantizes lm_head (by default it stays fp16). The embedding is stored
-int8 (--embed fp16 keeps it fp16); with tied embeddings (SmolLM2) that one table is the head too,
+q6 (--embed int8 or fp16 otherwise); with tied embeddings (SmolLM2) that one table is the head too,
 stored once (so --quantize-head int4 needs --embed fp16 there).
 --target-bpw BITS (bits per weight of the whole weight file) or --max-size BYTES (the whole folder)
 choose per AWQ scale group (q|k|v, o, gate|up, down) the int4 group size (128/64/32) within the
 budget, by each group's measured KL on the calibration text; the result is checked before it appears.
 --int8 LINEAR@LAYERS,... stores those block linears int8 (8.125 bits per weight) instead of int4:
 LINEAR one of q k v o gate up down; LAYERS all, more (the layers llama.cpp's Q4_K_M gives Q6_K: first
-and last eighth, every third between) or indices/ranges joined by '+'. AWQ leaves them unclipped.
---int6 LINEAR@LAYERS,... (same syntax) stores those linears q6 instead: 6-bit codes packed 4 in 3
-bytes with an fp16 scale per 128 (6.125 bits per weight in the file; unpacked to int8 at load, so the
-same kernels run them and memory holds 8 bits); a linear in both lists is q6. --embed q6 stores the
-embedding that way (6 + 16/G bits, G = --embed-group-size, default --group-size).
+and last eighth, every third between), ends (the first and last eighth) or indices/ranges joined by
+'+'. AWQ leaves them unclipped. --int6 LINEAR@LAYERS,... (same syntax) stores those linears q6: 6-bit
+codes, 4 in 3 bytes, with an fp16 scale per 128 (6.125 bits per weight); a linear in both lists is q6.
+Giving either list replaces both defaults; none empties one. --embed q6 stores the embedding that way
+(6 + 16/G bits, G = --embed-group-size). 6-bit linears combine with neither --target-bpw/--max-size,
+--keep-salient nor --gptq: with those the default is all int4 and an int8 embedding.
 
 examples:
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq                      # self-calibrated AWQ, the default recipe
-  python -m minilm_edge quantize ./smollm2 ./smollm2-small --group-size 128 --int8 none   # the smallest
+  python -m minilm_edge quantize ./smollm2 ./smollm2-small --group-size 128 --int6 none --embed int8  # the smallest
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq --samples 32 --generator float
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq --calib my_docs.txt --report
   python -m minilm_edge quantize ./smollm2 ./smollm2-awq3 --bits 3 --calib a.txt b.txt --keep-salient 1
@@ -281,15 +284,25 @@ examples:
 
 
 def quantize_defaults(args) -> None:
-    """Fill --group-size and --int8 when not given: the default recipe, except where an option rules
-    it out (a size budget chooses group sizes itself; fp16 salient channels and int8 do not combine)."""
+    """Fill --group-size, --int8, --int6, --embed and --embed-group-size when not given: the default
+    recipe (quant/recipe.py), except where an option rules part of it out. A size budget chooses group
+    sizes itself; 6-bit linears combine with neither a budget, --keep-salient nor --gptq, and fp16
+    salient channels take no int8 either; a hand-given --int8 or --int6 list replaces both defaults."""
     budget = args.target_bpw is not None or args.max_size is not None
+    recipe = not (budget or args.keep_salient or args.gptq)
     if args.group_size is None:
         args.group_size = 128 if budget else RECIPE_GROUP_SIZE
-    if args.int8 is None:
-        args.int8 = None if budget or args.keep_salient else RECIPE_INT8
-    elif args.int8.strip().lower() == "none":
-        args.int8 = None
+    by_hand = args.int8 is not None or args.int6 is not None
+    for flag, default in (("int8", RECIPE_INT8), ("int6", RECIPE_INT6)):
+        value = getattr(args, flag)
+        if value is None:
+            setattr(args, flag, default if recipe and not by_hand else None)
+        elif value.strip().lower() == "none":
+            setattr(args, flag, None)
+    if args.embed is None:
+        args.embed = RECIPE_EMBED if recipe else "int8"
+        if recipe and args.embed_group_size is None and args.embed != "fp16":
+            args.embed_group_size = RECIPE_EMBED_GROUP_SIZE
 
 
 def cmd_quantize(args):
@@ -319,7 +332,8 @@ def cmd_quantize(args):
             raise UsageError("--cluster with quantize runs a --sweep KEY=V1,V2 (see --help)")
         base = dict(method=args.method, bits=args.bits, group_size=args.group_size,
                     quantize_head=args.quantize_head, embed=args.embed, target_bpw=args.target_bpw,
-                    max_size=args.max_size, int8=args.int8, **awq)
+                    max_size=args.max_size, int8=args.int8, int6=args.int6,
+                    embed_group_size=args.embed_group_size, **awq)
         print("\n".join(quantize_sweep(src, args.out_dir, base, args.sweep, args.cluster)))
         return 0
     out = quantize(src, args.out_dir, method=args.method, bits=args.bits, group_size=args.group_size,
@@ -457,14 +471,15 @@ def _add_eval_parser(sub):
 
 # ---- sensitivity
 SENSITIVITY_HELP = """\
-Measure which block linears of an int4 folder most deserve int8, and print the `quantize --int8`
-spec that spends a byte budget best (quant/sensitivity.py). For every int4 linear, alone: its
-full-precision weights (in the folder's AWQ basis, fitted) rounded to int8 instead of its int4
-codes; the gain is how much that lowers the mean KL divergence from the full-precision source on
---data (first --samples × --seq-len tokens, drawn as quantize draws calibration text). The spec
-takes linears by gain per added byte while they fit under --max-size (the whole folder's bytes).
-Gains are measured one linear at a time and do not add up exactly: on SmolLM2 the spec chosen this way
-within Q4_K_M's size scored worse on validation text than the default v@all,down@more (BENCHMARKS.md,
+Measure which block linears of an int4 folder most deserve int8 (or, with --format q6, 6 bits), and
+print the `quantize --int8` (`--int6`) spec that spends a byte budget best (quant/sensitivity.py).
+For every int4 linear, alone: its full-precision weights (in the folder's AWQ basis, fitted) rounded
+to int8 (q6) instead of its int4 codes; the gain is how much that lowers the mean KL divergence
+from the full-precision source on --data (first --samples × --seq-len tokens, drawn as quantize
+draws calibration text). The spec takes linears by gain per added byte while they fit under
+--max-size (the whole folder's bytes). Gains are measured one linear at a time and do not add up
+exactly: on SmolLM2 the int8 spec chosen this way within Q4_K_M's size scored worse on validation
+text than a hand-made v@all,down@more (BENCHMARKS.md,
 "int8 linears chosen by measured KL"); compare candidates with `eval` on validation text.
 Each linear costs one forward pass over the tokens: SmolLM2-135M, 210 linears × 2,048 tokens, is
 about 35 minutes on 2 cores. Measure on your calibration or validation text, never on test text.
@@ -472,6 +487,7 @@ about 35 minutes on 2 cores. Measure on your calibration or validation text, nev
 examples:
   python -m minilm_edge sensitivity ./smollm2-g32 --data c4.txt --max-size 105454144
   python -m minilm_edge sensitivity ./smollm2-g32 --data valid.txt --linears v,o,down --json > gains.json
+  python -m minilm_edge sensitivity ./smollm2-g32 --data c4.txt --format q6 --max-size 105454144
   python -m minilm_edge quantize ./smollm2 ./smollm2-mixed --group-size 32 --int8 "$(... spec printed above ...)"
 """
 
@@ -498,26 +514,27 @@ def cmd_sensitivity(args):
         raise UsageError(f"--max-size {args.max_size:,} is below the folder's {folder_bytes:,} bytes already")
     ids = from_files(args.data, Tokenizer(source), args.samples, args.seq_len, args.seed).ids
     kinds = tuple(k.strip() for k in args.linears.split(",")) if args.linears else None
-    res = int8_gains(folder, source, ids, **({"kinds": kinds} if kinds else {}))
+    res = int8_gains(folder, source, ids, fmt=args.format, **({"kinds": kinds} if kinds else {}))
+    flag = "int8" if args.format == "int8" else "int6"
     if budget is not None:
         chosen = choose_int8(res["linears"], budget)
-        res.update(budget_bytes=budget, int8=int8_spec(chosen),
+        res.update(budget_bytes=budget, **{flag: int8_spec(chosen)},
                    added_bytes=sum(t["extra_bytes"] for t in res["linears"] if (t["layer"], t["linear"]) in chosen))
     if args.json:
         print(json.dumps({"model": str(folder), "source": str(source), **res}, indent=2))
         return 0
     print(f"KL(source || folder) {res['base_kl']:.5f} nats/token on {res['tokens']} tokens; "
-          "gain of int8, per MB added:")
+          f"gain of {args.format}, per MB added:")
     for t in sorted(res["linears"], key=lambda t: t["gain"] / t["extra_bytes"], reverse=True):
         print(f"  {t['linear']:>4}@{t['layer']:<3} gain {t['gain']:+.5f}  +{t['extra_bytes'] / 1e6:.3f} MB  "
               f"{t['gain'] / t['extra_bytes'] * 1e6:+.5f}/MB")
     if budget is not None:
-        print(f"--int8 {res['int8'] or '(none fits)'}   (+{res['added_bytes']:,} of {budget:,} bytes)")
+        print(f"--{flag} {res[flag] or '(none fits)'}   (+{res['added_bytes']:,} of {budget:,} bytes)")
     return 0
 
 
 def _add_sensitivity_parser(sub):
-    s = sub.add_parser("sensitivity", help="which linears deserve int8 under a size budget",
+    s = sub.add_parser("sensitivity", help="which linears deserve int8 or q6 under a size budget",
                        description=SENSITIVITY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("model_dir", metavar="MODEL_DIR", help="an int4 folder made by quantize (or a known name)")
     s.add_argument("--data", required=True, nargs="+", metavar="FILE", help="text to measure on (not test text)")
@@ -528,7 +545,10 @@ def _add_sensitivity_parser(sub):
     s.add_argument("--seed", type=int, default=0, metavar="S", help="seed for drawing the rows (default 0)")
     s.add_argument("--linears", metavar="LIST",
                    help="comma-separated kinds to measure (default all: q,k,v,o,gate,up,down)")
-    s.add_argument("--max-size", type=int, metavar="BYTES", help="print the --int8 spec that fits the folder in BYTES")
+    s.add_argument("--format", choices=["int8", "q6"], default="int8",
+                   help="the format each linear is measured in: int8 (prints --int8) or q6 (prints --int6)")
+    s.add_argument("--max-size", type=int, metavar="BYTES",
+                   help="print the --int8 (--int6) spec that fits the folder in BYTES")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_sensitivity)
 
@@ -651,19 +671,22 @@ def build_parser():
                    help=f"32, 64 or 128 (default {RECIPE_GROUP_SIZE}; 128 with --target-bpw/--max-size, "
                         "the largest it may choose)")
     q.add_argument("--quantize-head", choices=["int8", "int4"], help="also quantize lm_head (default: keep fp16)")
-    q.add_argument("--embed", choices=["fp16", "int8", "q6"], default="int8",
-                   help="embedding storage; int8 or q6 (6-bit codes, int8 in memory) with tied embeddings also "
-                        "serves as the head (default int8)")
+    q.add_argument("--embed", choices=["fp16", "int8", "q6"],
+                   help=f"embedding storage; int8 or q6 (6-bit codes) with tied embeddings also serves as the "
+                        f"head (default {RECIPE_EMBED}; int8 with --target-bpw/--max-size/--keep-salient/--gptq)")
     q.add_argument("--embed-group-size", type=int, metavar="G",
-                   help="int8/q6 embedding: one fp16 scale per G values, 32, 64 or 128 (default: --group-size)")
+                   help=f"int8/q6 embedding: one fp16 scale per G values, 32, 64 or 128 (default "
+                        f"{RECIPE_EMBED_GROUP_SIZE} with the default embedding, else --group-size)")
     q.add_argument("--target-bpw", type=float, metavar="BITS",
                    help="mixed precision: whole weight file at most BITS bits per weight (awq)")
     q.add_argument("--max-size", type=int, metavar="BYTES", help="mixed precision: whole folder at most BYTES (awq)")
     q.add_argument("--int8", metavar="LINEAR@LAYERS,...",
-                   help=f"store these block linears int8 (default {RECIPE_INT8}; none: all int4; see above)")
+                   help=f"store these block linears int8 (default {RECIPE_INT8 or 'none'}; none: no int8; "
+                        "giving --int8 or --int6 replaces both defaults; see above)")
     q.add_argument("--int6", metavar="LINEAR@LAYERS,...",
-                   help="store these block linears q6 (6-bit codes, 6.125 bits per weight in the file, int8 in "
-                        "memory); taken out of --int8's set (see above)")
+                   help=f"store these block linears q6 (6-bit codes, 6.125 bits per weight; default "
+                        f"{RECIPE_INT6}; none with --target-bpw/--max-size/--keep-salient/--gptq); a linear in "
+                        "both lists is q6 (see above)")
     qa = q.add_argument_group("awq")
     qa.add_argument("--calib", nargs="+", metavar="FILE", help="calibration text files (default: self-generated)")
     qa.add_argument("--samples", type=int, metavar="N", help="calibration samples (default 128; 64 self-generated)")

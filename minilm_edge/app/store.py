@@ -59,7 +59,7 @@ from ..formats.manifest import (
     write_manifest,
 )
 from ..formats.trust import STORE_FILE_MODE, make_store_dir, seal_folders  # modes: README
-from ..quant.recipe import RECIPE_GROUP_SIZE, RECIPE_INT8
+from ..quant.recipe import RECIPE_EMBED, RECIPE_EMBED_GROUP_SIZE, RECIPE_GROUP_SIZE, RECIPE_INT6, RECIPE_INT8
 from ..version import __version__
 
 
@@ -143,18 +143,17 @@ class PreparedModel:
 
 
 PREPARED_MODELS = {
-    # The default model of `chat`: AWQ W4 on self-generated calibration (no data needed); the tied
-    # embedding stored once as int8 and used as the head too (the int8 head measured the same
-    # perplexity as fp16, half the bytes read per token; the folder is 54 MiB smaller than with an
-    # fp16 embedding beside an int8 head: BENCHMARKS.md, issue 17). Calibration and search sized for
-    # a first answer within minutes (issue 15): FIRST_RUN_CALIBRATION, chosen by measurement.
-    # The weights: the `quantize` command's default recipe (quant/recipe.py), int4 at g = 32
-    # with v everywhere and down in llama.cpp's more-bits layers int8: llama.cpp Q4_K_M's class,
-    # 3 ppl better than int4 g = 128 on WikiText-2 for 13 MB more (BENCHMARKS.md, issue 17).
+    # The default model of `chat`: AWQ on self-generated calibration (no data needed), sized for a
+    # first answer within minutes (issue 15): FIRST_RUN_CALIBRATION, chosen by measurement. The
+    # weights: the `quantize` command's default recipe (quant/recipe.py): q and the middle o int4 at
+    # g = 32, the other linears and the tied embedding (stored once, also the head) 6-bit. On SmolLM2
+    # smaller than llama.cpp's Q4_K_M and better on WikiText-2 and tiny-Shakespeare test, and the
+    # self-generated calibration scores as well as C4 (BENCHMARKS.md "The default recipe becomes q6").
     "smollm2-135m-instruct-awq": PreparedModel(
         base="smollm2-135m-instruct",
         quantize={"method": "awq", "bits": 4, "group_size": RECIPE_GROUP_SIZE, "int8": RECIPE_INT8,
-                  "embed": "int8", "seed": 0, **FIRST_RUN_CALIBRATION},
+                  "int6": RECIPE_INT6, "embed": RECIPE_EMBED, "embed_group_size": RECIPE_EMBED_GROUP_SIZE,
+                  "seed": 0, **FIRST_RUN_CALIBRATION},
         minutes=FIRST_RUN_MINUTES,
     ),
 }

@@ -259,6 +259,13 @@ def more_bits_layers(n_layers: int) -> list:
     return [i for i in range(n_layers) if i < a or i >= b or (i - a) % 3 == 2]
 
 
+def end_layers(n_layers: int) -> list:
+    """The first and the last ⌈L/8⌉ layers: where the default recipe keeps o at 6 bits (on SmolLM2's 30
+    layers 0-3 and 26-29, the spec measured on WikiText-2 validation, BENCHMARKS.md "q6 …")."""
+    e = -(-n_layers // 8)
+    return [i for i in range(n_layers) if i < e or i >= n_layers - e]
+
+
 def _layers_of(pairs) -> dict:
     """{linear: [layers]} of (layer, linear) pairs, for quantization_config."""
     return {k: sorted(j for j, kk in pairs if kk == k) for k in sorted({k for _, k in pairs})}
@@ -267,7 +274,7 @@ def _layers_of(pairs) -> dict:
 def int8_linears(spec: str | None, n_layers: int, flag: str = "--int8") -> tuple:
     """Parse `--int8` (or `--int6`, named `flag` in errors): comma-separated LINEAR@LAYERS, LINEAR one of
     q k v o gate up down, LAYERS `all`,
-    `more` (`more_bits_layers`) or indices and ranges joined by '+' (`0-2+27+29`).
+    `more` (`more_bits_layers`), `ends` (`end_layers`) or indices and ranges joined by '+' (`0-2+27+29`).
     -> sorted ((layer, linear), ...); () for None or ""."""
     if not spec:
         return ()
@@ -276,17 +283,19 @@ def int8_linears(spec: str | None, n_layers: int, flag: str = "--int8") -> tuple
         lin, _, layers = item.strip().partition("@")
         if lin not in LINEAR_NAMES or not layers:
             raise UsageError(f"{flag}: expected LINEAR@LAYERS with LINEAR one of {' '.join(LINEAR_NAMES)} "
-                             f"and LAYERS all, more or e.g. 0-2+27, got {item.strip()!r}")
+                             f"and LAYERS all, more, ends or e.g. 0-2+27, got {item.strip()!r}")
         if layers == "all":
             idx = range(n_layers)
         elif layers == "more":
             idx = more_bits_layers(n_layers)
+        elif layers == "ends":
+            idx = end_layers(n_layers)
         else:
             idx = []
             for part in layers.split("+"):
                 a, _, b = part.partition("-")
                 if not a.isdigit() or (b and not b.isdigit()):
-                    raise UsageError(f"{flag}: layers must be all, more or N, N-M joined by '+', got {layers!r}")
+                    raise UsageError(f"{flag}: layers must be all, more, ends or N, N-M joined by '+', got {layers!r}")
                 idx += range(int(a), int(b or a) + 1)
             if any(i >= n_layers for i in idx):
                 raise UsageError(f"{flag}: layer {max(idx)} does not exist (the model has {n_layers})")

@@ -1,10 +1,15 @@
 """The default recipe of the `quantize` command and of the store's default model (issue 17), in a
 module of its own so that the store reads it without importing the quantizer.
 
-int4 at g = 32 with v in every layer and down in llama.cpp's `use_more_bits` layers stored int8 (with
-the int8 embedding): llama.cpp Q4_K_M's class (on SmolLM2 2% smaller, within 0.8% of its WikiText-2
-perplexity; BENCHMARKS.md "int8 linears chosen by measured KL"). quantize() itself keeps plain int4
-at g = 128.
+AWQ int4 at g = 32 for q and the middle layers' o; 6-bit (q6, formats/q4.py) for k, v, gate, up, down
+in every layer and o in the first and last eighth; the tied embedding stored once as q6 with a scale
+per 64 values and used as the head. Chosen on WikiText-2 validation and C4 only: on SmolLM2-135M the
+folder is smaller than llama.cpp's Q4_K_M file and better on WikiText-2 and tiny-Shakespeare test at
+ctx 512 and 2048 (BENCHMARKS.md "q6 …", "The default recipe becomes q6"). quantize() itself keeps
+plain int4 at g = 128.
 """
 RECIPE_GROUP_SIZE = 32
-RECIPE_INT8 = "v@all,down@more"
+RECIPE_INT8 = None
+RECIPE_INT6 = "v@all,k@all,o@ends,gate@all,up@all,down@all"
+RECIPE_EMBED = "q6"
+RECIPE_EMBED_GROUP_SIZE = 64
