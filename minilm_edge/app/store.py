@@ -131,8 +131,8 @@ KNOWN_MODELS = {
 # newcomer's time: BENCHMARKS.md "First run: int4-generated calibration".
 FIRST_RUN_CALIBRATION = {"samples": 32, "seq_len": 512, "generator": "int4",
                          "awq_options": {"search_coarse": 4, "search_tokens": 2048}}
-FIRST_RUN_MINUTES = 4.5      # pull + calibration + AWQ: a newcomer's quiet run of 2026-12-07 (7 s + 4.4 min,
-                             # the first answer at 5.1 min; BENCHMARKS.md "First run: int4-generated calibration")
+FIRST_RUN_MINUTES = 3.6      # pull + calibration + AWQ: a newcomer's quiet run of 2026-12-07 (7 s + 3.5 min,
+                             # the first answer at 4.2 min; BENCHMARKS.md "The default recipe becomes q6")
 
 @dataclass(frozen=True)
 class PreparedModel:
