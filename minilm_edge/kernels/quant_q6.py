@@ -189,6 +189,24 @@ def _v_dot_q6_i8(full):
 v_dot_q6_i8, v_dot_q6_i8_full = _v_dot_q6_i8(False), _v_dot_q6_i8(True)
 
 
+@intrinsic
+def v_dot2_q6_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
+    """(`v_dot_q6_i8_full` at off_a, at off_b): the rows' bytes u = code + 32 (no + 96), the 96 ·
+    (sum of the octet's activation codes) that u + 96 adds instead the two vpdpbusd's starting value,
+    computed once for both rows. Integer sums, so the lanes are those of `v_dot_q6_i8` exactly."""
+    def codegen(context, builder, sig, args):
+        oa, ob, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
+        xe, xo = _x_pair(context, builder, sig, args, xo_)
+        c96 = ir.Constant(_VB, [96] * CHUNK)
+        init = _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), c96, xe), c96, xo)
+        out = []
+        for off_ in (oa, ob):
+            ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, None, True, False)
+            out.append(_dpbusd(builder, _dpbusd(builder, init, ue, xe), uo, xo))
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
+
+
 def _v_dot4_q6_i8(full):
     def v_dot4(typingctx, w, off, n, qe, qo, x0, x1, x2, x3):
         def codegen(context, builder, sig, args):
@@ -341,8 +359,7 @@ def dot2_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, oq, osx, onz):
         o = c * CHUNK_CHANNELS
         n = min(CHUNK, (K - o) // 2)
         if n == CHUNK:
-            da = v_dot_q6_i8_full(qw, wa + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
-            db = v_dot_q6_i8_full(qw, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
+            da, db = v_dot2_q6_i8_full(qw, wa + 3 * o // 4, wb + 3 * o // 4, qe, qo, oq + c * CHUNK)
         else:
             da = v_dot_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
             db = v_dot_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
