@@ -9,7 +9,9 @@ holding the same codes computes (tests/test_q6.py):
     int8 activations (VNNI): `dot2_q6_i8` = quant_i8_matvec.dot2_q8_i8, the chunk's even and odd bytes
         u + 96 = code + 128 (quant_i8_matvec.q8_rows) rebuilt by `_q6_bytes`: a masked 64-byte load of
         nibbles, two 16-byte loads of two-bit planes spread by a dword permute and a dword rotate
-        (`_q6_hi`), and/or/add; then the same two vpdpbusd.
+        (`_q6_hi`), and/or/add; then the same two vpdpbusd. Full chunks (n = 64, `v_dot2_q6_i8_full`)
+        load without masks and leave out the + 96: their vpdpbusd start from 96 · the activations' octet
+        sums instead (integer lanes, so the same lanes).
     float32 activations: `dot2_q6_f32` = quant_f32.dot2_q8_f32 (split order, 32 channels a step),
         `_matvec_q6_f32` = quant_f32._matvec_q8_f32 (natural order, the head and the per-linear path),
         `matvec_rows_q6_f32` = decode_step_batch.matvec_rows_q8_f32 (the batched head).
