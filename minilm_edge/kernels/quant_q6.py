@@ -9,7 +9,9 @@ holding the same codes computes (tests/test_q6.py):
     int8 activations (VNNI): `dot2_q6_i8` = quant_i8_matvec.dot2_q8_i8, the chunk's even and odd bytes
         u + 96 = code + 128 (quant_i8_matvec.q8_rows) rebuilt by `_q6_bytes`: a masked 64-byte load of
         nibbles, two 16-byte loads of two-bit planes spread by a dword permute and a dword rotate
-        (`_q6_hi`), and/or/add; then the same two vpdpbusd.
+        (`_q6_hi`), and/or/add; then the same two vpdpbusd. Full chunks (n = 64, `v_dot2_q6_i8_full`)
+        load without masks and leave out the + 96: their vpdpbusd start from 96 · the activations' octet
+        sums instead (integer lanes, so the same lanes).
     float32 activations: `dot2_q6_f32` = quant_f32.dot2_q8_f32 (split order, 32 channels a step),
         `_matvec_q6_f32` = quant_f32._matvec_q8_f32 (natural order, the head and the per-linear path),
         `matvec_rows_q6_f32` = decode_step_batch.matvec_rows_q8_f32 (the batched head).
@@ -114,31 +116,49 @@ def _ptr(context, builder, w_t, w, off):
     return builder.gep(a.data, [off])
 
 
-def _q6_hi(builder, ptr, n4):
-    """The two-bit plane of n4 (≤ 16) bytes at ptr spread over the 64 bytes of a chunk's channels:
-    byte j (= 16e + 4p + i) gets bits 2p..2p+1 of source byte 4e + i at bits 4..5, others 0."""
-    v = _masked_load(builder, builder.bitcast(ptr, _V16B.as_pointer()), _mask(builder, n4, LANES), _V16B)
-    d = builder.bitcast(v, ir.VectorType(_I32, 4))
-    s = builder.shuffle_vector(d, d, ir.Constant(_VI32, [k // 4 for k in range(LANES)]))
+def _q6_spread(builder, d, base):
+    """<64 x i8> from the dwords d (<4 or 8 x i32>) d[base:base+4]: byte j (= 16e + 4p + i) gets bits
+    2p..2p+1 of dword base + e's byte i at bits 4..5, others 0."""
+    s = builder.shuffle_vector(d, d, ir.Constant(_VI32, [base + k // 4 for k in range(LANES)]))
     fshl = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI32, [_VI32] * 3), "llvm.fshl.v16i32")
     r = builder.call(fshl, [s, s, ir.Constant(_VI32, [(4 - 2 * (k % 4)) % 32 for k in range(LANES)])])
     return builder.and_(builder.bitcast(r, _VB), ir.Constant(_VB, [0x30] * CHUNK))
 
 
-def _q6_bytes(context, builder, w_t, w, off, n):
+def _q6_hi(builder, ptr, n4):
+    """The two-bit plane of n4 (≤ 16) bytes at ptr spread over the 64 bytes of a chunk's channels:
+    byte j (= 16e + 4p + i) gets bits 2p..2p+1 of source byte 4e + i at bits 4..5, others 0."""
+    v = _masked_load(builder, builder.bitcast(ptr, _V16B.as_pointer()), _mask(builder, n4, LANES), _V16B)
+    return _q6_spread(builder, builder.bitcast(v, ir.VectorType(_I32, 4)), 0)
+
+
+def _q6_bytes(context, builder, w_t, w, off, n, full=False, plus96=True):
     """(even, odd) <64 x i8>: code + 128 of the chunk's even and odd channels (the bytes of
-    quant_i8_matvec.q8_rows), bytes past the chunk's n pairs 0. off, n: intp IR values."""
+    quant_i8_matvec.q8_rows), bytes past the chunk's n pairs 0. off, n: intp IR values. full: the
+    chunk has all 64 pairs (n ignored): plain loads, no masks, both two-bit planes in one 32-byte
+    load. plus96=False: u = code + 32 instead (the caller adds 96 · the activations' sums)."""
     it = off.type
-    mask = _mask(builder, n, CHUNK)
-    nib = _masked_load(builder, builder.bitcast(_ptr(context, builder, w_t, w, off), _VB.as_pointer()), mask, _VB)
-    n4 = builder.lshr(n, ir.Constant(it, 2))
-    pe = _ptr(context, builder, w_t, w, builder.add(off, n))
-    po = _ptr(context, builder, w_t, w, builder.add(builder.add(off, n), n4))
-    lo = builder.and_(nib, ir.Constant(_VB, [15] * CHUNK))
-    hi = builder.and_(builder.lshr(nib, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
-    c96, zero = ir.Constant(_VB, [96] * CHUNK), ir.Constant(_VB, [0] * CHUNK)
-    ue = builder.select(mask, builder.add(builder.or_(lo, _q6_hi(builder, pe, n4)), c96), zero)
-    uo = builder.select(mask, builder.add(builder.or_(hi, _q6_hi(builder, po, n4)), c96), zero)
+    lo_mask, c96 = ir.Constant(_VB, [15] * CHUNK), ir.Constant(_VB, [96] * CHUNK)
+    if full:
+        nib = builder.load(builder.bitcast(_ptr(context, builder, w_t, w, off), _VB.as_pointer()), align=1)
+        v8 = ir.VectorType(_I32, 8)
+        planes = builder.load(builder.bitcast(_ptr(context, builder, w_t, w, builder.add(off, ir.Constant(it, CHUNK))),
+                                              v8.as_pointer()), align=1)
+        he, ho = _q6_spread(builder, planes, 0), _q6_spread(builder, planes, 4)
+    else:
+        mask = _mask(builder, n, CHUNK)
+        nib = _masked_load(builder, builder.bitcast(_ptr(context, builder, w_t, w, off), _VB.as_pointer()), mask, _VB)
+        n4 = builder.lshr(n, ir.Constant(it, 2))
+        he = _q6_hi(builder, _ptr(context, builder, w_t, w, builder.add(off, n)), n4)
+        ho = _q6_hi(builder, _ptr(context, builder, w_t, w, builder.add(builder.add(off, n), n4)), n4)
+    lo = builder.and_(nib, lo_mask)
+    hi = builder.and_(builder.lshr(nib, ir.Constant(_VB, [4] * CHUNK)), lo_mask)
+    ue, uo = builder.or_(lo, he), builder.or_(hi, ho)
+    if plus96:
+        ue, uo = builder.add(ue, c96), builder.add(uo, c96)
+    if not full:
+        zero = ir.Constant(_VB, [0] * CHUNK)
+        ue, uo = builder.select(mask, ue, zero), builder.select(mask, uo, zero)
     return ue, uo
 
 
@@ -146,32 +166,67 @@ def _args_intp(context, builder, sig, args, idx):
     return [_intp(context, builder, args[i], sig.args[i]) for i in idx]
 
 
-@intrinsic
-def v_dot_q6_i8(typingctx, w, off, n, qe, qo, x_off):
-    """quant_i8_matvec.v_dot_q8_i8 for the q6 chunk at w.flat[off:] with n channel pairs: lane i =
-    sum over channel octet i of (code + 128) · qx, qx = qe.flat[x_off:+64] | qo.flat[x_off:+64]."""
-    def codegen(context, builder, sig, args):
-        off_, n_, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
-        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_)
-        xe = builder.load(_elem_ptr(context, builder, sig.args[3], args[3], types.intp, xo_, _VB), align=1)
-        xo = builder.load(_elem_ptr(context, builder, sig.args[4], args[4], types.intp, xo_, _VB), align=1)
-        return _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo)
-    return i32x16(w, off, n, qe, qo, x_off), codegen
+def _x_pair(context, builder, sig, args, x_):
+    """The chunk's even and odd activation bytes at qe.flat[x_:], qo.flat[x_:] (args 3, 4)."""
+    xe = builder.load(_elem_ptr(context, builder, sig.args[3], args[3], types.intp, x_, _VB), align=1)
+    xo = builder.load(_elem_ptr(context, builder, sig.args[4], args[4], types.intp, x_, _VB), align=1)
+    return xe, xo
+
+
+def _v_dot_q6_i8(full):
+    def v_dot(typingctx, w, off, n, qe, qo, x_off):
+        def codegen(context, builder, sig, args):
+            off_, n_, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
+            ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_, full)
+            xe, xo = _x_pair(context, builder, sig, args, xo_)
+            return _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo)
+        return i32x16(w, off, n, qe, qo, x_off), codegen
+    v_dot.__name__ = "v_dot_q6_i8_full" if full else "v_dot_q6_i8"
+    v_dot.__doc__ = ("`v_dot_q6_i8` of a full chunk (n = 64, not read): no masks." if full else
+                     """quant_i8_matvec.v_dot_q8_i8 for the q6 chunk at w.flat[off:] with n channel pairs:
+    lane i = sum over channel octet i of (code + 128) · qx, qx = qe.flat[x_off:+64] | qo.flat[x_off:+64].""")
+    return intrinsic(v_dot)
+
+
+v_dot_q6_i8, v_dot_q6_i8_full = _v_dot_q6_i8(False), _v_dot_q6_i8(True)
 
 
 @intrinsic
-def v_dot4_q6_i8(typingctx, w, off, n, qe, qo, x0, x1, x2, x3):
-    """`v_dot_q6_i8` with four activation rows (offsets x0..x3), the chunk unpacked once."""
+def v_dot2_q6_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
+    """(`v_dot_q6_i8_full` at off_a, at off_b): the rows' bytes u = code + 32 (no + 96), the 96 ·
+    (sum of the octet's activation codes) that u + 96 adds instead the two vpdpbusd's starting value,
+    computed once for both rows. Integer sums, so the lanes are those of `v_dot_q6_i8` exactly."""
     def codegen(context, builder, sig, args):
-        off_, n_, *xs = _args_intp(context, builder, sig, args, (1, 2, 5, 6, 7, 8))
-        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_)
+        oa, ob, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
+        xe, xo = _x_pair(context, builder, sig, args, xo_)
+        c96 = ir.Constant(_VB, [96] * CHUNK)
+        init = _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), c96, xe), c96, xo)
         out = []
-        for x_ in xs:
-            xe = builder.load(_elem_ptr(context, builder, sig.args[3], args[3], types.intp, x_, _VB), align=1)
-            xo = builder.load(_elem_ptr(context, builder, sig.args[4], args[4], types.intp, x_, _VB), align=1)
-            out.append(_dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo))
+        for off_ in (oa, ob):
+            ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, None, True, False)
+            out.append(_dpbusd(builder, _dpbusd(builder, init, ue, xe), uo, xo))
         return context.make_tuple(builder, sig.return_type, out)
-    return types.UniTuple(i32x16, 4)(w, off, n, qe, qo, x0, x1, x2, x3), codegen
+    return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
+
+
+def _v_dot4_q6_i8(full):
+    def v_dot4(typingctx, w, off, n, qe, qo, x0, x1, x2, x3):
+        def codegen(context, builder, sig, args):
+            off_, n_, *xs = _args_intp(context, builder, sig, args, (1, 2, 5, 6, 7, 8))
+            ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_, full)
+            out = []
+            for x_ in xs:
+                xe, xo = _x_pair(context, builder, sig, args, x_)
+                out.append(_dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo))
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(i32x16, 4)(w, off, n, qe, qo, x0, x1, x2, x3), codegen
+    v_dot4.__name__ = "v_dot4_q6_i8_full" if full else "v_dot4_q6_i8"
+    v_dot4.__doc__ = ("`v_dot4_q6_i8` of a full chunk (n = 64, not read): no masks." if full else
+                      "`v_dot_q6_i8` with four activation rows (offsets x0..x3), the chunk unpacked once.")
+    return intrinsic(v_dot4)
+
+
+v_dot4_q6_i8, v_dot4_q6_i8_full = _v_dot4_q6_i8(False), _v_dot4_q6_i8(True)
 
 
 @intrinsic
@@ -305,8 +360,11 @@ def dot2_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, oq, osx, onz):
     for c in range(g0s.shape[0]):
         o = c * CHUNK_CHANNELS
         n = min(CHUNK, (K - o) // 2)
-        da = v_dot_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
-        db = v_dot_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
+        if n == CHUNK:
+            da, db = v_dot2_q6_i8_full(qw, wa + 3 * o // 4, wb + 3 * o // 4, qe, qo, oq + c * CHUNK)
+        else:
+            da = v_dot_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
+            db = v_dot_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
         g0 = g0s[c]
         sx, nz = v_load(sxl, osx + c * LANES), v_load(nzl, onz + c * LANES)
         acc_a = v_fma(v_fma(v_i2f(da), sx, nz), _lane_scales(sc, ra, g0, gpc, gidx, G), acc_a)
@@ -328,10 +386,13 @@ def dot2x4_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, b0, b1, b2, b
         o = c * CHUNK_CHANNELS
         n = min(CHUNK, (K - o) // 2)
         xq = c * CHUNK
-        da0, da1, da2, da3 = v_dot4_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, b0 * Sq + xq, b1 * Sq + xq,
-                                          b2 * Sq + xq, b3 * Sq + xq)
-        db0, db1, db2, db3 = v_dot4_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, b0 * Sq + xq, b1 * Sq + xq,
-                                          b2 * Sq + xq, b3 * Sq + xq)
+        x0, x1, x2, x3 = b0 * Sq + xq, b1 * Sq + xq, b2 * Sq + xq, b3 * Sq + xq
+        if n == CHUNK:
+            da0, da1, da2, da3 = v_dot4_q6_i8_full(qw, wa + 3 * o // 4, n, qe, qo, x0, x1, x2, x3)
+            db0, db1, db2, db3 = v_dot4_q6_i8_full(qw, wb + 3 * o // 4, n, qe, qo, x0, x1, x2, x3)
+        else:
+            da0, da1, da2, da3 = v_dot4_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, x0, x1, x2, x3)
+            db0, db1, db2, db3 = v_dot4_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, x0, x1, x2, x3)
         g0 = g0s[c]
         swa = _lane_scales(sc, ra, g0, gpc, gidx, G)
         swb = _lane_scales(sc, rb, g0, gpc, gidx, G)
