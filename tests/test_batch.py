@@ -313,3 +313,49 @@ def test_real_model_batch_matches_each_sequence_alone(real_model_dir, tmp_path_f
     got, _ = run_batch(dec, seqs)
     for s, (w_toks, w_text, _) in zip(seqs, want):
         assert got[s][0][:len(w_toks)] == w_toks and got[s][1] == w_text
+
+
+_LOAD_ORDER = """
+import sys
+import numpy as np
+import minilm_edge
+from minilm_edge.kernels.decode_step import attend_part
+from minilm_edge.kernels.policy import threads
+from minilm_edge.runtime.batch import BatchDecoder
+from minilm_edge.runtime.generation import SamplingSettings
+
+model = minilm_edge.load(sys.argv[1])
+model.forward([1], model.new_cache(8))            # the single-stream step's library is loaded first
+rng = np.random.default_rng(0)                    # then attend_part's own copy, for the step's argument types
+q, k = rng.standard_normal(64).astype(np.float32), rng.standard_normal((18, 16)).astype(np.float32)
+pm, pl, po = np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32), np.zeros((1, 4, 16), np.float32)
+attend_part(q, 1, 2, 16, k, k, 0, 13, np.float32(0.25), np.zeros((4, 18), np.float32), pm[0], pl[0], po[0])
+V = model.config.vocab_size
+dec = BatchDecoder(model, max_batch=5, max_len=48)
+seqs = [dec.add(list(rng.integers(0, V, 2 + 5 * b)), SamplingSettings()) for b in range(5)]
+ref = [model.new_cache(48) for _ in seqs]
+for s, r in zip(seqs, ref):
+    model.forward(dec._seqs[s].cache.tokens, r)
+with threads(1):
+    toks = rng.integers(0, V, 5)
+    want = np.concatenate([model.forward([t], r, last_only=True) for t, r in zip(toks, ref)])
+    got = model.decode_batch(toks, [dec._seqs[s].cache for s in seqs])
+print(float(np.abs(got - want).max()))
+"""
+
+
+def test_batch_rows_are_single_stream_whatever_was_loaded_before(tmp_path):
+    """The two steps are separate compiled libraries; a helper both call (attend_part) is linked into
+    each as a weak copy, and Numba binds each step's calls to the copy first loaded in the process. The
+    rows must agree to the bit whichever copy each step got: here, in a fresh process, the single-stream
+    step is loaded first, then attend_part's own copy (as a test calling it from Python does), then the
+    batched step (BENCHMARKS.md, "Why the batched step's rows sometimes differ")."""
+    import os
+    import subprocess
+    import sys
+    src, _, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
+    q = quantize(src, tmp_path / "q", method="rtn", group_size=64, progress=False, quantize_head="int8")
+    out = subprocess.run([sys.executable, "-c", _LOAD_ORDER, str(q)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) == 0.0

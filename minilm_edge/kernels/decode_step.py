@@ -138,7 +138,11 @@ def _rms_norm_vec(x, w, eps, out):
 ATT_TILE = 16      # positions per tile: a tile of K or V rows is read from memory once, then from L1
 
 
-@kernel(fastmath=FASTMATH_REDUCE)
+# No fastmath: both steps call attend_part, and each compiled step links in its own copy, optimized again
+# there; with reassoc the copies rounded differently, and which one a step ran depended on what the process
+# had loaded first (BENCHMARKS.md, "Why the batched step's rows sometimes differ"). Its sums are explicit
+# v_fma/v_hsum trees already; only the scalar tails lose reassociation (decode speed to re-measure).
+@kernel()
 def attend_part(qkv, hk, rep, Dh, k, v, j0, j1, scale, s, pm, pl, po):
     """Part of the attention of the rep query heads h = hk·rep + r that read kv head hk, over the
     cached positions j0 <= j < j1 only (the threads split the positions; `merge_parts` joins them):
