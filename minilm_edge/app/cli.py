@@ -246,7 +246,7 @@ perplexity of the source, RTN and AWQ models on FILE (first 16384 tokens, window
 The default recipe (quant/recipe.py): q and the middle layers' o int4 at group size 32; k, v, gate, up,
 down in every layer and o in the first and last eighth 6-bit (--int6 v@all,k@all,o@ends,gate@all,
 up@all,down@all); the embedding 6-bit with a scale per 64 (--embed q6 --embed-group-size 64). About
-6.2 bits per weight over the whole file: on SmolLM2 smaller than llama.cpp's Q4_K_M and better on
+6.0 bits per weight over the whole file's weights (`inspect`): on SmolLM2 smaller than llama.cpp's Q4_K_M and better on
 WikiText-2 and tiny-Shakespeare (BENCHMARKS.md). For the smallest folder: --group-size 128 --int6 none
 --embed int8 (about 5.2 bits per weight, smaller and better than Q4_0). `sensitivity` measures what
 int8 buys each linear. A layer whose input size the group size does not divide uses 64 or 32
