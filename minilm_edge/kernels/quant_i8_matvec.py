@@ -112,6 +112,51 @@ def v_dot_q4_i8(typingctx, w, w_off, n, qe, qo, x_off):
 
 
 @intrinsic
+def v_dot2_q4_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
+    """(`v_dot_q4_i8` of the full chunk at off_a, of the full chunk at off_b): plain 64-byte loads, no
+    masks, the activation loads shared by the two rows. Integer sums: the lanes are `v_dot_q4_i8`'s."""
+    def codegen(context, builder, sig, args):
+        w_t, oa_t, ob_t, qe_t, qo_t, xoff_t = sig.args
+        xe = builder.load(_elem_ptr(context, builder, qe_t, args[3], xoff_t, args[5], _VB), align=1)
+        xo = builder.load(_elem_ptr(context, builder, qo_t, args[4], xoff_t, args[5], _VB), align=1)
+        out = []
+        for off, off_t in ((args[1], oa_t), (args[2], ob_t)):
+            v = builder.load(_elem_ptr(context, builder, w_t, args[0], off_t, off, _VB), align=1)
+            lo = builder.and_(v, ir.Constant(_VB, [15] * CHUNK))
+            hi = builder.and_(builder.lshr(v, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
+            out.append(_dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe), hi, xo))
+        return context.make_tuple(builder, sig.return_type, out)
+    return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
+
+
+def _spread(context, builder, sig, args, parts):
+    """Lanes of 16 // parts consecutive copies each of a.flat[off], ..., a.flat[off + parts − 1]
+    (a float32 array: args[0], offset args[1]), read by one plain load of `parts` floats."""
+    a_t, off_t = sig.args
+    vt = ir.VectorType(ir.FloatType(), parts)
+    v = builder.load(_elem_ptr(context, builder, a_t, args[0], off_t, args[1], vt), align=4)
+    return builder.shuffle_vector(v, v, ir.Constant(_VI32, [i * parts // LANES for i in range(LANES)]))
+
+
+@intrinsic
+def v_splat_at(typingctx, a, off):
+    """16 copies of a.flat[off] (float32): no negative-index guard (the caller's offset is >= 0)."""
+    return f32x16(a, off), lambda context, builder, sig, args: _spread(context, builder, sig, args, 1)
+
+
+@intrinsic
+def v_halves_at(typingctx, a, off):
+    """Lanes 0-7 = a.flat[off], lanes 8-15 = a.flat[off + 1] (both read: a full chunk's two groups)."""
+    return f32x16(a, off), lambda context, builder, sig, args: _spread(context, builder, sig, args, 2)
+
+
+@intrinsic
+def v_quads_at(typingctx, a, off):
+    """Lanes 4j .. 4j+3 = a.flat[off + j], j < 4 (a full chunk's four groups of 32 channels)."""
+    return f32x16(a, off), lambda context, builder, sig, args: _spread(context, builder, sig, args, 4)
+
+
+@intrinsic
 def v_dot_q8_i8(typingctx, w, e_off, o_off, n, qe, qo, x_off):
     """Lane i: the integer dot of channel octet i of a chunk of int8 rows (`q8_rows`: u = q + 128,
     the chunk's even channels at w.flat[e_off : e_off+n], its odd ones at w.flat[o_off : o_off+n];
@@ -293,13 +338,42 @@ def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     its (L, N) axes merged). gpc: groups per chunk (1 when g >= 128); gidx, g0s: `group_index`.
 
     Rows are addressed by offset, never sliced, and the function is inlined (policy.kernel: a call
-    or a slice per row costs reference-count updates on every array). Every chunk runs masked: a
-    last half chunk as a separate branch made Numba keep reference-count calls there.
+    or a slice per row costs reference-count updates on every array). Whole chunks run without
+    masks, in one loop per groups-per-chunk case (gpc is 1, 2 or 4: `supports_i8`), their lane scales
+    read by one plain load (`v_splat_at`, `v_halves_at`, `v_quads_at`: the values `_lane_scales`
+    gives); a last partial chunk (K % 128 = 64) runs masked, as every chunk did before. The same
+    integer lanes and the same float operations in the same order: bit for bit the masked loop's.
     """
     nbytes, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
     wa, wb = ra * nbytes, rb * nbytes
+    sa, sb = ra * G, rb * G
+    nf = nbytes // CHUNK
     acc_a, acc_b = v_zeros(), v_zeros()
-    for c in range(g0s.shape[0]):
+    if gpc == 1:
+        for c in range(nf):
+            o = c * CHUNK
+            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
+            g0 = g0s[c]
+            sx = v_load(sxl, c * LANES)
+            acc_a = v_fma(v_i2f(da), v_mul(v_splat_at(sc, sa + g0), sx), acc_a)
+            acc_b = v_fma(v_i2f(db), v_mul(v_splat_at(sc, sb + g0), sx), acc_b)
+    elif gpc == 2:
+        for c in range(nf):
+            o = c * CHUNK
+            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
+            g0 = g0s[c]
+            sx = v_load(sxl, c * LANES)
+            acc_a = v_fma(v_i2f(da), v_mul(v_halves_at(sc, sa + g0), sx), acc_a)
+            acc_b = v_fma(v_i2f(db), v_mul(v_halves_at(sc, sb + g0), sx), acc_b)
+    else:
+        for c in range(nf):
+            o = c * CHUNK
+            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
+            g0 = g0s[c]
+            sx = v_load(sxl, c * LANES)
+            acc_a = v_fma(v_i2f(da), v_mul(v_quads_at(sc, sa + g0), sx), acc_a)
+            acc_b = v_fma(v_i2f(db), v_mul(v_quads_at(sc, sb + g0), sx), acc_b)
+    for c in range(nf, g0s.shape[0]):
         o = c * CHUNK
         da = v_dot_q4_i8(qw, wa + o, nbytes - o, qe, qo, o)
         db = v_dot_q4_i8(qw, wb + o, nbytes - o, qe, qo, o)
