@@ -48,7 +48,7 @@ from ..errors import UsageError
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, _check_out, _check_vec
 from .quant_i8_matmul import ACT_BLOCK, VNNI, i32x16, v_absmax, v_hmax
-from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_mul, v_splat, v_zeros
+from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_load_u8, v_mul, v_splat, v_zeros
 
 CHUNK = 64                                   # packed bytes of weights per chunk (one zmm)
 CHUNK_CHANNELS = 2 * CHUNK                   # input channels per chunk
@@ -381,7 +381,12 @@ def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
         sx = v_load(sxl, c * LANES)
         acc_a = v_fma(v_i2f(da), v_mul(_lane_scales(sc, ra, g0, gpc, gidx, G), sx), acc_a)
         acc_b = v_fma(v_i2f(db), v_mul(_lane_scales(sc, rb, g0, gpc, gidx, G), sx), acc_b)
-    for g0 in range(0, G, LANES):
+    g16 = G - G % LANES                      # whole 16-group blocks: plain loads (the same values)
+    for g0 in range(0, g16, LANES):
+        zt = v_load(nzt, g0)
+        acc_a = v_fma(v_mul(v_load(sc, sa + g0), v_load_u8(z, sa + g0)), zt, acc_a)
+        acc_b = v_fma(v_mul(v_load(sc, sb + g0), v_load_u8(z, sb + g0)), zt, acc_b)
+    for g0 in range(g16, G, LANES):
         zt = v_load(nzt, g0)
         acc_a = v_fma(v_mul(v_load_part(sc, ra * G + g0, G - g0), v_load_part_u8(z, ra * G + g0, G - g0)), zt, acc_a)
         acc_b = v_fma(v_mul(v_load_part(sc, rb * G + g0, G - g0), v_load_part_u8(z, rb * G + g0, G - g0)), zt, acc_b)
