@@ -341,8 +341,9 @@ def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     or a slice per row costs reference-count updates on every array). Whole chunks run without
     masks, in one loop per groups-per-chunk case (gpc is 1, 2 or 4: `supports_i8`), their lane scales
     read by one plain load (`v_splat_at`, `v_halves_at`, `v_quads_at`: the values `_lane_scales`
-    gives); a last partial chunk (K % 128 = 64) runs masked, as every chunk did before. The same
-    integer lanes and the same float operations in the same order: bit for bit the masked loop's.
+    gives), two chunks a pass when gpc = 1; a last partial chunk (K % 128 = 64) runs masked, as every
+    chunk did before. The same integer lanes and the same float operations in the same order: bit for
+    bit the masked loop's (BENCHMARKS.md, "The int4 x int8 row loop without masks").
     """
     nbytes, G, m16 = qw.shape[-1], sc.shape[-1], sw.shape[-1]
     wa, wb = ra * nbytes, rb * nbytes
@@ -350,7 +351,18 @@ def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     nf = nbytes // CHUNK
     acc_a, acc_b = v_zeros(), v_zeros()
     if gpc == 1:
-        for c in range(nf):
+        for c in range(0, nf - 1, 2):       # two chunks a pass (LLVM unrolls the other cases itself)
+            o = c * CHUNK
+            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
+            ea, eb = v_dot2_q4_i8_full(qw, wa + o + CHUNK, wb + o + CHUNK, qe, qo, o + CHUNK)
+            g0, g1 = g0s[c], g0s[c + 1]
+            sx, sy = v_load(sxl, c * LANES), v_load(sxl, c * LANES + LANES)
+            acc_a = v_fma(v_i2f(da), v_mul(v_splat_at(sc, sa + g0), sx), acc_a)
+            acc_b = v_fma(v_i2f(db), v_mul(v_splat_at(sc, sb + g0), sx), acc_b)
+            acc_a = v_fma(v_i2f(ea), v_mul(v_splat_at(sc, sa + g1), sy), acc_a)
+            acc_b = v_fma(v_i2f(eb), v_mul(v_splat_at(sc, sb + g1), sy), acc_b)
+        if nf % 2:
+            c = nf - 1
             o = c * CHUNK
             da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
             g0 = g0s[c]
