@@ -379,7 +379,7 @@ if VNNI:
         return (v_hsum(a0), v_hsum(c0), v_hsum(a1), v_hsum(c1), v_hsum(a2), v_hsum(c2), v_hsum(a3), v_hsum(c3))
 
 
-PREFETCH_PAIRS = 2   # the row kernels ask for the weight rows this many pairs ahead (simd.prefetch)
+PREFETCH_PAIRS = 4   # the row kernels ask for the weight rows this many pairs ahead (simd.prefetch)
 
 
 @kernel(inline=True)

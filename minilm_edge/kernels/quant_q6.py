@@ -439,7 +439,7 @@ def _matvec_q6_f32(qweight, scales, group_size, x, out):
 
 
 HEAD_TILE = 4
-PREFETCH_PAIRS = 2      # as decode_step_batch.PREFETCH_PAIRS
+PREFETCH_PAIRS = 4      # as decode_step_batch.PREFETCH_PAIRS
 
 
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
@@ -546,7 +546,7 @@ def _matvec_rows_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
     for i in prange((n + 1) // 2):
         a, b = 2 * i, min(2 * i + 1, n - 1)
         for o in range((a + 2 * PREFETCH_PAIRS) * W, (a + 2 * PREFETCH_PAIRS + 2) * W, 64):
-            prefetch(qw, o)                 # two pairs ahead: the hardware prefetcher lags (simd.prefetch)
+            prefetch(qw, o)                 # pairs ahead: the hardware prefetcher lags (simd.prefetch)
         for b0 in range(0, B, 4):
             y = dot2x4_q6_i8(qw, sc, a, b, gpc, gidx, g0s, qe, qo, sxl, nzl,
                              b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
