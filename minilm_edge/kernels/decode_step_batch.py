@@ -71,7 +71,20 @@ from .quant_i8_matvec import (
     salient_x,
 )
 from .quant_q6 import dot2_q6_f32
-from .simd import LANES, _elem_ptr, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_mul, v_splat, v_unpack_q4, v_zeros
+from .simd import (
+    LANES,
+    _elem_ptr,
+    prefetch,
+    v_fma,
+    v_hsum,
+    v_load,
+    v_load_i8,
+    v_load_u8,
+    v_mul,
+    v_splat,
+    v_unpack_q4,
+    v_zeros,
+)
 from .sync import barrier
 
 if VNNI:
@@ -366,6 +379,17 @@ if VNNI:
         return (v_hsum(a0), v_hsum(c0), v_hsum(a1), v_hsum(c1), v_hsum(a2), v_hsum(c2), v_hsum(a3), v_hsum(c3))
 
 
+PREFETCH_PAIRS = 4   # the row kernels ask for the weight rows this many pairs ahead (simd.prefetch)
+
+
+@kernel(inline=True)
+def _prefetch_row(w, r):
+    """Row r of w [rows, n] (a stack's merged axes) on its way to the cache."""
+    n = w.shape[-1]
+    for o in range(0, n, 64):
+        prefetch(w, r * n + o)
+
+
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
 def _put_at(mode, out, b, i, ra, rb, ya, yb, bias):
     """decode_step._put into row b of out [B, ·]."""
@@ -410,6 +434,9 @@ if VNNI:
         B = out.shape[0]
         for i in range(i0, i1):
             ra, rb = _pair(mode, base, up, i)
+            pa, pb = _pair(mode, base, up, i + PREFETCH_PAIRS)
+            _prefetch_row(st.qweight, pa)
+            _prefetch_row(st.qweight, pb)
             for b0 in range(0, B, 4):
                 y = _dot2x4_q4_i8_at(st.qweight, st.scales, st.zeros, st.sal_w, ra, rb, st.gpc, st.gidx, st.g0s,
                                      sh.qe, sh.qo, sh.sxl, sh.nzt, sh.xsal,
@@ -467,6 +494,8 @@ if VNNI:
         for i in range(i0, i1):
             ra, rb = r0 + 2 * i, r0 + 2 * i + 1
             sa, sb = base + 2 * i, base + 2 * i + 1
+            _prefetch_row(q8.qweight, ra + 2 * PREFETCH_PAIRS)
+            _prefetch_row(q8.qweight, rb + 2 * PREFETCH_PAIRS)
             for b0 in range(0, B, 4):
                 y = _dot2x4_q8_i8_at(q8.qweight, q8.scales, ra, rb, q8.gpc, q8.gidx, q8.g0s,
                                      sh.qe, sh.qo, sh.sxl, sh.nzl,
@@ -522,6 +551,8 @@ if VNNI:
         for i in range(i0, i1):
             ra, rb = r0 + 2 * i, r0 + 2 * i + 1
             sa, sb = base + 2 * i, base + 2 * i + 1
+            _prefetch_row(q8.q6w, ra + 2 * PREFETCH_PAIRS)
+            _prefetch_row(q8.q6w, rb + 2 * PREFETCH_PAIRS)
             for b0 in range(0, B, 4):
                 y = dot2x4_q6_i8(q8.q6w, q8.q6s, ra, rb, q8.q6gpc, q8.q6gidx, q8.q6g0s,
                                  sh.qe, sh.qo, sh.sxl, sh.nzl,

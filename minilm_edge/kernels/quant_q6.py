@@ -59,7 +59,7 @@ from .quant_i8_matvec import (
     supports_i8,
     v_i2f,
 )
-from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
+from .simd import LANES, _elem_ptr, f32x16, prefetch, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
 
 CHUNK_BYTES = 3 * CHUNK_CHANNELS // 4        # 96 packed bytes per 128 channels
 _I8 = ir.IntType(8)
@@ -439,6 +439,7 @@ def _matvec_q6_f32(qweight, scales, group_size, x, out):
 
 
 HEAD_TILE = 4
+PREFETCH_PAIRS = 4      # as decode_step_batch.PREFETCH_PAIRS
 
 
 @parallel_kernel(fastmath=FASTMATH_REDUCE)
@@ -541,9 +542,11 @@ def _matvec_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
 def _matvec_rows_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
     """out[b, n] for every activation row b (qe, qo, sxl, nzl [B, ·]): each pair of weight rows read
     once for four activation rows (`dot2x4_q6_i8`); per row the operations of `_matvec_q6_i8`."""
-    n, B = qw.shape[0], out.shape[0]
+    n, B, W = qw.shape[0], out.shape[0], qw.shape[1]
     for i in prange((n + 1) // 2):
         a, b = 2 * i, min(2 * i + 1, n - 1)
+        for o in range((a + 2 * PREFETCH_PAIRS) * W, (a + 2 * PREFETCH_PAIRS + 2) * W, 64):
+            prefetch(qw, o)                 # pairs ahead: the hardware prefetcher lags (simd.prefetch)
         for b0 in range(0, B, 4):
             y = dot2x4_q6_i8(qw, sc, a, b, gpc, gidx, g0s, qe, qo, sxl, nzl,
                              b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))

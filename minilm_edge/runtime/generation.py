@@ -97,8 +97,11 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history) -> int:
         """Pick the next id from logits [V] given the ids seen so far (prompt + generated)."""
         s = self.s
+        penalize = s.repetition_penalty != 1.0 and len(history)
+        if s.temperature == 0 and not penalize:
+            return int(np.argmax(logits))       # float32 -> float64 is exact: the same argmax, no copy of [V]
         logits = logits.astype(np.float64)
-        if s.repetition_penalty != 1.0 and len(history):
+        if penalize:
             seen = np.unique(np.asarray(history, dtype=np.int64))
             val = logits[seen]
             logits[seen] = np.where(val > 0, val / s.repetition_penalty, val * s.repetition_penalty)
