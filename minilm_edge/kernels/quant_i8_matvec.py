@@ -331,6 +331,16 @@ def _lane_scales(sc, r, g0, gpc, gidx, G):
 
 
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _full_chunk(qw, wa, wb, qe, qo, sxl, c, la, lb, acc_a, acc_b):
+    """Whole chunk c of the rows at byte offsets wa, wb, added to (acc_a, acc_b): each row's integer dot
+    times its lane scales (la, lb) times the activation's."""
+    o = c * CHUNK
+    da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
+    sx = v_load(sxl, c * LANES)
+    return v_fma(v_i2f(da), v_mul(la, sx), acc_a), v_fma(v_i2f(db), v_mul(lb, sx), acc_b)
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
 def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     """Rows ra and rb of the int4 x int8 product (module docstring): (y_a, y_b).
 
@@ -352,39 +362,25 @@ def dot2_q4_i8(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, x_sal):
     acc_a, acc_b = v_zeros(), v_zeros()
     if gpc == 1:
         for c in range(0, nf - 1, 2):       # two chunks a pass (LLVM unrolls the other cases itself)
-            o = c * CHUNK
-            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
-            ea, eb = v_dot2_q4_i8_full(qw, wa + o + CHUNK, wb + o + CHUNK, qe, qo, o + CHUNK)
             g0, g1 = g0s[c], g0s[c + 1]
-            sx, sy = v_load(sxl, c * LANES), v_load(sxl, c * LANES + LANES)
-            acc_a = v_fma(v_i2f(da), v_mul(v_splat_at(sc, sa + g0), sx), acc_a)
-            acc_b = v_fma(v_i2f(db), v_mul(v_splat_at(sc, sb + g0), sx), acc_b)
-            acc_a = v_fma(v_i2f(ea), v_mul(v_splat_at(sc, sa + g1), sy), acc_a)
-            acc_b = v_fma(v_i2f(eb), v_mul(v_splat_at(sc, sb + g1), sy), acc_b)
+            acc_a, acc_b = _full_chunk(qw, wa, wb, qe, qo, sxl, c, v_splat_at(sc, sa + g0),
+                                       v_splat_at(sc, sb + g0), acc_a, acc_b)
+            acc_a, acc_b = _full_chunk(qw, wa, wb, qe, qo, sxl, c + 1, v_splat_at(sc, sa + g1),
+                                       v_splat_at(sc, sb + g1), acc_a, acc_b)
         if nf % 2:
-            c = nf - 1
-            o = c * CHUNK
-            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
-            g0 = g0s[c]
-            sx = v_load(sxl, c * LANES)
-            acc_a = v_fma(v_i2f(da), v_mul(v_splat_at(sc, sa + g0), sx), acc_a)
-            acc_b = v_fma(v_i2f(db), v_mul(v_splat_at(sc, sb + g0), sx), acc_b)
+            g0 = g0s[nf - 1]
+            acc_a, acc_b = _full_chunk(qw, wa, wb, qe, qo, sxl, nf - 1, v_splat_at(sc, sa + g0),
+                                       v_splat_at(sc, sb + g0), acc_a, acc_b)
     elif gpc == 2:
         for c in range(nf):
-            o = c * CHUNK
-            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
             g0 = g0s[c]
-            sx = v_load(sxl, c * LANES)
-            acc_a = v_fma(v_i2f(da), v_mul(v_halves_at(sc, sa + g0), sx), acc_a)
-            acc_b = v_fma(v_i2f(db), v_mul(v_halves_at(sc, sb + g0), sx), acc_b)
+            acc_a, acc_b = _full_chunk(qw, wa, wb, qe, qo, sxl, c, v_halves_at(sc, sa + g0),
+                                       v_halves_at(sc, sb + g0), acc_a, acc_b)
     else:
         for c in range(nf):
-            o = c * CHUNK
-            da, db = v_dot2_q4_i8_full(qw, wa + o, wb + o, qe, qo, o)
             g0 = g0s[c]
-            sx = v_load(sxl, c * LANES)
-            acc_a = v_fma(v_i2f(da), v_mul(v_quads_at(sc, sa + g0), sx), acc_a)
-            acc_b = v_fma(v_i2f(db), v_mul(v_quads_at(sc, sb + g0), sx), acc_b)
+            acc_a, acc_b = _full_chunk(qw, wa, wb, qe, qo, sxl, c, v_quads_at(sc, sa + g0),
+                                       v_quads_at(sc, sb + g0), acc_a, acc_b)
     for c in range(nf, g0s.shape[0]):
         o = c * CHUNK
         da = v_dot_q4_i8(qw, wa + o, nbytes - o, qe, qo, o)
