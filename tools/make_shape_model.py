@@ -88,8 +88,15 @@ SHAPES = {
 STD = 0.02                     # initializer_range of all four models
 ROWS_PER_CHUNK = 4096          # rows drawn at a time: [4096, K] float32 is ≤ 140 MB for K ≤ 8960
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-DEFAULT_TOKENIZER = Path(os.environ.get("MINILM_EDGE_HOME", Path.home() / ".cache" / "minilm_edge")) \
-    / "models" / "smollm2-135m-instruct"
+TOKENIZER_MODEL = "smollm2-135m-instruct"   # default --tokenizer: this model's folder in the store
+
+
+def default_tokenizer_dir() -> Path:
+    """The store's smollm2-135m-instruct (its `latest` version; `pull smollm2-135m-instruct` puts it
+    there), or the folder of a store from before versions."""
+    from minilm_edge.app.store import tagged_path
+    from minilm_edge.formats.home import default_home
+    return tagged_path(TOKENIZER_MODEL) or default_home() / "models" / TOKENIZER_MODEL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,9 +390,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     ap.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="safetensors dtype")
     ap.add_argument("--shard-gb", type=float, default=2.0, help="largest safetensors shard in GiB (default 2)")
-    ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
-                    help=f"folder whose tokenizer files are copied (default {DEFAULT_TOKENIZER})")
+    ap.add_argument("--tokenizer", type=Path,
+                    help=f"folder whose tokenizer files are copied (default: {TOKENIZER_MODEL} in the store)")
     a = ap.parse_args(argv)
+    if a.tokenizer is None:
+        a.tokenizer = default_tokenizer_dir()
     if a.shard_gb <= 0:
         ap.error("--shard-gb must be positive")
     # SIGTERM (a killed job) unwinds like Ctrl-C, so the temporary folder is removed
