@@ -6,7 +6,9 @@ shaped for ONE token: no weight tile to unpack and share between tokens, so each
 once, straight from its packed bytes, 64 bytes at a time. That is the whole point: the float32
 decode kernel (quant_f32.dot2_q4_f32) needs ~10 instructions per 16 packed bytes to widen,
 convert and multiply the nibbles; here 64 packed bytes (128 weights) take a mask, a shift and two
-`vpdpbusd` (BENCHMARKS.md compares the two).
+`vpdpbusd` (BENCHMARKS.md compares the two). "vpdpbusd" below means int8_dot.dpbusd: the instruction
+on VNNI targets, its exact equivalent elsewhere (on AVX2 `vpmaddubsw` + `vpmaddwd`, one pair per ymm
+for the int4 codes, two for the int8 rows' bytes up to 255).
 
 Shapes: W [N, K], x [K], g = group size, G = K // g, B = ACT_BLOCK; a "chunk" = 64 packed bytes =
 128 channels = 16 i32 lanes of 8 channels each.

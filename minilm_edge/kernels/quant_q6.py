@@ -11,7 +11,8 @@ holding the same codes computes (tests/test_q6.py):
         nibbles, two 16-byte loads of two-bit planes spread by a dword permute and a dword rotate
         (`_q6_hi`), and/or/add; then the same two vpdpbusd. Full chunks (n = 64, `v_dot2_q6_i8_full`)
         load without masks and leave out the + 96: their vpdpbusd start from 96 · the activations' octet
-        sums instead (integer lanes, so the same lanes).
+        sums instead (integer lanes, so the same lanes; on AVX2 bytes below 128 also take half the
+        instructions, int8_dot.dpbusd).
     float32 activations: `dot2_q6_f32` = quant_f32.dot2_q8_f32 (split order, 32 channels a step),
         `_matvec_q6_f32` = quant_f32._matvec_q8_f32 (natural order, the head and the per-linear path),
         `matvec_rows_q6_f32` = decode_step_batch.matvec_rows_q8_f32 (the batched head).
