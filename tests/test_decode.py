@@ -9,7 +9,7 @@ import minilm_edge
 from minilm_edge.errors import UsageError
 from minilm_edge.kernels.decode_step import attend_part, merge_parts
 from minilm_edge.kernels.policy import compile_time_choice, kernel, parallel_kernel, threads
-from minilm_edge.kernels.quant_i8_matmul import VNNI
+from minilm_edge.kernels.quant_i8_matmul import INT8_DOT
 from minilm_edge.kernels.sync import atomic_add, atomic_load, barrier
 from minilm_edge.quant.quantize import quantize
 from tinymodel import make_model_dir
@@ -42,11 +42,11 @@ def test_one_call_decode_matches_prefill(tmp_path, variant, hook, n_threads):
     np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4)
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX512-VNNI: decode runs in float32 only")
+@pytest.mark.skipif(not INT8_DOT, reason="no int8 dot (AVX2 or VNNI) on this target: decode runs in float32")
 @pytest.mark.parametrize("hook", [None, salient_hook])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_int8_decode_matches_int8_prefill(tmp_path, hook, n_threads):
-    """With int8 activations (the default on VNNI) a decoded token meets the same int8 activations
+    """With int8 activations (the default with an int8 dot) a decoded token meets the same int8 activations
     as in a prefill (one quantizer), so the hidden states agree up to float summation order; and
     the decode plan and the per-linear path (no plan) agree too."""
     src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
@@ -225,7 +225,7 @@ def test_mixed_int4_int8_folder_decodes_fused_as_unfused(tmp_path, n_threads):
     assert np.linalg.norm(rtn.hidden_states(ids) - full) > 1e-3 * np.linalg.norm(full)   # int8 did change them
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX512-VNNI: decode runs in float32 only")
+@pytest.mark.skipif(not INT8_DOT, reason="no int8 dot (AVX2 or VNNI) on this target: decode runs in float32")
 def test_mixed_folder_fused_with_int8_activations(tmp_path):
     """With int8 activations the int8 rows meet the int4 kernels' activation quantizer (int8 x int8,
     quant_i8_matvec.dot2_q8_i8), the unfused Q8 matvec float32 ones: both stay as close to the
@@ -253,7 +253,7 @@ def test_int8_gate_up_alone_decode_fused_as_unfused(tmp_path, spec, int8_act):
     q = quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False, int8=spec)
     model = minilm_edge.load(q, int8_activations=int8_act)
     assert model.fused_decode and model.decode_plan.has_int8 and model.decode_plan.gate_up.q8 is not None
-    assert model.decode_plan.int8_ok == VNNI
+    assert model.decode_plan.int8_ok == INT8_DOT
     ids = np.random.default_rng(7).integers(0, cfg["vocab_size"], 20)
     runs = {}
     for fused in (True, False):
@@ -261,7 +261,7 @@ def test_int8_gate_up_alone_decode_fused_as_unfused(tmp_path, spec, int8_act):
         cache = model.new_cache(32)
         runs[fused] = np.concatenate([model.hidden_states([t], cache) for t in ids])
     err = np.linalg.norm(runs[True] - runs[False]) / np.linalg.norm(runs[False])
-    assert err < (0.1 if int8_act and VNNI else 1e-5)
+    assert err < (0.1 if int8_act and INT8_DOT else 1e-5)
 
 
 def test_compile_time_choice_compiles_only_the_chosen_kernel():

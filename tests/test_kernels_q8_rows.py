@@ -1,6 +1,6 @@
 """The one-call decode step's int8 weight rows (quant_i8_matvec.q8_rows: u = q + 128, per 128 channels
 the even ones first) and their row kernels against reference/q4.py: float32 activations
-(quant_f32.dot2_q8_f32, every target) and int8 activations (quant_i8_matvec.dot2_q8_i8, VNNI), over K
+(quant_f32.dot2_q8_f32, every target) and int8 activations (quant_i8_matvec.dot2_q8_i8, AVX2 or VNNI), over K
 with every chunk tail (K % 128 in 0, 32, 64, 96), int8 group sizes 32 .. 128, odd row counts; and the
 step's split of a phase's row pairs by cost (decode_step._share_mixed)."""
 import numpy as np
@@ -13,7 +13,7 @@ from minilm_edge.kernels import quant_i8_matvec as km
 from minilm_edge.kernels.decode_step import Q4_COST, Q6_COST, Q8_COST, _share_mixed
 from minilm_edge.kernels.policy import FASTMATH_REDUCE, kernel
 from minilm_edge.kernels.quant_f32 import dot2_q8_f32, split_x
-from minilm_edge.kernels.quant_i8_matmul import ACT_BLOCK, VNNI
+from minilm_edge.kernels.quant_i8_matmul import ACT_BLOCK, INT8_DOT
 from reference import q4 as ref
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -42,7 +42,7 @@ def _rows_f32(qw, sc, g, xe, xo, out):
         out[b] = yb
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
         km.q8_lane_zero(qe, qo, sxl, nzl)
@@ -86,7 +86,7 @@ def test_int8_rows_with_float_activations_match_reference(params, xkind):
     assert np.all(np.abs(y.astype(np.float64) - y_ref) <= bound)
 
 
-@pytest.mark.skipif(not VNNI, reason="this CPU (or NUMBA_CPU_FEATURES) lacks AVX512-VNNI: "
+@pytest.mark.skipif(not INT8_DOT, reason="this target has no int8 dot (AVX2 or VNNI): "
                                      "the int8 x int8 rows are never used here, the float32 ones are")
 @SETTINGS
 @given(params=layers, xkind=st.sampled_from(["normal", "outliers", "blocks", "zero"]))

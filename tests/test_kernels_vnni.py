@@ -1,4 +1,4 @@
-"""int4 x int8 and int8 x int8 VNNI prefill kernels (kernels/quant_i8_matmul) against their NumPy twins
+"""int4 x int8 and int8 x int8 prefill kernels (kernels/quant_i8_matmul) against their NumPy twins
 (reference/q4.py), and the int4 twin against the exact float product, over ragged shapes."""
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ from minilm_edge.kernels.policy import threads
 from minilm_edge.runtime.linear import Q4, Q8
 from reference import q4 as ref
 
-pytestmark = pytest.mark.skipif(not kv.VNNI, reason="this CPU (or NUMBA_CPU_FEATURES) lacks AVX512-VNNI: "
+pytestmark = pytest.mark.skipif(not kv.INT8_DOT, reason="this target has no int8 dot (AVX2 or VNNI): "
                                                     "matmul_q4_i8 is never used here, the float32 path is")
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -174,7 +174,7 @@ def test_q4_linear_dispatches_by_token_count_switch_and_cpu(monkeypatch):
     few = X[: kv.INT8_MIN_TOKENS - 1]
     assert np.array_equal(layer.matmul(few), kq.matmul_q4_f32(layer.p, few))
     with monkeypatch.context() as m:
-        m.setattr(kv, "VNNI", False)                                        # a CPU without VNNI
+        m.setattr(kv, "INT8_DOT", False)                        # a CPU without an int8 dot
         assert np.array_equal(layer.matmul(X), kq.matmul_q4_f32(layer.p, X))
     layer.int8_activations = False
     assert np.array_equal(layer.matmul(X), kq.matmul_q4_f32(layer.p, X))

@@ -143,7 +143,7 @@ def test_q6_runs_bit_identically_to_int8_with_the_same_codes(q6_folder, tmp_path
 def test_q6_head_with_int8_activations_is_the_int8_product(q6_folder):
     """The q6 head in decode (int8 activations): the reference int8 x int8 product of its codes to
     float32 rounding; the batched head's rows are the single-stream head's bits."""
-    from minilm_edge.kernels.quant_i8_matmul import ACT_BLOCK, VNNI
+    from minilm_edge.kernels.quant_i8_matmul import ACT_BLOCK, INT8_DOT
     from minilm_edge.kernels.quant_q6 import i8_ok
     _, out = q6_folder
     m = minilm_edge.load(out)
@@ -151,10 +151,10 @@ def test_q6_head_with_int8_activations_is_the_int8_product(q6_folder):
     X = np.random.default_rng(3).standard_normal((5, head.shape[1])).astype(np.float32)
     rows = head.rows(X)
     assert np.array_equal(rows, np.stack([head.matvec(x) for x in X]))
-    assert i8_ok(head.p) == VNNI
+    assert i8_ok(head.p) == INT8_DOT
     q = ref_q4.unpack_q6(load_file(str(out / "model.safetensors"))[EMBED + ".qweight"], head.shape[1])
     scales = load_file(str(out / "model.safetensors"))[EMBED + ".scales"]
-    ref = (ref_q4.matmul_q8_i8(q, scales, head.p.group_size, X, ACT_BLOCK) if VNNI
+    ref = (ref_q4.matmul_q8_i8(q, scales, head.p.group_size, X, ACT_BLOCK) if INT8_DOT
            else ref_q4.matmul_q8(q, scales, head.p.group_size, X))
     np.testing.assert_allclose(rows, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 

@@ -15,7 +15,7 @@ from reference import llama as ref, q4 as ref_q4
 from tinymodel import make_model_dir
 
 LOGIT_ATOL = 1e-3     # int4 kernels (fp32 accumulation, reassociated) vs reference on dequantized weights
-# int8 activations in prefill (kernels/quant_i8_matmul.py, on VNNI CPUs): each activation is off by up to 1/254 of
+# int8 activations in prefill (kernels/quant_i8_matmul.py, AVX2 or VNNI): each activation is off by up to 1/254 of
 # its block's max (~0.5% error per linear); through 2 random blocks and the head, measured 2.8-3.5% of
 # the logits' norm for these 9 variants. A wrong channel or scale gives errors of order 100%.
 INT8_LOGIT_RTOL = 0.06

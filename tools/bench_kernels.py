@@ -8,9 +8,9 @@ for the prefill matmuls GFLOP/s (= 2 x GMAC/s).
 GB/s = bytes the kernel reads per call (packed codes + float32 scales + uint8 zeros [+ salient]) /
 time per call. "hot": the same matrix every call (it stays in L2/L3 - an upper bound set by compute);
 "cold": calls cycle through copies totalling > 2x L3, as in a real decode pass over all layers.
-Decode rows: the float32 matvecs (kernels/quant_f32) and, on VNNI, the int4 x int8-activation one
-(kernels/quant_i8_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32
-(dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations x VNNI, only where the CPU has it)
+Decode rows: the float32 matvecs (kernels/quant_f32) and, with an int8 dot (AVX2 or VNNI), the int4 x
+int8-activation one (kernels/quant_i8_matvec; its per-call quantization of x included). Prefill rows: matmul_q4_f32
+(dequantized tiles x OpenBLAS), matmul_q4_i8 (int8 activations, where the CPU has an int8 dot)
 and a float32 BLAS product, at T = 16, 128, 512 tokens; BLAS gets as many threads as Numba
 (kernels/policy.blas_threads), as in model.forward.
 The reference point is a float32 matvec (same Numba vector code, float32 weights) on a cold matrix
@@ -103,7 +103,7 @@ def variants(quick):
             objs = _copies(lambda i: _q4_layer(i, n, k, g), nb, cold)
             out.append(("matvec_q4_f32", name, temp, lambda p, x=x, y=y: kq.matvec_q4_f32(p, x, y),
                         objs, nb, 2 * n * k))
-            if kv.VNNI:
+            if kv.INT8_DOT:
                 out.append(("matvec_q4_i8", name, temp, lambda p, x=x, y=y: km.matvec_q4_i8(p, x, y),
                             objs, nb, 2 * n * k))
             if name in ("head", "q/o"):
@@ -122,7 +122,7 @@ def variants(quick):
                 p = _q4_layer(0, n, k, g)
                 out.append((f"matmul_q4_f32 T={t}", name, "hot", lambda p, X=X, Y=Y: kq.matmul_q4_f32(p, X, Y),
                             [p], p.nbytes, 2 * n * k * t))
-                if kv.VNNI:
+                if kv.INT8_DOT:
                     out.append((f"matmul_q4_i8 T={t}", name, "hot", lambda p, X=X, Y=Y: kv.matmul_q4_i8(p, X, Y),
                                 [p], p.nbytes, 2 * n * k * t))
                 W = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)

@@ -197,7 +197,7 @@ def llama_bench_once(bench: Path, gguf: Path, threads: int, pp: int, tg: int, re
 
 
 OUR_KEYS = ("load_s", "time_to_first_token_s", "peak_rss_mb", "weight_bytes_per_token", "memory_bandwidth_gb_s",
-            "bandwidth_floor_tokens_per_s", "fraction_of_floor", "prefill_int8_activations")
+            "bandwidth_floor_tokens_per_s", "fraction_of_floor", "prefill_int8_activations", "int8_isa")
 
 
 def minilm_env(arch: str, numba_cache: Path | None) -> dict:
@@ -222,14 +222,14 @@ def minilm_bench_once(model: str, threads: int, pp: int, tg: int, reps: int, nic
         got = {"prefill": float(res["prefill_tokens_per_s"]), "decode": float(res["decode_tokens_per_s"])}
     except (ValueError, KeyError, TypeError):
         raise BenchError(f"minilm_edge bench printed no usable JSON: {shlex.join(cmd)}") from None
-    if arch == "avx2" and res.get("prefill_int8_activations"):
-        raise BenchError("minilm_edge bench ran int8 activations (VNNI) under --arch avx2: the AVX2 target "
-                         "did not take effect")
+    if arch == "avx2" and res.get("int8_isa") not in ("avx2", None):
+        raise BenchError(f"minilm_edge bench ran int8 activations on {res.get('int8_isa')} under --arch avx2: "
+                         "the AVX2 target did not take effect")
     for k in OUR_KEYS:
         if res.get(k) is not None:
             got[k] = res[k]
     got["info"] = {"model": res.get("model"), "weight_bytes_per_token": res.get("weight_bytes_per_token"),
-                   "prefill_int8_activations": res.get("prefill_int8_activations")}
+                   "prefill_int8_activations": res.get("prefill_int8_activations"), "int8_isa": res.get("int8_isa")}
     prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k.startswith("NUMBA_CPU"))
     return got, (prefix + " " if prefix else "") + shlex.join(cmd)
 

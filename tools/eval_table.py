@@ -104,7 +104,7 @@ def render(rows, baseline, args, command, version) -> str:
             "scored (ctx − 1 per window; a final shorter window scored the same way); ppl = exp(mean NLL). "
             f"Data: {data}. minilm_edge {version}, {datetime.date.today().isoformat()}."
             + (" Activations float32 (--f32-activations)." if args.f32_activations
-               else " Prefill activations of int4/int8 linears rounded to int8 where the CPU has VNNI."),
+               else " Prefill activations of int4/int8 linears rounded to int8 where the CPU has AVX2 or VNNI."),
             "", "Command:", "", "    " + command]
     return "\n".join(out)
 

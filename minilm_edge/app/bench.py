@@ -59,7 +59,7 @@ def run(model_dir, n_threads: int | None = None, prompt_tokens: int = 512, new_t
         repeats: int = 3, progress=None, int8_activations: bool = True) -> dict:
     """Measure one model; `repeats` runs of prefill and decode, medians reported.
     int8_activations=False: prefill in float32 (model.load)."""
-    from ..kernels.quant_i8_matmul import VNNI
+    from ..kernels.int8_dot import INT8_DOT, INT8_ISA
     from ..runtime.model import load
 
     say = progress or (lambda msg: None)
@@ -106,7 +106,8 @@ def run(model_dir, n_threads: int | None = None, prompt_tokens: int = 512, new_t
         "time_to_first_token_s": round(ttft, 3),
         "prefill_tokens_per_s": round(statistics.median(prefill), 1),
         "prefill_tokens": prompt_tokens,
-        "prefill_int8_activations": int8_activations and VNNI,
+        "prefill_int8_activations": int8_activations and INT8_DOT,
+        "int8_isa": INT8_ISA if int8_activations else None,
         "decode_tokens_per_s": round(dec, 1),
         "decode_tokens": new_tokens,
         "peak_rss_mb": round(rss, 1),

@@ -61,7 +61,7 @@ def _check_sampling_flags(args):
 
 
 F32_ACTIVATIONS_HELP = ("run the int4 linears (and int8 ones in prefill) with float32 activations (slower; the "
-                        "accuracy reference). Default: int8 activations where the CPU has AVX512-VNNI")
+                        "accuracy reference). Default: int8 activations where the CPU has AVX2 or VNNI")
 
 
 def _load(model_arg, int8_activations=True):

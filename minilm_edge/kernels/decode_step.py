@@ -17,7 +17,8 @@ Per block l (x: [D] the residual stream, float32):
     h   = rms_norm(x) ⊙ mlp_norm[l]
     gu  = Wgu[l] h                                   [2F] = gate | up
     x  += Wdown[l] (silu(gate) ⊙ up)
-The matvecs run with int8 activations on AVX512-VNNI (quant_i8_matvec.py: the same quantizer as the
+The matvecs run with int8 activations where the target has an int8 dot (AVX512-VNNI, AVX-VNNI, AVX2:
+int8_dot.py; quant_i8_matvec.py: the same quantizer as the
 int8 prefill, so a decoded token meets the activations it would meet in a prompt), else in float32
 (quant_f32.py). Their row functions are those of the standalone matvecs (`dot2_q4_f32`,
 `dot2_q4_i8`), so the step's products are bit for bit theirs; the kernels' tests are theirs too.
@@ -46,15 +47,16 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
+from .int8_dot import INT8_DOT
+from .ops_f32 import sum_squares
 from .policy import FASTMATH_REDUCE, compile_time_choice, kernel, parallel_kernel
 from .quant_f32 import dot2_q4_f32, dot2_q8_f32, split_x
-from .quant_i8_matmul import VNNI
 from .quant_i8_matvec import quantize_vec, salient_x
 from .quant_q6 import dot2_q6_f32
 from .simd import LANES, v_div, v_exp, v_fma, v_hsum, v_load, v_mul, v_splat, v_store, v_zeros
 from .sync import barrier
 
-if VNNI:
+if INT8_DOT:
     from .quant_i8_matvec import dot2_q4_i8, dot2_q8_i8, q8_lane_zero
     from .quant_q6 import dot2_q6_i8
 
@@ -126,10 +128,9 @@ Prologue = namedtuple("Prologue", "xe xo xs xsal xz qe qo sxl nzt nzl")   # one 
 
 @kernel(fastmath=FASTMATH_REDUCE)
 def _rms_norm_vec(x, w, eps, out):
-    """out = x / sqrt(mean(x²) + eps) ⊙ w.                                   x, w, out: [D]"""
-    ss = np.float32(0.0)
-    for d in range(x.shape[0]):
-        ss += x[d] * x[d]
+    """out = x / sqrt(mean(x²) + eps) ⊙ w.                                   x, w, out: [D]
+    The sum of squares as ops_f32.rms_norm's (`sum_squares`: the same on every target)."""
+    ss = sum_squares(x)
     r = np.float32(1.0) / np.sqrt(ss / x.shape[0] + eps)
     for d in range(x.shape[0]):
         out[d] = x[d] * r * w[d]
@@ -303,11 +304,11 @@ def _rows_f32(mode, st, base, up, i0, i1, p, out):
         _put(mode, out, i, ra, rb, ya, yb, st.bias)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_i8(mode, st, base, up, i0, i1, p, out):
         """`_rows_f32` with int8 activations (prologue `quantize_vec`). A separate function, not a
-        branch of `_rows_f32`: `dot2_q4_i8` compiles only for a VNNI target."""
+        branch of `_rows_f32`: `dot2_q4_i8` compiles only for a target with an int8 dot."""
         for i in range(i0, i1):
             ra, rb = _pair(mode, base, up, i)
             ya, yb = dot2_q4_i8(st.qweight, st.scales, st.zeros, st.sal_w, ra, rb, st.gpc, st.gidx, st.g0s,
@@ -316,7 +317,7 @@ if VNNI:
 else:
     @kernel()
     def _rows_i8(mode, st, base, up, i0, i1, p, out):
-        """Never called without VNNI (DecodePlan.int8_ok is False, so i8 is too), but `_rows`
+        """Never called without an int8 dot (DecodePlan.int8_ok is False, so i8 is too), but `_rows`
         names it in a branch, and Numba types both branches: a function that does nothing."""
         return
 
@@ -335,7 +336,7 @@ def _rows_q8_f32(mode, q8, r0, st, base, i0, i1, p, out):
         _put(mode, out, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_q8_i8(mode, q8, r0, st, base, i0, i1, p, out):
         """`_rows_q8_f32` with int8 activations (prologue `quantize_vec`, then `q8_lane_zero`)."""
@@ -347,7 +348,7 @@ if VNNI:
 else:
     @kernel()
     def _rows_q8_i8(mode, q8, r0, st, base, i0, i1, p, out):
-        """Never called without VNNI (see `_rows_i8`)."""
+        """Never called without an int8 dot (see `_rows_i8`)."""
         return
 
 
@@ -364,7 +365,7 @@ def _rows_q6_f32(mode, q8, r0, st, base, i0, i1, p, out):
         _put(mode, out, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_q6_i8(mode, q8, r0, st, base, i0, i1, p, out):
         """`_rows_q8_i8` for q6 rows (q8.q6w: quant_q6.dot2_q6_i8, bit-identical to the int8 rows)."""
@@ -376,7 +377,7 @@ if VNNI:
 else:
     @kernel()
     def _rows_q6_i8(mode, q8, r0, st, base, i0, i1, p, out):
-        """Never called without VNNI (see `_rows_i8`)."""
+        """Never called without an int8 dot (see `_rows_i8`)."""
         return
 
 
@@ -559,7 +560,7 @@ def _entry(i8):
     return decode_blocks
 
 
-F32, I8 = 0, 1                     # the activation kinds: float32, int8 (VNNI)
+F32, I8 = 0, 1                     # the activation kinds: float32, int8 (int8_dot.INT8_DOT)
 ENTRIES = (_entry(F32), _entry(I8))
 
 
@@ -568,7 +569,7 @@ def decode_blocks(T, i8, *args):
     down_q8, q8_tab, kv, sh, sc):
     x [D] float32 (modified in place) through all L blocks (w: Blocks; the linears: Q4Stack
     each, plus the int8 linears' rows: Q8Stack per kind and q8_tab [4, L, 3], `_rows_mixed`); writes the cache
-    kv at `pos`. cos, sin: [Dh/2] at `pos`; i8: int8 activations (needs VNNI) or float32 in the
+    kv at `pos`. cos, sin: [Dh/2] at `pos`; i8: int8 activations (needs INT8_DOT) or float32 in the
     block matvecs, the entry point compiled for it (`ENTRIES`); T threads, each at most the scratch's P and
     running concurrently (sync.py); sh.bar zeroed."""
     ENTRIES[i8](T, *args)

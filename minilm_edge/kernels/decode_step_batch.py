@@ -54,15 +54,15 @@ from .decode_step import (
     merge_parts,
     silu_mul_span,
 )
+from .int8_dot import INT8_DOT, dpbusd
 from .policy import FASTMATH_REDUCE, compile_time_choice, kernel, parallel_kernel
 from .quant_f32 import split_x
-from .quant_i8_matmul import VNNI, i32x16
+from .quant_i8_matmul import i32x16
 from .quant_i8_matvec import (
     _VB,
     _VI32,
     CHUNK,
     CHUNK_CHANNELS,
-    _dpbusd,
     _intp,
     _mask,
     _masked_load,
@@ -87,7 +87,7 @@ from .simd import (
 )
 from .sync import barrier
 
-if VNNI:
+if INT8_DOT:
     from .quant_i8_matvec import _lane_scales, v_dot_q4_i8, v_i2f, v_load_part, v_load_part_u8
     from .quant_q6 import dot2_q6_i8, dot2x4_q6_i8
 
@@ -96,7 +96,7 @@ class U8x64Type(types.Type):
         super().__init__(name="U8x64")
 
 
-u8x64 = U8x64Type()          # 64 unsigned bytes (one zmm): nibbles, the unsigned operand of vpdpbusd
+u8x64 = U8x64Type()          # 64 unsigned bytes (one zmm): nibbles, the unsigned operand of int8_dot.dpbusd
 
 
 @register_model(U8x64Type)
@@ -123,8 +123,8 @@ def v_nibbles(typingctx, w, w_off, n):
 def v_q8_bytes(typingctx, w, e_off, o_off, n):
     """The even and odd channels' bytes of a chunk of int8 rows (quant_i8_matvec.q8_rows):
     w.flat[e_off : e_off+n] and w.flat[o_off : o_off+n], bytes past n read as 0. The loads of
-    quant_i8_matvec.v_dot_q8_i8, kept for several activation rows (`v_dot_nibbles` does its dots:
-    the same two vpdpbusd on the same operands)."""
+    quant_i8_matvec.v_dot_q8_i8, kept for several activation rows (`v_dot_bytes` does its dots:
+    the same two dots on the same operands)."""
     def codegen(context, builder, sig, args):
         w_t, eoff_t, ooff_t, n_t = sig.args
         mask = _mask(builder, _intp(context, builder, args[3], n_t), CHUNK)
@@ -134,17 +134,24 @@ def v_q8_bytes(typingctx, w, e_off, o_off, n):
     return types.UniTuple(u8x64, 2)(w, e_off, o_off, n), codegen
 
 
-@intrinsic
-def v_dot_nibbles(typingctx, lo, hi, qe, qo, x_off):
-    """The second half of v_dot_q4_i8: lane i = the integer dot of channel octet i of the chunk
-    (lo, hi from `v_nibbles`) with the int8 activations qe.flat[x_off : +64], qo.flat[x_off : +64]."""
-    def codegen(context, builder, sig, args):
-        _, _, qe_t, qo_t, xoff_t = sig.args
-        xe = builder.load(_elem_ptr(context, builder, qe_t, args[2], xoff_t, args[4], _VB), align=1)
-        xo = builder.load(_elem_ptr(context, builder, qo_t, args[3], xoff_t, args[4], _VB), align=1)
-        acc = _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), args[0], xe)
-        return _dpbusd(builder, acc, args[1], xo)
-    return i32x16(lo, hi, qe, qo, x_off), codegen
+def _v_dot_bytes(u_max, doc):
+    def v_dot(typingctx, lo, hi, qe, qo, x_off):
+        def codegen(context, builder, sig, args):
+            _, _, qe_t, qo_t, xoff_t = sig.args
+            xe = builder.load(_elem_ptr(context, builder, qe_t, args[2], xoff_t, args[4], _VB), align=1)
+            xo = builder.load(_elem_ptr(context, builder, qo_t, args[3], xoff_t, args[4], _VB), align=1)
+            acc = dpbusd(builder, ir.Constant(_VI32, [0] * LANES), args[0], xe, u_max)
+            return dpbusd(builder, acc, args[1], xo, u_max)
+        return i32x16(lo, hi, qe, qo, x_off), codegen
+    v_dot.__name__ = "v_dot_nibbles" if u_max < 16 else "v_dot_bytes"
+    v_dot.__doc__ = doc
+    return intrinsic(v_dot)
+
+
+v_dot_nibbles = _v_dot_bytes(15, """The second half of v_dot_q4_i8: lane i = the integer dot of channel octet i of the
+    chunk (lo, hi from `v_nibbles`) with the int8 activations qe.flat[x_off : +64], qo.flat[x_off : +64].""")
+v_dot_bytes = _v_dot_bytes(255, """`v_dot_nibbles` for the bytes of int8 rows (`v_q8_bytes`: codes + 128, up to 255;
+    int8_dot.dpbusd's wider case on AVX2).""")
 
 
 # Shapes: B rows (sequences), P the most threads, K the largest linear input, m16 salient channels.
@@ -214,7 +221,7 @@ def _dot2_q4_f32_at(qw, sc, z, sw, ra, rb, group_size, xe, xo, xs, xsal, b):
     return v_hsum(acc_a) + v_hsum(acc_a2) - zt_a, v_hsum(acc_b) + v_hsum(acc_b2) - zt_b
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE, inline=True)
     def _dot2_q4_i8_at(qw, sc, z, sw, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzt, xsal, b):
         """dot2_q4_i8 of rows ra, rb with row b of the int8 prologue (qe, qo, sxl, nzt, xsal [B, ·])."""
@@ -243,7 +250,7 @@ if VNNI:
         return v_hsum(acc_a), v_hsum(acc_b)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE, inline=True)
     def _tail_i8(acc, sc, z, sw, r, nzt, oz, xsal, osal):
         """The end of dot2_q4_i8 for one row r and one activation row: zero points, salient, sum."""
@@ -322,7 +329,7 @@ def _dot2_q8_f32_at(qw, sc, ra, rb, group_size, xe, xo, b):
     return v_hsum(acc_a), v_hsum(acc_b)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE, inline=True)
     def _dot2_q8_i8_at(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, b):
         """quant_i8_matvec.dot2_q8_i8 of int8 rows ra, rb with row b of the int8 prologue
@@ -336,8 +343,8 @@ if VNNI:
             n = min(CHUNK, (K - o) // 2)
             ea, oa = v_q8_bytes(qw, wa + o, wa + o + n, n)
             eb, ob = v_q8_bytes(qw, wb + o, wb + o + n, n)
-            da = v_dot_nibbles(ea, oa, qe, qo, oq + c * CHUNK)
-            db = v_dot_nibbles(eb, ob, qe, qo, oq + c * CHUNK)
+            da = v_dot_bytes(ea, oa, qe, qo, oq + c * CHUNK)
+            db = v_dot_bytes(eb, ob, qe, qo, oq + c * CHUNK)
             g0 = g0s[c]
             sx, nz = v_load(sxl, osx + c * LANES), v_load(nzl, onz + c * LANES)
             acc_a = v_fma(v_fma(v_i2f(da), sx, nz), _lane_scales(sc, ra, g0, gpc, gidx, G), acc_a)
@@ -365,17 +372,17 @@ if VNNI:
             swb = _lane_scales(sc, rb, g0, gpc, gidx, G)
             cs, xq = c * LANES, c * CHUNK
             sx, nz = v_load(sxl, b0 * Ss + cs), v_load(nzl, b0 * Sn + cs)
-            a0 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b0 * Sq + xq)), sx, nz), swa, a0)
-            c0 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b0 * Sq + xq)), sx, nz), swb, c0)
+            a0 = v_fma(v_fma(v_i2f(v_dot_bytes(ea, oa, qe, qo, b0 * Sq + xq)), sx, nz), swa, a0)
+            c0 = v_fma(v_fma(v_i2f(v_dot_bytes(eb, ob, qe, qo, b0 * Sq + xq)), sx, nz), swb, c0)
             sx, nz = v_load(sxl, b1 * Ss + cs), v_load(nzl, b1 * Sn + cs)
-            a1 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b1 * Sq + xq)), sx, nz), swa, a1)
-            c1 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b1 * Sq + xq)), sx, nz), swb, c1)
+            a1 = v_fma(v_fma(v_i2f(v_dot_bytes(ea, oa, qe, qo, b1 * Sq + xq)), sx, nz), swa, a1)
+            c1 = v_fma(v_fma(v_i2f(v_dot_bytes(eb, ob, qe, qo, b1 * Sq + xq)), sx, nz), swb, c1)
             sx, nz = v_load(sxl, b2 * Ss + cs), v_load(nzl, b2 * Sn + cs)
-            a2 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b2 * Sq + xq)), sx, nz), swa, a2)
-            c2 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b2 * Sq + xq)), sx, nz), swb, c2)
+            a2 = v_fma(v_fma(v_i2f(v_dot_bytes(ea, oa, qe, qo, b2 * Sq + xq)), sx, nz), swa, a2)
+            c2 = v_fma(v_fma(v_i2f(v_dot_bytes(eb, ob, qe, qo, b2 * Sq + xq)), sx, nz), swb, c2)
             sx, nz = v_load(sxl, b3 * Ss + cs), v_load(nzl, b3 * Sn + cs)
-            a3 = v_fma(v_fma(v_i2f(v_dot_nibbles(ea, oa, qe, qo, b3 * Sq + xq)), sx, nz), swa, a3)
-            c3 = v_fma(v_fma(v_i2f(v_dot_nibbles(eb, ob, qe, qo, b3 * Sq + xq)), sx, nz), swb, c3)
+            a3 = v_fma(v_fma(v_i2f(v_dot_bytes(ea, oa, qe, qo, b3 * Sq + xq)), sx, nz), swa, a3)
+            c3 = v_fma(v_fma(v_i2f(v_dot_bytes(eb, ob, qe, qo, b3 * Sq + xq)), sx, nz), swb, c3)
         return (v_hsum(a0), v_hsum(c0), v_hsum(a1), v_hsum(c1), v_hsum(a2), v_hsum(c2), v_hsum(a3), v_hsum(c3))
 
 
@@ -415,10 +422,10 @@ def _rows_batch_f32(mode, st, base, up, i0, i1, sh, out):
             _put_at(mode, out, b, i, ra, rb, ya, yb, st.bias)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_batch_i8_naive(mode, st, base, up, i0, i1, sh, out):
-        """`_rows_batch_f32` with int8 activations (separate: `v_dot_q4_i8` compiles only for VNNI)."""
+        """`_rows_batch_f32` with int8 activations (separate: `v_dot_q4_i8` compiles only with an int8 dot)."""
         for i in range(i0, i1):
             ra, rb = _pair(mode, base, up, i)
             for b in range(out.shape[0]):
@@ -430,7 +437,7 @@ if VNNI:
     def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
         """`_rows_batch_f32` with int8 activations, four activation rows per pass (`_dot2x4_q4_i8_at`;
         a short last tile repeats row B − 1 and drops its results). Separate from the float32
-        kernel: `vpdpbusd` compiles only for a VNNI target."""
+        kernel: the int8 dot compiles only for a target that has one (int8_dot.INT8_DOT)."""
         B = out.shape[0]
         for i in range(i0, i1):
             ra, rb = _pair(mode, base, up, i)
@@ -451,7 +458,7 @@ if VNNI:
 else:
     @kernel()
     def _rows_batch_i8(mode, st, base, up, i0, i1, sh, out):
-        """Never called without VNNI (i8 is False there); typed by `_rows_batch`'s branch."""
+        """Never called without an int8 dot (i8 is False there); typed by `_rows_batch`'s branch."""
         return
 
     _rows_batch_i8_naive = _rows_batch_i8
@@ -474,7 +481,7 @@ def _rows_batch_q8_f32(mode, q8, r0, st, base, i0, i1, sh, out):
             _put_at(mode, out, b, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_batch_q8_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out):
         """`_rows_batch_q8_f32` with int8 activations (prologue `quantize_vec`, then `q8_lane_zero`),
@@ -510,7 +517,7 @@ if VNNI:
 else:
     @kernel()
     def _rows_batch_q8_i8(mode, q8, r0, st, base, i0, i1, sh, out):
-        """Never called without VNNI (i8 is False there); typed by `_rows_batch_mixed`'s branch."""
+        """Never called without an int8 dot (i8 is False there); typed by `_rows_batch_mixed`'s branch."""
         return
 
     _rows_batch_q8_i8_naive = _rows_batch_q8_i8
@@ -532,7 +539,7 @@ def _rows_batch_q6_f32(mode, q8, r0, st, base, i0, i1, sh, out):
             _put_at(mode, out, b, i, base + 2 * i, base + 2 * i + 1, ya, yb, st.bias)
 
 
-if VNNI:
+if INT8_DOT:
     @kernel(fastmath=FASTMATH_REDUCE)
     def _rows_batch_q6_i8_naive(mode, q8, r0, st, base, i0, i1, sh, out):
         """`_rows_batch_q8_i8_naive` for q6 rows (quant_q6.dot2_q6_i8), one activation row per pass."""
@@ -567,7 +574,7 @@ if VNNI:
 else:
     @kernel()
     def _rows_batch_q6_i8(mode, q8, r0, st, base, i0, i1, sh, out):
-        """Never called without VNNI (i8 is False there); typed by `_rows_batch_mixed`'s branch."""
+        """Never called without an int8 dot (i8 is False there); typed by `_rows_batch_mixed`'s branch."""
         return
 
     _rows_batch_q6_i8_naive = _rows_batch_q6_i8
@@ -729,7 +736,7 @@ def decode_blocks_batch(T, i8, *args):
     gate_up_q8, down_q8, q8_tab, kp, vp, sh, sc):
     x [B, D] float32 (modified in place) through all L blocks; row b is a token at position pos[b]
     of pool slot slots[b] (kp, vp [slots, L, Hkv, S, Dh]; its k, v written there). cos, sin
-    [B, Dh/2] at pos; i8: the activation kind, F32, I8 (int8, VNNI) or I8_PER_ROW, the entry point compiled
+    [B, Dh/2] at pos; i8: the activation kind, F32, I8 (int8, INT8_DOT) or I8_PER_ROW, the entry point compiled
     for it (`ENTRIES`); the linears: Q4Stack each, plus the int8 linears' rows (Q8Stack per kind) and
     q8_tab [4, L, 3], as decode_step.decode_blocks takes them; T threads running concurrently (sync.py), at
     most the scratch's P; the shared buffers' first dimension is B; sh.bar zeroed."""

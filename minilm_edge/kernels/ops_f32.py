@@ -14,15 +14,44 @@ from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .simd import LANES, v_div, v_exp, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
 
 
-# fastmath: the sum of squares is a reduction; reassociation lets LLVM vectorise it.
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def sum_squares(x):
+    """sum_d x[d]² of a 1-D float32 array in 16 lanes (v_fma, then a v_hsum tree), the tail one by one.
+    Why written out: a scalar loop with reassociation is vectorised at the target's width (16 lanes
+    on AVX-512, 8 on AVX2), which sums in another order: each CPU would get its own last bits
+    (tests/test_targets.py compares an AVX2 build's logits with the host's)."""
+    D = x.shape[0]
+    D16 = D - D % LANES
+    acc = v_zeros()
+    for d in range(0, D16, LANES):
+        v = v_load(x, d)
+        acc = v_fma(v, v, acc)
+    ss = v_hsum(acc)
+    for d in range(D16, D):
+        ss += x[d] * x[d]
+    return ss
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def dot16(a, b):
+    """a · b of two 1-D float32 arrays of one length (unit stride), summed as `sum_squares`."""
+    n = a.shape[0]
+    n16 = n - n % LANES
+    acc = v_zeros()
+    for i in range(0, n16, LANES):
+        acc = v_fma(v_load(a, i), v_load(b, i), acc)
+    s = v_hsum(acc)
+    for i in range(n16, n):
+        s += a[i] * b[i]
+    return s
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def rms_norm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]²) + eps) * w.          x, out: [T, D]; w: [D]"""
     T, D = x.shape
     for t in range(T):
-        ss = np.float32(0.0)
-        for d in range(D):
-            ss += x[t, d] * x[t, d]
+        ss = sum_squares(x[t])
         r = np.float32(1.0) / np.sqrt(ss / D + np.float32(eps))
         for d in range(D):
             out[t, d] = x[t, d] * r * w[d]
@@ -64,10 +93,7 @@ def _attention(q, kc, vc, pos0, scratch, out, window):
             j0 = max(0, n - window) if window > 0 else 0
             m = np.float32(-np.inf)
             for j in range(j0, n):
-                acc = np.float32(0.0)
-                for d in range(Dh):
-                    acc += q[t, h, d] * kc[hk, j, d]
-                acc *= scale
+                acc = dot16(q[t, h], kc[hk, j]) * scale
                 s[j] = acc
                 m = max(m, acc)
             total = np.float32(0.0)
@@ -86,7 +112,7 @@ def _attention(q, kc, vc, pos0, scratch, out, window):
 
 # Two builds of one loop nest. A parallel region costs a thread hand-off (microseconds, far more on
 # a busy machine): worth it for prefill, not for one decode token over a short cache.
-# fastmath on the q·k and p·v reductions (vectorisation); exp and max stay exact.
+# fastmath on the p·v sums (vectorisation; q·k in 16 lanes, `dot16`); exp and max stay exact.
 attention_serial = kernel(fastmath=FASTMATH_REDUCE)(_attention)
 attention_parallel = parallel_kernel(fastmath=FASTMATH_REDUCE)(_attention)
 PARALLEL_ATTENTION_MIN_WORK = 1 << 17     # q·k multiply-adds below which one thread is faster

@@ -1,4 +1,4 @@
-"""Prefill int4 x int8 matmul on AVX-512 VNNI: `matmul_q4_i8`, the compute-bound twin of
+"""Prefill int4 x int8 matmul (AVX-512 VNNI, AVX-VNNI or AVX2): `matmul_q4_i8`, the compute-bound twin of
 quant_f32.matmul_q4_f32 (same weights, `Q4Prepared`), in the manner of llama.cpp's Q4 x Q8_0; and
 `matmul_q8_i8`, the same for the int8 lm_head (`Q8Prepared`, codes offset by 128, zero point 128).
 
@@ -17,14 +17,17 @@ otherwise set their block's scale; their codes equal the zero point, so the int4
 The zero-point term is gathered per group, zt[t, g] = sum_{b in g} sx[t, b] sum_{k in b} qx[t, k],
 once per call, and applied once per output tile: Y[t, n] -= sum_g sw[n, g] zw[n, g] zt[t, g].
 
-The integer dot is `vpdpbusd` (u8 x s8 -> i32, 4 products per 32-bit lane): weight codes 0..15 are
-the unsigned operand, qx the signed one. The kernel is GEMM-shaped:
+The integer dot is `vpdpbusd` (u8 x s8 -> i32, 4 products per 32-bit lane; on AVX2 its exact
+equivalent, int8_dot.dpbusd): weight codes 0..15 are the unsigned operand, qx the signed one. The
+kernel is GEMM-shaped (sizes for AVX-512; on AVX2 targets R = 16 and TT = 4, 16 ymm registers):
 - a tile of R = 32 weight rows is unpacked (per thread, on the fly: no unpacked copy of the model)
   into "VNNI layout": for each quad s of input channels, 32 rows x 4 codes = two 16-lane i32 vectors;
 - a register tile of 2 row vectors x TT = 6 tokens = 12 i32 accumulators; per quad, 2 vector loads,
   6 broadcasts of 4 qx bytes (`{1to16}` memory operands) and 12 `vpdpbusd`;
 - at the end of each activation block, the 12 accumulators are converted to float and added into
   12 float accumulators with scale sw[n, g] * sx[t, b].
+Each output's operations and their order do not depend on the tile's shape, so every target gives
+the same floats.
 Channel order: a 32-bit word of packed codes holds channels 8j..8j+7 (low nibble = even channel,
 DESIGN §3). Its low nibbles are the quad (8j, 8j+2, 8j+4, 8j+6), its high nibbles (8j+1, ..+7), so a
 mask and a shift give two quads and no weight shuffles. qx is stored in the same order once per
@@ -33,7 +36,7 @@ call: per octet of channels, evens then odds:
     X[t, 8j : 8j+8]   = x0 x1 x2 x3 x4 x5 x6 x7
     qx[t, 8j : 8j+8]  = q0 q2 q4 q6 q1 q3 q5 q7      (blocks are whole octets: sums are unchanged)
 
-Use only where the JIT target has AVX512-VNNI (`VNNI`); `use_int8_activations` is the one place
+Use only where the JIT target has an int8 dot (`INT8_DOT`); `use_int8_activations` is the one place
 that decides between this kernel and the float32 path.
 """
 from __future__ import annotations
@@ -45,40 +48,29 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from ..errors import UsageError
+from .int8_dot import AVX512, INT8_DOT, INT8_ISA, dpbusd
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, Q8Prepared, _check_mat, _check_out
 from .simd import LANES, _elem_ptr, f32x16, v_zeros
 
-
-def _jit_target_has_vnni() -> bool:
-    """True when Numba compiles for a CPU with AVX512-VNNI, by Numba's own rule
-    (numba.core.codegen.JITCPUCodegen): NUMBA_CPU_FEATURES when set; else, with NUMBA_CPU_NAME set
-    to a CPU other than the host, that CPU's features, which LLVM does not list: taken as
-    having no VNNI (the float32 kernels run everywhere); else the host's features."""
-    from numba.core import config
-    from numba.core.codegen import get_host_cpu_features
-    if config.CPU_FEATURES is not None:
-        features = config.CPU_FEATURES
-    elif config.CPU_NAME not in (None, "host"):
-        features = ""
-    else:
-        features = get_host_cpu_features()
-    return "+avx512vnni" in features.split(",")
+__all__ = ["INT8_DOT", "INT8_ISA"]     # the dispatch flags, defined in int8_dot.py
 
 
-VNNI = _jit_target_has_vnni()
 INT8_MIN_TOKENS = 4      # from this many tokens per call, int8 activations (BENCHMARKS.md: where they win)
 ACT_BLOCK = 32           # B: input channels per activation scale (llama.cpp Q8_0); divides every g
 
-ROW_VECS = 2                          # row vectors of 16 rows in a register tile
+# The register tile: 2 x 6 = 12 accumulators in zmm registers (32 of them) on AVX-512; on AVX2 a
+# 16-lane vector is two ymm of 16, so 1 x 4 (8 ymm, plus the weights' 2 and their split halves).
+ROW_VECS = 2 if AVX512 else 1         # row vectors of 16 rows in a register tile
 TILE_ROWS = ROW_VECS * LANES          # R: weight rows unpacked at a time
-TILE_TOKENS = 6                       # TT: tokens in a register tile (2 x 6 = 12 accumulators)
+TILE_TOKENS = 6 if AVX512 else 4      # TT: tokens in a register tile
 _NACC = ROW_VECS * TILE_TOKENS
 
 
 def use_int8_activations(n_tokens: int) -> bool:
-    """The dispatch rule: int8 activations x VNNI for `n_tokens` >= INT8_MIN_TOKENS, where available."""
-    return VNNI and n_tokens >= INT8_MIN_TOKENS
+    """The dispatch rule: int8 activations for `n_tokens` >= INT8_MIN_TOKENS, where the target has an
+    int8 dot (int8_dot.INT8_DOT: AVX512-VNNI, AVX-VNNI or AVX2)."""
+    return INT8_DOT and n_tokens >= INT8_MIN_TOKENS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,30 +133,31 @@ def tile_zeros_f32(typingctx):
     return _TILE_F32(), codegen
 
 
-@intrinsic
-def tile_dpbusd(typingctx, acc, wq, w_off, qx, x_off, x_stride):
-    """acc[v, t] += vpdpbusd(wq[w_off + 16v : +16], 4 bytes qx[x_off + t * x_stride] in every lane).
+def _tile_dpbusd(u_max):
+    def tile_dpbusd(typingctx, acc, wq, w_off, qx, x_off, x_stride):
+        def codegen(context, builder, sig, args):
+            _, wq_t, woff_t, qx_t, xoff_t, xs_t = sig.args
+            accs = cgutils.unpack_tuple(builder, args[0], _NACC)
+            w_off = context.cast(builder, args[2], woff_t, types.intp)
+            x_off = context.cast(builder, args[4], xoff_t, types.intp)
+            x_stride = context.cast(builder, args[5], xs_t, types.intp)
+            w = [builder.load(_elem_ptr(context, builder, wq_t, args[1], types.intp, o, _VI32), align=4)
+                 for o in _offsets(builder, w_off, ir.Constant(w_off.type, LANES), ROW_VECS)]
+            x = [_splat_load(context, builder, qx_t, args[3], types.intp, o, _I32)
+                 for o in _offsets(builder, x_off, x_stride, TILE_TOKENS)]
+            out = [dpbusd(builder, accs[v * TILE_TOKENS + t], w[v], x[t], u_max)
+                   for v in range(ROW_VECS) for t in range(TILE_TOKENS)]
+            return context.make_tuple(builder, sig.return_type, out)
+        return _TILE_I32(acc, wq, w_off, qx, x_off, x_stride), codegen
+    tile_dpbusd.__name__ = f"tile_dpbusd_u{u_max}"
+    tile_dpbusd.__doc__ = f"""acc[v, t] += dpbusd(wq[w_off + 16v : +16], 4 bytes qx[x_off + t * x_stride] in every
+    lane), the weight codes <= {u_max} (int8_dot.dpbusd). wq, qx: 1-D int32 arrays holding 4 bytes per element
+    (unsigned codes, signed activations)."""
+    return intrinsic(tile_dpbusd)
 
-    wq, qx: 1-D int32 arrays holding 4 bytes per element (unsigned codes, signed activations).
-    The intrinsic is declared with <16 x i32> operands (the form of LLVM <= 20); newer LLVMs
-    upgrade it to their <64 x i8> form when parsing, so one declaration serves both.
-    """
-    def codegen(context, builder, sig, args):
-        _, wq_t, woff_t, qx_t, xoff_t, xs_t = sig.args
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VI32, [_VI32] * 3), "llvm.x86.avx512.vpdpbusd.512")
-        accs = cgutils.unpack_tuple(builder, args[0], _NACC)
-        w_off = context.cast(builder, args[2], woff_t, types.intp)
-        x_off = context.cast(builder, args[4], xoff_t, types.intp)
-        x_stride = context.cast(builder, args[5], xs_t, types.intp)
-        w = [builder.load(_elem_ptr(context, builder, wq_t, args[1], types.intp, o, _VI32), align=4)
-             for o in _offsets(builder, w_off, ir.Constant(w_off.type, LANES), ROW_VECS)]
-        x = [_splat_load(context, builder, qx_t, args[3], types.intp, o, _I32)
-             for o in _offsets(builder, x_off, x_stride, TILE_TOKENS)]
-        out = [builder.call(fn, [accs[v * TILE_TOKENS + t], w[v], x[t]])
-               for v in range(ROW_VECS) for t in range(TILE_TOKENS)]
-        return context.make_tuple(builder, sig.return_type, out)
-    return _TILE_I32(acc, wq, w_off, qx, x_off, x_stride), codegen
+
+tile_dpbusd = _tile_dpbusd(255)              # int8 and q6 tiles: codes + 128
+tile_dpbusd_q4 = _tile_dpbusd(15)            # int4 tiles: codes 0..15 (one vpmaddubsw on AVX2)
 
 
 @intrinsic
@@ -433,9 +426,10 @@ def _unpack_tile_q8(qw32, scales, n0, wq, sw, c):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, n0, n_rows, out):
+def _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, n0, n_rows, out, q4):
     """out[t, n0 : n0+R] for every token t, from one unpacked weight tile (see `_unpack_tile_q4`):
-    the module docstring's sum, block by block in the register tile.
+    the module docstring's sum, block by block in the register tile. q4: the tile holds int4 codes
+    (0..15), else codes + 128 (the dot for the smaller range is cheaper on AVX2: int8_dot.py).
 
     qx32 int32 [Tp * K/4] (4 qx bytes per element, Tp = T rounded up to TT); sx float32 [Tp * nb];
     zt float32 [Tp * G]; out float32 [T * N]. fastmath: the float epilogue is contracted and the
@@ -450,8 +444,12 @@ def _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, n0, n_rows, out):
         acc = tile_zeros_f32()
         for b in range(nb):
             acc_i = tile_zeros_i32()
-            for s in range(b * block // 4, (b + 1) * block // 4):
-                acc_i = tile_dpbusd(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
+            if q4:
+                for s in range(b * block // 4, (b + 1) * block // 4):
+                    acc_i = tile_dpbusd_q4(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
+            else:
+                for s in range(b * block // 4, (b + 1) * block // 4):
+                    acc_i = tile_dpbusd(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
             acc = tile_fma_i32(acc, acc_i, sw, (b * block // group_size) * TILE_ROWS, sx, t0 * nb + b, nb)
         for g in range(n_groups):
             acc = tile_axpy(acc, c, g * TILE_ROWS, zt, t0 * n_groups + g, n_groups)
@@ -474,7 +472,7 @@ def _matmul_q4_i8(qw32, scales, zeros, group_size, qx32, sx, zt, block, out):
         sw = np.empty(n_groups * TILE_ROWS, np.float32)         # [G, R]
         c = np.empty(n_groups * TILE_ROWS, np.float32)          # [G, R]
         _unpack_tile_q4(qw32, scales, zeros, tile * TILE_ROWS, wq, sw, c)
-        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out, True)
 
 
 @parallel_kernel()
@@ -486,7 +484,7 @@ def _matmul_q8_i8(qw32, scales, group_size, qx32, sx, zt, block, out):
         sw = np.empty(n_groups * TILE_ROWS, np.float32)         # [G, R]
         c = np.empty(n_groups * TILE_ROWS, np.float32)          # [G, R]
         _unpack_tile_q8(qw32, scales, tile * TILE_ROWS, wq, sw, c)
-        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,9 +511,9 @@ def _check_block(group_size, block):
 def matmul_q4_i8(p: Q4Prepared, X: np.ndarray, out: np.ndarray | None = None,
                  block: int = ACT_BLOCK) -> np.ndarray:
     """Prefill: Y [T, N] = X W^T for X float32 [T, K], activations quantized to int8 per token and
-    block of `block` channels (module docstring). Needs VNNI (`VNNI`); callers dispatch with
+    block of `block` channels (module docstring). Needs an int8 dot (`INT8_DOT`); callers dispatch with
     `use_int8_activations`."""
-    assert VNNI, "matmul_q4_i8 needs AVX512-VNNI; dispatch with use_int8_activations"
+    assert INT8_DOT, "matmul_q4_i8 needs an int8 dot (AVX2 or VNNI); dispatch with use_int8_activations"
     n, k = p.shape
     _check_mat(X, k)
     t = X.shape[0]
@@ -541,7 +539,7 @@ def matmul_q8_i8(p: Q8Prepared, X: np.ndarray, out: np.ndarray | None = None,
     `matmul_q4_i8`:  Y[t, n] = sum_b sw[n, g(b)] sx[t, b] sum_{k in b} q[n, k] qx[t, k].
     vpdpbusd multiplies unsigned by signed bytes, so the weight enters as q + 128 and the zero-point
     term subtracts 128 sum qx (|lane sums| <= 255 * 127 * B: exact in float for B <= 128)."""
-    assert VNNI, "matmul_q8_i8 needs AVX512-VNNI; dispatch with use_int8_activations"
+    assert INT8_DOT, "matmul_q8_i8 needs an int8 dot (AVX2 or VNNI); dispatch with use_int8_activations"
     n, k = p.shape
     _check_mat(X, k)
     t = X.shape[0]

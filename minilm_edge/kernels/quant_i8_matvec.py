@@ -1,4 +1,4 @@
-"""Decode int4 x int8 matvec on AVX-512 VNNI: `matvec_q4_i8`.
+"""Decode int4 x int8 matvec (AVX-512 VNNI, AVX-VNNI or AVX2: int8_dot.dpbusd): `matvec_q4_i8`.
 
 The arithmetic of the prefill kernel of quant_i8_matmul.py (activations quantized to int8 per block of
 B = 32 channels, integer dot products by `vpdpbusd`, weight and activation scales applied in float),
@@ -6,7 +6,9 @@ shaped for ONE token: no weight tile to unpack and share between tokens, so each
 once, straight from its packed bytes, 64 bytes at a time. That is the whole point: the float32
 decode kernel (quant_f32.dot2_q4_f32) needs ~10 instructions per 16 packed bytes to widen,
 convert and multiply the nibbles; here 64 packed bytes (128 weights) take a mask, a shift and two
-`vpdpbusd` (BENCHMARKS.md compares the two).
+`vpdpbusd` (BENCHMARKS.md compares the two). "vpdpbusd" below means int8_dot.dpbusd: the instruction
+on VNNI targets, its exact equivalent elsewhere (on AVX2 `vpmaddubsw` + `vpmaddwd`, one pair per ymm
+for the int4 codes, two for the int8 rows' bytes up to 255).
 
 Shapes: W [N, K], x [K], g = group size, G = K // g, B = ACT_BLOCK; a "chunk" = 64 packed bytes =
 128 channels = 16 i32 lanes of 8 channels each.
@@ -45,9 +47,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import UsageError
+from .int8_dot import AVX512, INT8_DOT, dpbusd
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, _check_out, _check_vec
-from .quant_i8_matmul import ACT_BLOCK, VNNI, i32x16, v_absmax, v_hmax
+from .quant_i8_matmul import ACT_BLOCK, i32x16, v_absmax, v_hmax
 from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_load_u8, v_mul, v_splat, v_zeros
 
 CHUNK = 64                                   # packed bytes of weights per chunk (one zmm)
@@ -83,12 +86,6 @@ def _mangle(vecty):
     return f"v{vecty.count}" + ("f32" if isinstance(e, ir.FloatType) else f"i{e.width}")
 
 
-def _dpbusd(builder, acc, u8, s8):
-    fn = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_VI32, [_VI32] * 3), "llvm.x86.avx512.vpdpbusd.512")
-    return builder.call(fn, [acc, builder.bitcast(u8, _VI32), builder.bitcast(s8, _VI32)])
-
-
 def _intp(context, builder, val, ty):
     return context.cast(builder, val, ty, types.intp)
 
@@ -106,8 +103,8 @@ def v_dot_q4_i8(typingctx, w, w_off, n, qe, qo, x_off):
         hi = builder.and_(builder.lshr(w, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
         xe = builder.load(_elem_ptr(context, builder, qe_t, args[3], xoff_t, args[5], _VB), align=1)
         xo = builder.load(_elem_ptr(context, builder, qo_t, args[4], xoff_t, args[5], _VB), align=1)
-        acc = _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe)
-        return _dpbusd(builder, acc, hi, xo)
+        acc = dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe, 15)
+        return dpbusd(builder, acc, hi, xo, 15)
     return i32x16(w, w_off, n, qe, qo, x_off), codegen
 
 
@@ -124,7 +121,7 @@ def v_dot2_q4_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
             v = builder.load(_elem_ptr(context, builder, w_t, args[0], off_t, off, _VB), align=1)
             lo = builder.and_(v, ir.Constant(_VB, [15] * CHUNK))
             hi = builder.and_(builder.lshr(v, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
-            out.append(_dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe), hi, xo))
+            out.append(dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe, 15), hi, xo, 15))
         return context.make_tuple(builder, sig.return_type, out)
     return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
 
@@ -169,8 +166,8 @@ def v_dot_q8_i8(typingctx, w, e_off, o_off, n, qe, qo, x_off):
         wo = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], ooff_t, args[2], _VB), mask, _VB)
         xe = builder.load(_elem_ptr(context, builder, qe_t, args[4], xoff_t, args[6], _VB), align=1)
         xo = builder.load(_elem_ptr(context, builder, qo_t, args[5], xoff_t, args[6], _VB), align=1)
-        acc = _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), we, xe)
-        return _dpbusd(builder, acc, wo, xo)
+        acc = dpbusd(builder, ir.Constant(_VI32, [0] * LANES), we, xe)
+        return dpbusd(builder, acc, wo, xo)
     return i32x16(w, e_off, o_off, n, qe, qo, x_off), codegen
 
 
@@ -247,10 +244,28 @@ def v_permute(typingctx, v, idx):
         _, idx_t = sig.args
         i = builder.load(_elem_ptr(context, builder, idx_t, args[1], types.intp, ir.Constant(ir.IntType(64), 0), _VI32),
                          align=4)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VF, [_VF, _VI32]), "llvm.x86.avx512.permvar.sf.512")
-        return builder.call(fn, [args[0], i])
+        if AVX512:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_VF, [_VF, _VI32]), "llvm.x86.avx512.permvar.sf.512")
+            return builder.call(fn, [args[0], i])
+        return _permute_ymm(builder, args[0], i)
     return f32x16(v, idx), codegen
+
+
+def _permute_ymm(builder, v, idx):
+    """`v_permute` from 8-lane `vpermps` (AVX2): each half of the result picks lane idx & 7 from both
+    halves of v and keeps the one idx points into. The same lanes as the 16-lane permute."""
+    v8i, v8f = ir.VectorType(_I32, 8), ir.VectorType(ir.FloatType(), 8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps")
+
+    def half(x, h):
+        return builder.shuffle_vector(x, x, ir.Constant(v8i, list(range(8 * h, 8 * h + 8))))
+    out = []
+    for h in range(2):
+        ih = half(idx, h)
+        lo, hi = builder.call(fn, [half(v, 0), ih]), builder.call(fn, [half(v, 1), ih])
+        out.append(builder.select(builder.icmp_signed(">", ih, ir.Constant(v8i, [7] * 8)), hi, lo))
+    return builder.shuffle_vector(out[0], out[1], ir.Constant(_VI32, list(range(LANES))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,8 +513,8 @@ def supports_i8(group_size: int, k: int) -> bool:
 
 
 def matvec_q4_i8(p: Q4Prepared, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode: y [N] = W x with x quantized to int8 (module docstring). Needs VNNI."""
-    assert VNNI, "matvec_q4_i8 needs AVX512-VNNI"
+    """Decode: y [N] = W x with x quantized to int8 (module docstring). Needs an int8 dot (`INT8_DOT`)."""
+    assert INT8_DOT, "matvec_q4_i8 needs an int8 dot (AVX2 or VNNI)"
     n, k = p.shape
     _check_vec(x, k)
     out = _check_out(out, (n,))

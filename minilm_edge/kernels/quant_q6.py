@@ -6,12 +6,13 @@ kernel here rebuilds, in registers, exactly the operands its int8 twin reads and
 twin's operations in the int8 twin's order, so a q6 linear computes bit for bit what an int8 linear
 holding the same codes computes (tests/test_q6.py):
 
-    int8 activations (VNNI): `dot2_q6_i8` = quant_i8_matvec.dot2_q8_i8, the chunk's even and odd bytes
+    int8 activations (int8_dot.dpbusd): `dot2_q6_i8` = quant_i8_matvec.dot2_q8_i8, the chunk's even and odd bytes
         u + 96 = code + 128 (quant_i8_matvec.q8_rows) rebuilt by `_q6_bytes`: a masked 64-byte load of
         nibbles, two 16-byte loads of two-bit planes spread by a dword permute and a dword rotate
         (`_q6_hi`), and/or/add; then the same two vpdpbusd. Full chunks (n = 64, `v_dot2_q6_i8_full`)
         load without masks and leave out the + 96: their vpdpbusd start from 96 · the activations' octet
-        sums instead (integer lanes, so the same lanes).
+        sums instead (integer lanes, so the same lanes; on AVX2 bytes below 128 also take half the
+        instructions, int8_dot.dpbusd).
     float32 activations: `dot2_q6_f32` = quant_f32.dot2_q8_f32 (split order, 32 channels a step),
         `_matvec_q6_f32` = quant_f32._matvec_q8_f32 (natural order, the head and the per-linear path),
         `matvec_rows_q6_f32` = decode_step_batch.matvec_rows_q8_f32 (the batched head).
@@ -33,12 +34,12 @@ from numba.extending import intrinsic
 
 from ..errors import UsageError
 from ..formats.q4 import Q8Linear, pack_q6_rows
+from .int8_dot import INT8_DOT, dpbusd
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import TILE_ROWS as F32_TILE_ROWS, _check_mat, _check_out, _check_vec
 from .quant_i8_matmul import (
     ACT_BLOCK,
     TILE_ROWS,
-    VNNI,
     _check_block,
     _tile_products,
     i32x16,
@@ -47,7 +48,6 @@ from .quant_i8_matmul import (
 from .quant_i8_matvec import (
     CHUNK,
     CHUNK_CHANNELS,
-    _dpbusd,
     _intp,
     _lane_scales,
     _mask,
@@ -179,7 +179,7 @@ def _v_dot_q6_i8(full):
             off_, n_, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
             ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_, full)
             xe, xo = _x_pair(context, builder, sig, args, xo_)
-            return _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo)
+            return dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo)
         return i32x16(w, off, n, qe, qo, x_off), codegen
     v_dot.__name__ = "v_dot_q6_i8_full" if full else "v_dot_q6_i8"
     v_dot.__doc__ = ("`v_dot_q6_i8` of a full chunk (n = 64, not read): no masks." if full else
@@ -200,11 +200,11 @@ def v_dot2_q6_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
         oa, ob, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
         xe, xo = _x_pair(context, builder, sig, args, xo_)
         c96 = ir.Constant(_VB, [96] * CHUNK)
-        init = _dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), c96, xe), c96, xo)
+        init = dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), c96, xe, 96), c96, xo, 96)
         out = []
         for off_ in (oa, ob):
             ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, None, True, False)
-            out.append(_dpbusd(builder, _dpbusd(builder, init, ue, xe), uo, xo))
+            out.append(dpbusd(builder, dpbusd(builder, init, ue, xe, 63), uo, xo, 63))
         return context.make_tuple(builder, sig.return_type, out)
     return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
 
@@ -217,7 +217,7 @@ def _v_dot4_q6_i8(full):
             out = []
             for x_ in xs:
                 xe, xo = _x_pair(context, builder, sig, args, x_)
-                out.append(_dpbusd(builder, _dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo))
+                out.append(dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), ue, xe), uo, xo))
             return context.make_tuple(builder, sig.return_type, out)
         return types.UniTuple(i32x16, 4)(w, off, n, qe, qo, x0, x1, x2, x3), codegen
     v_dot4.__name__ = "v_dot4_q6_i8_full" if full else "v_dot4_q6_i8"
@@ -524,7 +524,7 @@ def _matmul_q6_i8(qw, scales, group_size, qx32, sx, zt, block, out):
         c = np.empty(n_groups * TILE_ROWS, np.float32)
         buf = np.empty(2 * LANES, np.int32)
         _unpack_tile_q6(qw, scales, tile * TILE_ROWS, wq, sw, c, buf)
-        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out, False)
 
 
 @parallel_kernel()
@@ -577,8 +577,9 @@ def _prologue_rows(X, group_size, sal, xz, qe, qo, sxl, nzt, nzl):
 
 
 def i8_ok(p: Q6Prepared) -> bool:
-    """Whether the int8-activation kernels take p (VNNI; blocks and chunks inside whole groups)."""
-    return VNNI and supports_i8(p.group_size, p.shape[1])
+    """Whether the int8-activation kernels take p (an int8 dot, int8_dot.INT8_DOT; blocks and chunks
+    inside whole groups)."""
+    return INT8_DOT and supports_i8(p.group_size, p.shape[1])
 
 
 def _prologue(p: Q6Prepared, X: np.ndarray):
@@ -642,8 +643,8 @@ def matmul_q6_f32(p: Q6Prepared, X: np.ndarray, out: np.ndarray | None = None) -
 
 def matmul_q6_i8(p: Q6Prepared, X: np.ndarray, out: np.ndarray | None = None,
                  block: int = ACT_BLOCK) -> np.ndarray:
-    """Prefill with int8 activations (quant_i8_matmul.matmul_q8_i8, bit for bit). Needs VNNI."""
-    assert VNNI, "matmul_q6_i8 needs AVX512-VNNI; dispatch with use_int8_activations"
+    """Prefill with int8 activations (quant_i8_matmul.matmul_q8_i8, bit for bit). Needs `INT8_DOT`."""
+    assert INT8_DOT, "matmul_q6_i8 needs an int8 dot (AVX2 or VNNI); dispatch with use_int8_activations"
     n, k = p.shape
     _check_mat(X, k)
     t = X.shape[0]

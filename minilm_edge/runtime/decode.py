@@ -2,8 +2,8 @@
 
 int8 block linears (`quantize --int8`, any of q, k, v, o, gate, up, down in any block) keep their
 int8 rows: a second, small stack of that kind (`stack_q8`: uint8 q + 128, per 128 channels even then
-odd, quant_i8_matvec.q8_rows) that the step multiplies in one pass, int8 x int8 on VNNI
-(quant_i8_matvec.dot2_q8_i8), else with float32 activations (quant_f32.dot2_q8_f32). The int4 stack
+odd, quant_i8_matvec.q8_rows) that the step multiplies in one pass, int8 x int8 where the CPU has an
+int8 dot (quant_i8_matvec.dot2_q8_i8), else with float32 activations (quant_f32.dot2_q8_f32). The int4 stack
 keeps a zero placeholder in their place (never read: its memory, not its bandwidth, is the cost).
 A block's int8 rows of one kind must be adjacent in whole row pairs: q|k|v's (q and v int8 take k
 along, quant/sensitivity.choose_int8); gate|up's always are (gate, up or both), and such a block
@@ -27,8 +27,9 @@ import numba
 import numpy as np
 
 from ..kernels.decode_step import Blocks, KVCache, Q4Stack, Q8Stack, Scratch, Shared, decode_blocks
+from ..kernels.int8_dot import INT8_DOT
 from ..kernels.quant_f32 import Q4Prepared
-from ..kernels.quant_i8_matmul import ACT_BLOCK, VNNI
+from ..kernels.quant_i8_matmul import ACT_BLOCK
 from ..kernels.quant_i8_matvec import CHUNK, group_index, padded, q8_rows, supports_i8
 from ..kernels.simd import LANES
 from ..kernels.sync import barrier_safe
@@ -257,7 +258,7 @@ def _view_in_place(arrays: list, shape: tuple) -> np.ndarray | None:
 class DecodePlan:
     """Stacked int4 weights of every block plus the buffers of one decode step. Build with `build_plan`.
 
-    `int8_ok`: the stacks can take int8 activations (VNNI, `supports_i8`); `int8`: whether a step
+    `int8_ok`: the stacks can take int8 activations (INT8_DOT, `supports_i8`); `int8`: whether a step
     uses them where it can (Model.set_int8_activations sets it).
     """
 
@@ -292,8 +293,8 @@ class DecodePlan:
             sxl=np.zeros((P, padded(K // 8, LANES)), np.float32),
             nzt=np.zeros((P, padded(K // ACT_BLOCK, LANES)), np.float32),
             nzl=np.zeros((P, padded(K // 8, LANES)), np.float32))
-        # int8 activations in the block matvecs (VNNI; Model.set_int8_activations turns them off)
-        self.int8_ok = VNNI and all(supports_i8(st.group_size, st.shape[1]) for st in (qkv, o, gate_up, down))
+        # int8 activations in the block matvecs (INT8_DOT; Model.set_int8_activations turns them off)
+        self.int8_ok = INT8_DOT and all(supports_i8(st.group_size, st.shape[1]) for st in (qkv, o, gate_up, down))
         self.int8 = self.int8_ok
         self._concurrent = None                                   # sync.barrier_safe(), once known
 

@@ -128,10 +128,11 @@ def _optional(src, name):
 
 
 class Q4(Linear):
-    """minilm-q4 v1 int4 weights (q4.py). With int8 activations on VNNI (the default where the CPU
-    has it): decode the int4 x int8 matvec (kernels/quant_i8_matvec.py), prefill the int4 x int8 matmul
-    (kernels/quant_i8_matmul.py) where `use_int8_activations` says so. Otherwise float32: the fused int4 matvec
-    (kernels/quant_f32.py), and dequantized tiles × BLAS for prefill.
+    """minilm-q4 v1 int4 weights (q4.py). With int8 activations (the default where the CPU has an int8
+    dot, kernels/int8_dot.py: AVX512-VNNI, AVX-VNNI or AVX2): decode the int4 x int8 matvec
+    (kernels/quant_i8_matvec.py), prefill the int4 x int8 matmul (kernels/quant_i8_matmul.py) where
+    `use_int8_activations` says so. Otherwise float32: the fused int4 matvec (kernels/quant_f32.py), and
+    dequantized tiles × BLAS for prefill.
 
     `int8_activations = False` forces the float32 prefill (the accuracy reference); see
     Model.set_int8_activations.
@@ -168,17 +169,18 @@ class Q4(Linear):
         return cls(q4)
 
     def matvec(self, x):
-        from ..kernels.quant_i8_matmul import VNNI
+        from ..kernels.int8_dot import INT8_DOT
         from ..kernels.quant_i8_matvec import matvec_q4_i8, supports_i8
-        if self.int8_activations and VNNI and supports_i8(self.p.group_size, self.shape[1]):
+        if self.int8_activations and INT8_DOT and supports_i8(self.p.group_size, self.shape[1]):
             return matvec_q4_i8(self.p, x)
         from ..kernels.quant_f32 import matvec_q4_f32
         return matvec_q4_f32(self.p, x)
 
     def rows(self, X):
-        from ..kernels.quant_i8_matmul import VNNI, matmul_q4_i8
+        from ..kernels.int8_dot import INT8_DOT
+        from ..kernels.quant_i8_matmul import matmul_q4_i8
         from ..kernels.quant_i8_matvec import supports_i8
-        if not (self.int8_activations and VNNI and supports_i8(self.p.group_size, self.shape[1])):
+        if not (self.int8_activations and INT8_DOT and supports_i8(self.p.group_size, self.shape[1])):
             return self(X)                         # float32, as matvec
         y = matmul_q4_i8(self.p, X)                # int8 activations at any B, as matvec_q4_i8
         if self.bias is not None:
@@ -276,7 +278,7 @@ class Q6(Q8):
     per-linear path, the one-call steps' rows: runtime/decode.stack_q8), batched head rows, prefill
     with int8 or float32 activations. kind "q6". K not a multiple of 32: unpacked to a plain Q8."""
     kind = "q6"
-    # Decode (`matvec`, `rows`) with int8 activations where they are on and the CPU has VNNI: set for
+    # Decode (`matvec`, `rows`) with int8 activations where they are on and the CPU has an int8 dot: set for
     # the head (runtime/checkpoint.py), whose float32 q6 product costs ~6x the int8 table's time
     # (BENCHMARKS.md); block linears keep the float32 sums of their Q8 twin on the per-linear path.
     decode_i8 = False

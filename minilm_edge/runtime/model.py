@@ -160,9 +160,10 @@ class Model:
         self._fused_decode = bool(on)
 
     def set_int8_activations(self, on: bool) -> None:
-        """Multiply int4 linears (prefill and decode) and int8 ones (prefill) with int8 activations on
-        AVX512-VNNI (on: the default; used where the CPU has it: quant_i8_matmul.use_int8_activations,
-        quant_i8_matvec.supports_i8) or in float32 (off: the accuracy reference)."""
+        """Multiply int4 linears (prefill and decode) and int8 ones (prefill) with int8 activations
+        (on: the default; used where the CPU has an int8 dot, AVX512-VNNI, AVX-VNNI or AVX2:
+        kernels/int8_dot.py, quant_i8_matmul.use_int8_activations, quant_i8_matvec.supports_i8) or in
+        float32 (off: the accuracy reference)."""
         from .linear import Q4, Q8
         blocks = self.weights.blocks
         linears = [getattr(b, n) for b in blocks for n in ("q", "k", "v", "o", "gate", "up", "down")]
@@ -377,7 +378,7 @@ class Model:
 def load(path, tokenizer: bool = True, int8_activations: bool = True, verify: bool = False) -> Model:
     """Load a model folder (config.json, *.safetensors, tokenizer.json, ...) into a `Model`.
 
-    int8_activations=False: float32 activations even where int8 x VNNI is available (prefill and the
+    int8_activations=False: float32 activations even where an int8 dot is available (prefill and the
     int4 decode; Model.set_int8_activations).
     A folder with a manifest.json is checked against it first (formats/manifest.py: file list and
     sizes always, sha256 of files changed since the store's last check, of every file with
