@@ -182,6 +182,7 @@ def test_decode_batch_logits_match_single_stream(model, n_threads):
     V, B = model.config.vocab_size, 5
     dec = BatchDecoder(model, max_batch=B, max_len=48)
     pooled = [dec._seqs[dec.add(list(rng.integers(0, V, 3 + 4 * b)), SamplingSettings())].cache for b in range(B)]
+    dec.prefill()                                   # the prompts' keys and values into the pool
     own, ref = [model.new_cache(48) for _ in range(B)], [model.new_cache(48) for _ in range(B)]
     for c, o, r in zip(pooled, own, ref):
         model.forward(c.tokens, o)
@@ -207,6 +208,38 @@ def test_decode_batch_logits_match_single_stream(model, n_threads):
     assert (model._batch_step is not None) == (model.decode_plan is not None)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_prefill_batch_is_each_forward_bit_for_bit(model, n_threads):
+    """Model.prefill_batch (batched decoding's prefill of the prompts that joined since the last step):
+    each prompt's logits and stored keys and values exactly those of its own forward(last_only), for
+    prompts of 1..13 tokens (below and from INT8_MIN_TOKENS: one pass together, or alone), into pool
+    slots and into a cache that already holds tokens."""
+    rng = np.random.default_rng(n_threads)
+    V = model.config.vocab_size
+    lens = [7, 1, 4, 13, 3, 5, 9]
+    prompts = [list(rng.integers(0, V, n)) for n in lens]
+    dec = BatchDecoder(model, max_batch=len(lens), max_len=32)
+    seqs = [dec.add([1], SamplingSettings()) for _ in lens]
+    with threads(n_threads):
+        dec.prefill()                                  # one token already in each slot
+        caches = [dec._seqs[s].cache for s in seqs]
+        refs = [model.new_cache(32) for _ in lens]
+        want = []
+        for p, r in zip(prompts, refs):
+            model.forward([1], r)
+            want.append(model.forward(p, r, last_only=True)[0])
+        got = model.prefill_batch(prompts, caches)
+    np.testing.assert_array_equal(got, np.stack(want))
+    for c, r, n in zip(caches, refs, lens):
+        assert c.tokens == r.tokens
+        np.testing.assert_array_equal(c.k[:, :, :n + 1], r.k[:, :, :n + 1])
+        np.testing.assert_array_equal(c.v[:, :, :n + 1], r.v[:, :, :n + 1])
+    with pytest.raises(UsageError):
+        model.prefill_batch([[1], [2]], [caches[0], caches[0]])
+    with pytest.raises(ContextOverflowError):
+        model.prefill_batch([[1] * 40], [model.new_cache(32)])
+
+
 @pytest.mark.parametrize("variant", [1, 2])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_batch_step_rows_are_single_stream_bit_for_bit(model, n_threads, variant):
@@ -221,6 +254,7 @@ def test_batch_step_rows_are_single_stream_bit_for_bit(model, n_threads, variant
     V, B = model.config.vocab_size, 5
     dec = BatchDecoder(model, max_batch=B + 1, max_len=48)
     seqs = [dec.add(list(rng.integers(0, V, 2 + 5 * b)), SamplingSettings()) for b in range(B)]
+    dec.prefill()
     ref = {}
     for s in seqs:
         ref[s] = model.new_cache(48)
@@ -236,6 +270,7 @@ def test_batch_step_rows_are_single_stream_bit_for_bit(model, n_threads, variant
                     dec.remove(seqs[1])
                     del ref[seqs[1]]
                     s = dec.add(list(rng.integers(0, V, 30)), SamplingSettings())
+                    dec.prefill()
                     ref[s] = model.new_cache(48)
                     model.forward(dec._seqs[s].cache.tokens, ref[s])
                     seqs = [q for q in seqs if q != seqs[1]] + [s]
@@ -333,6 +368,7 @@ attend_part(q, 1, 2, 16, k, k, 0, 13, np.float32(0.25), np.zeros((4, 18), np.flo
 V = model.config.vocab_size
 dec = BatchDecoder(model, max_batch=5, max_len=48)
 seqs = [dec.add(list(rng.integers(0, V, 2 + 5 * b)), SamplingSettings()) for b in range(5)]
+dec.prefill()
 ref = [model.new_cache(48) for _ in seqs]
 for s, r in zip(seqs, ref):
     model.forward(dec._seqs[s].cache.tokens, r)

@@ -130,3 +130,22 @@ def test_share_mixed_tiles_the_pairs_and_evens_the_cost(n, data, T):
     cost = lambda a, b: sum(c8 if p0 <= i < p1 else Q4_COST for i in range(a, b))
     total = cost(0, n)
     assert all(abs(cost(a, b) - total / T) <= 2 * Q8_COST for a, b in parts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 400), data=st.data(), T=st.integers(1, 4))
+def test_share_rows_tiles_the_pairs_and_evens_the_cost(n, data, T):
+    """The B-row step's split (decode_step_batch._share_rows): q6 and int8 pairs cost ROW_Q8_COST to
+    an int4 pair's ROW_Q4_COST."""
+    from minilm_edge.kernels.decode_step_batch import ROW_Q4_COST, ROW_Q8_COST, _share_rows
+    p0 = data.draw(st.integers(0, n))
+    p1 = data.draw(st.integers(p0, n))
+    tab = np.array([data.draw(st.sampled_from([-1, 0, 10])), p0, p1, int(data.draw(st.booleans()))], np.int64)
+    parts = [_share_rows(n, t, T, tab) for t in range(T)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(parts[t][1] == parts[t + 1][0] for t in range(T - 1)) and all(a <= b for a, b in parts)
+    if tab[0] < 0:
+        assert parts == [(n * t // T, n * (t + 1) // T) for t in range(T)]
+        return
+    cost = lambda a, b: sum(ROW_Q8_COST if p0 <= i < p1 else ROW_Q4_COST for i in range(a, b))
+    assert all(abs(cost(a, b) - cost(0, n) / T) <= 2 * max(ROW_Q4_COST, ROW_Q8_COST) for a, b in parts)

@@ -49,7 +49,6 @@ from .decode_step import (
     _pair,
     _rms_norm_vec,
     _share,
-    _share_mixed,
     attend_part,
     merge_parts,
     silu_mul_span,
@@ -658,13 +657,42 @@ def _rope_store(t, T, l, qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp):
 # The step
 
 
+# A row pair's relative cost in the B-row step, for `_share_rows`: there the products bound a pair,
+# not its bytes (decode_step.Q4_COST's rule, right for one row). At B = 8 an int4 g32 pair took about
+# 1.25 q6 pairs (the q|k|v phase on the q6 default, 2 threads: 259 int4 pairs 1.80 ms against 29 int4
+# and 192 q6 pairs 1.29 ms; BENCHMARKS.md "B = 8 at 4x"); int8 pairs as q6 ones (the same products).
+ROW_Q4_COST, ROW_Q8_COST = 5, 4
+
+
+@kernel()
+def _share_rows(n, t, T, tab):
+    """decode_step._share_mixed with the B-row step's costs (ROW_Q4_COST, ROW_Q8_COST): thread t's
+    pairs [a, b) of n row pairs where pairs tab[1] .. tab[2]−1 (tab[0] >= 0) are int8 or q6 rows."""
+    if tab[0] < 0:
+        return _share(n, t, T)
+    p0, p1 = tab[1], tab[2]
+    total = ROW_Q4_COST * (n - (p1 - p0)) + ROW_Q8_COST * (p1 - p0)
+    return _row_pair_at(total * t // T, p0, p1), _row_pair_at(total * (t + 1) // T, p0, p1)
+
+
+@kernel(inline=True)
+def _row_pair_at(c, p0, p1):
+    """The first pair whose cost before it reaches c (`_share_rows`'s costs; monotone in c)."""
+    c8 = ROW_Q4_COST * p0 + ROW_Q8_COST * (p1 - p0)             # the cost before pair p1
+    if c <= ROW_Q4_COST * p0:
+        return c // ROW_Q4_COST
+    if c <= c8:
+        return p0 + (c - ROW_Q4_COST * p0) // ROW_Q8_COST
+    return p1 + (c - c8) // ROW_Q4_COST
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
                   down_q8, q8_tab, kp, vp, sh, sc):
     """Thread t of T: its share of every phase of every block for all B rows, a barrier after each.
     The int8 linears' rows (qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab: decode_step._decode_thread's) are
     computed where the int4 stacks hold placeholders (`_rows_batch_mixed`), shared out by cost
-    (`_share_mixed`; gate|up's evenly, in two passes: `_rows_batch_gate_up_mixed`)."""
+    (`_share_rows`; gate|up's evenly, in two passes: `_rows_batch_gate_up_mixed`)."""
     B, D = x.shape
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     F, Na = sh.act.shape[1], sh.qkv.shape[1]
@@ -678,7 +706,7 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
             _rms_norm_vec(x[b], w.attn_norm[l], w.eps, h)
             _prologue_row_mixed(i8, h, qkv_w, q8_tab[0, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_mixed(Na // 2, t, T, q8_tab[0, l])
+        a, e = _share_rows(Na // 2, t, T, q8_tab[0, l])
         _rows_batch_mixed(i8, STORE, qkv_w, qkv_q8, q8_tab[0, l], l * Na, a, e, sh, sh.qkv)   # qkv = W h + b
         k = barrier(bar, k, T)
         _rope_store(t, T, l, sh.qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp)
@@ -693,7 +721,7 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
             merge_parts(T, H, Dh, sh.pm[b], sh.pl[b], sh.po[b], att)
             _prologue_row_mixed(i8, att, o_w, q8_tab[1, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_mixed(D // 2, t, T, q8_tab[1, l])
+        a, e = _share_rows(D // 2, t, T, q8_tab[1, l])
         _rows_batch_mixed(i8, ADD, o_w, o_q8, q8_tab[1, l], l * D, a, e, sh, x)                # x += Wo att
         k = barrier(bar, k, T)
         for b in range(t, B, T):
@@ -710,7 +738,7 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
         for b in range(t, B, T):
             _prologue_row_mixed(i8, sh.act[b], down_w, q8_tab[3, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_mixed(D // 2, t, T, q8_tab[3, l])
+        a, e = _share_rows(D // 2, t, T, q8_tab[3, l])
         _rows_batch_mixed(i8, ADD, down_w, down_q8, q8_tab[3, l], l * D, a, e, sh, x)          # x += Wdown act
         k = barrier(bar, k, T)
 

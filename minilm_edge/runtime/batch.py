@@ -1,14 +1,16 @@
 """Batched decoding: B sequences at their own positions advance one token per step together.
 
 `BatchDecoder` holds up to `max_batch` sequences, each in its own region (slot) of one KV pool
-`[max_batch, L, Hkv, S, Dh]`. `add` prefills a prompt into a free slot (single-stream prefill);
-`step` samples one token for every active sequence and then runs all their new tokens through the
-model in one batched step (`Model.decode_batch`: the B activation rows meet each int4 weight once,
-attention per sequence over its own slot; with a decode plan (int4 blocks, int8 linears among them
-or not), one compiled call for every block and row, whose buffers `batch_step.BatchStep` holds:
-kernels/decode_step_batch.py). Sequences join (`add`)
-and leave (`remove`, or by themselves after their final event) between steps. One active sequence
-steps through today's fused single-stream decode, so B = 1 is no slower.
+`[max_batch, L, Hkv, S, Dh]`. `add` takes a prompt into a free slot; the next `step` first prefills
+every prompt that joined since the last one, together (`Model.prefill_batch`: each prompt's logits
+those of its own prefill, bit for bit, the weights read once for all of them); then it samples one
+token for every active sequence and runs all their new tokens through the model in one batched
+step (`Model.decode_batch`: the B activation rows meet each int4 weight once, attention per
+sequence over its own slot; with a decode plan (int4 blocks, int8 linears among them or not), one
+compiled call for every block and row, whose buffers `batch_step.BatchStep` holds:
+kernels/decode_step_batch.py). Sequences join (`add`) and leave (`remove`, or by themselves after
+their final event) between steps. One active sequence steps through today's fused single-stream
+decode, so B = 1 is no slower.
 
 Sampling is generation.py's, per sequence: its `Sampler` (seed, repetition penalty, temperature,
 top-k, top-p), stop strings held back until they cannot start a stop string, EOS. A sequence's
@@ -88,7 +90,7 @@ class _Seq:
     sampler: Sampler
     stream: TextStream
     logprobs: int
-    logits: np.ndarray       # [V] float32: the distribution of its next token
+    logits: np.ndarray       # [V] float32: the distribution of its next token (None until prefilled)
     history: list            # prompt + generated ids (for the repetition penalty; empty when it is off)
     pending: str = ""        # text held back because it might start a stop string
     n_new: int = 0
@@ -126,6 +128,7 @@ class BatchDecoder:
         self._free = list(range(max_batch - 1, -1, -1))
         self._seqs: dict[int, _Seq] = {}
         self._next_id = 0
+        self._joining: dict[int, list] = {}          # sequence id -> prompt ids, added and not yet prefilled
         self._eos = model.eos_ids()
 
     @property
@@ -137,29 +140,46 @@ class BatchDecoder:
         return len(self._free)
 
     def add(self, prompt_ids: list[int], settings: SamplingSettings, logprobs: int = 0) -> int:
-        """Prefill `prompt_ids` into a free slot now; returns the sequence id its events carry.
-        ContextOverflowError when the prompt leaves no room for an answer, UsageError when no slot
-        is free (check `free_slots`) or an argument is bad."""
+        """Take `prompt_ids` into a free slot; returns the sequence id its events carry. The prompt
+        is prefilled by the next `prefill` (which `step` calls first), together with every prompt
+        that joined since the last step. ContextOverflowError when the prompt leaves no room for an
+        answer, UsageError when no slot is free (check `free_slots`) or an argument is bad."""
         if not isinstance(settings, SamplingSettings):
             raise UsageError("settings must be a SamplingSettings")
         if not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
             raise UsageError(f"logprobs must be a whole number in 0..{MAX_LOGPROBS}, got {logprobs}")
         ids = [int(i) for i in prompt_ids]
         _check_fits(len(ids), self.max_len, "prompt")
+        V = self.model.config.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= V:
+            raise UsageError(f"a prompt needs at least one token, each id in 0..{V - 1}")
         if not self._free:
             raise UsageError(f"the batch is full ({self.max_batch} sequences); wait for a free slot")
         slot = self._free.pop()
         cache = KVCache(self.model.config, self.max_len, pool=(self._k, self._v, slot))
-        try:
-            logits = _finite(self.model.forward(ids, cache, last_only=True)[0], self.model)
-        except BaseException:
-            self._free.append(slot)
-            raise
         seq = _Seq(self._next_id, slot, cache, settings, Sampler(settings), TextStream(self.model.tokenizer),
-                   logprobs, logits, list(ids) if settings.repetition_penalty != 1.0 else [])
+                   logprobs, None, list(ids) if settings.repetition_penalty != 1.0 else [])
         self._next_id += 1
         self._seqs[seq.id] = seq
+        self._joining[seq.id] = ids
         return seq.id
+
+    def prefill(self) -> None:
+        """Prefill every prompt added since the last step, in one pass where the model can
+        (Model.prefill_batch: each prompt's logits bit for bit those of its own forward). If the
+        model fails, those sequences are removed and the error is raised."""
+        if not self._joining:
+            return
+        joining, self._joining = self._joining, {}
+        seqs = [self._seqs[i] for i in joining]
+        try:
+            logits = self.model.prefill_batch(list(joining.values()), [s.cache for s in seqs])    # [n, V]
+            for s, row in zip(seqs, logits):
+                s.logits = _finite(row, self.model)
+        except BaseException:
+            for s in seqs:
+                self.remove(s.id)
+            raise
 
     def remove(self, seq: int) -> None:
         """Free a sequence's slot now (its client went away). A sequence that already finished (it
@@ -168,11 +188,13 @@ class BatchDecoder:
             raise UsageError(f"no sequence {seq} was added")
         s = self._seqs.pop(seq, None)
         if s is not None:
+            self._joining.pop(seq, None)
             self._free.append(s.slot)
 
     def step(self) -> list[TokenEvent]:
         """One token for every active sequence, in the order they were added. A finished sequence
         (its event has `finish` set) leaves by itself."""
+        self.prefill()
         events, going = [], []
         for s in list(self._seqs.values()):
             ev = self._advance(s)

@@ -202,6 +202,47 @@ class Model:
         x = self.hidden_states(ids, cache, last_only)
         return self.weights.lm_head(x)                                     # [T, D] -> [T, V]
 
+    def prefill_batch(self, prompts: list, caches: list) -> np.ndarray:
+        """`forward(prompts[i], caches[i], last_only=True)` for every i: the logits of each prompt's
+        last token, its keys and values stored in caches[i].                    -> [n, V] float32
+
+        Bit for bit what each forward gives alone, in fewer calls: the prompts whose forward takes
+        the int8-activation kernels for every block linear (plain Llama blocks, at least
+        INT8_MIN_TOKENS tokens) go through the blocks together, each linear multiplying all their
+        rows at once (those kernels treat each row alone: the same products, the weights read once
+        for all; tests/test_batch.py), and the head's `rows` give each row its single-stream matvec.
+        Every other prompt runs its own forward. Batched decoding (batch.BatchDecoder) prefills
+        the prompts that joined since its last step this way: 8 short prompts cost about what 2 do.
+        """
+        from .linear import Q8
+        if len(prompts) != len(caches) or len({id(c) for c in caches}) != len(caches):
+            raise UsageError("prefill_batch needs one prompt per cache, each cache different")
+        ids = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        for i, cache in zip(ids, caches):
+            if i.size == 0:
+                raise UsageError("forward needs at least one token")
+            if i.min() < 0 or i.max() >= self.config.vocab_size:
+                raise UsageError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+            if cache.length + i.size > cache.max_len:
+                raise ContextOverflowError(
+                    f"{cache.length} tokens in context + {i.size} new exceed the context size {cache.max_len}")
+        head = self.weights.lm_head
+        together = [j for j, i in enumerate(ids) if self.config.arch.plain and self._int8_blocks
+                    and use_int8_activations(i.size)]
+        if len(together) < 2 or not isinstance(head, Q8):
+            together = []
+        out = np.empty((len(ids), self.config.vocab_size), np.float32)
+        for j in sorted(set(range(len(ids))) - set(together)):
+            out[j] = self.forward(ids[j], caches[j], last_only=True)[0]
+        if together:
+            lens = [ids[j].size for j in together]
+            blas_threads(1)                                   # as hidden_states for int8 prefill
+            x = self._blocks_rows(np.concatenate([ids[j] for j in together]), [caches[j] for j in together], lens)
+            x = x[np.cumsum(lens) - 1]                                     # [n', D]: each prompt's last row
+            kernels.rms_norm(x, self.weights.norm, self.config.rms_norm_eps, x)
+            out[together] = head.rows(x)                                   # [n', V]
+        return out
+
     def decode_batch(self, tokens, caches: list) -> np.ndarray:
         """One decode step of B sequences: token b appended after what caches[b] holds (each at its
         own position).                                                   [B] -> logits [B, V] float32
@@ -313,15 +354,27 @@ class Model:
     def _blocks(self, ids: np.ndarray, cache: KVCache) -> np.ndarray:
         if not self.config.arch.plain:                # Qwen3, Gemma 3: runtime/architecture.py
             return run_blocks(self, ids, cache)
-        c, T, p0 = self.config, len(ids), cache.length
-        H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        angle = np.arange(p0, p0 + T, dtype=np.float64)[:, None] * self._inv_freq[None, :]
-        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [T, Dh/2]
-        x = self.weights.embed[ids].astype(np.float32)                     # [T, D]
-        if T == 1 and self._fused_decode:
-            self._plan.run(x[0], cache, p0, cos[0], sin[0])
+        if len(ids) == 1 and self._fused_decode:
+            p0 = cache.length
+            angle = np.float64(p0) * self._inv_freq
+            x = self.weights.embed[ids].astype(np.float32)                 # [1, D]
+            self._plan.run(x[0], cache, p0, np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32))
             cache.tokens.append(int(ids[0]))
             return x
+        return self._blocks_rows(ids, [cache], [len(ids)])
+
+    def _blocks_rows(self, ids: np.ndarray, caches: list, lens: list) -> np.ndarray:
+        """The per-linear blocks over the new tokens of one or more sequences, concatenated: lens[i]
+        tokens appended after caches[i]. Every linear multiplies all T rows in one call; RoPE, the
+        KV store and attention go per sequence, at its own positions.                 -> x [T, D]"""
+        c, T = self.config, len(ids)
+        H, Hkv, Dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        ends = np.cumsum(lens)
+        segs = [(cache, int(e) - n, int(e), cache.length) for cache, n, e in zip(caches, lens, ends)]
+        pos = np.concatenate([np.arange(p0, p0 + (b - a)) for _, a, b, p0 in segs])       # [T]
+        angle = pos.astype(np.float64)[:, None] * self._inv_freq[None, :]
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)   # [T, Dh/2]
+        x = self.weights.embed[ids].astype(np.float32)                     # [T, D]
         h = np.empty_like(x)                                               # [T, D] normed input
         att = np.empty((T, H, Dh), np.float32)                             # [T, H, Dh]
         act = np.empty((T, c.intermediate_size), np.float32)               # [T, F]
@@ -332,9 +385,11 @@ class Model:
             q, k, v = project_qkv(qkv, b, h, H, Hkv, Dh)
             kernels.rope_inplace(q, cos, sin)
             kernels.rope_inplace(k, cos, sin)
-            cache.k[layer, :, p0:p0 + T] = k.transpose(1, 0, 2)           # [T, Hkv, Dh] -> [Hkv, T, Dh]
-            cache.v[layer, :, p0:p0 + T] = v.reshape(T, Hkv, Dh).transpose(1, 0, 2)
-            kernels.attention(q, cache.k[layer], cache.v[layer], p0, cache.scratch, att)
+            v = v.reshape(T, Hkv, Dh)
+            for cache, a, e, p0 in segs:
+                cache.k[layer, :, p0:p0 + e - a] = k[a:e].transpose(1, 0, 2)     # [t, Hkv, Dh] -> [Hkv, t, Dh]
+                cache.v[layer, :, p0:p0 + e - a] = v[a:e].transpose(1, 0, 2)
+                kernels.attention(q[a:e], cache.k[layer], cache.v[layer], p0, cache.scratch, att[a:e])
             x += b.o(att.reshape(T, nq))
             kernels.rms_norm(x, b.mlp_norm, c.rms_norm_eps, h)
             if gate_up is not None:
@@ -343,7 +398,8 @@ class Model:
             else:
                 kernels.silu_mul(b.gate(h), b.up(h), act)
             x += b.down(act)
-        cache.tokens.extend(int(i) for i in ids)
+        for cache, a, e, _ in segs:
+            cache.tokens.extend(int(i) for i in ids[a:e])
         return x
 
     # ---- text in, text out (see generation.py)
