@@ -74,6 +74,7 @@ from .quant_q6 import dot2_q6_f32
 from .simd import (
     LANES,
     _elem_ptr,
+    as_f32,
     prefetch,
     v_fma,
     v_hsum,
@@ -199,7 +200,7 @@ def _dot2_q4_f32_at(qw, sc, z, sw, ra, rb, group_size, xe, xo, xs, xsal, b):
             lo, hi = v_unpack_q4(qw, wb + o)
             db = v_fma(lo, x_e, db)
             eb = v_fma(hi, x_o, eb)
-        s_a, s_b = sc[ra, g], sc[rb, g]
+        s_a, s_b = as_f32(sc[ra, g]), as_f32(sc[rb, g])
         va, vb = v_splat(s_a), v_splat(s_b)
         acc_a = v_fma(va, da, acc_a)
         acc_a2 = v_fma(va, ea, acc_a2)
@@ -316,8 +317,8 @@ def _dot2_q8_f32_at(qw, sc, ra, rb, group_size, xe, xo, b):
         db = v_fma(v_load_u8(qw, wb + e), x_e, v_fma(v_load_u8(qw, wb + e + n), x_o, db))
         if (k0 + 32) % group_size == 0:
             g = k0 // group_size
-            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
-            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            acc_a = v_fma(v_splat(as_f32(sc[ra, g])), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(as_f32(sc[rb, g])), v_fma(cx, m128, db), acc_b)
             da, db, cx = v_zeros(), v_zeros(), v_zeros()
     return v_hsum(acc_a), v_hsum(acc_b)
 
@@ -766,7 +767,7 @@ def matvec_rows_q8_f32(qweight, scales, group_size, X, out):
                     d1 = v_fma(wv, v_load(X, o1 + o), d1)
                     d2 = v_fma(wv, v_load(X, o2 + o), d2)
                     d3 = v_fma(wv, v_load(X, o3 + o), d3)
-                sg = v_splat(scales[n, g])
+                sg = v_splat(as_f32(scales[n, g]))
                 a0 = v_fma(sg, d0, a0)
                 a1 = v_fma(sg, d1, a1)
                 a2 = v_fma(sg, d2, a2)
