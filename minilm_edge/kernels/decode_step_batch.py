@@ -75,6 +75,7 @@ from .simd import (
     LANES,
     _elem_ptr,
     as_f32,
+    fma32,
     prefetch,
     v_fma,
     v_hsum,
@@ -206,8 +207,8 @@ def _dot2_q4_f32_at(qw, sc, z, sw, ra, rb, group_size, xe, xo, xs, xsal, b):
         acc_a2 = v_fma(va, ea, acc_a2)
         acc_b = v_fma(vb, db, acc_b)
         acc_b2 = v_fma(vb, eb, acc_b2)
-        zt_a += s_a * np.float32(z[ra, g]) * xs[b, g]
-        zt_b += s_b * np.float32(z[rb, g]) * xs[b, g]
+        zt_a = fma32(s_a * np.float32(z[ra, g]), xs[b, g], zt_a)     # this order in every kernel (simd.fma32)
+        zt_b = fma32(s_b * np.float32(z[rb, g]), xs[b, g], zt_b)
     for i in range(0, m16, LANES):
         x_s = v_load(xsal, osal + i)
         acc_a = v_fma(v_load(sw, ra * m16 + i), x_s, acc_a)

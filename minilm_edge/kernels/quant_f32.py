@@ -44,7 +44,20 @@ from numba import prange
 from ..errors import UsageError
 from ..formats.q4 import Q4Linear, Q8Linear
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
-from .simd import LANES, as_f32, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_splat, v_store, v_unpack_q4, v_zeros
+from .simd import (
+    LANES,
+    as_f32,
+    fma32,
+    v_fma,
+    v_hsum,
+    v_load,
+    v_load_i8,
+    v_load_u8,
+    v_splat,
+    v_store,
+    v_unpack_q4,
+    v_zeros,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Runtime forms, built once at load
@@ -178,8 +191,8 @@ def dot2_q4_f32(qw, sc, z, sw, ra, rb, group_size, x_even, x_odd, x_sum, x_sal):
         acc_a2 = v_fma(va, ea, acc_a2)
         acc_b = v_fma(vb, db, acc_b)
         acc_b2 = v_fma(vb, eb, acc_b2)
-        zt_a += s_a * np.float32(z[ra, g]) * x_sum[g]
-        zt_b += s_b * np.float32(z[rb, g]) * x_sum[g]
+        zt_a = fma32(s_a * np.float32(z[ra, g]), x_sum[g], zt_a)     # this order in every kernel (simd.fma32)
+        zt_b = fma32(s_b * np.float32(z[rb, g]), x_sum[g], zt_b)
     for i in range(0, m16, LANES):
         xs = v_load(x_sal, i)
         acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)

@@ -65,6 +65,19 @@ def as_f32(typingctx, s):
 
 
 @intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c for float32 scalars, one rounding, in exactly this order: a call, which fastmath's
+    reassociation does not reorder (a sum of three-factor products written with `*` and `+` may come
+    out in another order in another kernel, or for another array type: the rank LLVM gives each
+    operand decides). Where two kernels must agree bit for bit, they write such sums with this."""
+    def codegen(context, builder, sig, args):
+        vals = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args)]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
+        return builder.call(fn, vals)
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
 def v_zeros(typingctx):
     """A vector of 16 zeros."""
     def codegen(context, builder, sig, args):
