@@ -96,7 +96,9 @@ def test_prepare_shares_weight_buffers_and_pads_salient():
     lin = int4_layer(1, 5, 32, 2, 3, "normal")
     p = kq.prepare_q4(lin)
     assert np.shares_memory(p.qweight, lin.qweight) and np.shares_memory(p.zeros, lin.zeros)
-    assert p.scales.dtype == np.float32 and p.sal_w.shape == (5, 16) and p.n_salient == 3
+    assert np.shares_memory(p.scales, lin.scales) and p.scales.dtype == np.uint16     # fp16 bits, in place
+    assert np.array_equal(p.scales.view(np.float16), lin.scales)
+    assert p.sal_w.shape == (5, 16) and p.n_salient == 3
     assert not p.sal_w[:, 3:].any()
 
 

@@ -54,10 +54,12 @@ BLOCK_LINEARS = {
 BIASED = ("q", "k", "v")   # carry a bias when config.attention_bias (qwen2)
 
 # The int4 linears that runtime/decode.py stacks across blocks, each tuple fused by rows (q|k|v,
-# gate|up). Files we write store the codes and zero points of each stack back to back, block after
-# block (`storage_rank`), so that the stack is a view of the mapped file, not a copy.
+# gate|up). Files we write store the codes, zero points and scales of each stack back to back, block
+# after block (`storage_rank`), so that the stack is a view of the mapped file, not a copy (the kernels
+# read the fp16 scales as they are: kernels/simd.as_f32). Older files put the scales elsewhere: loading
+# copies them (runtime/decode.stack_q4).
 STACKS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
-STACKED_PARTS = ("qweight", "zeros")      # scales are widened to float32 at load: copied anyway
+STACKED_PARTS = ("qweight", "zeros", "scales")
 _STACK_OF = {key: (s, j) for s, keys in enumerate(STACKS) for j, key in enumerate(keys)}
 _PREFIX_KEY = {name.rsplit(".", 1)[1]: key for key, (name, _) in BLOCK_LINEARS.items()}   # "q_proj" -> "q"
 _STACKED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(\w+)")

@@ -66,7 +66,7 @@ if INT8_DOT:
 
 Q4Stack = namedtuple("Q4Stack", [
     "qweight",      # uint8   [L·N, K/2]
-    "scales",       # float32 [L·N, G]
+    "scales",       # uint16  [L·N, G]    fp16 bits (simd.as_f32 widens them as they are read)
     "zeros",        # uint8   [L·N, G]
     "sal_w",        # float32 [L·N, m16]
     "bias",         # float32 [L·N]      (zeros when the linear has none)
@@ -79,12 +79,12 @@ Q4Stack = namedtuple("Q4Stack", [
 ])
 Q8Stack = namedtuple("Q8Stack", [       # the int8 block linears' rows of one kind, all blocks (R rows)
     "qweight",      # uint8   [R, K]     quant_i8_matvec.q8_rows: u = q + 128, per 128 channels even then odd
-    "scales",       # float32 [R, K/g8]
+    "scales",       # uint16  [R, K/g8]  fp16 bits
     "group_size",   # int     g8
     "gpc", "gidx", "g0s",   # quant_i8_matvec.group_index(g8, K)
     # the q6 block linears' rows of this kind (quant_q6.py: 6-bit codes, formats/q4.py pack_q6_rows)
     "q6w",          # uint8   [R6, 3K/4]
-    "q6s",          # float32 [R6, K/g6]
+    "q6s",          # uint16  [R6, K/g6] fp16 bits
     "q6g",          # int     g6
     "q6gpc", "q6gidx", "q6g0s",   # quant_i8_matvec.group_index(g6, K)
 ])

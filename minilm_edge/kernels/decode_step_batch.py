@@ -73,6 +73,8 @@ from .quant_q6 import dot2_q6_f32
 from .simd import (
     LANES,
     _elem_ptr,
+    as_f32,
+    fma32,
     prefetch,
     v_fma,
     v_hsum,
@@ -205,14 +207,14 @@ def _dot2_q4_f32_at(qw, sc, z, sw, ra, rb, group_size, xe, xo, xs, xsal, b):
             lo, hi = v_unpack_q4(qw, wb + o)
             db = v_fma(lo, x_e, db)
             eb = v_fma(hi, x_o, eb)
-        s_a, s_b = sc[ra, g], sc[rb, g]
+        s_a, s_b = as_f32(sc[ra, g]), as_f32(sc[rb, g])
         va, vb = v_splat(s_a), v_splat(s_b)
         acc_a = v_fma(va, da, acc_a)
         acc_a2 = v_fma(va, ea, acc_a2)
         acc_b = v_fma(vb, db, acc_b)
         acc_b2 = v_fma(vb, eb, acc_b2)
-        zt_a += s_a * np.float32(z[ra, g]) * xs[b, g]
-        zt_b += s_b * np.float32(z[rb, g]) * xs[b, g]
+        zt_a = fma32(s_a * np.float32(z[ra, g]), xs[b, g], zt_a)     # this order in every kernel (simd.fma32)
+        zt_b = fma32(s_b * np.float32(z[rb, g]), xs[b, g], zt_b)
     for i in range(0, m16, LANES):
         x_s = v_load(xsal, osal + i)
         acc_a = v_fma(v_load(sw, ra * m16 + i), x_s, acc_a)
@@ -322,8 +324,8 @@ def _dot2_q8_f32_at(qw, sc, ra, rb, group_size, xe, xo, b):
         db = v_fma(v_load_u8(qw, wb + e), x_e, v_fma(v_load_u8(qw, wb + e + n), x_o, db))
         if (k0 + 32) % group_size == 0:
             g = k0 // group_size
-            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
-            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            acc_a = v_fma(v_splat(as_f32(sc[ra, g])), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(as_f32(sc[rb, g])), v_fma(cx, m128, db), acc_b)
             da, db, cx = v_zeros(), v_zeros(), v_zeros()
     return v_hsum(acc_a), v_hsum(acc_b)
 
@@ -801,7 +803,7 @@ def matvec_rows_q8_f32(qweight, scales, group_size, X, out):
                     d1 = v_fma(wv, v_load(X, o1 + o), d1)
                     d2 = v_fma(wv, v_load(X, o2 + o), d2)
                     d3 = v_fma(wv, v_load(X, o3 + o), d3)
-                sg = v_splat(scales[n, g])
+                sg = v_splat(as_f32(scales[n, g]))
                 a0 = v_fma(sg, d0, a0)
                 a1 = v_fma(sg, d1, a1)
                 a2 = v_fma(sg, d2, a2)

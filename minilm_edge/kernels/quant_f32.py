@@ -28,9 +28,11 @@ Prefill (compute-bound): dequantize row tiles to float32 with the same vector co
 ("split" order, no shuffles), and X gets the same column permutation once per call.
 
 Runtime form (`Q4Prepared`, built once at load by `prepare_q4`): Numba's CPU target has no float16,
-so fp16 scales and salient weights become float32; qweight and zeros are the same arrays as in the
-Q4Linear (no copy, memory-maps stay memory-maps). Salient columns are padded to a multiple of 16 with
-zero weights (index 0), so the fused salient dot runs in whole vectors.
+so the fp16 scales are passed as their uint16 bits (`fp16_bits`: the file's own bytes, no copy) and
+widened in the kernels as they are read (simd.as_f32, simd.load_f32: exact, so the same sums as from
+a float32 copy, at half its bytes and none of its RSS); qweight and zeros are the same arrays as in
+the Q4Linear (memory-maps stay memory-maps). Salient weights become float32, their columns padded
+to a multiple of 16 with zero weights (index 0), so the fused salient dot runs in whole vectors.
 """
 from __future__ import annotations
 
@@ -42,7 +44,20 @@ from numba import prange
 from ..errors import UsageError
 from ..formats.q4 import Q4Linear, Q8Linear
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
-from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_splat, v_store, v_unpack_q4, v_zeros
+from .simd import (
+    LANES,
+    as_f32,
+    fma32,
+    v_fma,
+    v_hsum,
+    v_load,
+    v_load_i8,
+    v_load_u8,
+    v_splat,
+    v_store,
+    v_unpack_q4,
+    v_zeros,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Runtime forms, built once at load
@@ -52,7 +67,7 @@ from .simd import LANES, v_fma, v_hsum, v_load, v_load_i8, v_load_u8, v_splat, v
 class Q4Prepared:
     """A Q4Linear in the form the kernels read (see module docstring). Build with `prepare_q4`."""
     qweight: np.ndarray    # uint8   [N, K/2]  same buffer as Q4Linear.qweight
-    scales: np.ndarray     # float32 [N, G]
+    scales: np.ndarray     # uint16  [N, G]    fp16 bits (`fp16_bits`), same buffer as Q4Linear.scales
     zeros: np.ndarray      # uint8   [N, G]    same buffer as Q4Linear.zeros
     group_size: int
     sal_idx: np.ndarray    # int64   [m16]     salient channels, padded with 0
@@ -74,8 +89,14 @@ class Q4Prepared:
         return self.qweight, self.scales, self.zeros, self.group_size, self.sal_idx, self.sal_w
 
 
+def fp16_bits(scales: np.ndarray) -> np.ndarray:
+    """fp16 scales [N, G] as the kernels take them: their uint16 bits, C-contiguous (a view when they
+    are, e.g. of the mapped file; simd.as_f32 widens them)."""
+    return np.ascontiguousarray(scales, dtype=np.float16).view(np.uint16)
+
+
 def prepare_q4(q4: Q4Linear) -> Q4Prepared:
-    """Q4Linear (validated at construction) -> Q4Prepared; copies only scales and salient weights."""
+    """Q4Linear (validated at construction) -> Q4Prepared; copies only the salient weights."""
     n, _ = q4.shape
     m = q4.n_salient
     m16 = -(-m // LANES) * LANES
@@ -84,15 +105,15 @@ def prepare_q4(q4: Q4Linear) -> Q4Prepared:
     if m:
         sal_idx[:m] = q4.salient_idx
         sal_w[:, :m] = q4.salient_w
-    return Q4Prepared(np.ascontiguousarray(q4.qweight), q4.scales.astype(np.float32),
+    return Q4Prepared(np.ascontiguousarray(q4.qweight), fp16_bits(q4.scales),
                       np.ascontiguousarray(q4.zeros), q4.group_size, sal_idx, sal_w, m)
 
 
 @dataclass(frozen=True)
 class Q8Prepared:
-    """A Q8Linear with float32 scales. Build with `prepare_q8`."""
+    """A Q8Linear as the kernels read it (scales as fp16 bits). Build with `prepare_q8`."""
     qweight: np.ndarray    # int8    [N, K]   same buffer as Q8Linear.qweight
-    scales: np.ndarray     # float32 [N, G]
+    scales: np.ndarray     # uint16  [N, G]   fp16 bits (`fp16_bits`), same buffer as Q8Linear.scales
     group_size: int
 
     @property
@@ -109,7 +130,7 @@ class Q8Prepared:
 
 
 def prepare_q8(q8: Q8Linear) -> Q8Prepared:
-    return Q8Prepared(np.ascontiguousarray(q8.qweight), q8.scales.astype(np.float32), q8.group_size)
+    return Q8Prepared(np.ascontiguousarray(q8.qweight), fp16_bits(q8.scales), q8.group_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,14 +185,14 @@ def dot2_q4_f32(qw, sc, z, sw, ra, rb, group_size, x_even, x_odd, x_sum, x_sal):
             lo, hi = v_unpack_q4(qw, wb + o)
             db = v_fma(lo, xe, db)
             eb = v_fma(hi, xo, eb)
-        s_a, s_b = sc[ra, g], sc[rb, g]
+        s_a, s_b = as_f32(sc[ra, g]), as_f32(sc[rb, g])
         va, vb = v_splat(s_a), v_splat(s_b)
         acc_a = v_fma(va, da, acc_a)
         acc_a2 = v_fma(va, ea, acc_a2)
         acc_b = v_fma(vb, db, acc_b)
         acc_b2 = v_fma(vb, eb, acc_b2)
-        zt_a += s_a * np.float32(z[ra, g]) * x_sum[g]
-        zt_b += s_b * np.float32(z[rb, g]) * x_sum[g]
+        zt_a = fma32(s_a * np.float32(z[ra, g]), x_sum[g], zt_a)     # this order in every kernel (simd.fma32)
+        zt_b = fma32(s_b * np.float32(z[rb, g]), x_sum[g], zt_b)
     for i in range(0, m16, LANES):
         xs = v_load(x_sal, i)
         acc_a = v_fma(v_load(sw, ra * m16 + i), xs, acc_a)
@@ -184,7 +205,7 @@ def dot2_q8_f32(qw, sc, ra, rb, group_size, x_even, x_odd):
     """Rows ra and rb of int8 weights in the one-call decode step's layout (quant_i8_matvec.q8_rows:
     uint8 u = q + 128, per chunk of 128 channels the even ones first) times float32 x, split as
     `split_x` splits it: (y_a, y_b), y[n] = sum_g s[n, g] · ( sum_{k in g} u[n, k] x[k] − 128 sum_{k in g} x[k] ).
-    qw uint8 [rows, K], sc float32 [rows, G]; group_size % 32 == 0. 32 channels a step: 16 even
+    qw uint8 [rows, K], sc [rows, G] float32 or fp16 bits; group_size % 32 == 0. 32 channels a step: 16 even
     bytes and 16 odd ones per row, the x loads (and their sum) shared by the pair."""
     K = qw.shape[-1]
     wa, wb = ra * K, rb * K
@@ -201,8 +222,8 @@ def dot2_q8_f32(qw, sc, ra, rb, group_size, x_even, x_odd):
         db = v_fma(v_load_u8(qw, wb + e), xe, v_fma(v_load_u8(qw, wb + e + n), xo, db))
         if (k0 + 32) % group_size == 0:
             g = k0 // group_size
-            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
-            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            acc_a = v_fma(v_splat(as_f32(sc[ra, g])), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(as_f32(sc[rb, g])), v_fma(cx, m128, db), acc_b)
             da, db, cx = v_zeros(), v_zeros(), v_zeros()
     return v_hsum(acc_a), v_hsum(acc_b)
 
@@ -238,8 +259,8 @@ def _dequant_q4_split(qweight, scales, zeros, group_size, row0, tile):
         row = qweight[n]
         dst = tile[r]
         for g in range(scales.shape[1]):
-            s = v_splat(scales[n, g])
-            zs = v_splat(-scales[n, g] * np.float32(zeros[n, g]))
+            s = v_splat(as_f32(scales[n, g]))
+            zs = v_splat(-as_f32(scales[n, g]) * np.float32(zeros[n, g]))
             for o in range(g * h, g * h + h, LANES):
                 lo, hi = v_unpack_q4(row, o)
                 v_store(dst, o, v_fma(lo, s, zs))
@@ -260,7 +281,7 @@ def _matvec_q8_f32(qweight, scales, group_size, x, out):
             d = v_zeros()
             for o in range(g * group_size, g * group_size + group_size, LANES):
                 d = v_fma(v_load_i8(row, o), v_load(x, o), d)
-            acc = v_fma(v_splat(scales[n, g]), d, acc)
+            acc = v_fma(v_splat(as_f32(scales[n, g])), d, acc)
         out[n] = v_hsum(acc)
 
 
@@ -272,7 +293,7 @@ def _dequant_q8(qweight, scales, group_size, row0, tile):
         row = qweight[n]
         dst = tile[r]
         for g in range(scales.shape[1]):
-            s = v_splat(scales[n, g])
+            s = v_splat(as_f32(scales[n, g]))
             for o in range(g * group_size, g * group_size + group_size, LANES):
                 v_store(dst, o, v_fma(v_load_i8(row, o), s, v_zeros()))
 

@@ -51,7 +51,7 @@ from ..errors import UsageError
 from .int8_dot import AVX512, INT8_DOT, INT8_ISA, dpbusd
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, Q8Prepared, _check_mat, _check_out
-from .simd import LANES, _elem_ptr, f32x16, v_zeros
+from .simd import LANES, _elem_ptr, as_f32, f32x16, v_zeros
 
 __all__ = ["INT8_DOT", "INT8_ISA"]     # the dispatch flags, defined in int8_dot.py
 
@@ -404,8 +404,9 @@ def _unpack_tile_q4(qw32, scales, zeros, n0, wq, sw, c):
     for r in range(TILE_ROWS):
         for g in range(scales.shape[1]):
             live = n0 + r < n_rows
-            sw[g * TILE_ROWS + r] = scales[n0 + r, g] if live else np.float32(0.0)
-            c[g * TILE_ROWS + r] = -scales[n0 + r, g] * np.float32(zeros[n0 + r, g]) if live else np.float32(0.0)
+            s = as_f32(scales[n0 + r, g]) if live else np.float32(0.0)
+            sw[g * TILE_ROWS + r] = s
+            c[g * TILE_ROWS + r] = -s * np.float32(zeros[n0 + r, g]) if live else np.float32(0.0)
 
 
 @kernel()
@@ -421,8 +422,8 @@ def _unpack_tile_q8(qw32, scales, n0, wq, sw, c):
     for r in range(TILE_ROWS):
         for g in range(scales.shape[1]):
             live = n0 + r < n_rows
-            sw[g * TILE_ROWS + r] = scales[n0 + r, g] if live else np.float32(0.0)
-            c[g * TILE_ROWS + r] = np.float32(-128.0) * scales[n0 + r, g] if live else np.float32(0.0)
+            sw[g * TILE_ROWS + r] = as_f32(scales[n0 + r, g]) if live else np.float32(0.0)
+            c[g * TILE_ROWS + r] = np.float32(-128.0) * as_f32(scales[n0 + r, g]) if live else np.float32(0.0)
 
 
 @kernel(fastmath=FASTMATH_REDUCE)

@@ -51,7 +51,7 @@ from .int8_dot import AVX512, INT8_DOT, dpbusd
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, _check_out, _check_vec
 from .quant_i8_matmul import ACT_BLOCK, i32x16, v_absmax, v_hmax
-from .simd import LANES, _elem_ptr, f32x16, v_fma, v_hsum, v_load, v_load_u8, v_mul, v_splat, v_zeros
+from .simd import LANES, _elem_ptr, as_f32, f32x16, load_f32, v_fma, v_hsum, v_load, v_load_u8, v_mul, v_splat, v_zeros
 
 CHUNK = 64                                   # packed bytes of weights per chunk (one zmm)
 CHUNK_CHANNELS = 2 * CHUNK                   # input channels per chunk
@@ -128,10 +128,9 @@ def v_dot2_q4_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
 
 def _spread(context, builder, sig, args, parts):
     """Lanes of 16 // parts consecutive copies each of a.flat[off], ..., a.flat[off + parts − 1]
-    (a float32 array: args[0], offset args[1]), read by one plain load of `parts` floats."""
+    (a float32 array or fp16 bits, simd.load_f32: args[0], offset args[1]), read by one plain load."""
     a_t, off_t = sig.args
-    vt = ir.VectorType(ir.FloatType(), parts)
-    v = builder.load(_elem_ptr(context, builder, a_t, args[0], off_t, args[1], vt), align=4)
+    v = load_f32(context, builder, a_t, args[0], off_t, args[1], parts)
     return builder.shuffle_vector(v, v, ir.Constant(_VI32, [i * parts // LANES for i in range(LANES)]))
 
 
@@ -217,10 +216,15 @@ def v_i2f(typingctx, v):
 
 @intrinsic
 def v_load_part(typingctx, x, off, n):
-    """x[off : off+16] of a 1-D float32 array, lanes i >= n read as 0 (and not touched)."""
+    """x[off : off+16] of a 1-D float32 array (or fp16 bits, uint16: simd.load_f32), lanes i >= n read
+    as 0 (and not touched)."""
     def codegen(context, builder, sig, args):
         x_t, off_t, n_t = sig.args
         mask = _mask(builder, _intp(context, builder, args[2], n_t), LANES)
+        if x_t.dtype == types.uint16:
+            vh = ir.VectorType(ir.IntType(16), LANES)
+            h = _masked_load(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], vh), mask, vh)
+            return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), _VF)
         return _masked_load(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], _VF), mask, _VF)
     return f32x16(x, off, n), codegen
 
@@ -339,9 +343,9 @@ def _lane_scales(sc, r, g0, gpc, gidx, G):
     common g = 64 of int4), else a masked load and a permute by gidx. In a last, partial chunk the
     groups past G are clamped to G − 1 (their lanes' dots are 0)."""
     if gpc == 1:
-        return v_splat(sc[r, g0])
+        return v_splat(as_f32(sc[r, g0]))
     if gpc == 2:
-        return v_halves(sc[r, g0], sc[r, min(g0 + 1, G - 1)])
+        return v_halves(as_f32(sc[r, g0]), as_f32(sc[r, min(g0 + 1, G - 1)]))
     return v_permute(v_load_part(sc, r * G + g0, G - g0), gidx)
 
 
@@ -461,7 +465,7 @@ def dot2_q8_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl):
         y[n] = sum_lanes sw[n, g(lane)] · ( sx[lane] · sum_{k in lane} u[n, k] qx[k] + nzl[lane] )
 
     with u = q + 128 and nzl from `q8_lane_zero`, i.e. sum_k W[n, k] · sx · qx[k]. qw uint8 [rows, K],
-    sc float32 [rows, G] (G = K / g, g the int8 group size, `supports_i8`); gpc, gidx, g0s:
+    sc [rows, G] (float32, or fp16 bits: simd.as_f32) (G = K / g, g the int8 group size, `supports_i8`); gpc, gidx, g0s:
     `group_index(g, K)`. Per 128 channels: two masked 64-byte loads and two vpdpbusd per row, the
     activation loads shared by the pair (twice the bytes of `dot2_q4_i8`, no nibble unpacking)."""
     K, G = qw.shape[-1], sc.shape[-1]

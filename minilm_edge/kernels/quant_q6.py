@@ -19,7 +19,7 @@ holding the same codes computes (tests/test_q6.py):
     prefill: `matmul_q6_i8` = quant_i8_matmul.matmul_q8_i8 with the tile unpacked from q6 rows
         (`_unpack_tile_q6`, the same tile bytes), `matmul_q6_f32` = quant_f32.matmul_q8_f32.
 
-Shapes: W [N, K] (K % 32 == 0), qweight uint8 [N, 3K/4], scales float32 [N, G], g % 32 == 0; a chunk
+Shapes: W [N, K] (K % 32 == 0), qweight uint8 [N, 3K/4], scales [N, G] fp16 bits, g % 32 == 0; a chunk
 = 128 channels = 96 bytes (the last chunk: n channel pairs, n + n/2 bytes).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..errors import UsageError
 from ..formats.q4 import Q8Linear, pack_q6_rows
 from .int8_dot import INT8_DOT, dpbusd
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
-from .quant_f32 import TILE_ROWS as F32_TILE_ROWS, _check_mat, _check_out, _check_vec
+from .quant_f32 import TILE_ROWS as F32_TILE_ROWS, _check_mat, _check_out, _check_vec, fp16_bits
 from .quant_i8_matmul import (
     ACT_BLOCK,
     TILE_ROWS,
@@ -59,7 +59,7 @@ from .quant_i8_matvec import (
     supports_i8,
     v_i2f,
 )
-from .simd import LANES, _elem_ptr, f32x16, prefetch, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
+from .simd import LANES, _elem_ptr, as_f32, f32x16, prefetch, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
 
 CHUNK_BYTES = 3 * CHUNK_CHANNELS // 4        # 96 packed bytes per 128 channels
 _I8 = ir.IntType(8)
@@ -73,7 +73,7 @@ _V16B = ir.VectorType(_I8, LANES)            # <16 x i8>
 @dataclass(frozen=True)
 class Q6Prepared:
     """A q6 linear as the kernels read it: qweight uint8 [N, 3K/4] (formats/q4.py pack_q6_rows),
-    scales float32 [N, G]."""
+    scales uint16 [N, G]: fp16 bits (quant_f32.fp16_bits, the file's own when it is mapped)."""
     qweight: np.ndarray
     scales: np.ndarray
     group_size: int
@@ -93,7 +93,7 @@ class Q6Prepared:
 
 def prepare_q6(rows: np.ndarray, scales: np.ndarray, group_size: int) -> Q6Prepared:
     """rows: uint8 [N, 3K/4] already in the in-memory layout; scales float16 [N, G]."""
-    return Q6Prepared(np.ascontiguousarray(rows), scales.astype(np.float32), group_size)
+    return Q6Prepared(np.ascontiguousarray(rows), fp16_bits(scales), group_size)
 
 
 def prepare_q6_codes(q8: Q8Linear) -> Q6Prepared:
@@ -342,15 +342,15 @@ def dot2_q6_f32(qw, sc, ra, rb, group_size, x_even, x_odd, ox):
         db = v_fma(eb, xe, v_fma(ob, xo, db))
         if (k0 + 32) % group_size == 0:
             g = k0 // group_size
-            acc_a = v_fma(v_splat(sc[ra, g]), v_fma(cx, m128, da), acc_a)
-            acc_b = v_fma(v_splat(sc[rb, g]), v_fma(cx, m128, db), acc_b)
+            acc_a = v_fma(v_splat(as_f32(sc[ra, g])), v_fma(cx, m128, da), acc_a)
+            acc_b = v_fma(v_splat(as_f32(sc[rb, g])), v_fma(cx, m128, db), acc_b)
             da, db, cx = v_zeros(), v_zeros(), v_zeros()
     return v_hsum(acc_a), v_hsum(acc_b)
 
 
 @kernel(fastmath=FASTMATH_REDUCE, inline=True)
 def dot2_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, oq, osx, onz):
-    """quant_i8_matvec.dot2_q8_i8 for q6 rows ra, rb (qw uint8 [rows, 3K/4], sc float32 [rows, G];
+    """quant_i8_matvec.dot2_q8_i8 for q6 rows ra, rb (qw uint8 [rows, 3K/4], sc [rows, G] float32 or fp16 bits;
     gpc, gidx, g0s: group_index(g, K)) with the int8 prologue at qe.flat[oq:], qo.flat[oq:],
     sxl.flat[osx:], nzl.flat[onz:] (q8_lane_zero): (y_a, y_b), the same operations in the same order."""
     W, G = qw.shape[-1], sc.shape[-1]
@@ -434,7 +434,7 @@ def _matvec_q6_f32(qweight, scales, group_size, x, out):
             d = v_zeros()
             for o in range(g * group_size, g * group_size + group_size, LANES):
                 d = v_fma(_q6_vec(qweight, n * W, K, o), v_load(x, o), d)
-            acc = v_fma(v_splat(scales[n, g]), d, acc)
+            acc = v_fma(v_splat(as_f32(scales[n, g])), d, acc)
         out[n] = v_hsum(acc)
 
 
@@ -462,7 +462,7 @@ def matvec_rows_q6_f32(qweight, scales, group_size, X, out):
                     d1 = v_fma(wv, v_load(X, o1 + o), d1)
                     d2 = v_fma(wv, v_load(X, o2 + o), d2)
                     d3 = v_fma(wv, v_load(X, o3 + o), d3)
-                sg = v_splat(scales[n, g])
+                sg = v_splat(as_f32(scales[n, g]))
                 a0 = v_fma(sg, d0, a0)
                 a1 = v_fma(sg, d1, a1)
                 a2 = v_fma(sg, d2, a2)
@@ -485,7 +485,7 @@ def _dequant_q6(qweight, scales, group_size, row0, tile):
         n = row0 + r
         dst = tile[r]
         for g in range(scales.shape[1]):
-            s = v_splat(scales[n, g])
+            s = v_splat(as_f32(scales[n, g]))
             for o in range(g * group_size, g * group_size + group_size, LANES):
                 v_store(dst, o, v_fma(_q6_vec(qweight, n * W, K, o), s, v_zeros()))
 
@@ -509,8 +509,8 @@ def _unpack_tile_q6(qw, scales, n0, wq, sw, c, buf):
     for r in range(TILE_ROWS):
         for g in range(scales.shape[1]):
             live = n0 + r < n_rows
-            sw[g * TILE_ROWS + r] = scales[n0 + r, g] if live else np.float32(0.0)
-            c[g * TILE_ROWS + r] = np.float32(-128.0) * scales[n0 + r, g] if live else np.float32(0.0)
+            sw[g * TILE_ROWS + r] = as_f32(scales[n0 + r, g]) if live else np.float32(0.0)
+            c[g * TILE_ROWS + r] = np.float32(-128.0) * as_f32(scales[n0 + r, g]) if live else np.float32(0.0)
 
 
 @parallel_kernel()

@@ -37,6 +37,46 @@ def _elem_ptr(context, builder, arrty, arr, idxty, idx, vecty):
     return builder.bitcast(builder.gep(a.data, [idx]), vecty.as_pointer())
 
 
+def load_f32(context, builder, arrty, arr, idxty, idx, n: int = LANES):
+    """<n x float> from arr.flat[idx : idx+n]: float32 elements as they are, uint16 ones as fp16 bits
+    widened exactly (`fpext`: one `vcvtph2ps` with F16C). Weight scales are fp16 in the file and the
+    kernels read them there, memory-mapped, instead of from a float32 copy: the same values."""
+    if arrty.dtype == types.uint16:
+        vh = ir.VectorType(ir.HalfType(), n)
+        p = _elem_ptr(context, builder, arrty, arr, idxty, idx, vh)
+        return builder.fpext(builder.load(p, align=2), ir.VectorType(_F32, n))
+    p = _elem_ptr(context, builder, arrty, arr, idxty, idx, ir.VectorType(_F32, n))
+    return builder.load(p, align=4)
+
+
+@intrinsic
+def as_f32(typingctx, s):
+    """A float32 scalar from a float32 (as it is) or from a uint16 holding fp16 bits (widened
+    exactly): what a kernel writes for one weight scale, `as_f32(sc[r, g])`, so that it reads the
+    file's fp16 scales in place (`load_f32`) or a float32 array alike."""
+    if s not in (types.float32, types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[0] == types.float32:
+            return args[0]
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), _F32)
+    return types.float32(s), codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c for float32 scalars, one rounding, in exactly this order: a call, which fastmath's
+    reassociation does not reorder (a sum of three-factor products written with `*` and `+` may come
+    out in another order in another kernel, or for another array type: the rank LLVM gives each
+    operand decides). Where two kernels must agree bit for bit, they write such sums with this."""
+    def codegen(context, builder, sig, args):
+        vals = [context.cast(builder, v, t, types.float32) for v, t in zip(args, sig.args)]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
+        return builder.call(fn, vals)
+    return types.float32(a, b, c), codegen
+
+
 @intrinsic
 def v_zeros(typingctx):
     """A vector of 16 zeros."""
@@ -57,10 +97,9 @@ def v_splat(typingctx, s):
 
 @intrinsic
 def v_load(typingctx, x, off):
-    """x[off : off+16] of a 1-D contiguous float32 array."""
+    """x[off : off+16] of a 1-D contiguous float32 array (or of fp16 bits, uint16: `load_f32`)."""
     def codegen(context, builder, sig, args):
-        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1], _VF)
-        return builder.load(p, align=4)
+        return load_f32(context, builder, sig.args[0], args[0], sig.args[1], args[1])
     return f32x16(x, off), codegen
 
 

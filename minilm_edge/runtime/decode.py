@@ -39,14 +39,14 @@ from ..kernels.sync import barrier_safe
 class StackedQ4:
     """One kind of int4 linear across all L blocks, rows of fused parts stacked (see Q4Prepared)."""
     qweight: np.ndarray     # uint8   [L, N, K/2]
-    scales: np.ndarray      # float32 [L, N, G]
+    scales: np.ndarray      # uint16  [L, N, G]  fp16 bits (quant_f32.fp16_bits)
     zeros: np.ndarray       # uint8   [L, N, G]
     group_size: int
     sal_idx: np.ndarray     # int64   [L, m16]   (padded with channel 0 / weight 0)
     sal_w: np.ndarray       # float32 [L, N, m16]
     n_salient: list         # L × m
     bias: np.ndarray        # float32 [L, N] (zeros when the layer has none)
-    mapped: bool = False    # qweight and zeros are views of the mapped file (see `stack_q4`)
+    mapped: bool = False    # qweight, zeros and scales are views of the mapped file (see `stack_q4`)
     q8: "Q8Stack | None" = None     # the int8 linears' rows, R of them (`stack_q8`)
     q8_table: np.ndarray | None = None   # int64 [L, 4]: per block (first row in q8 or -1, pairs p0, p1, q6)
 
@@ -89,9 +89,9 @@ def stack_q8(parts: list, q6_lins: list = (), K: int | None = None) -> Q8Stack |
         if any(p.shape[1] != K or p.group_size != g8 for p in parts) or not supports_i8(g8, K):
             return None
         qweight = np.concatenate([q8_rows(p.qweight) for p in parts])                # uint8 [R, K]
-        scales = np.concatenate([p.scales.astype(np.float32) for p in parts])         # [R, K/g8]
+        scales = np.concatenate([p.scales for p in parts])                           # fp16 bits [R, K/g8]
     else:
-        g8, qweight, scales = K, np.zeros((2, K), np.uint8), np.zeros((2, 1), np.float32)
+        g8, qweight, scales = K, np.zeros((2, K), np.uint8), np.zeros((2, 1), np.uint16)
     if q6_parts:
         g6 = q6_parts[0].group_size
         if any(p.shape[1] != K or p.group_size != g6 for p in q6_parts) or not supports_i8(g6, K) \
@@ -99,7 +99,7 @@ def stack_q8(parts: list, q6_lins: list = (), K: int | None = None) -> Q8Stack |
             return None
         R6 = sum(p.shape[0] for p in q6_parts)
         q6w = anon_array((R6, 3 * K // 4), np.uint8)                                  # uint8 [R6, 3K/4]
-        q6s = np.concatenate([p.scales for p in q6_parts])                           # float32 [R6, K/g6]
+        q6s = np.concatenate([p.scales for p in q6_parts])                           # fp16 bits [R6, K/g6]
         del q6_parts
         r = 0
         for lin in q6_lins:        # one linear at a time, so the RSS holds one copy and the part moving
@@ -108,7 +108,7 @@ def stack_q8(parts: list, q6_lins: list = (), K: int | None = None) -> Q8Stack |
             lin.p = dataclasses.replace(lin.p, qweight=q6w[r:r + n], scales=q6s[r:r + n])
             r += n
     else:
-        g6, q6w, q6s = K, np.zeros((2, 3 * K // 4), np.uint8), np.zeros((2, 1), np.float32)
+        g6, q6w, q6s = K, np.zeros((2, 3 * K // 4), np.uint8), np.zeros((2, 1), np.uint16)
     return Q8Stack(qweight, scales, g8, *group_index(g8, K), q6w, q6s, g6, *group_index(g6, K))
 
 
@@ -133,12 +133,15 @@ def stack_q4(layers: list) -> StackedQ4 | None:
     if any(sum(lin.p.shape[0] for lin in parts) != N for parts in layers):
         return None
     m16 = max(parts[0].p.sal_idx.shape[0] for parts in layers)
-    # Codes and zero points: views of the file when it stores them back to back in stack order
-    # (formats/tensors.storage_rank, every file `quantize` writes), else copies.
+    # Codes, zero points and scales: views of the file when it stores them back to back in stack order
+    # (formats/tensors.storage_rank: codes and zero points in every file `quantize` writes, scales
+    # since 2026-12-07), else copies (the scales' fp16 bits: half the bytes of the float32 they were).
     qweight = _view_in_place([lin.p.qweight for parts in layers for lin in parts], (L, N, K // 2))
     zeros = _view_in_place([lin.p.zeros for parts in layers for lin in parts], (L, N, K // g))
+    scales = _view_in_place([lin.p.scales for parts in layers for lin in parts], (L, N, K // g))
     mapped = qweight is not None and zeros is not None
-    st = StackedQ4(qweight if mapped else np.empty((L, N, K // 2), np.uint8), np.empty((L, N, K // g), np.float32),
+    st = StackedQ4(qweight if mapped else np.empty((L, N, K // 2), np.uint8),
+                   scales if scales is not None else np.empty((L, N, K // g), np.uint16),
                    zeros if mapped else np.empty((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
                    np.zeros((L, N, m16), np.float32), [parts[0].p.n_salient for parts in layers],
                    np.zeros((L, N), np.float32), mapped)
@@ -151,7 +154,8 @@ def stack_q4(layers: list) -> StackedQ4 | None:
             if getattr(lin, "placeholder", False):
                 r += n           # never read (an int8/q6 linear's rows): its pages of np.empty stay untouched
                 continue
-            st.scales[l, r:r + n] = p.scales
+            if scales is None:
+                st.scales[l, r:r + n] = p.scales
             if not mapped:
                 st.qweight[l, r:r + n], st.zeros[l, r:r + n] = p.qweight, p.zeros
             st.sal_w[l, r:r + n, :p.sal_w.shape[1]] = p.sal_w
@@ -172,7 +176,7 @@ class _Part:
 def _placeholder(n: int, K: int, g: int) -> Q4Prepared:
     """n zero int4 rows: where an int8 linear sits in the int4 stack (the step never reads them)."""
     none_i, none_w = np.zeros(0, np.int64), np.zeros((n, 0), np.float32)
-    return Q4Prepared(np.zeros((n, K // 2), np.uint8), np.zeros((n, K // g), np.float32),
+    return Q4Prepared(np.zeros((n, K // 2), np.uint8), np.zeros((n, K // g), np.uint16),
                       np.zeros((n, K // g), np.uint8), g, none_i, none_w, 0)
 
 

@@ -363,7 +363,8 @@ class Q8Rows:
     def __getitem__(self, ids) -> np.ndarray:
         p = self.linear.p
         q = self.linear.codes(ids) if isinstance(self.linear, Q6) else p.qweight[ids]   # [..., D] int8
-        s = p.scales[ids]                                          # [..., G] float32
+        s = p.scales[ids]                                          # [..., G] fp16 bits (or float32)
+        s = (s.view(np.float16) if s.dtype == np.uint16 else s).astype(np.float32)
         g = p.group_size
         w = q.reshape(*q.shape[:-1], q.shape[-1] // g, g).astype(np.float32) * s[..., None]
         return w.reshape(q.shape)                                  # [..., D] float32

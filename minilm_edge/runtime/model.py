@@ -117,8 +117,10 @@ class Model:
         self._batch_step = None                     # batch_step.BatchStep: the B-row step's buffers, made at first use
         if self._plan is not None:
             self._fused = self._use_plan_views()
-            if weights.source is not None and not self._plan.mapped:
-                weights.source.release_pages()      # the stacks are copies; the mapped pages are not needed
+            if weights.source is not None:
+                # What load read of the file (copied stacks, the scales of older files, norms) need
+                # not stay in the RSS; views of the file fault their pages back in as decode reads them.
+                weights.source.release_pages()
         else:
             self._fused = [(fuse_rows([b.q, b.k, b.v]), fuse_rows([b.gate, b.up])) for b in weights.blocks]
         self.set_int8_activations(int8_activations)
