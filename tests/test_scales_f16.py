@@ -14,8 +14,9 @@ import pytest
 import minilm_edge
 from minilm_edge.formats.q4 import quantize_q4, quantize_q6, quantize_q8
 from minilm_edge.kernels import quant_f32 as kf, quant_q6 as k6
+from minilm_edge.kernels.int8_dot import INT8_DOT
 from minilm_edge.kernels.policy import threads
-from minilm_edge.kernels.quant_i8_matmul import VNNI, matmul_q4_i8, matmul_q8_i8
+from minilm_edge.kernels.quant_i8_matmul import matmul_q4_i8, matmul_q8_i8
 from minilm_edge.kernels.quant_i8_matvec import matvec_q4_i8
 from minilm_edge.quant.quantize import quantize
 from minilm_edge.runtime.batch import BatchDecoder
@@ -26,7 +27,7 @@ QUANTIZABLE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, 
 # (N, K, g): g 32/64/128 (4, 2, 1 groups per chunk), K % 128 = 64 (a partial chunk), G = 18 (not a
 # multiple of 16: the zero points' masked tail)
 SHAPES = [(7, 192, 32), (5, 576, 32), (9, 192, 64), (6, 640, 128), (3, 256, 128)]
-needs_vnni = pytest.mark.skipif(not VNNI, reason="this CPU lacks AVX512-VNNI")
+needs_int8_dot = pytest.mark.skipif(not INT8_DOT, reason="this target has no int8 dot (AVX2 or VNNI)")
 
 
 def widened(p):
@@ -60,7 +61,7 @@ def test_int4_kernels_fp16_scales_bit_for_bit(n, k, g, m):
     x, X = inputs(k, n)
     same(kf.matvec_q4_f32, p, x)
     same(kf.matmul_q4_f32, p, X)
-    if VNNI:
+    if INT8_DOT:
         same(matvec_q4_i8, p, x)
         same(matmul_q4_i8, p, X)
 
@@ -76,7 +77,7 @@ def test_int8_and_q6_kernels_fp16_scales_bit_for_bit(n, k, g):
     same(k6.matvec_q6_f32, p6, x)
     same(k6.matmul_q6_f32, p6, X)
     same(k6.matvec_rows_q6, p6, X)
-    if VNNI:
+    if INT8_DOT:
         same(matmul_q8_i8, p8, X)
         if k6.i8_ok(p6):
             same(k6.matvec_q6_i8, p6, x)
