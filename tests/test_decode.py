@@ -72,9 +72,9 @@ def test_int8_decode_matches_int8_prefill(tmp_path, hook, n_threads):
 
 @pytest.mark.parametrize("hook", [None, salient_hook])
 def test_stacks_view_the_file_and_decode_as_copies_do(tmp_path, hook):
-    """A folder `quantize` wrote stores each stack's codes and zero points back to back
+    """A folder `quantize` wrote stores each stack's codes, zero points and scales back to back
     (formats/tensors.storage_rank): the plan views the mapped file instead of copying it. The same
-    tensors written in another order are copied into the stacks, and both decode alike."""
+    tensors written in another order are copied into the stacks, and both decode alike, bit for bit."""
     from minilm_edge.formats.folder import write_model_folder
     from minilm_edge.formats.tensors import TensorSource
     src, cfg, _ = make_model_dir(tmp_path / "src", **QUANTIZABLE)
@@ -83,6 +83,7 @@ def test_stacks_view_the_file_and_decode_as_copies_do(tmp_path, hook):
     mapped = minilm_edge.load(q, int8_activations=False)
     plan = mapped.decode_plan
     assert plan.mapped and not plan.qkv.qweight.flags.owndata and not plan.down.zeros.flags.writeable
+    assert plan.gate_up.scales.dtype == np.uint16 and not plan.gate_up.scales.flags.writeable   # fp16 bits, mapped
     assert plan.qkv.qweight.shape == (cfg["num_hidden_layers"], 64 + 2 * 32, 32)
     ts = TensorSource(q)
     assert np.array_equal(plan.gate_up.qweight[1, 96:], ts.raw("model.layers.1.mlp.up_proj.qweight")[0])
@@ -99,10 +100,11 @@ def test_stacks_view_the_file_and_decode_as_copies_do(tmp_path, hook):
         st_mod.write_file = write
     copied = minilm_edge.load(tmp_path / "shuffled", int8_activations=False)
     assert not copied.decode_plan.mapped and copied.decode_plan.qkv.qweight.flags.owndata
+    assert copied.decode_plan.qkv.scales.flags.owndata
     ids = np.random.default_rng(5).integers(0, cfg["vocab_size"], 12)
     a, b = mapped.new_cache(20), copied.new_cache(20)
     for t in ids:
-        np.testing.assert_allclose(mapped.forward([t], a), copied.forward([t], b), atol=1e-5)
+        np.testing.assert_array_equal(mapped.forward([t], a), copied.forward([t], b))
 
 
 def test_plan_only_for_all_int4_models(tmp_path):
