@@ -15,7 +15,8 @@ from tinymodel import make_model_dir
 
 TEXT = ("The capital of France is Paris, and the capital of Italy is Rome. " * 8
         + "hello world\n\n = Heading = \n")
-RTOL = 1e-5          # the saved reference keeps log-probs in float32
+RTOL = 5e-5          # the saved reference keeps log-probs in float32, scored in other chunks than `compare`:
+                     # kl_p99 came 1.03e-5 apart on an Ice Lake host (BENCHMARKS, 2026-12-07 lead section)
 
 
 def log_softmax(z):
