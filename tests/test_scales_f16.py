@@ -94,17 +94,17 @@ def widen_plan(model):
     model.weights.lm_head.p = widened(model.weights.lm_head.p)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """One folder with every kind of row the one-call steps hold: int4 (q, k, o@0, gate@1, up@1), int8
-    (v@0, down@1, gate@0) and q6 rows (v@1, down@0, o@1, up@0), and an int8 table as the tied head (the
-    q6 table's kernels are compared above). One folder, where there were three (int4, int4 + int8, q6):
-    every float32-scale twin compiles the decode and batched steps for its own argument types, and the
-    three took about ten minutes of CI on a 2-core machine."""
+@pytest.fixture(scope="module", params=["int4-int8", "q6-default"])
+def folder(request, tmp_path_factory):
+    """Two folders between them hold every kind of row the one-call steps take (a stack mixes int4 with
+    one other kind): int4 with int8 rows and an int8 table as the tied head, and int4 with q6 rows and a
+    q6 table. Not a third, all-int4 folder: its rows are in both, and every float32-scale twin compiles
+    the decode and batched steps again for its own argument types (minutes of CI on 2 cores)."""
     d = tmp_path_factory.mktemp("s")
     src, cfg, _ = make_model_dir(d / "src", **QUANTIZABLE)
-    kw = dict(group_size=32, quantize_head="int8", embed="int8", int8="v@0,down@1,gate@0",
-              int6="v@1,down@0,o@1,up@0")
+    kw = dict(group_size=32, quantize_head="int8", embed="int8", int8="v@0,down@1,gate@0,up@0")
+    if request.param == "q6-default":
+        kw = dict(group_size=32, embed="q6", embed_group_size=64, int6="v@1,down@0,o@1,gate@0,up@0")
     return quantize(src, d / "q", method="rtn", progress=False, **kw), cfg
 
 
