@@ -81,6 +81,24 @@ def _masked_load(builder, ptr, mask, vecty):
     return builder.call(fn, [ptr, ir.Constant(_I32, 1), mask, ir.Constant(vecty, None)])
 
 
+def _load_part(builder, ptr, n, vecty):
+    """vecty (16 lanes of i8 or i16) from ptr: lanes i < n (an intp value) as they are, the others 0 and
+    not read. AVX-512 has masked loads of bytes and words; AVX2 does not (LLVM would test and load lane
+    by lane): there the n elements are copied into a zeroed stack vector by a loop of n steps (the
+    group tails these serve are short), then loaded whole. The same values."""
+    if AVX512:
+        return _masked_load(builder, ptr, _mask(builder, n, vecty.count), vecty)
+    buf = cgutils.alloca_once(builder, vecty)
+    builder.store(ir.Constant(vecty, None), buf)
+    it = n.type
+    n = builder.select(builder.icmp_signed("<", n, ir.Constant(it, vecty.count)), n, ir.Constant(it, vecty.count))
+    src = builder.bitcast(ptr, vecty.element.as_pointer())
+    dst = builder.bitcast(buf, vecty.element.as_pointer())
+    with cgutils.for_range(builder, n) as loop:
+        builder.store(builder.load(builder.gep(src, [loop.index])), builder.gep(dst, [loop.index]))
+    return builder.load(buf)
+
+
 def _load_bytes(builder, ptr, n, width):
     """<width x i8> from ptr (i8* or a vector pointer): bytes i < n as they are, the others 0 and not
     read. The caller guarantees n % 4 == 0 (every chunk tail here is whole 16-byte pieces). AVX2 has
@@ -233,11 +251,12 @@ def v_load_part(typingctx, x, off, n):
     as 0 (and not touched)."""
     def codegen(context, builder, sig, args):
         x_t, off_t, n_t = sig.args
-        mask = _mask(builder, _intp(context, builder, args[2], n_t), LANES)
+        n = _intp(context, builder, args[2], n_t)
         if x_t.dtype == types.uint16:
             vh = ir.VectorType(ir.IntType(16), LANES)
-            h = _masked_load(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], vh), mask, vh)
+            h = _load_part(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], vh), n, vh)
             return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), _VF)
+        mask = _mask(builder, n, LANES)
         return _masked_load(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], _VF), mask, _VF)
     return f32x16(x, off, n), codegen
 
@@ -248,8 +267,8 @@ def v_load_part_u8(typingctx, z, off, n):
     def codegen(context, builder, sig, args):
         z_t, off_t, n_t = sig.args
         vb = ir.VectorType(ir.IntType(8), LANES)
-        mask = _mask(builder, _intp(context, builder, args[2], n_t), LANES)
-        v = _masked_load(builder, _elem_ptr(context, builder, z_t, args[0], off_t, args[1], vb), mask, vb)
+        v = _load_part(builder, _elem_ptr(context, builder, z_t, args[0], off_t, args[1], vb),
+                       _intp(context, builder, args[2], n_t), vb)
         return builder.uitofp(v, _VF)
     return f32x16(z, off, n), codegen
 
