@@ -19,6 +19,8 @@ pair is at most 2 · 127 · 128 = 32512: never saturated (int4 codes, q6 codes +
 For u up to 255 (int8 codes + 128, q6 codes + 128) the bytes are split, u = (u & 0x7F) + (u & 0x80),
 and each part takes its own pmaddubsw/pmaddwd, summed in i32: a pair of the high part (0 or 128 times
 s) lies in [−32768, 32512] for any signed byte s, inside int16.
+Two or more dots of bytes below 64 (`dpbusd_sum`) add their vpmaddubsw pairs in int16 before one
+vpmaddwd: each int16 lane stays within 4 · 63 · 128 < 32767, so nothing saturates either.
 So every ISA gives the same integers, bit for bit (tests/test_targets.py compiles the kernels for an
 AVX2 target in a subprocess and compares). Callers say which case they are in: `u_max`.
 
@@ -121,4 +123,33 @@ def dpbusd(builder, acc, u, s, u_max=255):
             d = _maddubs_quads(builder, _halves(builder, part, _HB)[h], sh[h])
             q = d if q is None else builder.add(q, d)
         quads.append(q)
+    return builder.add(acc, _concat(builder, *quads))
+
+
+def int16_terms(u_max: int) -> int:
+    """How many dpbusd terms of unsigned bytes <= u_max `dpbusd_sum` may add up in int16 on AVX2:
+    each int16 lane then holds 2 · terms products, |u s| <= u_max · 128, and must stay within 32767
+    (int4 codes: 8, q6 codes + 32: 2, bytes up to 255: 1, i.e. no int16 sums)."""
+    return max(1, 32767 // (2 * u_max * 128))
+
+
+def dpbusd_sum(builder, acc, terms, u_max):
+    """acc + dpbusd(u1, s1) + dpbusd(u2, s2) + ... for terms [(u1, s1), ...] (as `dpbusd`): the same
+    integers. On AVX2, with len(terms) <= int16_terms(u_max), the `vpmaddubsw` pairs of all terms are
+    added in int16 (`vpaddw`, exact: no lane leaves int16) before ONE `vpmaddwd` and `vpaddd` per ymm
+    half, instead of one of each per term: 4 instructions for two terms of q6 rows where `dpbusd` twice
+    takes 6. Elsewhere (or with more terms) a chain of `dpbusd`."""
+    if INT8_ISA != "avx2" or len(terms) == 1 or len(terms) > int16_terms(u_max):
+        for u, s in terms:
+            acc = dpbusd(builder, acc, u, s, u_max)
+        return acc
+    halves = [(_halves(builder, builder.bitcast(u, _VB), _HB), _halves(builder, builder.bitcast(s, _VB), _HB))
+              for u, s in terms]
+    quads = []
+    for h in range(2):
+        p = None
+        for uh, sh in halves:
+            d = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _HI16, [uh[h], sh[h]])
+            p = d if p is None else builder.add(p, d)
+        quads.append(_call(builder, "llvm.x86.avx2.pmadd.wd", _HI32, [p, ir.Constant(_HI16, [1] * LANES)]))
     return builder.add(acc, _concat(builder, *quads))

@@ -48,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from ..errors import UsageError
-from .int8_dot import AVX512, INT8_DOT, INT8_ISA, dpbusd
+from .int8_dot import AVX512, INT8_DOT, INT8_ISA, dpbusd_sum
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, Q8Prepared, _check_mat, _check_out
 from .simd import LANES, _elem_ptr, as_f32, f32x16, v_zeros
@@ -65,6 +65,13 @@ ROW_VECS = 2 if AVX512 else 1         # row vectors of 16 rows in a register til
 TILE_ROWS = ROW_VECS * LANES          # R: weight rows unpacked at a time
 TILE_TOKENS = 6 if AVX512 else 4      # TT: tokens in a register tile
 _NACC = ROW_VECS * TILE_TOKENS
+
+# q6 tiles (quant_q6.py) on AVX2 hold code + 32 (0..63) instead of code + 128: one vpmaddubsw per
+# ymm instead of two (int8_dot.dpbusd), and two quads summed in int16. Each activation block's integer
+# sums then start from 96 · (the block's sum of activation codes) (`tile_splat_i32`): the same integers.
+Q6_PLUS32 = INT8_ISA == "avx2"
+Q6_U_MAX = 63
+KIND_Q8, KIND_Q4, KIND_Q6 = 0, 1, 2          # `_tile_products`: codes + 128, int4 codes, q6 codes + 32
 
 
 def use_int8_activations(n_tokens: int) -> bool:
@@ -133,7 +140,7 @@ def tile_zeros_f32(typingctx):
     return _TILE_F32(), codegen
 
 
-def _tile_dpbusd(u_max):
+def _tile_dpbusd(u_max, n_quads):
     def tile_dpbusd(typingctx, acc, wq, w_off, qx, x_off, x_stride):
         def codegen(context, builder, sig, args):
             _, wq_t, woff_t, qx_t, xoff_t, xs_t = sig.args
@@ -141,23 +148,54 @@ def _tile_dpbusd(u_max):
             w_off = context.cast(builder, args[2], woff_t, types.intp)
             x_off = context.cast(builder, args[4], xoff_t, types.intp)
             x_stride = context.cast(builder, args[5], xs_t, types.intp)
-            w = [builder.load(_elem_ptr(context, builder, wq_t, args[1], types.intp, o, _VI32), align=4)
-                 for o in _offsets(builder, w_off, ir.Constant(w_off.type, LANES), ROW_VECS)]
-            x = [_splat_load(context, builder, qx_t, args[3], types.intp, o, _I32)
-                 for o in _offsets(builder, x_off, x_stride, TILE_TOKENS)]
-            out = [dpbusd(builder, accs[v * TILE_TOKENS + t], w[v], x[t], u_max)
+            w, x = [], []
+            for j in range(n_quads):
+                wj = builder.add(w_off, ir.Constant(w_off.type, j * TILE_ROWS))
+                w.append([builder.load(_elem_ptr(context, builder, wq_t, args[1], types.intp, o, _VI32), align=4)
+                          for o in _offsets(builder, wj, ir.Constant(w_off.type, LANES), ROW_VECS)])
+                xj = builder.add(x_off, ir.Constant(x_off.type, j))
+                x.append([_splat_load(context, builder, qx_t, args[3], types.intp, o, _I32)
+                          for o in _offsets(builder, xj, x_stride, TILE_TOKENS)])
+            out = [dpbusd_sum(builder, accs[v * TILE_TOKENS + t], [(w[j][v], x[j][t]) for j in range(n_quads)], u_max)
                    for v in range(ROW_VECS) for t in range(TILE_TOKENS)]
             return context.make_tuple(builder, sig.return_type, out)
         return _TILE_I32(acc, wq, w_off, qx, x_off, x_stride), codegen
-    tile_dpbusd.__name__ = f"tile_dpbusd_u{u_max}"
-    tile_dpbusd.__doc__ = f"""acc[v, t] += dpbusd(wq[w_off + 16v : +16], 4 bytes qx[x_off + t * x_stride] in every
-    lane), the weight codes <= {u_max} (int8_dot.dpbusd). wq, qx: 1-D int32 arrays holding 4 bytes per element
-    (unsigned codes, signed activations)."""
+    tile_dpbusd.__name__ = f"tile_dpbusd_u{u_max}_x{n_quads}"
+    tile_dpbusd.__doc__ = f"""acc[v, t] += sum over j < {n_quads} of dpbusd(wq[w_off + j R + 16v : +16], 4 bytes
+    qx[x_off + t * x_stride + j] in every lane): {n_quads} consecutive quads, the weight codes <= {u_max}
+    (int8_dot.dpbusd_sum). wq, qx: 1-D int32 arrays holding 4 bytes per element (unsigned codes, signed
+    activations)."""
     return intrinsic(tile_dpbusd)
 
 
-tile_dpbusd = _tile_dpbusd(255)              # int8 and q6 tiles: codes + 128
-tile_dpbusd_q4 = _tile_dpbusd(15)            # int4 tiles: codes 0..15 (one vpmaddubsw on AVX2)
+# Quads a tile step takes: with more than one, on AVX2 the quads' vpmaddubsw pairs are summed in int16
+# before one vpmaddwd (int8_dot.dpbusd_sum); must divide the quads of every activation block (4 does:
+# B % 16 == 0, `_check_block`). One: 2 or 4 quads at a time need 4 or 8 ymm of weights on top of the
+# tile's 8 accumulators and spill (16 ymm registers); BENCHMARKS.md, "AVX2 speed".
+Q4_QUADS = 1
+Q6_QUADS = 1
+tile_dpbusd = _tile_dpbusd(255, 1)                  # int8 (and q6 elsewhere) tiles: codes + 128
+tile_dpbusd_q4 = _tile_dpbusd(15, Q4_QUADS)         # int4 tiles: codes 0..15
+tile_dpbusd_q6 = _tile_dpbusd(Q6_U_MAX, Q6_QUADS)   # q6 tiles on AVX2: codes + 32 (`Q6_PLUS32`)
+
+
+@intrinsic
+def tile_splat_i32(typingctx, qs, off, stride, m):
+    """An integer tile with acc[v, t] = m * qs[off + t * stride] in every lane (qs a 1-D int32 array)."""
+    def codegen(context, builder, sig, args):
+        qs_t, off_t, stride_t, m_t = sig.args
+        off = context.cast(builder, args[1], off_t, types.intp)
+        stride = context.cast(builder, args[2], stride_t, types.intp)
+        m = _splat_i32(builder, context.cast(builder, args[3], m_t, types.int32))
+        x = [builder.mul(m, _splat_load(context, builder, qs_t, args[0], types.intp, o, _I32))
+             for o in _offsets(builder, off, stride, TILE_TOKENS)]
+        return context.make_tuple(builder, sig.return_type, [x[t] for v in range(ROW_VECS) for t in range(TILE_TOKENS)])
+    return _TILE_I32(qs, off, stride, m), codegen
+
+
+def _splat_i32(builder, x):
+    v = builder.insert_element(ir.Constant(_VI32, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_VI32, [0] * LANES))
 
 
 @intrinsic
@@ -427,14 +465,17 @@ def _unpack_tile_q8(qw32, scales, n0, wq, sw, c):
 
 
 @kernel(fastmath=FASTMATH_REDUCE)
-def _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, n0, n_rows, out, q4):
+def _tile_products(wq, sw, c, group_size, qx32, sx, zt, qs, block, n0, n_rows, out, kind):
     """out[t, n0 : n0+R] for every token t, from one unpacked weight tile (see `_unpack_tile_q4`):
-    the module docstring's sum, block by block in the register tile. q4: the tile holds int4 codes
-    (0..15), else codes + 128 (the dot for the smaller range is cheaper on AVX2: int8_dot.py).
+    the module docstring's sum, block by block in the register tile. kind: what the tile holds,
+    KIND_Q4 int4 codes (0..15), KIND_Q8 codes + 128, KIND_Q6 q6 codes + 32 (`Q6_PLUS32`; each block
+    starts from 96 · qs[t, b], the block's sum of activation codes). The dots for the smaller ranges
+    are cheaper on AVX2 (int8_dot.py); all three give the integers of codes + 128 (or int4 codes).
 
     qx32 int32 [Tp * K/4] (4 qx bytes per element, Tp = T rounded up to TT); sx float32 [Tp * nb];
-    zt float32 [Tp * G]; out float32 [T * N]. fastmath: the float epilogue is contracted and the
-    per-block sums reassociate anyway; NaN/inf still propagate (FASTMATH_REDUCE).
+    zt float32 [Tp * G]; qs int32 [Tp * nb] (KIND_Q6 only); out float32 [T * N]. fastmath: the float
+    epilogue is contracted and the per-block sums reassociate anyway; NaN/inf still propagate
+    (FASTMATH_REDUCE).
     """
     n_tokens = out.shape[0] // n_rows
     quads = wq.shape[0] // TILE_ROWS                            # K/4
@@ -445,9 +486,13 @@ def _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, n0, n_rows, out, 
         acc = tile_zeros_f32()
         for b in range(nb):
             acc_i = tile_zeros_i32()
-            if q4:
-                for s in range(b * block // 4, (b + 1) * block // 4):
+            if kind == KIND_Q4:
+                for s in range(b * block // 4, (b + 1) * block // 4, Q4_QUADS):
                     acc_i = tile_dpbusd_q4(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
+            elif kind == KIND_Q6:
+                acc_i = tile_splat_i32(qs, t0 * nb + b, nb, 96)
+                for s in range(b * block // 4, (b + 1) * block // 4, Q6_QUADS):
+                    acc_i = tile_dpbusd_q6(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
             else:
                 for s in range(b * block // 4, (b + 1) * block // 4):
                     acc_i = tile_dpbusd(acc_i, wq, s * TILE_ROWS, qx32, t0 * quads + s, quads)
@@ -473,7 +518,7 @@ def _matmul_q4_i8(qw32, scales, zeros, group_size, qx32, sx, zt, block, out):
         sw = np.empty(n_groups * TILE_ROWS, np.float32)         # [G, R]
         c = np.empty(n_groups * TILE_ROWS, np.float32)          # [G, R]
         _unpack_tile_q4(qw32, scales, zeros, tile * TILE_ROWS, wq, sw, c)
-        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out, True)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, qx32, block, tile * TILE_ROWS, n_rows, out, KIND_Q4)
 
 
 @parallel_kernel()
@@ -485,7 +530,7 @@ def _matmul_q8_i8(qw32, scales, group_size, qx32, sx, zt, block, out):
         sw = np.empty(n_groups * TILE_ROWS, np.float32)         # [G, R]
         c = np.empty(n_groups * TILE_ROWS, np.float32)          # [G, R]
         _unpack_tile_q8(qw32, scales, tile * TILE_ROWS, wq, sw, c)
-        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out, False)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, qx32, block, tile * TILE_ROWS, n_rows, out, KIND_Q8)
 
 
 # ----------------------------------------------------------------------------------------------

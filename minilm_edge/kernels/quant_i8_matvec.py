@@ -47,7 +47,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..errors import UsageError
-from .int8_dot import AVX512, INT8_DOT, dpbusd
+from .int8_dot import AVX512, INT8_DOT, dpbusd, dpbusd_sum
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import Q4Prepared, _check_out, _check_vec
 from .quant_i8_matmul import ACT_BLOCK, i32x16, v_absmax, v_hmax
@@ -81,6 +81,38 @@ def _masked_load(builder, ptr, mask, vecty):
     return builder.call(fn, [ptr, ir.Constant(_I32, 1), mask, ir.Constant(vecty, None)])
 
 
+def _load_part(builder, ptr, n, vecty):
+    """vecty (16 lanes of i8 or i16) from ptr: lanes i < n (an intp value) as they are, the others 0 and
+    not read. AVX-512 has masked loads of bytes and words; AVX2 does not (LLVM would test and load lane
+    by lane): there the n elements are copied into a zeroed stack vector by a loop of n steps (the
+    group tails these serve are short), then loaded whole. The same values."""
+    if AVX512:
+        return _masked_load(builder, ptr, _mask(builder, n, vecty.count), vecty)
+    buf = cgutils.alloca_once(builder, vecty)
+    builder.store(ir.Constant(vecty, None), buf)
+    it = n.type
+    n = builder.select(builder.icmp_signed("<", n, ir.Constant(it, vecty.count)), n, ir.Constant(it, vecty.count))
+    src = builder.bitcast(ptr, vecty.element.as_pointer())
+    dst = builder.bitcast(buf, vecty.element.as_pointer())
+    with cgutils.for_range(builder, n) as loop:
+        builder.store(builder.load(builder.gep(src, [loop.index])), builder.gep(dst, [loop.index]))
+    return builder.load(buf)
+
+
+def _load_bytes(builder, ptr, n, width):
+    """<width x i8> from ptr (i8* or a vector pointer): bytes i < n as they are, the others 0 and not
+    read. The caller guarantees n % 4 == 0 (every chunk tail here is whole 16-byte pieces). AVX2 has
+    no byte-masked load (LLVM would load byte by byte, a `vpinsrb` and a branch each): there the mask
+    is one per dword (`vpmaskmovd`), the same bytes read, the same values."""
+    vb = ir.VectorType(ir.IntType(8), width)
+    if AVX512:
+        return _masked_load(builder, builder.bitcast(ptr, vb.as_pointer()), _mask(builder, n, width), vb)
+    vd = ir.VectorType(_I32, width // 4)
+    v = _masked_load(builder, builder.bitcast(ptr, vd.as_pointer()),
+                     _mask(builder, builder.ashr(n, ir.Constant(n.type, 2)), width // 4), vd)
+    return builder.bitcast(v, vb)
+
+
 def _mangle(vecty):
     e = vecty.element
     return f"v{vecty.count}" + ("f32" if isinstance(e, ir.FloatType) else f"i{e.width}")
@@ -97,14 +129,13 @@ def v_dot_q4_i8(typingctx, w, w_off, n, qe, qo, x_off):
     and qo[x_off : x_off+64] (odd channels)."""
     def codegen(context, builder, sig, args):
         w_t, woff_t, n_t, qe_t, qo_t, xoff_t = sig.args
-        mask = _mask(builder, _intp(context, builder, args[2], n_t), CHUNK)
-        w = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], woff_t, args[1], _VB), mask, _VB)
+        w = _load_bytes(builder, _elem_ptr(context, builder, w_t, args[0], woff_t, args[1], _VB),
+                        _intp(context, builder, args[2], n_t), CHUNK)
         lo = builder.and_(w, ir.Constant(_VB, [15] * CHUNK))
         hi = builder.and_(builder.lshr(w, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
         xe = builder.load(_elem_ptr(context, builder, qe_t, args[3], xoff_t, args[5], _VB), align=1)
         xo = builder.load(_elem_ptr(context, builder, qo_t, args[4], xoff_t, args[5], _VB), align=1)
-        acc = dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe, 15)
-        return dpbusd(builder, acc, hi, xo, 15)
+        return dpbusd_sum(builder, ir.Constant(_VI32, [0] * LANES), [(lo, xe), (hi, xo)], 15)
     return i32x16(w, w_off, n, qe, qo, x_off), codegen
 
 
@@ -121,7 +152,7 @@ def v_dot2_q4_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
             v = builder.load(_elem_ptr(context, builder, w_t, args[0], off_t, off, _VB), align=1)
             lo = builder.and_(v, ir.Constant(_VB, [15] * CHUNK))
             hi = builder.and_(builder.lshr(v, ir.Constant(_VB, [4] * CHUNK)), ir.Constant(_VB, [15] * CHUNK))
-            out.append(dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), lo, xe, 15), hi, xo, 15))
+            out.append(dpbusd_sum(builder, ir.Constant(_VI32, [0] * LANES), [(lo, xe), (hi, xo)], 15))
         return context.make_tuple(builder, sig.return_type, out)
     return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
 
@@ -160,9 +191,9 @@ def v_dot_q8_i8(typingctx, w, e_off, o_off, n, qe, qo, x_off):
     sum_k u_k qx_k, the + 128 left for the caller (`q8_lane_zero`)."""
     def codegen(context, builder, sig, args):
         w_t, eoff_t, ooff_t, n_t, qe_t, qo_t, xoff_t = sig.args
-        mask = _mask(builder, _intp(context, builder, args[3], n_t), CHUNK)
-        we = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], eoff_t, args[1], _VB), mask, _VB)
-        wo = _masked_load(builder, _elem_ptr(context, builder, w_t, args[0], ooff_t, args[2], _VB), mask, _VB)
+        n = _intp(context, builder, args[3], n_t)
+        we = _load_bytes(builder, _elem_ptr(context, builder, w_t, args[0], eoff_t, args[1], _VB), n, CHUNK)
+        wo = _load_bytes(builder, _elem_ptr(context, builder, w_t, args[0], ooff_t, args[2], _VB), n, CHUNK)
         xe = builder.load(_elem_ptr(context, builder, qe_t, args[4], xoff_t, args[6], _VB), align=1)
         xo = builder.load(_elem_ptr(context, builder, qo_t, args[5], xoff_t, args[6], _VB), align=1)
         acc = dpbusd(builder, ir.Constant(_VI32, [0] * LANES), we, xe)
@@ -220,11 +251,12 @@ def v_load_part(typingctx, x, off, n):
     as 0 (and not touched)."""
     def codegen(context, builder, sig, args):
         x_t, off_t, n_t = sig.args
-        mask = _mask(builder, _intp(context, builder, args[2], n_t), LANES)
+        n = _intp(context, builder, args[2], n_t)
         if x_t.dtype == types.uint16:
             vh = ir.VectorType(ir.IntType(16), LANES)
-            h = _masked_load(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], vh), mask, vh)
+            h = _load_part(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], vh), n, vh)
             return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), LANES)), _VF)
+        mask = _mask(builder, n, LANES)
         return _masked_load(builder, _elem_ptr(context, builder, x_t, args[0], off_t, args[1], _VF), mask, _VF)
     return f32x16(x, off, n), codegen
 
@@ -235,8 +267,8 @@ def v_load_part_u8(typingctx, z, off, n):
     def codegen(context, builder, sig, args):
         z_t, off_t, n_t = sig.args
         vb = ir.VectorType(ir.IntType(8), LANES)
-        mask = _mask(builder, _intp(context, builder, args[2], n_t), LANES)
-        v = _masked_load(builder, _elem_ptr(context, builder, z_t, args[0], off_t, args[1], vb), mask, vb)
+        v = _load_part(builder, _elem_ptr(context, builder, z_t, args[0], off_t, args[1], vb),
+                       _intp(context, builder, args[2], n_t), vb)
         return builder.uitofp(v, _VF)
     return f32x16(z, off, n), codegen
 

@@ -9,10 +9,11 @@ holding the same codes computes (tests/test_q6.py):
     int8 activations (int8_dot.dpbusd): `dot2_q6_i8` = quant_i8_matvec.dot2_q8_i8, the chunk's even and odd bytes
         u + 96 = code + 128 (quant_i8_matvec.q8_rows) rebuilt by `_q6_bytes`: a masked 64-byte load of
         nibbles, two 16-byte loads of two-bit planes spread by a dword permute and a dword rotate
-        (`_q6_hi`), and/or/add; then the same two vpdpbusd. Full chunks (n = 64, `v_dot2_q6_i8_full`)
-        load without masks and leave out the + 96: their vpdpbusd start from 96 · the activations' octet
-        sums instead (integer lanes, so the same lanes; on AVX2 bytes below 128 also take half the
-        instructions, int8_dot.dpbusd).
+        (`_q6_hi`), and/or/add; then the same two vpdpbusd. Both rows of a pair (`v_dot2_q6_i8`; full
+        chunks, n = 64, `v_dot2_q6_i8_full`, load without masks) leave out the + 96: their vpdpbusd
+        start from 96 · the activations' octet sums instead (integer lanes, so the same lanes; on AVX2
+        bytes below 64 take a third of the instructions: int8_dot.dpbusd, dpbusd_sum).
+        Prefill tiles on AVX2 hold code + 32 too (quant_i8_matmul.Q6_PLUS32).
     float32 activations: `dot2_q6_f32` = quant_f32.dot2_q8_f32 (split order, 32 channels a step),
         `_matvec_q6_f32` = quant_f32._matvec_q8_f32 (natural order, the head and the per-linear path),
         `matvec_rows_q6_f32` = decode_step_batch.matvec_rows_q8_f32 (the batched head).
@@ -34,11 +35,14 @@ from numba.extending import intrinsic
 
 from ..errors import UsageError
 from ..formats.q4 import Q8Linear, pack_q6_rows
-from .int8_dot import INT8_DOT, dpbusd
+from .int8_dot import INT8_DOT, dpbusd, dpbusd_sum
 from .policy import FASTMATH_REDUCE, kernel, parallel_kernel
 from .quant_f32 import TILE_ROWS as F32_TILE_ROWS, _check_mat, _check_out, _check_vec, fp16_bits
 from .quant_i8_matmul import (
     ACT_BLOCK,
+    KIND_Q6,
+    KIND_Q8,
+    Q6_PLUS32,
     TILE_ROWS,
     _check_block,
     _tile_products,
@@ -50,8 +54,8 @@ from .quant_i8_matvec import (
     CHUNK_CHANNELS,
     _intp,
     _lane_scales,
+    _load_bytes,
     _mask,
-    _masked_load,
     group_index,
     padded,
     q8_lane_zero,
@@ -128,7 +132,7 @@ def _q6_spread(builder, d, base):
 def _q6_hi(builder, ptr, n4):
     """The two-bit plane of n4 (≤ 16) bytes at ptr spread over the 64 bytes of a chunk's channels:
     byte j (= 16e + 4p + i) gets bits 2p..2p+1 of source byte 4e + i at bits 4..5, others 0."""
-    v = _masked_load(builder, builder.bitcast(ptr, _V16B.as_pointer()), _mask(builder, n4, LANES), _V16B)
+    v = _load_bytes(builder, ptr, n4, LANES)
     return _q6_spread(builder, builder.bitcast(v, ir.VectorType(_I32, 4)), 0)
 
 
@@ -147,7 +151,7 @@ def _q6_bytes(context, builder, w_t, w, off, n, full=False, plus96=True):
         he, ho = _q6_spread(builder, planes, 0), _q6_spread(builder, planes, 4)
     else:
         mask = _mask(builder, n, CHUNK)
-        nib = _masked_load(builder, builder.bitcast(_ptr(context, builder, w_t, w, off), _VB.as_pointer()), mask, _VB)
+        nib = _load_bytes(builder, _ptr(context, builder, w_t, w, off), n, CHUNK)
         n4 = builder.lshr(n, ir.Constant(it, 2))
         he = _q6_hi(builder, _ptr(context, builder, w_t, w, builder.add(off, n)), n4)
         ho = _q6_hi(builder, _ptr(context, builder, w_t, w, builder.add(builder.add(off, n), n4)), n4)
@@ -191,22 +195,33 @@ def _v_dot_q6_i8(full):
 v_dot_q6_i8, v_dot_q6_i8_full = _v_dot_q6_i8(False), _v_dot_q6_i8(True)
 
 
-@intrinsic
-def v_dot2_q6_i8_full(typingctx, w, off_a, off_b, qe, qo, x_off):
-    """(`v_dot_q6_i8_full` at off_a, at off_b): the rows' bytes u = code + 32 (no + 96), the 96 ·
-    (sum of the octet's activation codes) that u + 96 adds instead the two vpdpbusd's starting value,
-    computed once for both rows. Integer sums, so the lanes are those of `v_dot_q6_i8` exactly."""
-    def codegen(context, builder, sig, args):
-        oa, ob, xo_ = _args_intp(context, builder, sig, args, (1, 2, 5))
-        xe, xo = _x_pair(context, builder, sig, args, xo_)
-        c96 = ir.Constant(_VB, [96] * CHUNK)
-        init = dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), c96, xe, 96), c96, xo, 96)
-        out = []
-        for off_ in (oa, ob):
-            ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, None, True, False)
-            out.append(dpbusd(builder, dpbusd(builder, init, ue, xe, 63), uo, xo, 63))
-        return context.make_tuple(builder, sig.return_type, out)
-    return types.UniTuple(i32x16, 2)(w, off_a, off_b, qe, qo, x_off), codegen
+def _v_dot2_q6_i8(full):
+    def v_dot2(typingctx, w, off_a, off_b, n, qe, qo, x_off):
+        def codegen(context, builder, sig, args):
+            oa, ob, n_, x_ = _args_intp(context, builder, sig, args, (1, 2, 3, 6))
+            xe = builder.load(_elem_ptr(context, builder, sig.args[4], args[4], types.intp, x_, _VB), align=1)
+            xo = builder.load(_elem_ptr(context, builder, sig.args[5], args[5], types.intp, x_, _VB), align=1)
+            if not full:                    # activations past the n pairs count for nothing (as the bytes)
+                mask, zero = _mask(builder, n_, CHUNK), ir.Constant(_VB, [0] * CHUNK)
+                xe, xo = builder.select(mask, xe, zero), builder.select(mask, xo, zero)
+            c96 = ir.Constant(_VB, [96] * CHUNK)
+            init = dpbusd(builder, dpbusd(builder, ir.Constant(_VI32, [0] * LANES), c96, xe, 96), c96, xo, 96)
+            out = []
+            for off_ in (oa, ob):
+                ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_, full, False)
+                out.append(dpbusd_sum(builder, init, [(ue, xe), (uo, xo)], 63))
+            return context.make_tuple(builder, sig.return_type, out)
+        return types.UniTuple(i32x16, 2)(w, off_a, off_b, n, qe, qo, x_off), codegen
+    v_dot2.__name__ = "v_dot2_q6_i8_full" if full else "v_dot2_q6_i8"
+    v_dot2.__doc__ = ("`v_dot2_q6_i8` of two full chunks (n = 64, not read): no masks." if full else
+                      """(`v_dot_q6_i8` at off_a, at off_b), n channel pairs: the rows' bytes u = code + 32 (no
+    + 96), the 96 · (sum of the octet's activation codes) that u + 96 adds instead the starting value,
+    computed once for both rows; on AVX2 each row's two vpdpbusd are summed in int16 (int8_dot.dpbusd_sum:
+    u <= 63). Integer sums, so the lanes are those of `v_dot_q6_i8` exactly.""")
+    return intrinsic(v_dot2)
+
+
+v_dot2_q6_i8, v_dot2_q6_i8_full = _v_dot2_q6_i8(False), _v_dot2_q6_i8(True)
 
 
 def _v_dot4_q6_i8(full):
@@ -232,10 +247,11 @@ v_dot4_q6_i8, v_dot4_q6_i8_full = _v_dot4_q6_i8(False), _v_dot4_q6_i8(True)
 @intrinsic
 def v_q6_quads(typingctx, w, off, n, buf):
     """The chunk's even and odd bytes (`_q6_bytes`) stored as 16 + 16 int32 quads: buf[0:16] the
-    even channels' quads (quant_i8_matmul's VNNI order), buf[16:32] the odd ones'."""
+    even channels' quads (quant_i8_matmul's VNNI order), buf[16:32] the odd ones'. code + 128, or
+    code + 32 where the tile takes those (quant_i8_matmul.Q6_PLUS32: AVX2)."""
     def codegen(context, builder, sig, args):
         off_, n_ = _args_intp(context, builder, sig, args, (1, 2))
-        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_)
+        ue, uo = _q6_bytes(context, builder, sig.args[0], args[0], off_, n_, plus96=not Q6_PLUS32)
         zero = ir.Constant(ir.IntType(64), 0)
         sixteen = ir.Constant(ir.IntType(64), LANES)
         for v, o in ((ue, zero), (uo, sixteen)):
@@ -361,10 +377,9 @@ def dot2_q6_i8(qw, sc, ra, rb, gpc, gidx, g0s, qe, qo, sxl, nzl, oq, osx, onz):
         o = c * CHUNK_CHANNELS
         n = min(CHUNK, (K - o) // 2)
         if n == CHUNK:
-            da, db = v_dot2_q6_i8_full(qw, wa + 3 * o // 4, wb + 3 * o // 4, qe, qo, oq + c * CHUNK)
+            da, db = v_dot2_q6_i8_full(qw, wa + 3 * o // 4, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
         else:
-            da = v_dot_q6_i8(qw, wa + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
-            db = v_dot_q6_i8(qw, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
+            da, db = v_dot2_q6_i8(qw, wa + 3 * o // 4, wb + 3 * o // 4, n, qe, qo, oq + c * CHUNK)
         g0 = g0s[c]
         sx, nz = v_load(sxl, osx + c * LANES), v_load(nzl, onz + c * LANES)
         acc_a = v_fma(v_fma(v_i2f(da), sx, nz), _lane_scales(sc, ra, g0, gpc, gidx, G), acc_a)
@@ -493,7 +508,8 @@ def _dequant_q6(qweight, scales, group_size, row0, tile):
 @kernel()
 def _unpack_tile_q6(qw, scales, n0, wq, sw, c, buf):
     """quant_i8_matmul._unpack_tile_q8 from q6 rows: the same tile (codes + 128 in VNNI octet order,
-    rows past N: the last row's codes, scales 0). buf: int32 [32] scratch."""
+    or codes + 32 on AVX2: `v_q6_quads`; rows past N: the last row's codes, scales 0). buf: int32 [32]
+    scratch."""
     n_rows, W = qw.shape
     K = 4 * W // 3
     for r in range(TILE_ROWS):
@@ -513,9 +529,22 @@ def _unpack_tile_q6(qw, scales, n0, wq, sw, c, buf):
             c[g * TILE_ROWS + r] = np.float32(-128.0) * as_f32(scales[n0 + r, g]) if live else np.float32(0.0)
 
 
+@kernel()
+def _block_sums(qx, block, qs):
+    """qs[t, b] = sum of the activation codes qx[t, b-th block of `block` channels] (int8 -> int32)."""
+    for t in range(qx.shape[0]):
+        for b in range(qs.shape[1]):
+            s = np.int32(0)
+            for k in range(b * block, b * block + block):
+                s += np.int32(qx[t, k])
+            qs[t, b] = s
+
+
 @parallel_kernel()
-def _matmul_q6_i8(qw, scales, group_size, qx32, sx, zt, block, out):
-    """quant_i8_matmul._matmul_q8_i8 for q6 rows (each thread unpacks its tile from the packed rows)."""
+def _matmul_q6_i8(qw, scales, group_size, qx32, sx, zt, qs, block, out):
+    """quant_i8_matmul._matmul_q8_i8 for q6 rows (each thread unpacks its tile from the packed rows).
+    qs int32 [Tp * nb]: the activation blocks' code sums (`_block_sums`), read where the tile holds
+    codes + 32 (Q6_PLUS32)."""
     n_rows, n_groups = qw.shape[0], scales.shape[1]
     quads = 4 * qw.shape[1] // 3 // 4
     for tile in prange((n_rows + TILE_ROWS - 1) // TILE_ROWS):
@@ -524,7 +553,8 @@ def _matmul_q6_i8(qw, scales, group_size, qx32, sx, zt, block, out):
         c = np.empty(n_groups * TILE_ROWS, np.float32)
         buf = np.empty(2 * LANES, np.int32)
         _unpack_tile_q6(qw, scales, tile * TILE_ROWS, wq, sw, c, buf)
-        _tile_products(wq, sw, c, group_size, qx32, sx, zt, block, tile * TILE_ROWS, n_rows, out, False)
+        _tile_products(wq, sw, c, group_size, qx32, sx, zt, qs, block, tile * TILE_ROWS, n_rows, out,
+                       KIND_Q6 if Q6_PLUS32 else KIND_Q8)
 
 
 @parallel_kernel()
@@ -651,8 +681,11 @@ def matmul_q6_i8(p: Q6Prepared, X: np.ndarray, out: np.ndarray | None = None,
     out = _check_out(out, (t, n))
     _check_block(p.group_size, block)
     qx, sx, zt = quantize_activations(np.ascontiguousarray(X), p.group_size, block)
+    qs = np.zeros(sx.shape if Q6_PLUS32 else (1, 1), np.int32)                 # [Tp, nb]
+    if Q6_PLUS32:
+        _block_sums(qx, block, qs)
     _matmul_q6_i8(p.qweight, p.scales, p.group_size, qx.view(np.int32).reshape(-1),
-                  sx.reshape(-1), zt.reshape(-1), block, out.reshape(-1))
+                  sx.reshape(-1), zt.reshape(-1), qs.reshape(-1), block, out.reshape(-1))
     return out
 
 
