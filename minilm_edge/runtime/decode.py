@@ -145,9 +145,14 @@ def stack_q4(layers: list) -> StackedQ4 | None:
     zeros = _view_in_place([lin.p.zeros for parts in layers for lin in parts], (L, N, K // g))
     scales = _view_in_place([lin.p.scales for parts in layers for lin in parts], (L, N, K // g))
     mapped = qweight is not None and zeros is not None
-    st = StackedQ4(qweight if mapped else np.empty((L, N, K // 2), np.uint8),
-                   scales if scales is not None else np.empty((L, N, K // g), np.uint16),
-                   zeros if mapped else np.empty((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
+    # Copies in their own anonymous maps (linear.anon_array), not NumPy's heap: NumPy asks for huge
+    # pages on large arrays, and a kind whose int8/q6 rows leave placeholders in this stack (the
+    # default recipe's q|k|v and o) would then hold every placeholder row too: the 1B shape's q|k|v
+    # stack, 32 MiB of int4 rows, held 48 MiB (BENCHMARKS.md, issue 14 item 3).
+    from .linear import anon_array
+    st = StackedQ4(qweight if mapped else anon_array((L, N, K // 2), np.uint8),
+                   scales if scales is not None else anon_array((L, N, K // g), np.uint16),
+                   zeros if mapped else anon_array((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
                    np.zeros((L, N, m16), np.float32), [parts[0].p.n_salient for parts in layers],
                    np.zeros((L, N), np.float32), mapped)
     for l, parts in enumerate(layers):
