@@ -12,8 +12,9 @@ int4 (asymmetric, per row and group):
     salient columns: W[:, salient_idx[i]] = salient_w[:, i]
 int8 (symmetric, per row and group):
     W[n, k] = q[n, k] * scales[n, k // g],  q in -127..127
-q6 (symmetric, 6-bit codes, int8 in memory): as int8 with q in -31..31; in the file 4 codes in 3 bytes:
-    u = q + 32;  bits 6i .. 6i+5 of the little-endian 24-bit word of bytes 3j..3j+2 hold u[4j + i]
+q6 (symmetric, 6-bit codes): as int8 with q in -31..31, u = q + 32 stored in 6 bits, in one of two layouts
+(minilm_edge/formats/q4.py): "packed" (older files, unpack_q6): bits 6i .. 6i+5 of the little-endian 24-bit
+word of bytes 3j..3j+2 hold u[4j + i]; "rows" (the kernels' layout, unpack_q6_rows): see there.
 int4 weights x int8 activations (the prefill kernel minilm_edge/kernels/quant_i8_matmul.py): X quantized per token
 and block of B channels, integer dots, scales applied per block (see matmul_q4_i8).
 """
@@ -216,6 +217,26 @@ def matmul_q8(q, scales, group_size, X):
     """Y [T, N] = X W^T for the int8 format."""
     w = dequantize_q8(q, scales, group_size)
     return (X.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+
+
+def unpack_q6_rows(rows, k):
+    """q6 codes from the kernels' layout (the file's "rows" layout): uint8 [N, 3K/4] -> int8 [N, K].
+    Per chunk of 128 channels at byte 96c of a row (n = its channels / 2 pairs): byte j < n holds the
+    low 4 bits of channel 2j (low nibble) and 2j+1 (high nibble); then n/4 bytes for the even channels'
+    top 2 bits and n/4 for the odd ones': pair j = 16e + 4p + i at bits 2p..2p+1 of byte 4e + i."""
+    n_rows = rows.shape[0]
+    assert rows.dtype == np.uint8 and rows.shape == (n_rows, 3 * k // 4) and k % 32 == 0
+    q = np.zeros((n_rows, k), np.int64)
+    for c0 in range(0, k, 128):
+        n = min(128, k - c0) // 2
+        base = 3 * c0 // 4
+        for j in range(n):
+            e, p, i = j // 16, (j // 4) % 4, j % 4
+            for par in (0, 1):                       # the even, then the odd channel of pair j
+                lo = (rows[:, base + j].astype(np.int64) >> (4 * par)) & 15
+                hi = (rows[:, base + n + par * (n // 4) + 4 * e + i].astype(np.int64) >> (2 * p)) & 3
+                q[:, c0 + 2 * j + par] = lo | (hi << 4)
+    return (q - 32).astype(np.int8)
 
 
 def unpack_q6(packed, k):

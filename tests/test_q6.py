@@ -1,7 +1,8 @@
-"""The q6 storage format (formats/q4.py pack_q6): 6-bit codes packed 4 in 3 bytes in the file, 6 bits
-in memory too (pack_q6_rows, kernels/quant_q6.py). A folder with a q6 embedding and q6 linears runs
-bit-identically to an int8 folder holding the same codes (the decode head with int8 activations: the
-int8 product of its codes); its bytes are counted as stored; broken packed tensors are refused."""
+"""The q6 storage format (formats/q4.py): 6-bit codes, 3 bytes per 4, in the file in the kernels'
+layout (pack_q6_rows, kernels/quant_q6.py: mapped at load, not copied), in older files packed
+4 in 3 bytes (pack_q6: re-packed at load, with a note). A folder with a q6 embedding and q6 linears
+runs bit-identically to an int8 folder holding the same codes (the decode head with int8 activations:
+the int8 product of its codes); its bytes are counted as stored; broken q6 tensors are refused."""
 import json
 
 import numpy as np
@@ -10,7 +11,15 @@ from safetensors.numpy import load_file, save_file
 
 import minilm_edge
 from minilm_edge.app.cli import main
-from minilm_edge.formats.q4 import Q6_MAX, pack_q6, pack_q6_rows, quantize_q6, unpack_q6, unpack_q6_rows
+from minilm_edge.formats.q4 import (
+    Q6_LAYOUT_KEY,
+    Q6_MAX,
+    pack_q6,
+    pack_q6_rows,
+    quantize_q6,
+    unpack_q6,
+    unpack_q6_rows,
+)
 from minilm_edge.quant.quantize import quantize
 from reference import q4 as ref_q4
 from tinymodel import make_model_dir
@@ -29,8 +38,10 @@ def test_unpack_matches_the_reference_and_round_trips(n, k):
     assert packed.dtype == np.uint8 and packed.shape == (n, 3 * k // 4)
     assert np.array_equal(unpack_q6(packed, k), q)
     assert np.array_equal(ref_q4.unpack_q6(packed, k), q)
-    if k % 32 == 0:                              # the in-memory layout round-trips
-        assert np.array_equal(unpack_q6_rows(pack_q6_rows(q), k), q)
+    if k % 32 == 0:                              # the kernels' layout round-trips, as the reference reads it
+        rows = pack_q6_rows(q)
+        assert np.array_equal(unpack_q6_rows(rows, k), q)
+        assert np.array_equal(ref_q4.unpack_q6_rows(rows, k), q)
     # any byte pattern a writer makes decodes the same both ways
     noise = rng.integers(0, 256, (n, 3 * k // 4)).astype(np.uint8)
     ref = ref_q4.unpack_q6(noise, k)
@@ -56,17 +67,28 @@ def test_pack_refuses_codes_out_of_range():
         pack_q6(np.full((1, 4), 32, np.int8))
 
 
-def _int8_twin(q6_dir, out_dir):
-    """The same folder with every q6 tensor unpacked to int8 (the reference's unpacking)."""
+def _rewrite_q6(q6_dir, out_dir, convert, metadata=None):
+    """The same folder (no manifest) with every q6 codes tensor `convert(codes [N, K])`-ed, written by
+    safetensors itself with `metadata` (None: no q6 layout key, i.e. the older "packed" layout)."""
     import shutil
     shutil.copytree(q6_dir, out_dir)
     (out_dir / "manifest.json").unlink()
     raw = dict(load_file(str(q6_dir / "model.safetensors")))
     for name, arr in list(raw.items()):
         if name.endswith(".qweight") and arr.dtype == np.uint8 and name[:-8] + ".zeros" not in raw:
-            raw[name] = ref_q4.unpack_q6(arr, 4 * arr.shape[1] // 3)
-    save_file(raw, str(out_dir / "model.safetensors"))
+            raw[name] = convert(ref_q4.unpack_q6_rows(arr, 4 * arr.shape[1] // 3))
+    save_file(raw, str(out_dir / "model.safetensors"), metadata=metadata)
     return out_dir
+
+
+def _int8_twin(q6_dir, out_dir):
+    """The same folder with every q6 tensor unpacked to int8 (the reference's unpacking)."""
+    return _rewrite_q6(q6_dir, out_dir, lambda q: q)
+
+
+def _packed_twin(q6_dir, out_dir):
+    """The same folder as a version before 2026-12-08 wrote it: q6 codes packed 4 in 3 bytes, no key."""
+    return _rewrite_q6(q6_dir, out_dir, pack_q6)
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +174,7 @@ def test_q6_head_with_int8_activations_is_the_int8_product(q6_folder):
     rows = head.rows(X)
     assert np.array_equal(rows, np.stack([head.matvec(x) for x in X]))
     assert i8_ok(head.p) == INT8_DOT
-    q = ref_q4.unpack_q6(load_file(str(out / "model.safetensors"))[EMBED + ".qweight"], head.shape[1])
+    q = ref_q4.unpack_q6_rows(load_file(str(out / "model.safetensors"))[EMBED + ".qweight"], head.shape[1])
     scales = load_file(str(out / "model.safetensors"))[EMBED + ".scales"]
     ref = (ref_q4.matmul_q8_i8(q, scales, head.p.group_size, X, ACT_BLOCK) if INT8_DOT
            else ref_q4.matmul_q8(q, scales, head.p.group_size, X))
@@ -192,26 +214,86 @@ def test_q6_kernels_match_int8_kernels(n, k, g):
     assert np.array_equal(a.rows(X[:7]), b.rows(X[:7]))
 
 
-@pytest.mark.parametrize("tamper, msg", [
-    (lambda raw: raw.__setitem__(V_PROJ + ".qweight", raw[V_PROJ + ".qweight"][:, :-3].copy()), "v_proj"),
-    (lambda raw: raw.__setitem__(EMBED + ".qweight", raw[EMBED + ".qweight"][:-1].copy()), "embed_tokens"),
-    (lambda raw: raw.__setitem__(EMBED + ".qweight", np.zeros_like(raw[EMBED + ".qweight"])), "-32"),
-    (lambda raw: raw.__setitem__(V_PROJ + ".scales", np.tile(raw[V_PROJ + ".scales"], (1, 3))), "v_proj"),
+ROWS = {Q6_LAYOUT_KEY: "rows"}
+
+
+@pytest.mark.parametrize("tamper, layout, msg", [
+    (lambda raw: raw.__setitem__(V_PROJ + ".qweight", raw[V_PROJ + ".qweight"][:, :-3].copy()), ROWS, "v_proj"),
+    (lambda raw: raw.__setitem__(V_PROJ + ".qweight", raw[V_PROJ + ".qweight"][:, :-3].copy()), None, "v_proj"),
+    (lambda raw: raw.__setitem__(EMBED + ".qweight", raw[EMBED + ".qweight"][:-1].copy()), ROWS, "embed_tokens"),
+    # the older packed layout is decoded at load, which refuses a code no writer makes; the mapped
+    # rows layout is not read at load (as int8 codes are not): `verify` checks those bytes
+    (lambda raw: raw.__setitem__(EMBED + ".qweight", np.zeros_like(raw[EMBED + ".qweight"])), None, "-32"),
+    (lambda raw: raw.__setitem__(V_PROJ + ".scales", np.tile(raw[V_PROJ + ".scales"], (1, 3))), ROWS, "v_proj"),
+    (lambda raw: None, {Q6_LAYOUT_KEY: "planar"}, "upgrade minilm_edge"),       # a layout from the future
 ])
-def test_broken_q6_tensors_are_refused_in_one_line(q6_folder, tmp_path, tamper, msg, capsys):
+def test_broken_q6_tensors_are_refused_in_one_line(q6_folder, tmp_path, tamper, layout, msg, capsys):
     import shutil
     _, out = q6_folder
+    base = _packed_twin(out, tmp_path / "old") if layout is None else out     # the older layout's bytes, or ours
     bad = tmp_path / "bad"
-    shutil.copytree(out, bad)
-    (bad / "manifest.json").unlink()             # as a plain folder: the format checks must refuse it
+    shutil.copytree(base, bad)
+    (bad / "manifest.json").unlink(missing_ok=True)   # as a plain folder: the format checks must refuse it
     raw = dict(load_file(str(bad / "model.safetensors")))
     tamper(raw)
-    save_file(raw, str(bad / "model.safetensors"))
+    save_file(raw, str(bad / "model.safetensors"), metadata=layout)
     with pytest.raises((minilm_edge.QuantFormatError, minilm_edge.errors.CheckpointError), match=msg):
         minilm_edge.load(bad)
     assert main(["generate", str(bad), "--prompt", "hello", "--max-new-tokens", "1"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err and "Traceback" not in err
+
+
+def _owner(a):
+    from minilm_edge.runtime.decode import _buffer_owner
+    return _buffer_owner(a)
+
+
+def test_q6_weights_are_views_of_the_mapped_file(q6_folder, capsys):
+    """quantize writes the q6 codes in the kernels' layout and says so in the file: every q6 array
+    the model reads (each linear's codes and scales, the embedding/head table, the one-call step's
+    q6 rows) is a read-only view of the mapped file, not a copy; no note about the layout."""
+    from minilm_edge.formats.tensors import TensorSource
+    from minilm_edge.runtime.linear import Q6
+    _, out = q6_folder
+    assert TensorSource(out).metadata_of(V_PROJ + ".qweight")[Q6_LAYOUT_KEY] == "rows"
+    m = minilm_edge.load(out)
+    assert "note:" not in capsys.readouterr().err
+    mm = m.weights.source.files["model.safetensors"]._mm
+    q6 = [m.weights.lm_head, m.weights.blocks[0].v, m.weights.blocks[1].o, m.weights.blocks[0].down]
+    assert all(isinstance(lin, Q6) and not lin.repacked for lin in q6)
+    for lin in q6:
+        for a in (lin.p.qweight, lin.p.scales):
+            assert _owner(a) is mm and not a.flags.writeable and not a.flags.owndata
+    stacks = [s for s in m.decode_plan.q8 if s.q6w.shape[0] > 2]        # the kinds holding q6 rows
+    assert len(stacks) == 3                                              # q|k|v, o, down
+    for s in stacks:
+        assert _owner(s.q6w) is mm and _owner(s.q6s) is mm
+    # the step reads the same bytes as the linears: block 0's v rows are in the q|k|v kind's q6 rows
+    v = m.weights.blocks[0].v.p.qweight
+    assert np.shares_memory(v, m.decode_plan.q8[0].q6w)
+
+
+def test_older_packed_folder_loads_equal_with_a_note(q6_folder, tmp_path, capsys):
+    """A folder written before 2026-12-08 (q6 codes packed 4 in 3 bytes, no layout key) still loads:
+    re-packed into anonymous memory, with one note saying how to rewrite it, and computes the same
+    bits as the mapped folder (prefill, lookups, single-stream and batched decode)."""
+    from minilm_edge.runtime.linear import Q6
+    _, out = q6_folder
+    old = _packed_twin(out, tmp_path / "old")
+    a = minilm_edge.load(out)
+    capsys.readouterr()
+    b = minilm_edge.load(old)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: ") and "packed layout" in err[0] and "quantize" in err[0]
+    lin = b.weights.blocks[0].v
+    assert isinstance(lin, Q6) and lin.repacked
+    assert _owner(lin.p.qweight) is not b.weights.source.files["model.safetensors"]._mm
+    ids = np.arange(3, 40)
+    assert np.array_equal(a.forward(ids), b.forward(ids))
+    assert np.array_equal(a.weights.embed[ids], b.weights.embed[ids])
+    for i, (x, y) in enumerate(zip(_decode_run(a), _decode_run(b))):
+        assert np.array_equal(x, y), i
 
 
 def test_int6_options_are_checked(tmp_path):

@@ -144,18 +144,23 @@ def copied_files(src_dir: Path) -> dict:
 
 def write_model_folder(src_dir: Path, out_dir: Path, tensors: dict, config: dict, before_rename=None) -> Path:
     """Write tensors + config + copied tokenizer files into a temp folder, then rename it to out_dir.
+    q6 codes in `tensors` must be in the kernels' layout (formats/q4.py pack_q6_rows): the file says so.
 
     `before_rename(tmp)` may add files (a report) to the complete folder before it appears."""
+    from .q4 import Q6_LAYOUT_KEY
     from .safetensors import write_file
-    from .tensors import storage_rank
+    from .tensors import q6_prefixes, storage_rank
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_tempdir(out_dir, "tmp")
     try:
-        # In the order runtime/decode.py stacks int4 weights, so the stacks map the file in place.
-        write_file(tmp / "model.safetensors", tensors, {"format": "pt"}, rank=storage_rank)
+        # In the order runtime/decode.py stacks int4 and q6 weights, so the stacks map the file in
+        # place; q6 codes in the kernels' layout, as every writer of them makes them (quant/quantize.py).
+        q6 = q6_prefixes(tensors)
+        write_file(tmp / "model.safetensors", tensors, {"format": "pt", Q6_LAYOUT_KEY: "rows"},
+                   rank=lambda name: storage_rank(name, q6))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, path in copied_files(src_dir).items():
             shutil.copyfile(path, tmp / name)

@@ -51,13 +51,13 @@ then needs no zero-point correction. Cost 8 + 16/g bits per weight (8.25 at g = 
 
 And "q6", the same symmetric format with 6-bit codes (issue 17: where llama.cpp's Q4_K_M puts Q6_K):
     codes in -31..31, scale = max(max|w|, 1e-5) / 31;  in memory a Q8Linear holding those codes
-In the file the codes are packed 4 in 3 bytes (`pack_q6`): u = code + 32 (1..63, 0 never written),
-    word = u0 | u1 << 6 | u2 << 12 | u3 << 18     (codes 4j .. 4j+3 of a row, 24 bits)
-    bytes 3j, 3j+1, 3j+2 = word & 0xFF, (word >> 8) & 0xFF, word >> 16     (little-endian)
     qweight uint8 [N, 3K/4] (no zeros tensor: that tells it from minilm-q4), scales float16 [N, G]
-In memory q6 stays 6-bit (`pack_q6_rows`, re-packed at load; kernels/quant_q6.py reads it): per row,
-per chunk of 128 channels (the last may hold fewer: n = its channels / 2, a multiple of 16 when
-K % 32 == 0), n + n/4 + n/4 bytes at byte 96c of the row, u = code + 32:
+Two layouts of the same 6 bits a code, u = code + 32 (1..63, 0 never written); the safetensors
+header says which one a file holds (`Q6_LAYOUT_KEY` in its __metadata__, `q6_layout`):
+"rows" (`pack_q6_rows`, files written since 2026-12-08, K % 32 == 0): the layout kernels/quant_q6.py
+reads, so loading maps the file's bytes in place (no copy, no re-pack). Per row, per chunk of 128
+channels (the last may hold fewer: n = its channels / 2, a multiple of 16 when K % 32 == 0),
+n + n/4 + n/4 bytes at byte 96c of the row:
 
     nib[j]             = (u[2j] & 15) | (u[2j+1] & 15) << 4            j < n (channel pairs of the chunk)
     hiE[4e + i] bits 2p..2p+1 = u[2j] >> 4,   hiO likewise u[2j+1] >> 4,   j = 16e + 4p + i
@@ -66,6 +66,10 @@ so 64 nibble bytes give the chunk's even and odd channels as the int4 kernels sp
 two-bit planes spread to 64 bytes each with one dword permute and one dword rotate (dword d of the
 output takes source dword d // 4, bit pair d % 4). The kernels rebuild u + 96 = code + 128, the bytes
 of the int8 rows (kernels/quant_i8_matvec.q8_rows), so q6 computes bit-identically to int8.
+"packed" (`pack_q6`, no key: files written before 2026-12-08; any K % 4 == 0): 4 codes in 3 bytes,
+    word = u0 | u1 << 6 | u2 << 12 | u3 << 18     (codes 4j .. 4j+3 of a row, 24 bits)
+    bytes 3j, 3j+1, 3j+2 = word & 0xFF, (word >> 8) & 0xFF, word >> 16     (little-endian)
+re-packed into "rows" at load (`q6_rows_from_file`: anonymous memory, seconds to minutes at 1B).
 """
 from __future__ import annotations
 
@@ -85,6 +89,8 @@ SCALE_FLOOR = 1e-5                # max - min of a constant group is replaced by
 Q8_MAX = 127                      # int8 codes are symmetric: -127..127 (-128 unused)
 Q6_MAX = 31                       # q6 codes: -31..31, stored as code + 32 in 6 bits
 Q6_ROWS_PER_CHUNK = 4096
+Q6_LAYOUT_KEY = "minilm_q6_layout"   # safetensors __metadata__ key: the layout of the file's q6 codes
+Q6_LAYOUTS = ("rows", "packed")      # "rows": pack_q6_rows (what we write); "packed": pack_q6 (no key)
 PSEUDO_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -427,6 +433,16 @@ def q6_rows_from_file(packed: np.ndarray, k: int, name: str = "qweight", out: np
     for r in range(0, packed.shape[0], Q6_ROWS_PER_CHUNK):
         out[r:r + Q6_ROWS_PER_CHUNK] = pack_q6_rows(unpack_q6(packed[r:r + Q6_ROWS_PER_CHUNK], k, name))
     return out
+
+
+def q6_layout(metadata: dict) -> str:
+    """The layout of the q6 codes in a safetensors file with this __metadata__ (module docstring):
+    "rows" or "packed"; QuantFormatError for a value this version does not know (a newer writer)."""
+    layout = metadata.get(Q6_LAYOUT_KEY, "packed")
+    if layout not in Q6_LAYOUTS:
+        raise QuantFormatError(f"{Q6_LAYOUT_KEY} = {layout!r} is not a q6 layout this minilm_edge knows "
+                               f"({', '.join(Q6_LAYOUTS)}); a newer version wrote it: upgrade minilm_edge")
+    return layout
 
 
 def dequantize_q8(q8: Q8Linear) -> np.ndarray:

@@ -57,7 +57,8 @@ BIASED = ("q", "k", "v")   # carry a bias when config.attention_bias (qwen2)
 # gate|up). Files we write store the codes, zero points and scales of each stack back to back, block
 # after block (`storage_rank`), so that the stack is a view of the mapped file, not a copy (the kernels
 # read the fp16 scales as they are: kernels/simd.as_f32). Older files put the scales elsewhere: loading
-# copies them (runtime/decode.stack_q4).
+# copies them (runtime/decode.stack_q4). The q6 block linears (formats/q4.py) likewise, apart from the
+# int4 ones: each kind's q6 codes, then its q6 scales, block after block (runtime/decode.stack_q8).
 STACKS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 STACKED_PARTS = ("qweight", "zeros", "scales")
 _STACK_OF = {key: (s, j) for s, keys in enumerate(STACKS) for j, key in enumerate(keys)}
@@ -65,15 +66,23 @@ _PREFIX_KEY = {name.rsplit(".", 1)[1]: key for key, (name, _) in BLOCK_LINEARS.i
 _STACKED_NAME = re.compile(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(\w+)")
 
 
-def storage_rank(name: str) -> tuple:
+def storage_rank(name: str, q6: frozenset = frozenset()) -> tuple:
     """Sort key of a tensor in a file we write: the stacked int4 parts first, ordered (part, stack,
-    block, position in the stack), then everything else as given. Only order within one item size
-    matters (formats/safetensors.write_file keeps larger items first for alignment)."""
+    block, position in the stack), then the q6 linears' (their prefixes `q6`, `q6_prefixes`) in the
+    same order, then everything else as given. Only order within one item size matters
+    (formats/safetensors.write_file keeps larger items first for alignment)."""
     m = _STACKED_NAME.fullmatch(name)
     if m and m.group(3) in STACKED_PARTS and m.group(2) in _PREFIX_KEY:
         stack, j = _STACK_OF[_PREFIX_KEY[m.group(2)]]
-        return (0, STACKED_PARTS.index(m.group(3)), stack, int(m.group(1)), j)
+        fmt = int(name.rsplit(".", 1)[0] in q6)
+        return (0, fmt, STACKED_PARTS.index(m.group(3)), stack, int(m.group(1)), j)
     return (1,)
+
+
+def q6_prefixes(tensors: dict) -> frozenset:
+    """The linears of {name: array} stored q6 (`linear_format`: a uint8 qweight without zeros)."""
+    prefixes = (n[:-len(".qweight")] for n, a in tensors.items() if n.endswith(".qweight") and a.dtype == np.uint8)
+    return frozenset(p for p in prefixes if p + ".zeros" not in tensors)
 
 
 def block_linears(cfg, block: int | None = None):
@@ -130,8 +139,8 @@ def linear_format(src, prefix: str) -> str | None:
         "awq_gemm"  AutoAWQ GEMM (formats/awq_gemm.py)        prefix.qweight + prefix.qzeros
         "q8"        int8 (formats/q4.py Q8Linear)             prefix.qweight (int8) alone
                     (an lm_head, or the embedding: EMBED_PREFIX)
-        "q6"        6-bit codes packed 4 in 3 bytes           prefix.qweight (uint8) alone
-                    (formats/q4.py pack_q6; loaded as a Q8Linear)
+        "q6"        6-bit codes, 3 bytes per 4                prefix.qweight (uint8) alone
+                    (formats/q4.py: layout per file, q6_layout; the kernels' layout mapped)
     None when nothing of it is stored (or a qweight matches no format)."""
     if prefix + ".weight" in src:
         return src.raw(prefix + ".weight")[1].lower()
@@ -181,6 +190,10 @@ class TensorSource:
     def __contains__(self, name):
         return name in self.where
 
+    def metadata_of(self, name: str) -> dict:
+        """The __metadata__ of the file holding tensor `name` (e.g. its q6 layout, formats/q4.py)."""
+        return self.files[self.where[name]].metadata
+
     def check_finite(self, rows_per_chunk: int = 4096) -> None:
         """Every floating-point tensor holds only finite numbers, or a CheckpointError names the
         first that does not: a NaN or infinite weight turns every logit NaN downstream. Chunked,
@@ -228,6 +241,9 @@ class ArraySource(TensorSource):
 
     def release_pages(self) -> None:
         pass
+
+    def metadata_of(self, name: str) -> dict:
+        return self.metadata
 
     def raw(self, name: str):
         if name not in self._tensors:

@@ -96,8 +96,8 @@ def quantize(src_dir, out_dir, *, method: str = "rtn", bits: int = 4, group_size
     `int8` (see `int8_linears`, e.g. "v@all,down@more") stores those block linears as int8
     (formats/q4.py Q8Linear, g = 128 where it divides K): more bits where llama.cpp's k-quant
     recipes also put them; AWQ does not clip them and searches their scales with 8-bit rounding.
-    `int6` (the same syntax): block linears stored q6 (formats/q4.py: 6-bit codes packed 4 in 3 bytes, an
-    fp16 scale per INT6_GROUP_SIZE weights; int8 in memory); it takes precedence over `int8`, so
+    `int6` (the same syntax): block linears stored q6 (formats/q4.py: 6-bit codes, 3 bytes per 4, an
+    fp16 scale per INT6_GROUP_SIZE weights; mapped as stored); it takes precedence over `int8`, so
     int6="v@all,down@more" turns the default recipe's int8 linears 6-bit. `embed` "q6" stores the
     embedding that way; `embed_group_size` its scale groups (default: `group_size`).
     `gptq` (AWQ only): GPTQ error feedback chooses the codes for the quantizers AWQ's clip search fixed
@@ -383,10 +383,11 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
     maps a linear's prefix to the input channels it keeps in fp16. `block_fp(i)` gives both for
     block i, asked for in block order (AWQ streamed: one block's float32 weights at a time).
     `int8`: (layer, linear) pairs stored as int8 (Q8Linear at INT8_GROUP_SIZE where it divides K);
-    `int6` those stored q6 (INT6_GROUP_SIZE; codes packed, formats/q4.py pack_q6). `embed` "int8" or
+    `int6` those stored q6 (INT6_GROUP_SIZE; codes in the kernels' layout, formats/q4.py pack_q6_rows,
+    which write_model_folder declares in the file). `embed` "int8" or
     "q6" with scale groups of `embed_group_size` (default `group_size`).
     """
-    from ..formats.q4 import choose_group_size, pack_q6, quantize_q4, quantize_q6, quantize_q8
+    from ..formats.q4 import choose_group_size, pack_q6_rows, quantize_q4, quantize_q6, quantize_q8
 
     fp, salient = fp or {}, salient or {}
     eight, six = set(int8), set(int6)
@@ -398,7 +399,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             g8 = choose_group_size(cfg.hidden_size, embed_group_size or group_size)   # rows quantized independently
             q8s = [quantize_q8(w, g8) if embed == "int8" else quantize_q6(w, g8)
                    for w in _rows_f32(src, name, shape(cfg))]
-            pack = (lambda q: q) if embed == "int8" else pack_q6
+            pack = (lambda q: q) if embed == "int8" else pack_q6_rows
             out[EMBED_PREFIX + ".qweight"] = np.concatenate([pack(q8.qweight) for q8 in q8s])
             out[EMBED_PREFIX + ".scales"] = np.concatenate([q8.scales for q8 in q8s])
         else:
@@ -428,7 +429,7 @@ def quantized_tensors(src, cfg, method, bits, group_size, quantize_head, progres
             if (i, key) in eight or (i, key) in six:
                 if (i, key) in six:
                     q8 = quantize_q6(w, choose_group_size(w.shape[1], INT6_GROUP_SIZE))
-                    out[prefix + ".qweight"], out[prefix + ".scales"] = pack_q6(q8.qweight), q8.scales
+                    out[prefix + ".qweight"], out[prefix + ".scales"] = pack_q6_rows(q8.qweight), q8.scales
                 else:
                     q8 = quantize_q8(w, choose_group_size(w.shape[1], INT8_GROUP_SIZE))
                     out[prefix + ".qweight"], out[prefix + ".scales"] = q8.qweight, q8.scales

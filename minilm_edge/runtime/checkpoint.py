@@ -7,6 +7,7 @@ uses, so no permutation happens here (GGUF files differ; formats/gguf.py undoes 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,12 @@ def load_weights(model_dir: Path | None, cfg: LlamaConfig, src: TensorSource | N
         raise CheckpointError("lm_head.weight is missing and config.json does not tie the embeddings")
     if isinstance(lm_head, Q6):
         lm_head.decode_i8 = True               # the head decodes with int8 activations (linear.Q6)
+    lins = [lm_head, getattr(embed, "linear", None)] + [lin for b in linears for lin in b.values()]
+    if any(getattr(lin, "repacked", False) for lin in lins):
+        where = f"{model_dir} " if model_dir is not None else ""
+        print(f"note: {where}stores its q6 weights in the older packed layout: re-packed at every load "
+              "(slower, more memory); quantize its source again with this version to have them mapped",
+              file=sys.stderr)
     return Weights(embed=embed, blocks=blocks, norm=norm_weight(src, norm_name, norm_shape(cfg), cfg),
                    lm_head=lm_head, source=src)
 

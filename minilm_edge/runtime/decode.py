@@ -77,9 +77,11 @@ class StackedQ4:
 
 def stack_q8(parts: list, q6_lins: list = (), K: int | None = None) -> Q8Stack | None:
     """The int8 linears' rows (Q8Prepared, one K and one group size g8) as the step reads them
-    (quant_i8_matvec.q8_rows), and the q6 linears' (linear.Q6, one group size g6: their packed rows,
-    kernels/quant_q6.py, moved into the stack: each linear then reads its rows there, its own copy is
-    freed); None where the kernels do not take them (`supports_i8`, `supports_q6`)."""
+    (quant_i8_matvec.q8_rows), and the q6 linears' (linear.Q6, one group size g6: their 6-bit rows,
+    kernels/quant_q6.py): views of the mapped file when it stores them back to back in stack order
+    (formats/tensors.storage_rank, files written since 2026-12-08), else moved into the stack (each
+    linear then reads its rows there, its own copy is freed); None where the kernels do not take
+    them (`supports_i8`, `supports_q6`)."""
     from ..kernels.quant_q6 import supports_q6
     from .linear import anon_array
     q6_parts = [lin.p for lin in q6_lins]
@@ -98,15 +100,18 @@ def stack_q8(parts: list, q6_lins: list = (), K: int | None = None) -> Q8Stack |
                 or not supports_q6(g6, K):
             return None
         R6 = sum(p.shape[0] for p in q6_parts)
-        q6w = anon_array((R6, 3 * K // 4), np.uint8)                                  # uint8 [R6, 3K/4]
-        q6s = np.concatenate([p.scales for p in q6_parts])                           # fp16 bits [R6, K/g6]
+        q6w = _view_in_place([p.qweight for p in q6_parts], (R6, 3 * K // 4))          # uint8 [R6, 3K/4]
+        q6s = _view_in_place([p.scales for p in q6_parts], (R6, K // g6))             # fp16 bits [R6, K/g6]
+        q6s = q6s if q6s is not None else np.concatenate([p.scales for p in q6_parts])
         del q6_parts
-        r = 0
-        for lin in q6_lins:        # one linear at a time, so the RSS holds one copy and the part moving
-            n = lin.p.shape[0]
-            q6w[r:r + n] = lin.p.qweight
-            lin.p = dataclasses.replace(lin.p, qweight=q6w[r:r + n], scales=q6s[r:r + n])
-            r += n
+        if q6w is None:
+            q6w = anon_array((R6, 3 * K // 4), np.uint8)
+            r = 0
+            for lin in q6_lins:    # one linear at a time, so the RSS holds one copy and the part moving
+                n = lin.p.shape[0]
+                q6w[r:r + n] = lin.p.qweight
+                lin.p = dataclasses.replace(lin.p, qweight=q6w[r:r + n], scales=q6s[r:r + n])
+                r += n
     else:
         g6, q6w, q6s = K, np.zeros((2, 3 * K // 4), np.uint8), np.zeros((2, 1), np.uint16)
     return Q8Stack(qweight, scales, g8, *group_index(g8, K), q6w, q6s, g6, *group_index(g6, K))
@@ -140,9 +145,14 @@ def stack_q4(layers: list) -> StackedQ4 | None:
     zeros = _view_in_place([lin.p.zeros for parts in layers for lin in parts], (L, N, K // g))
     scales = _view_in_place([lin.p.scales for parts in layers for lin in parts], (L, N, K // g))
     mapped = qweight is not None and zeros is not None
-    st = StackedQ4(qweight if mapped else np.empty((L, N, K // 2), np.uint8),
-                   scales if scales is not None else np.empty((L, N, K // g), np.uint16),
-                   zeros if mapped else np.empty((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
+    # Copies in their own anonymous maps (linear.anon_array), not NumPy's heap: NumPy asks for huge
+    # pages on large arrays, and a kind whose int8/q6 rows leave placeholders in this stack (the
+    # default recipe's q|k|v and o) would then hold every placeholder row too: the 1B shape's q|k|v
+    # stack, 32 MiB of int4 rows, held 48 MiB (BENCHMARKS.md, issue 14 item 3).
+    from .linear import anon_array
+    st = StackedQ4(qweight if mapped else anon_array((L, N, K // 2), np.uint8),
+                   scales if scales is not None else anon_array((L, N, K // g), np.uint16),
+                   zeros if mapped else anon_array((L, N, K // g), np.uint8), g, np.zeros((L, m16), np.int64),
                    np.zeros((L, N, m16), np.float32), [parts[0].p.n_salient for parts in layers],
                    np.zeros((L, N), np.float32), mapped)
     for l, parts in enumerate(layers):

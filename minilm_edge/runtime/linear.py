@@ -272,16 +272,19 @@ class Q8(Linear):
 
 
 class Q6(Q8):
-    """q6 weights (formats/q4.py: 6-bit codes, in the file 4 in 3 bytes, `pack_q6`), kept 6-bit in
-    memory: re-packed at load into the layout the q6 kernels read (`pack_q6_rows`, kernels/quant_q6.py),
-    which compute bit for bit what a Q8 holding the same codes computes: decode (the head, the
-    per-linear path, the one-call steps' rows: runtime/decode.stack_q8), batched head rows, prefill
-    with int8 or float32 activations. kind "q6". K not a multiple of 32: unpacked to a plain Q8."""
+    """q6 weights (formats/q4.py: 6-bit codes, 3 bytes per 4), kept 6-bit in memory in the layout the
+    q6 kernels read (`pack_q6_rows`, kernels/quant_q6.py): a view of the mapped file where the file
+    holds that layout ("rows", what `quantize` writes), else re-packed at load from the older "packed"
+    layout (`repacked`: load_weights says how to rewrite such a folder). The kernels compute bit for
+    bit what a Q8 holding the same codes computes: decode (the head, the per-linear path, the one-call
+    steps' rows: runtime/decode.stack_q8), batched head rows, prefill with int8 or float32
+    activations. kind "q6". A packed file's K not a multiple of 32: unpacked to a plain Q8."""
     kind = "q6"
     # Decode (`matvec`, `rows`) with int8 activations where they are on and the CPU has an int8 dot: set for
     # the head (runtime/checkpoint.py), whose float32 q6 product costs ~6x the int8 table's time
     # (BENCHMARKS.md); block linears keep the float32 sums of their Q8 twin on the per-linear path.
     decode_i8 = False
+    repacked = False                 # loaded from the "packed" layout (an anonymous copy, not the file)
 
     def __init__(self, p):
         self.q8 = None
@@ -291,8 +294,7 @@ class Q6(Q8):
 
     @classmethod
     def load(cls, src, prefix, shape, cfg):
-        from ..formats.q4 import Q8Linear, _check, _check_group_size, q6_rows_from_file, unpack_q6
-        from ..kernels.quant_q6 import prepare_q6
+        from ..formats.q4 import _check, _check_group_size, q6_layout
         n, k = shape
         packed, scales = src.raw(prefix + ".qweight")[0], src.raw(prefix + ".scales")[0]
         if packed.ndim != 2 or packed.shape[0] != n or k % 4 or scales.ndim != 2 or scales.shape[1] == 0:
@@ -300,18 +302,39 @@ class Q6(Q8):
                                    f"expected [{n}, {3 * k // 4}]")
         g = k // scales.shape[1]
         try:
+            layout = q6_layout(src.metadata_of(prefix + ".qweight"))
+            if layout == "packed":
+                return cls._load_packed(src, prefix, packed, scales, k, g)
             if k % 32:
-                return Q8(Q8Linear(unpack_q6(packed, k, prefix + ".qweight"), scales, g))
+                raise QuantFormatError(f"the q6 rows layout needs K % 32 == 0, got K = {k}")
             _check_group_size(g, k)
+            _check("qweight", packed, np.uint8, (n, 3 * k // 4))
             _check("scales", scales, np.float16, (n, k // g))
             if not np.all(np.isfinite(scales)):
                 raise QuantFormatError("scales: expected finite values, got inf or nan")
-            rows = q6_rows_from_file(packed, k, prefix + ".qweight", anon_array((n, 3 * k // 4), np.uint8))
-            lin = cls(prepare_q6(rows, scales, g))
-            src.release_pages()          # the file's copy is read: its pages need not count in the RSS
-            return lin
+            from ..kernels.quant_q6 import prepare_q6
+            return cls(prepare_q6(packed, scales, g))        # views of the mapped file: no copy
         except QuantFormatError as e:
             raise QuantFormatError(f"{prefix}: {e}") from None
+
+    @classmethod
+    def _load_packed(cls, src, prefix, packed, scales, k, g):
+        """The older "packed" layout (formats/q4.py pack_q6): re-packed into anonymous memory, the
+        file's pages released (a Q8 when K % 32 != 0)."""
+        from ..formats.q4 import Q8Linear, _check, _check_group_size, q6_rows_from_file, unpack_q6
+        from ..kernels.quant_q6 import prepare_q6
+        n = packed.shape[0]
+        if k % 32:
+            return Q8(Q8Linear(unpack_q6(packed, k, prefix + ".qweight"), scales, g))
+        _check_group_size(g, k)
+        _check("scales", scales, np.float16, (n, k // g))
+        if not np.all(np.isfinite(scales)):
+            raise QuantFormatError("scales: expected finite values, got inf or nan")
+        rows = q6_rows_from_file(packed, k, prefix + ".qweight", anon_array((n, 3 * k // 4), np.uint8))
+        lin = cls(prepare_q6(rows, scales, g))
+        lin.repacked = True
+        src.release_pages()          # the file's copy is read: its pages need not count in the RSS
+        return lin
 
     def _i8(self) -> bool:
         from ..kernels.quant_q6 import i8_ok
