@@ -133,19 +133,26 @@ def test_share_mixed_tiles_the_pairs_and_evens_the_cost(n, data, T):
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 400), data=st.data(), T=st.integers(1, 4))
-def test_share_rows_tiles_the_pairs_and_evens_the_cost(n, data, T):
-    """The B-row step's split (decode_step_batch._share_rows): q6 and int8 pairs cost ROW_Q8_COST to
-    an int4 pair's ROW_Q4_COST."""
-    from minilm_edge.kernels.decode_step_batch import ROW_Q4_COST, ROW_Q8_COST, _share_rows
-    p0 = data.draw(st.integers(0, n))
-    p1 = data.draw(st.integers(p0, n))
-    tab = np.array([data.draw(st.sampled_from([-1, 0, 10])), p0, p1, int(data.draw(st.booleans()))], np.int64)
-    parts = [_share_rows(n, t, T, tab) for t in range(T)]
-    assert parts[0][0] == 0 and parts[-1][1] == n
-    assert all(parts[t][1] == parts[t + 1][0] for t in range(T - 1)) and all(a <= b for a, b in parts)
-    if tab[0] < 0:
-        assert parts == [(n * t // T, n * (t + 1) // T) for t in range(T)]
-        return
-    cost = lambda a, b: sum(ROW_Q8_COST if p0 <= i < p1 else ROW_Q4_COST for i in range(a, b))
-    assert all(abs(cost(a, b) - cost(0, n) / T) <= 2 * max(ROW_Q4_COST, ROW_Q8_COST) for a, b in parts)
+@given(n=st.integers(0, 2000), T=st.integers(1, 4), c=st.integers(1, 40), data=st.data())
+def test_claims_tile_the_range_in_shrinking_chunks(n, T, c, data):
+    """The B-row step's work sharing (sync.claim, chunk_bounds): threads claiming in any order from one
+    counter get disjoint chunks that cover 0 .. n−1 exactly; none is larger than half of what was left
+    split T ways (or c), the last ones hold at most c items, and there are few of them."""
+    from minilm_edge.kernels.sync import claim
+    counter = np.zeros(16, np.int64)
+    chunks, done = [], [False] * T
+    while not all(done):
+        t = data.draw(st.sampled_from([t for t in range(T) if not done[t]]))       # the next thread to claim
+        a, e = claim(counter, 8, n, T, c)
+        if a >= e:
+            done[t] = True
+        else:
+            chunks.append((a, e))
+    chunks.sort()
+    assert [a for a, _ in chunks] == [0, *(e for _, e in chunks)][:len(chunks)]
+    assert (chunks[-1][1] if chunks else 0) == n
+    sizes = [e - a for a, e in chunks]                   # in claim order: chunk k starts where k − 1 ended
+    assert all(x >= y for x, y in zip(sizes, sizes[1:]))
+    assert not sizes or sizes[0] <= max(c, n // (2 * T))
+    assert all(x <= c for x in sizes[-T:]) or n < 2 * T * c
+    assert len(chunks) <= T * np.log2(max(n / (2 * T * c), 1)) + 5 * T

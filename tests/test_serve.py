@@ -300,6 +300,42 @@ def test_a_bug_in_a_step_is_a_500_and_the_server_goes_on(tiny):
     assert after.usage.completion_tokens >= 1 and free == engine.limits.max_batch
 
 
+class Poisoned(Gated):
+    """A model whose prefill gives non-finite logits for one prompt (`bad`, token ids)."""
+
+    def __init__(self, model, bad, delay=0.0):
+        super().__init__(model, delay)
+        self.bad = bad
+
+    def prefill_batch(self, prompts, caches):
+        logits = self._m.prefill_batch(prompts, caches)
+        for row, ids in zip(logits, prompts):
+            if list(ids) == self.bad:
+                row[:] = np.nan
+        return logits
+
+
+def test_a_prompt_that_fails_its_prefill_fails_alone(tiny):
+    """A joining prompt whose prefill fails (non-finite logits) gets a 500; the requests already being
+    decoded go on to their own answers."""
+    bad_msg = [{"role": "user", "content": "this prompt breaks the model"}]
+    alone = "".join(stream_messages(tiny, MSG, settings=SamplingSettings(max_new_tokens=40)))
+    model = Poisoned(tiny, tiny.tokenizer.encode_chat(bad_msg), delay=0.01)
+    with running(model, max_batch=4) as (url, engine, _):
+        c, out = client(url), []
+        first = threading.Thread(target=lambda: out.append(
+            c.chat.completions.create(model="tiny", messages=MSG, max_tokens=40)))
+        first.start()
+        wait_until(lambda: model.steps >= 2, "the first request to be decoding")
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="tiny", messages=bad_msg, max_tokens=40)
+        first.join(WAIT)
+        free = engine.decoder.free_slots
+    assert "non-finite" in e.value.body["message"] and e.value.body["type"] == "server_error"
+    assert len(out) == 1 and out[0].choices[0].message.content == alone
+    assert free == 4
+
+
 def test_api_key_is_checked(tiny):
     with running(tiny, api_key="s3cret") as (url, _, _):
         with pytest.raises(openai.AuthenticationError) as e:

@@ -179,6 +179,13 @@ class Engine:
             except MiniLMError:
                 pass
 
+    def _fail_dropped(self, err: APIError):
+        """Fail the requests whose sequences the decoder dropped (a prefill that failed for them)."""
+        for seq, job in list(self._active.items()):
+            if not self.decoder.holds(seq):
+                job.out.put(("error", err))
+                self._finish(seq, remove=False)
+
     def _cut_all(self):
         err = APIError(503, "the server shut down before this request finished", "server_error", code="shutting_down")
         for job in list(self._active.values()) + list(self._waiting):
@@ -243,6 +250,13 @@ class Engine:
                 self._started[seq] = time.monotonic()
 
     def _step(self):
+        try:
+            self.decoder.prefill()               # the prompts that joined: a failure there is theirs alone
+        except Exception as e:                   # the decoder dropped them (and only them)
+            self._fail_dropped(APIError(500, str(e), "server_error") if isinstance(e, MiniLMError) else
+                               APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+            if not self._active:
+                return
         try:
             events = self.decoder.step()
         except MiniLMError as e:                 # the model itself failed: every active request fails

@@ -86,7 +86,7 @@ from .simd import (
     v_unpack_q4,
     v_zeros,
 )
-from .sync import barrier
+from .sync import barrier, claim
 
 if INT8_DOT:
     from .quant_i8_matvec import _lane_scales, v_dot_q4_i8, v_i2f, v_load_part, v_load_part_u8
@@ -161,6 +161,7 @@ BatchShared = namedtuple("BatchShared", [
     "act",          # float32 [B, F]          silu(gate) ⊙ up
     "gu",           # float32 [B, 2F]         gate | up before the product, in blocks with int8 gate or up rows
     "bar",          # int64   [8]             barrier counter, zeroed before each call
+    "work",         # int64   [L·WORK_PHASES·8] claim counters of the linears' chunks, zeroed before each call
     # each row's matvec prologue (written by the row's owner, read by every thread after a barrier):
     "xe", "xo",     # float32 [B, K/2]        float32 activations (quant_f32.split_x)
     "xs",           # float32 [B, K/32]
@@ -659,7 +660,8 @@ def _rope_store(t, T, l, qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp):
 # The step
 
 
-# A row pair's relative cost in the B-row step, for `_share_rows`: there the products bound a pair,
+# A row pair's relative cost in the B-row step, for `_share_rows` (the float32-activation step's split):
+# there the products bound a pair,
 # not its bytes (decode_step.Q4_COST's rule, right for one row). At B = 8 an int4 g32 pair took about
 # 1.25 q6 pairs (the q|k|v phase on the q6 default, 2 threads: 259 int4 pairs 1.80 ms against 29 int4
 # and 192 q6 pairs 1.29 ms; BENCHMARKS.md "B = 8 at 4x"); int8 pairs as q6 ones (the same products).
@@ -688,28 +690,110 @@ def _row_pair_at(c, p0, p1):
     return p1 + (c - c8) // ROW_Q4_COST
 
 
+I8_PER_ROW = 2                     # int8 activations, one activation row per pass: the row kernels' A/B
+
+# The smallest chunk of row pairs (of gate|up units) a thread claims is CLAIM_ROWS // B of them (at
+# least 2): about the same work at every B, a few microseconds, against ~0.1 µs for a claim.
+CLAIM_ROWS = 16
+WORK_PHASES = 4         # claim counters per block: q|k|v, o, gate|up, down; each on its own cache line
+
+
+@kernel(inline=True)
+def _work_slot(l, phase):
+    """Block l's claim counter for `phase` (0 q|k|v, 1 o, 2 gate|up, 3 down) in BatchShared.work."""
+    return (WORK_PHASES * l + phase) * 8
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _rows_phase_static(mode, st, q8, tab, base, n, t, T, work, slot, c, sh, out):
+    """`_rows_phase` of the float32-activation step: thread t's pairs by cost (`_share_rows`), as
+    before the claims. Why not claims there: with the row kernels called from a claim loop, LLVM
+    reassociated the float32 int8-row sums (`_dot2_q8_f32_at`) unlike the single-stream step's, in
+    their last bits (test_batch_step_rows_are_single_stream_bit_for_bit, q4-int8-f32act); the
+    default int8-activation step is the one that has to be fast."""
+    a, e = _share_rows(n, t, T, tab)
+    _rows_batch_mixed(F32, mode, st, q8, tab, base, a, e, sh, out)
+
+
+@kernel(fastmath=FASTMATH_REDUCE, inline=True)
+def _gate_up_static(st, q8, tab, base, F, t, T, work, slot, c, sh):
+    """`_gate_up_phase` of the float32-activation step: an even static split (see `_rows_phase_static`)."""
+    if tab[0] < 0:
+        a, e = _share(F, t, T)
+        _rows_batch(F32, SWIGLU, st, base, F, a, e, sh, sh.act)                  # act = silu(g) ⊙ u
+    else:                                                                 # int8 gate or up rows
+        a, e = _share(F // 2, t, T)
+        _rows_batch_gate_up_mixed(F32, st, q8, tab, base, F, a, e, sh)
+
+
+def _claims(i8):
+    """The phases by claims for the int8 activation kind i8 (a constant here: policy.compile_time_choice)."""
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def rows_phase(mode, st, q8, tab, base, n, t, T, work, slot, c, sh, out):
+        """`_rows_phase` by claims: chunks of the n pairs from work[slot] (sync.claim, smallest c)
+        until none is left, so a slower thread takes fewer."""
+        while True:
+            a, e = claim(work, slot, n, T, c)
+            if a >= e:
+                return
+            _rows_batch_mixed(i8, mode, st, q8, tab, base, a, e, sh, out)
+
+    @kernel(fastmath=FASTMATH_REDUCE, inline=True)
+    def gate_up_phase(st, q8, tab, base, F, t, T, work, slot, c, sh):
+        """`_gate_up_phase` by claims: units are gate|up rows, or pairs of them where the block has
+        int8 gate or up rows."""
+        n = F if tab[0] < 0 else F // 2
+        while True:
+            a, e = claim(work, slot, n, T, c)
+            if a >= e:
+                return
+            if tab[0] < 0:
+                _rows_batch(i8, SWIGLU, st, base, F, a, e, sh, sh.act)           # act = silu(g) ⊙ u
+            else:                                                         # int8 gate or up rows
+                _rows_batch_gate_up_mixed(i8, st, q8, tab, base, F, a, e, sh)
+    return rows_phase, gate_up_phase
+
+
+_CLAIMS_I8, _CLAIMS_I8_PER_ROW = _claims(I8), _claims(I8_PER_ROW)
+
+
+@compile_time_choice(_rows_phase_static, _CLAIMS_I8[0], _CLAIMS_I8_PER_ROW[0])
+def _rows_phase(i8, mode, st, q8, tab, base, n, t, T, work, slot, c, sh, out):
+    """Thread t's part of the n output pairs of one linear (`_rows_batch_mixed`'s arguments) for the
+    activation kind i8 (a compile-time constant)."""
+
+
+@compile_time_choice(_gate_up_static, _CLAIMS_I8[1], _CLAIMS_I8_PER_ROW[1])
+def _gate_up_phase(i8, st, q8, tab, base, F, t, T, work, slot, c, sh):
+    """Thread t's part of act = silu(gate) ⊙ up (gate|up stack st, int8 rows per tab) for kind i8."""
+
+
 @kernel(fastmath=FASTMATH_REDUCE)
 def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, down_w, qkv_q8, o_q8, gate_up_q8,
                   down_q8, q8_tab, kp, vp, sh, sc):
     """Thread t of T: its share of every phase of every block for all B rows, a barrier after each.
-    The int8 linears' rows (qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab: decode_step._decode_thread's) are
-    computed where the int4 stacks hold placeholders (`_rows_batch_mixed`), shared out by cost
-    (`_share_rows`; gate|up's evenly, in two passes: `_rows_batch_gate_up_mixed`)."""
+    The linears' output pairs are claimed in chunks with int8 activations (`_rows_phase`, sync.claim:
+    a slower thread takes fewer; by cost with float32 ones), the rows' prologues and merges go by row
+    (b ≡ t mod T), attention by position (as the single-stream step splits it, so its parts and their
+    merge are that step's). The int8 linears' rows (qkv_q8, o_q8, gate_up_q8, down_q8, q8_tab:
+    decode_step._decode_thread's) are computed where the int4 stacks hold placeholders
+    (`_rows_batch_mixed`; gate|up's in two passes: `_rows_batch_gate_up_mixed`)."""
     B, D = x.shape
     H, Hkv, Dh = w.n_heads, w.n_kv_heads, w.head_dim
     F, Na = sh.act.shape[1], sh.qkv.shape[1]
     rep = H // Hkv
     scale = np.float32(1.0 / np.sqrt(Dh))
     h, att, s = sc.h[t], sc.att[t], sc.scores[t]
-    bar = sh.bar
+    bar, work = sh.bar, sh.work
+    c = max(2, CLAIM_ROWS // B)                                           # the smallest chunk a thread claims
     k = 0
     for l in range(w.attn_norm.shape[0]):
         for b in range(t, B, T):                                          # h = norm(x), prologue
             _rms_norm_vec(x[b], w.attn_norm[l], w.eps, h)
             _prologue_row_mixed(i8, h, qkv_w, q8_tab[0, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_rows(Na // 2, t, T, q8_tab[0, l])
-        _rows_batch_mixed(i8, STORE, qkv_w, qkv_q8, q8_tab[0, l], l * Na, a, e, sh, sh.qkv)   # qkv = W h + b
+        _rows_phase(i8, STORE, qkv_w, qkv_q8, q8_tab[0, l], l * Na, Na // 2, t, T, work, _work_slot(l, 0), c, sh,
+                    sh.qkv)                                               # qkv = W h + b
         k = barrier(bar, k, T)
         _rope_store(t, T, l, sh.qkv, pos, slots, cos, sin, H, Hkv, Dh, kp, vp)
         k = barrier(bar, k, T)
@@ -723,25 +807,20 @@ def _batch_thread(t, T, i8, x, pos, slots, cos, sin, w, qkv_w, o_w, gate_up_w, d
             merge_parts(T, H, Dh, sh.pm[b], sh.pl[b], sh.po[b], att)
             _prologue_row_mixed(i8, att, o_w, q8_tab[1, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_rows(D // 2, t, T, q8_tab[1, l])
-        _rows_batch_mixed(i8, ADD, o_w, o_q8, q8_tab[1, l], l * D, a, e, sh, x)                # x += Wo att
+        _rows_phase(i8, ADD, o_w, o_q8, q8_tab[1, l], l * D, D // 2, t, T, work, _work_slot(l, 1), c, sh,
+                    x)                                                    # x += Wo att
         k = barrier(bar, k, T)
         for b in range(t, B, T):
             _rms_norm_vec(x[b], w.mlp_norm[l], w.eps, h)
             _prologue_row_mixed(i8, h, gate_up_w, q8_tab[2, l], l, sh, b)
         k = barrier(bar, k, T)
-        if q8_tab[2, l, 0] < 0:
-            a, e = _share(F, t, T)
-            _rows_batch(i8, SWIGLU, gate_up_w, l * 2 * F, F, a, e, sh, sh.act)       # act = silu(g) ⊙ u
-        else:                                                             # int8 gate or up rows
-            a, e = _share(F // 2, t, T)
-            _rows_batch_gate_up_mixed(i8, gate_up_w, gate_up_q8, q8_tab[2, l], l * 2 * F, F, a, e, sh)
+        _gate_up_phase(i8, gate_up_w, gate_up_q8, q8_tab[2, l], l * 2 * F, F, t, T, work, _work_slot(l, 2), c, sh)
         k = barrier(bar, k, T)
         for b in range(t, B, T):
             _prologue_row_mixed(i8, sh.act[b], down_w, q8_tab[3, l], l, sh, b)
         k = barrier(bar, k, T)
-        a, e = _share_rows(D // 2, t, T, q8_tab[3, l])
-        _rows_batch_mixed(i8, ADD, down_w, down_q8, q8_tab[3, l], l * D, a, e, sh, x)          # x += Wdown act
+        _rows_phase(i8, ADD, down_w, down_q8, q8_tab[3, l], l * D, D // 2, t, T, work, _work_slot(l, 3), c, sh,
+                    x)                                                    # x += Wdown act
         k = barrier(bar, k, T)
 
 
@@ -757,7 +836,6 @@ def _entry(i8):
     return decode_blocks_batch
 
 
-I8_PER_ROW = 2                     # int8 activations, one activation row per pass: the row kernels' A/B
 ENTRIES = (_entry(F32), _entry(I8), _entry(I8_PER_ROW))
 
 
@@ -769,7 +847,7 @@ def decode_blocks_batch(T, i8, *args):
     [B, Dh/2] at pos; i8: the activation kind, F32, I8 (int8, INT8_DOT) or I8_PER_ROW, the entry point compiled
     for it (`ENTRIES`); the linears: Q4Stack each, plus the int8 linears' rows (Q8Stack per kind) and
     q8_tab [4, L, 3], as decode_step.decode_blocks takes them; T threads running concurrently (sync.py), at
-    most the scratch's P; the shared buffers' first dimension is B; sh.bar zeroed."""
+    most the scratch's P; the shared buffers' first dimension is B; sh.bar and sh.work zeroed."""
     ENTRIES[i8](T, *args)
 
 

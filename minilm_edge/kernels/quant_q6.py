@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -64,6 +65,7 @@ from .quant_i8_matvec import (
     v_i2f,
 )
 from .simd import LANES, _elem_ptr, as_f32, f32x16, prefetch, v_fma, v_hsum, v_load, v_splat, v_store, v_zeros
+from .sync import claim
 
 CHUNK_BYTES = 3 * CHUNK_CHANNELS // 4        # 96 packed bytes per 128 channels
 _I8 = ir.IntType(8)
@@ -568,29 +570,44 @@ def _matvec_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
         out[b] = yb
 
 
+HEAD_CLAIM = 16     # row pairs per claim of the batched head at its end (sync.claim): a few microseconds
+
+
 @parallel_kernel()
-def _matvec_rows_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out):
+def _matvec_rows_q6_i8(T, qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, work, out):
     """out[b, n] for every activation row b (qe, qo, sxl, nzl [B, ·]): each pair of weight rows read
-    once for four activation rows (`dot2x4_q6_i8`); per row the operations of `_matvec_q6_i8`."""
+    once for four activation rows (`dot2x4_q6_i8`); per row the operations of `_matvec_q6_i8`. T
+    threads claim chunks of pairs from work[0] (zero; sync.claim), so a slower core takes fewer."""
     n, B, W = qw.shape[0], out.shape[0], qw.shape[1]
-    for i in prange((n + 1) // 2):
-        a, b = 2 * i, min(2 * i + 1, n - 1)
-        for o in range((a + 2 * PREFETCH_PAIRS) * W, (a + 2 * PREFETCH_PAIRS + 2) * W, 64):
-            prefetch(qw, o)                 # pairs ahead: the hardware prefetcher lags (simd.prefetch)
-        for b0 in range(0, B, 4):
-            y = dot2x4_q6_i8(qw, sc, a, b, gpc, gidx, g0s, qe, qo, sxl, nzl,
-                             b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
-            out[b0, a] = y[0]
-            out[b0, b] = y[1]
-            if b0 + 1 < B:
-                out[b0 + 1, a] = y[2]
-                out[b0 + 1, b] = y[3]
-            if b0 + 2 < B:
-                out[b0 + 2, a] = y[4]
-                out[b0 + 2, b] = y[5]
-            if b0 + 3 < B:
-                out[b0 + 3, a] = y[6]
-                out[b0 + 3, b] = y[7]
+    for _ in prange(T):
+        while True:
+            i0, i1 = claim(work, 0, (n + 1) // 2, T, HEAD_CLAIM)
+            if i0 >= i1:
+                break
+            for i in range(i0, i1):
+                _rows_pair_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out, n, B, W, i)
+
+
+@kernel(inline=True)
+def _rows_pair_q6_i8(qw, sc, gpc, gidx, g0s, qe, qo, sxl, nzl, out, n, B, W, i):
+    """Weight rows 2i, 2i + 1 of `_matvec_rows_q6_i8` for every activation row."""
+    a, b = 2 * i, min(2 * i + 1, n - 1)
+    for o in range((a + 2 * PREFETCH_PAIRS) * W, (a + 2 * PREFETCH_PAIRS + 2) * W, 64):
+        prefetch(qw, o)                 # pairs ahead: the hardware prefetcher lags (simd.prefetch)
+    for b0 in range(0, B, 4):
+        y = dot2x4_q6_i8(qw, sc, a, b, gpc, gidx, g0s, qe, qo, sxl, nzl,
+                         b0, min(b0 + 1, B - 1), min(b0 + 2, B - 1), min(b0 + 3, B - 1))
+        out[b0, a] = y[0]
+        out[b0, b] = y[1]
+        if b0 + 1 < B:
+            out[b0 + 1, a] = y[2]
+            out[b0 + 1, b] = y[3]
+        if b0 + 2 < B:
+            out[b0 + 2, a] = y[4]
+            out[b0 + 2, b] = y[5]
+        if b0 + 3 < B:
+            out[b0 + 3, a] = y[6]
+            out[b0 + 3, b] = y[7]
 
 
 @kernel()
@@ -641,7 +658,8 @@ def matvec_rows_q6_i8(p: Q6Prepared, X: np.ndarray) -> np.ndarray:
     X = np.ascontiguousarray(X)
     qe, qo, sxl, nzl = _prologue(p, X)
     Y = np.empty((X.shape[0], p.shape[0]), np.float32)
-    _matvec_rows_q6_i8(p.qweight, p.scales, *group_index(p.group_size, p.shape[1]), qe, qo, sxl, nzl, Y)
+    _matvec_rows_q6_i8(numba.get_num_threads(), p.qweight, p.scales, *group_index(p.group_size, p.shape[1]),
+                       qe, qo, sxl, nzl, np.zeros(8, np.int64), Y)
     return Y
 
 

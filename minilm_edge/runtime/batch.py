@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import MiniLMError, UsageError
 from .generation import (
     Sampler,
     SamplingSettings,
@@ -166,20 +166,33 @@ class BatchDecoder:
 
     def prefill(self) -> None:
         """Prefill every prompt added since the last step, in one pass where the model can
-        (Model.prefill_batch: each prompt's logits bit for bit those of its own forward). If the
-        model fails, those sequences are removed and the error is raised."""
+        (Model.prefill_batch: each prompt's logits bit for bit those of its own forward). A prompt
+        whose logits are not finite is removed and the others stay; if the model call itself fails,
+        every joining prompt is removed. Either way the error is then raised (`holds` tells which
+        sequences are gone); the sequences that were already decoding are untouched."""
         if not self._joining:
             return
         joining, self._joining = self._joining, {}
         seqs = [self._seqs[i] for i in joining]
         try:
             logits = self.model.prefill_batch(list(joining.values()), [s.cache for s in seqs])    # [n, V]
-            for s, row in zip(seqs, logits):
-                s.logits = _finite(row, self.model)
         except BaseException:
             for s in seqs:
                 self.remove(s.id)
             raise
+        error = None
+        for s, row in zip(seqs, logits):
+            try:
+                s.logits = _finite(row, self.model)
+            except MiniLMError as e:
+                self.remove(s.id)
+                error = e
+        if error is not None:
+            raise error
+
+    def holds(self, seq: int) -> bool:
+        """Whether sequence `seq` is still in the batch (added, not finished, not removed)."""
+        return seq in self._seqs
 
     def remove(self, seq: int) -> None:
         """Free a sequence's slot now (its client went away). A sequence that already finished (it

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from ..kernels.decode_step_batch import BatchScratch, BatchShared, decode_blocks_batch
+from ..kernels.decode_step_batch import WORK_PHASES, BatchScratch, BatchShared, decode_blocks_batch
 from ..kernels.quant_i8_matmul import ACT_BLOCK
 from ..kernels.quant_i8_matvec import CHUNK, padded
 from ..kernels.simd import LANES
@@ -37,7 +37,7 @@ class BatchStep:
         self._shared = BatchShared(
             qkv=np.empty((B, (H + 2 * Hkv) * Dh), np.float32), act=np.empty((B, F), np.float32),
             gu=np.empty((B, 2 * F), np.float32),
-            bar=np.zeros(8, np.int64),
+            bar=np.zeros(8, np.int64), work=np.zeros(c.num_hidden_layers * WORK_PHASES * 8, np.int64),
             xe=np.empty((B, K // 2), np.float32), xo=np.empty((B, K // 2), np.float32),
             xs=np.empty((B, K // 32), np.float32), xsal=np.zeros((B, m16), np.float32),
             xz=np.empty((B, K), np.float32),
@@ -59,12 +59,13 @@ class BatchStep:
             self._grow(B, S)
         if B not in self._records:
             sh = self._shared
-            self._records[B] = sh._replace(**{f: getattr(sh, f)[:B] for f in sh._fields if f != "bar"})
+            self._records[B] = sh._replace(**{f: getattr(sh, f)[:B] for f in sh._fields if f not in ("bar", "work")})
         if self._concurrent is None:
             self._concurrent = barrier_safe()
         T = numba.get_num_threads() if self._concurrent else 1   # None (layer not chosen yet): 1
         sh = self._records[B]
         sh.bar[0] = 0
+        sh.work[:] = 0
         p = self.plan
         i8 = int(p.int8 and p.int8_ok) * self.variant       # 0: float32 activations
         decode_blocks_batch(T, i8, x, pos, slots, cos, sin, p.blocks, *p.stacks, *p.q8, p.q8_table, kp, vp, sh,
