@@ -99,8 +99,9 @@ def test_stacks_view_the_file_and_decode_as_copies_do(tmp_path, hook):
     finally:
         st_mod.write_file = write
     copied = minilm_edge.load(tmp_path / "shuffled", int8_activations=False)
-    assert not copied.decode_plan.mapped and copied.decode_plan.qkv.qweight.flags.owndata
-    assert copied.decode_plan.qkv.scales.flags.owndata
+    # copies live in their own (anonymous) memory: writable, where the file's views are read-only
+    assert not copied.decode_plan.mapped and copied.decode_plan.qkv.qweight.flags.writeable
+    assert copied.decode_plan.qkv.scales.flags.writeable
     ids = np.random.default_rng(5).integers(0, cfg["vocab_size"], 12)
     a, b = mapped.new_cache(20), copied.new_cache(20)
     for t in ids:
